@@ -1,0 +1,130 @@
+"""One forward pass over calibration images, with hooks on every rank point at once.
+
+Activation statistics are *accumulators*: per-unit running sums on the model's device,
+streamed batch by batch, so memory does not grow with the number of images. Several
+accumulators share the same pass. Hooks are always removed (``finally``).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Iterable, Mapping, Sequence
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from compressor.models._spec import PrunableUnit
+
+
+class Accumulator:
+    """Per-unit sums of a per-channel statistic; ``result()`` is the mean over images."""
+
+    name = "accumulator"
+
+    def __init__(self) -> None:
+        self.sums: dict[str, torch.Tensor] = {}
+        self.count = 0
+
+    def batch_stat(self, act: torch.Tensor) -> torch.Tensor:
+        """Return the per-image, per-channel statistic [B, C] of one activation [B, C, H, W]."""
+        raise NotImplementedError
+
+    def update(self, unit: str, act: torch.Tensor) -> None:
+        stat = self.batch_stat(act).sum(0).double()
+        if unit in self.sums:
+            self.sums[unit] += stat
+        else:
+            self.sums[unit] = stat
+
+    def end_batch(self, batch_size: int) -> None:
+        self.count += batch_size
+
+    def all_reduce(self, reduce: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        """Combine per-process sums (``reduce`` sums a tensor over processes)."""
+        for unit in sorted(self.sums):
+            self.sums[unit] = reduce(self.sums[unit])
+        self.count = int(reduce(torch.tensor([self.count], dtype=torch.float64,
+                                             device=next(iter(self.sums.values())).device)).item())
+
+    def result(self) -> dict[str, torch.Tensor]:
+        if self.count == 0:
+            raise RuntimeError("no calibration images were seen")
+        return {u: (s / self.count).float().cpu() for u, s in self.sums.items()}
+
+
+class MeanActivation(Accumulator):
+    """Mean activation per channel: the tie-break for rank ties."""
+
+    name = "mean_activation"
+
+    def batch_stat(self, act: torch.Tensor) -> torch.Tensor:
+        return act.float().mean(dim=(2, 3)) if act.ndim == 4 else act.float()
+
+
+def record(
+    model: nn.Module,
+    batches: Iterable[torch.Tensor],
+    units: Sequence[PrunableUnit],
+    accumulators: Sequence[Accumulator],
+    *,
+    compat: bool = False,
+    device: torch.device | str = "cpu",
+    total: int | None = None,
+    progress: bool = True,
+) -> None:
+    """Feed every rank point's output of every batch to every accumulator (eval, no grad)."""
+    points: dict[str, str] = {}
+    for u in units:
+        pts = u.compat_rank_points if compat and u.compat_rank_points else u.rank_points
+        for p in pts:
+            points[p] = u.name
+    if compat:
+        # HRank never ranks units without a compat point (conv 13 of VGG16).
+        points = {p: n for p, n in points.items() if any(u.name == n and u.compat_rank_points for u in units)}
+    handles = []
+
+    def make_hook(unit: str) -> Callable:
+        def hook(_mod: nn.Module, _inp, out: torch.Tensor) -> None:
+            a = out.detach()
+            for acc in accumulators:
+                acc.update(unit, a)
+        return hook
+
+    was_training = model.training
+    model.eval()
+    try:
+        modules = dict(model.named_modules())
+        for p, unit in points.items():
+            handles.append(modules[p].register_forward_hook(make_hook(unit)))
+        bar = tqdm(total=total, desc="rank pass", unit="img", disable=not progress, leave=False)
+        with torch.no_grad():
+            for x in batches:
+                x = x.to(device, non_blocking=True)
+                model(x)
+                for acc in accumulators:
+                    acc.end_batch(x.shape[0])
+                bar.update(x.shape[0])
+        bar.close()
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+
+
+def limit_images(loader: Iterable, n: int) -> Iterable[torch.Tensor]:
+    """Yield input batches (labels dropped) until exactly ``n`` images were produced."""
+    seen = 0
+    for batch in loader:
+        x = batch[0] if isinstance(batch, (list, tuple)) else batch
+        if seen + x.shape[0] > n:
+            x = x[: n - seen]
+        if x.shape[0] == 0:
+            break
+        yield x
+        seen += x.shape[0]
+        if seen >= n:
+            break
+
+
+def unit_widths(units: Sequence[PrunableUnit]) -> Mapping[str, int]:
+    return {u.name: u.width for u in units}

@@ -1,0 +1,7 @@
+"""Registered models. Model-specific knowledge lives only in the family files here."""
+
+from compressor.models._registry import get_model, list_models, register_model
+from compressor.models._spec import PrunableModel, PrunableUnit, Slot
+from compressor.models import vgg  # noqa: F401  (registers its builders)
+
+__all__ = ["get_model", "list_models", "register_model", "PrunableModel", "PrunableUnit", "Slot"]

@@ -1,0 +1,40 @@
+"""Model registry: a decorator plus a dict, as in torchvision's ``_api.py``."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from torch import nn
+
+from compressor.errors import UserError, suggest
+
+_MODELS: dict[str, Callable[..., nn.Module]] = {}
+
+
+def register_model(name: str | None = None) -> Callable:
+    def wrap(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+        key = name or fn.__name__
+        if key in _MODELS:
+            raise ValueError(f"model {key!r} is already registered")
+        _MODELS[key] = fn
+        return fn
+
+    return wrap
+
+
+def list_models() -> list[str]:
+    return sorted(_MODELS)
+
+
+def get_model(name: str, num_classes: int = 10, cfg: list | None = None, **kwargs) -> nn.Module:
+    """Build a registered model; ``cfg`` is a (possibly reduced) width list."""
+    if name not in _MODELS:
+        raise UserError(
+            f"unknown model {name!r}{suggest(name, _MODELS)}; valid: {', '.join(list_models())}",
+            field="model",
+        )
+    if not isinstance(num_classes, int) or num_classes < 1:
+        raise UserError(f"num_classes must be a positive integer, got {num_classes!r}", field="num_classes")
+    model = _MODELS[name](num_classes=num_classes, cfg=cfg, **kwargs)
+    model.arch = name
+    return model

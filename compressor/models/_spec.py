@@ -1,0 +1,68 @@
+"""What a prunable model tells the algorithms about itself.
+
+Algorithms never look at a model's class. They read three things off it:
+``model.cfg`` (the per-layer widths its builder accepts), ``model.prunable_units()``
+(which channel spaces can be cut and where they are ranked) and ``model.channel_map()``
+(which dims of which tensors follow which channel space, for the cfg-rebuild transplant).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol, runtime_checkable
+
+from torch import nn
+
+
+@dataclass(frozen=True)
+class PrunableUnit:
+    """One channel space that is pruned as a whole (one conv's outputs, or a residual group).
+
+    ``name`` is the module name of the producing conv (the first of ``convs``).
+    ``rank_points`` are the modules whose *outputs* are ranked (a ReLU/ReLU6 after the BN);
+    scores of several rank points are summed. ``cfg_index`` lists the positions in
+    ``model.cfg`` that hold this unit's width.
+    """
+
+    name: str
+    convs: tuple[str, ...]
+    bns: tuple[str, ...]
+    rank_points: tuple[str, ...]
+    cfg_index: tuple[int, ...]
+    width: int
+    compat_rank_points: tuple[str, ...] | None = None
+
+    def __post_init__(self) -> None:
+        if not self.convs or self.name != self.convs[0]:
+            raise ValueError(f"unit {self.name!r}: name must be its first conv")
+        if self.width < 1:
+            raise ValueError(f"unit {self.name!r}: width must be >= 1")
+
+
+@dataclass(frozen=True)
+class Slot:
+    """How one parameter/buffer follows channel spaces.
+
+    ``out``: dim 0 is this unit's channels. ``inp``: dim 1 is the concatenation of these
+    parts, each a unit name or a fixed (unpruned) width. ``repeat``: each input channel
+    spans that many consecutive columns (a Linear after a flatten of k×k maps).
+    """
+
+    out: str | None = None
+    inp: tuple[str | int, ...] = ()
+    repeat: int = 1
+    inp_widths: tuple[int, ...] = field(default=())
+
+
+@runtime_checkable
+class PrunableModel(Protocol):
+    arch: str
+    num_classes: int
+    cfg: list
+    input_size: int
+
+    def prunable_units(self) -> list[PrunableUnit]: ...
+
+    def channel_map(self) -> dict[str, Slot]: ...
+
+    def ignored_layers(self) -> list[nn.Module]: ...
