@@ -1,6 +1,16 @@
-"""Registered pruning criteria (``get(name)``, ``list_criteria()``)."""
+"""Registered pruning criteria (``get(name)``, ``list_criteria()``).
+
+Every module in this package registers its criteria on import; adding a criterion is adding
+one file with one ``@register_criterion`` class.
+"""
+
+import importlib
+import pkgutil
 
 from compressor.criteria.base import Criterion, get, list_criteria, register_criterion
-from compressor.criteria import hrank, weight  # noqa: F401  (register)
+
+for _m in pkgutil.iter_modules(__path__):
+    if _m.name != "base" and not _m.name.startswith("_"):
+        importlib.import_module(f"{__name__}.{_m.name}")
 
 __all__ = ["Criterion", "get", "list_criteria", "register_criterion"]

@@ -36,6 +36,7 @@ class VGGCifar(nn.Module):
     """HRank's CIFAR VGG16-BN; convs carry ``cp_rate`` (fraction of filters removed)."""
 
     input_size = 32
+    short_rate_list = 12  # HRank strings list 12 rates; conv 13 is then kept whole
 
     def __init__(self, num_classes: int = 10, cfg: list | None = None) -> None:
         super().__init__()

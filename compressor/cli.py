@@ -1,0 +1,57 @@
+"""``python -m compressor <command>``: a thin argparse front over the library.
+
+Each command lives in ``compressor/commands/<name>.py`` with ``add_parser`` and ``run``.
+A ``UserError`` becomes one line on stderr and exit code 2 (``--debug`` shows the traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import warnings
+from typing import Sequence
+
+from compressor.errors import UserError
+
+
+def command_modules() -> list[str]:
+    """Every module in ``compressor.commands`` is a command (found, not listed by hand)."""
+    import pkgutil
+
+    import compressor.commands as pkg
+
+    return sorted(m.name for m in pkgutil.iter_modules(pkg.__path__) if not m.name.startswith("_"))
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    import importlib
+
+    parser = argparse.ArgumentParser(prog="python -m compressor", description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks for errors")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name in command_modules():
+        mod = importlib.import_module(f"compressor.commands.{name}")
+        p = mod.add_parser(sub)
+        p.set_defaults(_run=mod.run)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        args = get_args_parser().parse_args(argv)
+        return int(args._run(args) or 0)
+    except UserError as exc:
+        if debug:
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    finally:
+        warnings.resetwarnings()

@@ -1,0 +1,75 @@
+"""``prune``: rank, cut, (fine-tune), evaluate and save a physically smaller model."""
+
+from __future__ import annotations
+
+import argparse
+
+from compressor.commands import add_common, new_parser
+
+EXAMPLES = """\
+  # the main job on the embedded digits data (trains a quick baseline first)
+  python -m compressor prune --model vgg16_bn --rates experiments/vgg16_bn_digits/demo.yaml --finetune-epochs 2
+  # the published CHIP/HRankPlus 58%-MACs setting on the CIFAR-10 copy, from a trained checkpoint
+  python -m compressor prune --model vgg16_bn --rates experiments/vgg16_bn_cifar10/hrankplus_58.yaml \\
+      --checkpoint ../shared/data/pretrained/vgg16_bn_cifar10_jpeg.pt --data cifar10 \\
+      --data-root ../shared/data/cifar10-jpeg.tar.gz
+  # reuse a scores file made by `rank`
+  python -m compressor prune --model vgg16_bn --rates r.yaml --checkpoint base.pt --scores scores.pt
+"""
+
+
+def add_parser(sub) -> argparse.ArgumentParser:
+    p = new_parser(sub, "prune", "rank filters, keep the best at the rates file's rates, rebuild a smaller model",
+                   EXAMPLES)
+    p.add_argument("--model", required=True, help="registered model name (see list-layers)")
+    p.add_argument("--rates", required=True, help="rates.yaml (fraction of filters removed per layer)")
+    p.add_argument("--checkpoint", help="trained model to prune; without it a quick baseline is trained first")
+    p.add_argument("--criterion", default="hrank", help="filter criterion (default hrank)")
+    p.add_argument("--scores", help="reuse a scores file from `rank` instead of ranking again")
+    p.add_argument("--import-hrank", metavar="DIR", help="use HRank's rank_conv{k}.npy files from DIR")
+    p.add_argument("--n-images", type=int, default=768, help="calibration images for ranking (default 768)")
+    p.add_argument("--hrank-compat", action="store_true",
+                   help="rank at HRank's original relucfg points (4 are MaxPool outputs; conv 13 unranked)")
+    p.add_argument("--rank-rtol", type=float, default=None, help="rank tolerance rtol (default eps32*max(H,W))")
+    p.add_argument("--rank-atol", type=float, default=0.0, help="rank tolerance atol (default 0)")
+    p.add_argument("--rounding", choices=("keep_floor", "drop_floor"), help="override the rates file's rounding")
+    p.add_argument("--surgery", choices=("torch_pruning", "rebuild"), default="torch_pruning")
+    p.add_argument("--no-bn-recalibrate", action="store_true", help="skip BN statistics re-estimation after surgery")
+    p.add_argument("--baseline-epochs", type=int, default=3, help="epochs for the quick baseline (no --checkpoint)")
+    p.add_argument("--finetune-epochs", type=int, default=0, help="fine-tuning epochs after pruning (default 0)")
+    p.add_argument("--lr", type=float, default=0.01, help="fine-tuning learning rate (default 0.01)")
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--num-classes", type=int, default=None)
+    p.add_argument("--out", help="output folder (default checkpoints/<model>_<data>_<rates>)")
+    add_common(p)
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    from compressor.pipeline import PruneJob, run_prune
+    from compressor.train import TrainConfig
+
+    job = PruneJob(
+        model=args.model, rates=args.rates, checkpoint=args.checkpoint, data=args.data, data_root=args.data_root,
+        num_classes=args.num_classes, criterion=args.criterion, scores=args.scores, import_hrank=args.import_hrank,
+        n_images=args.n_images, seed=args.seed, hrank_compat=args.hrank_compat, rank_rtol=args.rank_rtol,
+        rank_atol=args.rank_atol, rounding=args.rounding, surgery=args.surgery,
+        bn_recalibrate=not args.no_bn_recalibrate, baseline_epochs=args.baseline_epochs,
+        finetune=TrainConfig(epochs=args.finetune_epochs, lr=args.lr, batch_size=args.batch_size, seed=args.seed),
+        baseline_train=TrainConfig(epochs=args.baseline_epochs, lr=0.05, batch_size=args.batch_size, seed=args.seed),
+        device=args.device, out=args.out, progress=not args.no_progress,
+    )
+    result = run_prune(job)
+    m = result["metrics"]
+    print(result["table"])
+    print()
+    line = f"top-1 on test: baseline {m['baseline_test']['top1']:.2f}%, pruned {m['pruned_test_no_finetune']['top1']:.2f}%"
+    if "pruned_test_bn_recalibrated" in m:
+        line += f", pruned+BN re-estimated {m['pruned_test_bn_recalibrated']['top1']:.2f}%"
+    if "finetuned_test" in m:
+        line += f", fine-tuned {m['finetuned_test']['top1']:.2f}%"
+    print(line)
+    print(f"outputs in {result['out']}:")
+    for k, v in result["paths"].items():
+        print(f"  {k:<11} {v}")
+    return 0

@@ -1,0 +1,54 @@
+"""``rank``: score every prunable filter and write a reusable scores file."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from compressor.commands import add_common, new_parser
+
+EXAMPLES = """\
+  python -m compressor rank --model vgg16_bn --checkpoint base.pt --data cifar10 \\
+      --data-root ../shared/data/cifar10-jpeg.tar.gz --n-images 768 --out scores.pt
+  python -m compressor rank --model vgg16_bn --checkpoint base.pt --criterion hrank,l1 --export-hrank rank_conv/
+"""
+
+
+def add_parser(sub) -> argparse.ArgumentParser:
+    p = new_parser(sub, "rank", "score filters (one forward pass for all activation criteria)", EXAMPLES)
+    p.add_argument("--model", required=True)
+    p.add_argument("--checkpoint", required=True, help="trained model (compressor or HRank format)")
+    p.add_argument("--criterion", default="hrank", help="one or more, comma-separated (default hrank)")
+    p.add_argument("--n-images", type=int, default=768)
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--hrank-compat", action="store_true", help="HRank's original relucfg rank points")
+    p.add_argument("--rank-rtol", type=float, default=None)
+    p.add_argument("--rank-atol", type=float, default=0.0)
+    p.add_argument("--out", default=None, help="scores file (default checkpoints/<model>_scores.pt)")
+    p.add_argument("--export-hrank", metavar="DIR", help="also write HRank rank_conv{k}.npy files")
+    add_common(p)
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    from compressor import checkpoint, criteria, data, scores
+    from compressor.evaluate import resolve_device
+
+    device = resolve_device(args.device)
+    names = [c.strip() for c in args.criterion.split(",") if c.strip()]
+    for n in names:
+        criteria.get(n)
+    model, _ = checkpoint.load(args.checkpoint, model=args.model)
+    bundle = data.load(args.data, args.data_root, input_size=model.input_size, seed=args.seed)
+    calib = data.calibration_subset(bundle.train_eval, args.n_images, args.seed)
+    sc = scores.compute(model.to(device), data.loader(calib, args.batch_size, device=device), names,
+                        n_images=args.n_images, seed=args.seed, compat=args.hrank_compat, device=device,
+                        options={"rtol": args.rank_rtol, "atol": args.rank_atol}, progress=not args.no_progress,
+                        extra_meta={"data": args.data, "augmentation": "none", "checkpoint": args.checkpoint})
+    out = Path(args.out or f"checkpoints/{args.model}_scores.pt")
+    sc.save(out)
+    print(f"scores ({', '.join(names)}, {sc.meta['n_images']} images, seed {args.seed}) written to {out}")
+    if args.export_hrank:
+        paths = scores.export_hrank(sc, "hrank" if "hrank" in names else names[0], model, args.export_hrank)
+        print(f"HRank rank files: {len(paths)} written to {args.export_hrank}")
+    return 0

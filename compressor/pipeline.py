@@ -1,0 +1,150 @@
+"""The prune job: baseline -> scores -> plan -> surgery -> (BN re-estimate) -> fine-tune -> report.
+
+The CLI's ``prune`` is a thin wrapper over ``run_prune``. Every input is validated before
+anything is written, so a bad rates file or checkpoint leaves no half-made output folder.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from compressor import checkpoint, counting, criteria, data as data_mod, io, scores as scores_mod, surgery
+from compressor.errors import UserError
+from compressor.evaluate import evaluate, recalibrate_bn, resolve_device
+from compressor.models import get_model
+from compressor.plan import make_plan
+from compressor.rates import RateSpec, load_rates
+from compressor.train import TrainConfig, fit
+
+log = logging.getLogger("compressor")
+
+
+@dataclass
+class PruneJob:
+    model: str
+    rates: str
+    checkpoint: str | None = None
+    data: str = "digits"
+    data_root: str | None = None
+    num_classes: int | None = None
+    criterion: str = "hrank"
+    scores: str | None = None
+    import_hrank: str | None = None
+    n_images: int = 768
+    calib_batch: int = 128
+    seed: int = 0
+    hrank_compat: bool = False
+    rank_rtol: float | None = None
+    rank_atol: float = 0.0
+    rounding: str | None = None
+    surgery: str = "torch_pruning"
+    bn_recalibrate: bool = True
+    baseline_epochs: int = 3
+    finetune: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=0))
+    baseline_train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=3, lr=0.05))
+    device: str = "auto"
+    out: str | None = None
+    progress: bool = True
+
+
+def default_out(job: PruneJob) -> Path:
+    return Path("checkpoints") / f"{job.model}_{job.data}_{Path(job.rates).stem}"
+
+
+def _load_rates(job: PruneJob, model: nn.Module) -> RateSpec:
+    spec = load_rates(job.rates, [u.name for u in model.prunable_units()], model_name=job.model,
+                      short_list=getattr(model, "short_rate_list", None))
+    if job.rounding:
+        spec = RateSpec(rates=spec.rates, rounding=job.rounding, source=spec.source, target=spec.target, extra=spec.extra)
+    return spec
+
+
+def run_prune(job: PruneJob) -> dict[str, Any]:
+    device = resolve_device(job.device)
+    # 1. Validate every input before doing work or writing anything.
+    probe = get_model(job.model, num_classes=job.num_classes or 10)
+    spec = _load_rates(job, probe)
+    criteria.get(job.criterion)
+    if job.checkpoint:
+        base, _ = checkpoint.load(job.checkpoint, model=job.model, num_classes=job.num_classes)
+    else:
+        base = None
+    bundle = data_mod.load(job.data, job.data_root, input_size=probe.input_size, seed=job.seed)
+    ncls = base.num_classes if base is not None else (job.num_classes or bundle.num_classes)
+    if bundle.num_classes != ncls:
+        raise UserError(f"the data has {bundle.num_classes} classes, the model {ncls}", field="data")
+    pre_scores = None
+    if job.scores:
+        pre_scores = scores_mod.Scores.load(job.scores)
+    out = Path(job.out) if job.out else default_out(job)
+
+    # 2. Baseline.
+    test_loader = data_mod.loader(bundle.test, 256, device=device)
+    baseline_trained = base is None
+    if base is None:
+        log.info("no --checkpoint given: training a quick %d-epoch baseline on %s", job.baseline_epochs, job.data)
+        base = get_model(job.model, num_classes=ncls)
+        cfg = job.baseline_train
+        fit(base, bundle, TrainConfig(**{**cfg.__dict__, "epochs": job.baseline_epochs}), device, job.progress)
+    base.to(device).eval()
+    acc_before = evaluate(base, test_loader, device, job.progress, "eval baseline")
+
+    # 3. Scores.
+    units = base.prunable_units()
+    if pre_scores is not None:
+        pre_scores.check_model(base, job.scores)
+        sc = pre_scores
+    elif job.import_hrank:
+        sc = scores_mod.import_hrank(job.import_hrank, base)
+    else:
+        calib = data_mod.calibration_subset(bundle.train_eval, job.n_images, job.seed)
+        sc = scores_mod.compute(base, data_mod.loader(calib, job.calib_batch, device=device), [job.criterion],
+                                n_images=job.n_images, seed=job.seed, compat=job.hrank_compat, device=device,
+                                options={"rtol": job.rank_rtol, "atol": job.rank_atol}, progress=job.progress,
+                                extra_meta={"data": job.data, "augmentation": "none"})
+    crit_name = job.criterion if job.criterion in sc.scores else next(iter(sc.scores))
+
+    # 4. Plan and surgery.
+    plan = make_plan(sc.for_criterion(crit_name), spec, {u.name: u.width for u in units},
+                     tiebreak=sc.tiebreak, model=job.model)
+    pruned = surgery.apply(base, plan, method=job.surgery)
+    acc_pruned_raw = evaluate(pruned, test_loader, device, job.progress, "eval pruned")
+    metrics: dict[str, Any] = {"baseline_test": acc_before, "pruned_test_no_finetune": acc_pruned_raw}
+    if job.bn_recalibrate:
+        recal = data_mod.loader(data_mod.calibration_subset(bundle.train_eval, min(512, len(bundle.train_eval)),
+                                                            job.seed + 1), 128, device=device)
+        metrics["bn_recalibrated_images"] = recalibrate_bn(pruned, recal, device)
+        metrics["pruned_test_bn_recalibrated"] = evaluate(pruned, test_loader, device, job.progress, "eval pruned+BN")
+
+    # 5. Fine-tune (last epoch is reported; the test split never selects anything).
+    history: list[dict[str, Any]] = []
+    if job.finetune.epochs > 0:
+        history = fit(pruned, bundle, job.finetune, device, job.progress)
+        metrics["finetuned_test"] = evaluate(pruned, test_loader, device, job.progress, "eval fine-tuned")
+    size_before, size_after = counting.count(base), counting.count(pruned)
+    metrics["size_before"], metrics["size_after"] = size_before, size_after
+    metrics["finetune_history"] = history
+
+    # 6. Outputs (atomic writes).
+    prov = checkpoint.provenance(seed=job.seed, data=job.data, criterion=crit_name, n_images=sc.meta.get("n_images"),
+                                 baseline_trained_here=baseline_trained, bn_recalibrated=job.bn_recalibrate)
+    paths = {}
+    if baseline_trained:
+        paths["baseline"] = checkpoint.save(out / "baseline.pt", base.cpu(), metrics={"test": acc_before}, prov=prov)
+        base.to(device)
+    if pre_scores is None:
+        paths["scores"] = sc.save(out / "scores.pt")
+    paths["plan"] = plan.save(out / "plan.json")
+    paths["checkpoint"] = checkpoint.save(out / "pruned.pt", pruned.cpu(), rates=spec.to_dict(), plan=plan.to_json(),
+                                          metrics=metrics, prov=prov)
+    table = counting.size_table(base.cpu(), pruned)
+    paths["size_table"] = io.write_text(out / "size_table.md", table + "\n")
+    paths["summary"] = io.write_json(out / "summary.json", json.loads(json.dumps(metrics, default=str)))
+    return {"metrics": metrics, "table": table, "paths": {k: str(v) for k, v in paths.items()}, "out": str(out)}
