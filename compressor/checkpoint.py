@@ -44,10 +44,10 @@ def provenance(command: str | None = None, seed: int | None = None, **extra: Any
         "seed": seed,
         "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "versions": {
-            "compressor": compressor.__version__,
-            "torch": torch.__version__,
-            "torch_pruning": getattr(torch_pruning, "__version__", "?"),
-            "numpy": numpy.__version__,
+            "compressor": str(compressor.__version__),
+            "torch": str(torch.__version__),
+            "torch_pruning": str(getattr(torch_pruning, "__version__", "?")),
+            "numpy": str(numpy.__version__),
             "python": platform.python_version(),
         },
         **extra,
@@ -89,7 +89,7 @@ def read(path: str | Path) -> dict[str, Any]:
         obj = torch.load(p, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - unreadable input, whatever the cause
         msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        if "weights_only" in str(exc) or "Unsupported global" in str(exc) or "pickle" in type(exc).__name__.lower():
+        if "Unsupported global" in str(exc) or "Unsupported class" in str(exc):
             raise UserError("refused: the file holds pickled objects/code that weights_only loading does not allow",
                             source=src) from exc
         raise UserError(f"not a readable checkpoint (truncated or another format: {msg[:120]})", source=src) from exc
@@ -112,15 +112,18 @@ def _check_finite(sd: Mapping[str, torch.Tensor], src: str, strict: bool) -> Non
 
 
 def _infer_cfg(model_name: str, num_classes: int, sd: Mapping[str, torch.Tensor], src: str) -> list:
+    """Read widths off the weights: the model's own ``cfg_from_state_dict`` or the units' convs."""
     base = get_model(model_name, num_classes=num_classes)
-    cfg = list(base.cfg)
-    for u in base.prunable_units():
-        key = f"{u.convs[0]}.weight"
-        if key not in sd:
-            raise UserError(f"has no {key!r}: not a {model_name} state_dict", source=src, field="state_dict")
-        for i in u.cfg_index:
-            cfg[i] = int(sd[key].shape[0])
-    return cfg
+    try:
+        if hasattr(base, "cfg_from_state_dict"):
+            return base.cfg_from_state_dict(sd)
+        cfg = list(base.cfg)
+        for u in base.prunable_units():
+            for i in u.cfg_index:
+                cfg[i] = int(sd[f"{u.convs[0]}.weight"].shape[0])
+        return cfg
+    except KeyError as exc:
+        raise UserError(f"has no {exc.args[0]!r}: not a {model_name} state_dict", source=src, field="state_dict") from exc
 
 
 def load(path: str | Path, *, model: str | None = None, num_classes: int | None = None,

@@ -109,6 +109,11 @@ class VGGCifar(nn.Module):
     def ignored_layers(self) -> list[nn.Module]:
         return [self.classifier.linear2]
 
+    def cfg_from_state_dict(self, sd: dict[str, torch.Tensor]) -> list:
+        """The cfg of a (possibly pruned) HRank state_dict, read off its weight shapes."""
+        cfg = [x if x == "M" else int(sd[f"features.conv{i}.weight"].shape[0]) for i, x in enumerate(self.cfg[:-1])]
+        return cfg + [int(sd["classifier.linear1.weight"].shape[0])]
+
 
 class VGGImageNet(nn.Module):
     """torchvision's ``vgg16_bn`` layout (keys ``features.N``, ``classifier.N``) for 224×224."""
