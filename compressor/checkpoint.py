@@ -111,6 +111,17 @@ def _check_finite(sd: Mapping[str, torch.Tensor], src: str, strict: bool) -> Non
         warnings.warn(f"{src}: {msg}", stacklevel=3)
 
 
+def _classes_in(model_name: str, sd: Mapping[str, torch.Tensor]) -> int:
+    """Class count of a plain state_dict: rows of the model's classifier (its protected layer)."""
+    base = get_model(model_name)
+    names = {mod: name for name, mod in base.named_modules()}
+    for layer in base.ignored_layers():
+        w = sd.get(f"{names[layer]}.weight")
+        if w is not None:
+            return int(w.shape[0])
+    return int(base.num_classes)
+
+
 def _infer_cfg(model_name: str, num_classes: int, sd: Mapping[str, torch.Tensor], src: str) -> list:
     """Read widths off the weights: the model's own ``cfg_from_state_dict`` or the units' convs."""
     base = get_model(model_name, num_classes=num_classes)
@@ -153,8 +164,7 @@ def load(path: str | Path, *, model: str | None = None, num_classes: int | None 
             raise UserError("a plain state_dict needs --model to say which architecture it is", source=src)
         sd = _strip_prefix(sd)
         arch = model
-        lin = sd.get("classifier.linear2.weight")
-        ncls = num_classes if num_classes is not None else (int(lin.shape[0]) if lin is not None else 10)
+        ncls = num_classes if num_classes is not None else _classes_in(arch, sd)
         ccfg = _infer_cfg(arch, ncls, sd, src)
         obj = {"format": "hrank", "model": arch, "num_classes": ncls, "cfg": ccfg, "state_dict": sd,
                "rates": None, "plan": None, "metrics": {k: obj[k] for k in ("test_acc", "best_prec1") if k in obj},

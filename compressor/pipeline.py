@@ -48,7 +48,7 @@ class PruneJob:
     bn_recalibrate: bool = True
     baseline_epochs: int = 3
     finetune: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=0))
-    baseline_train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=3, lr=0.05))
+    baseline_train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=3, lr=0.02, batch_size=32))
     device: str = "auto"
     out: str | None = None
     progress: bool = True
@@ -69,7 +69,7 @@ def _load_rates(job: PruneJob, model: nn.Module) -> RateSpec:
 def run_prune(job: PruneJob) -> dict[str, Any]:
     device = resolve_device(job.device)
     # 1. Validate every input before doing work or writing anything.
-    probe = get_model(job.model, num_classes=job.num_classes or 10)
+    probe = get_model(job.model, num_classes=job.num_classes)
     spec = _load_rates(job, probe)
     criteria.get(job.criterion)
     if job.checkpoint:

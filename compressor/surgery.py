@@ -112,7 +112,10 @@ def prune_with_torch_pruning(model: nn.Module, plan: Plan) -> nn.Module:
     was_training = m.training
     m.eval()
     example = torch.randn(1, 3, m.input_size, m.input_size, device=device)
-    dg = tp.DependencyGraph().build_dependency(m, example_inputs=example, ignored_layers=m.ignored_layers())
+    # Trace the whole graph: torch-pruning's ``ignored_layers`` would drop the classifier from the
+    # trace, and its input columns would then no longer follow the unit feeding it.
+    dg = tp.DependencyGraph().build_dependency(m, example_inputs=example)
+    ignored = set(m.ignored_layers())
     for unit in m.prunable_units():
         if unit.name not in plan.keep:
             continue
@@ -124,6 +127,9 @@ def prune_with_torch_pruning(model: nn.Module, plan: Plan) -> nn.Module:
         group = dg.get_pruning_group(conv, tp.prune_conv_out_channels, idxs=drop)
         if not dg.check_pruning_group(group):
             raise RuntimeError(f"torch-pruning refused the group of {unit.name} (it would empty a layer)")
+        for item in group:
+            if item.dep.target.module in ignored and dg.is_out_channel_pruning_fn(item.dep.handler):
+                raise RuntimeError(f"pruning {unit.name} would cut the outputs of a protected layer (classifier)")
         group.prune()
     m.cfg = pruned_cfg(model, plan)
     _set_cp_rates(m, plan)

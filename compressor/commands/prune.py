@@ -56,7 +56,7 @@ def run(args: argparse.Namespace) -> int:
         rank_atol=args.rank_atol, rounding=args.rounding, surgery=args.surgery,
         bn_recalibrate=not args.no_bn_recalibrate, baseline_epochs=args.baseline_epochs,
         finetune=TrainConfig(epochs=args.finetune_epochs, lr=args.lr, batch_size=args.batch_size, seed=args.seed),
-        baseline_train=TrainConfig(epochs=args.baseline_epochs, lr=0.05, batch_size=args.batch_size, seed=args.seed),
+        baseline_train=TrainConfig(epochs=args.baseline_epochs, lr=0.02, batch_size=32, seed=args.seed),
         device=args.device, out=args.out, progress=not args.no_progress,
     )
     result = run_prune(job)

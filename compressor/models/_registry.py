@@ -26,15 +26,20 @@ def list_models() -> list[str]:
     return sorted(_MODELS)
 
 
-def get_model(name: str, num_classes: int = 10, cfg: list | None = None, **kwargs) -> nn.Module:
-    """Build a registered model; ``cfg`` is a (possibly reduced) width list."""
+def get_model(name: str, num_classes: int | None = None, cfg: list | None = None, **kwargs) -> nn.Module:
+    """Build a registered model; ``cfg`` is a (possibly reduced) width list.
+
+    ``num_classes=None`` takes the builder's default (10 for CIFAR variants, 1000 for ImageNet ones).
+    """
     if name not in _MODELS:
         raise UserError(
             f"unknown model {name!r}{suggest(name, _MODELS)}; valid: {', '.join(list_models())}",
             field="model",
         )
-    if not isinstance(num_classes, int) or num_classes < 1:
-        raise UserError(f"num_classes must be a positive integer, got {num_classes!r}", field="num_classes")
-    model = _MODELS[name](num_classes=num_classes, cfg=cfg, **kwargs)
+    if num_classes is not None:
+        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+            raise UserError(f"num_classes must be a positive integer, got {num_classes!r}", field="num_classes")
+        kwargs["num_classes"] = num_classes
+    model = _MODELS[name](cfg=cfg, **kwargs)
     model.arch = name
     return model

@@ -114,6 +114,10 @@ class MobileNetV1(nn.Module):
     def ignored_layers(self) -> list[nn.Module]:
         return [self.fc]
 
+    def cfg_from_state_dict(self, sd: Mapping[str, torch.Tensor]) -> list[int]:
+        """The cfg of a (possibly pruned) state_dict in this layout, read off its weight shapes."""
+        return [int(sd[f"{u.convs[0]}.weight"].shape[0]) for u in self.prunable_units()]
+
 
 def hrankplus_state_dict(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Rename HRankPlus's ``MobileNetV1`` keys (``conv1.0``, ``features.i.j``, ``classifier.0``) to ours."""
