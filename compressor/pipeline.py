@@ -33,6 +33,7 @@ class PruneJob:
     checkpoint: str | None = None
     data: str = "digits"
     data_root: str | None = None
+    download: bool = False
     num_classes: int | None = None
     criterion: str = "hrank"
     scores: str | None = None
@@ -76,7 +77,7 @@ def run_prune(job: PruneJob) -> dict[str, Any]:
         base, _ = checkpoint.load(job.checkpoint, model=job.model, num_classes=job.num_classes)
     else:
         base = None
-    bundle = data_mod.load(job.data, job.data_root, input_size=probe.input_size, seed=job.seed)
+    bundle = data_mod.load(job.data, job.data_root, input_size=probe.input_size, seed=job.seed, download=job.download)
     ncls = base.num_classes if base is not None else (job.num_classes or bundle.num_classes)
     if bundle.num_classes != ncls:
         raise UserError(f"the data has {bundle.num_classes} classes, the model {ncls}", field="data")

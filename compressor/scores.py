@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -99,8 +99,13 @@ def compute(
     options: Mapping[str, Any] | None = None,
     progress: bool = True,
     extra_meta: Mapping[str, Any] | None = None,
+    reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> Scores:
-    """Score every unit by each criterion; activation criteria share one forward pass."""
+    """Score every unit by each criterion; activation criteria share one forward pass.
+
+    ``reduce`` sums a tensor over processes (``distributed.compute_scores``): each process
+    feeds its shard of the images, then the accumulators' sums are combined before scoring.
+    """
     units = model.prunable_units()
     crits = [criteria.get(n, **dict(options or {})) for n in criterion_names]
     accs = {c.name: c.accumulator() for c in crits}
@@ -111,6 +116,12 @@ def compute(
         active.append(mean_act)
         record(model, limit_images(loader, n_images), units, active, compat=compat, device=device,
                total=n_images, progress=progress)
+        if reduce is not None:
+            for acc in active:  # a process without batches still takes part in the reduction
+                for u in units:
+                    if not compat or u.compat_rank_points:
+                        acc.sums.setdefault(u.name, torch.zeros(u.width, dtype=torch.float64, device=device))
+                acc.all_reduce(reduce)
         seen = mean_act.count
         if seen < n_images:
             raise UserError(f"asked for {n_images} calibration images, the data has only {seen}", field="n_images")

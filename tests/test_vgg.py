@@ -86,3 +86,17 @@ def test_shared_baseline_loads_as_hrank_checkpoint():
     net, meta = checkpoint.load(VGG_BASELINE, model="vgg16_bn")
     assert net.cfg == get_model("vgg16_bn").cfg
     assert meta["format"] == "hrank"
+
+
+def test_imagenet_variant_loads_torchvision_state_dict(tmp_path):
+    import torchvision
+
+    from compressor import checkpoint
+
+    tv = torchvision.models.vgg16_bn(weights=None, num_classes=3).eval()
+    torch.save(tv.state_dict(), tmp_path / "tv.pth")
+    net, _ = checkpoint.load(tmp_path / "tv.pth", model="vgg16_bn_imagenet")
+    assert net.num_classes == 3
+    x = torch.randn(1, 3, 224, 224)
+    with torch.no_grad():
+        assert torch.equal(net.eval()(x), tv(x))

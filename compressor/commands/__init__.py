@@ -13,6 +13,7 @@ def add_common(p: argparse.ArgumentParser, *, data: bool = True) -> None:
         p.add_argument("--data", default="digits", help="digits (embedded, default), cifar10, cifar100, imagefolder")
         p.add_argument("--data-root", default=None,
                        help="dataset folder: torchvision CIFAR root, an ImageFolder tree with train/ test/, or its .tar.gz")
+        p.add_argument("--download", action="store_true", help="let torchvision download CIFAR into --data-root (online only)")
 
 
 def new_parser(sub, name: str, help_text: str, examples: str) -> argparse.ArgumentParser:

@@ -26,14 +26,14 @@ def add_parser(sub) -> argparse.ArgumentParser:
 
 def evaluate_checkpoint(path: str, data_name: str, data_root: str | None, device_name: str = "auto",
                         model: str | None = None, batch_size: int = 256, seed: int = 0,
-                        progress: bool = False) -> dict:
+                        progress: bool = False, download: bool = False) -> dict:
     from compressor import checkpoint, counting, data
     from compressor.errors import UserError
     from compressor.evaluate import evaluate, resolve_device
 
     device = resolve_device(device_name)
     net, ck = checkpoint.load(path, model=model)
-    bundle = data.load(data_name, data_root, input_size=net.input_size, seed=seed)
+    bundle = data.load(data_name, data_root, input_size=net.input_size, seed=seed, download=download)
     if bundle.num_classes != net.num_classes:
         raise UserError(f"the data has {bundle.num_classes} classes, the checkpoint {net.num_classes}", source=path,
                         field="num_classes")
@@ -45,7 +45,7 @@ def evaluate_checkpoint(path: str, data_name: str, data_root: str | None, device
 
 def run(args: argparse.Namespace) -> int:
     res = evaluate_checkpoint(args.checkpoint, args.data, args.data_root, args.device, args.model, args.batch_size,
-                              args.seed, not args.no_progress)
+                              args.seed, not args.no_progress, args.download)
     if args.json:
         print(json.dumps(res, indent=2))
     else:

@@ -6,31 +6,46 @@ import argparse
 from pathlib import Path
 
 from compressor.commands import add_common, new_parser
-from compressor.commands.train import add_train_args, train_and_save
+from compressor.commands.train import add_train_args, load_data, run_training
 
 EXAMPLES = """\
   python -m compressor finetune --checkpoint checkpoints/vgg16_bn_digits_demo/pruned.pt --epochs 3
+  python -m compressor finetune --checkpoint pruned.pt --data cifar10 --data-root ../shared/data/cifar10-jpeg.tar.gz \\
+      --config experiments/recipes/chip_cifar.yaml --teacher baseline.pt --kd-alpha 0.5 --out ft/
+  python -m compressor finetune --resume ft/last.pt          # continue an interrupted run exactly
+  torchrun --nproc_per_node=4 -m compressor finetune --checkpoint pruned.pt --config experiments/recipes/hrankplus_cifar.yaml \\
+      --data cifar10 --data-root DIR --batch-size 64      # 4 x 64 = the recipe's global batch of 256
+
+outputs (--out folder, default <checkpoint>_ft/): last.pt, best.pt (best validation accuracy),
+metrics.jsonl, resolved_config.yaml, summary.json (test accuracy, never used for selection).
 """
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
+    from compressor import recipe
+
     p = new_parser(sub, "finetune", "fine-tune a (pruned) checkpoint", EXAMPLES)
-    p.add_argument("--checkpoint", required=True)
-    p.add_argument("--out", default=None, help="output checkpoint (default <checkpoint>_ft.pt)")
+    p.add_argument("--checkpoint", default=None, help="pruned (or any) checkpoint; required unless --resume")
     add_train_args(p, lr=0.01)
     add_common(p)
-    return p
+    return recipe.defer_defaults(p)
 
 
 def run(args: argparse.Namespace) -> int:
-    from compressor import checkpoint, data
+    from compressor import checkpoint, recipe
     from compressor.errors import UserError
 
-    net, ck = checkpoint.load(args.checkpoint)
-    bundle = data.load(args.data, args.data_root, input_size=net.input_size, seed=args.seed)
-    if bundle.num_classes != net.num_classes:
-        raise UserError(f"the data has {bundle.num_classes} classes, the checkpoint {net.num_classes}",
-                        source=args.checkpoint, field="num_classes")
-    src = Path(args.checkpoint)
-    out = Path(args.out or src.with_name(src.stem + "_ft.pt"))
-    return train_and_save(net, bundle, args, out, rates=ck.get("rates"), plan=ck.get("plan"))
+    args = recipe.resolve(args)
+    src = args.resume or args.checkpoint
+    if not src:
+        raise UserError("--checkpoint is required (as a flag or a recipe key) unless --resume is given",
+                        field="checkpoint")
+    net, ck = checkpoint.load(src)
+    if args.out:
+        out = Path(args.out)
+    elif args.resume:
+        out = Path(args.resume).parent
+    else:
+        out = Path(args.checkpoint).with_name(Path(args.checkpoint).stem + "_ft")
+    return run_training(net, load_data(args, net.input_size), args, out, rates=ck.get("rates"), plan=ck.get("plan"),
+                        source=src)

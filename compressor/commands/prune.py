@@ -51,6 +51,7 @@ def run(args: argparse.Namespace) -> int:
 
     job = PruneJob(
         model=args.model, rates=args.rates, checkpoint=args.checkpoint, data=args.data, data_root=args.data_root,
+        download=args.download,
         num_classes=args.num_classes, criterion=args.criterion, scores=args.scores, import_hrank=args.import_hrank,
         n_images=args.n_images, seed=args.seed, hrank_compat=args.hrank_compat, rank_rtol=args.rank_rtol,
         rank_atol=args.rank_atol, rounding=args.rounding, surgery=args.surgery,

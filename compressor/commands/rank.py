@@ -31,24 +31,31 @@ def add_parser(sub) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    from compressor import checkpoint, criteria, data, scores
-    from compressor.evaluate import resolve_device
+    """Works under ``torchrun`` too: each process ranks a shard, the sums are all-reduced."""
+    from compressor import checkpoint, criteria, data, distributed, scores
 
-    device = resolve_device(args.device)
     names = [c.strip() for c in args.criterion.split(",") if c.strip()]
     for n in names:
         criteria.get(n)
-    model, _ = checkpoint.load(args.checkpoint, model=args.model)
-    bundle = data.load(args.data, args.data_root, input_size=model.input_size, seed=args.seed)
-    calib = data.calibration_subset(bundle.train_eval, args.n_images, args.seed)
-    sc = scores.compute(model.to(device), data.loader(calib, args.batch_size, device=device), names,
-                        n_images=args.n_images, seed=args.seed, compat=args.hrank_compat, device=device,
-                        options={"rtol": args.rank_rtol, "atol": args.rank_atol}, progress=not args.no_progress,
-                        extra_meta={"data": args.data, "augmentation": "none", "checkpoint": args.checkpoint})
-    out = Path(args.out or f"checkpoints/{args.model}_scores.pt")
-    sc.save(out)
-    print(f"scores ({', '.join(names)}, {sc.meta['n_images']} images, seed {args.seed}) written to {out}")
-    if args.export_hrank:
-        paths = scores.export_hrank(sc, "hrank" if "hrank" in names else names[0], model, args.export_hrank)
-        print(f"HRank rank files: {len(paths)} written to {args.export_hrank}")
+    ctx = distributed.init(args.device)
+    device = ctx.device
+    try:
+        model, _ = checkpoint.load(args.checkpoint, model=args.model)
+        bundle = data.load(args.data, args.data_root, input_size=model.input_size, seed=args.seed,
+                           download=args.download)
+        calib = data.calibration_subset(bundle.train_eval, args.n_images, args.seed)
+        sc = distributed.compute_scores(
+            model.to(device), calib, names, batch_size=args.batch_size, seed=args.seed, compat=args.hrank_compat,
+            device=device, options={"rtol": args.rank_rtol, "atol": args.rank_atol}, progress=not args.no_progress,
+            extra_meta={"data": args.data, "augmentation": "none", "checkpoint": args.checkpoint}, ctx=ctx)
+        if ctx.is_main:
+            out = Path(args.out or f"checkpoints/{args.model}_scores.pt")
+            sc.save(out)
+            print(f"scores ({', '.join(names)}, {sc.meta['n_images']} images, seed {args.seed}, "
+                  f"{ctx.world_size} process(es)) written to {out}")
+            if args.export_hrank:
+                paths = scores.export_hrank(sc, "hrank" if "hrank" in names else names[0], model, args.export_hrank)
+                print(f"HRank rank files: {len(paths)} written to {args.export_hrank}")
+    finally:
+        distributed.shutdown()
     return 0

@@ -1,0 +1,214 @@
+"""The training loop: exact resume, NaN stop, val selection, recipes, KD, the train/finetune CLI.
+
+Everything runs on a tiny VGG16-BN over at most 64 digits images, so the file takes seconds.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+from functools import lru_cache
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from torch.utils.data import Subset
+
+from compressor import checkpoint, data
+from compressor.cli import main
+from compressor.models import get_model
+from compressor.train import NonFiniteLossError, TrainConfig, fit, loss_fn, lr_lambda
+
+ROOT = Path(__file__).resolve().parents[1]
+CFG = [4, 4, "M", 8, 8, "M", 8, 8, 8, "M", 8, 8, 8, "M", 8, 8, 8, 16]
+
+
+@lru_cache(maxsize=1)
+def _digits() -> data.DataBundle:
+    return data.digits()
+
+
+def tiny_bundle(n_train: int = 64, n_val: int = 32, n_test: int = 32, augment: bool = False) -> data.DataBundle:
+    b = copy.copy(_digits())
+    full = copy.copy(b.train.dataset)
+    full.augment = augment
+    b.train = Subset(full, b.train.indices[:n_train])
+    b.train_eval = Subset(b.train_eval.dataset, b.train_eval.indices[:n_train])
+    b.val = Subset(b.val.dataset, b.val.indices[:n_val])
+    b.test = Subset(b.test, range(n_test))
+    return b
+
+
+def tiny_model(seed: int = 0):
+    torch.manual_seed(seed)
+    return get_model("vgg16_bn", cfg=list(CFG))
+
+
+def same_weights(a: torch.nn.Module, b: torch.nn.Module) -> bool:
+    sb = b.state_dict()
+    return all(torch.equal(v, sb[k]) for k, v in a.state_dict().items())
+
+
+class Interrupt(Exception):
+    pass
+
+
+def test_resume_is_bit_identical(tmp_path):
+    """2 epochs in one go == 1 epoch, interrupted, then resumed from last.pt (with augmentation)."""
+    bundle = tiny_bundle(augment=True)
+    cfg = TrainConfig(epochs=2, batch_size=16, lr=0.05, warmup_epochs=0.5, label_smoothing=0.1)
+    whole = tiny_model()
+    h_whole = fit(whole, bundle, cfg, progress=False, out_dir=tmp_path / "whole")
+
+    def stop_after_first(row):
+        raise Interrupt
+
+    with pytest.raises(Interrupt):
+        fit(tiny_model(), bundle, cfg, progress=False, out_dir=tmp_path / "cut", log=stop_after_first)
+    assert json.loads((tmp_path / "cut" / "metrics.jsonl").read_text())["epoch"] == 1
+    resumed = tiny_model(seed=123)  # different init: everything must come from last.pt
+    h_res = fit(resumed, bundle, cfg, progress=False, out_dir=tmp_path / "cut", resume=tmp_path / "cut" / "last.pt")
+    assert same_weights(whole, resumed)
+    strip = [{k: v for k, v in r.items() if k != "img_per_s"} for r in h_whole]
+    assert [{k: v for k, v in r.items() if k != "img_per_s"} for r in h_res] == strip
+    rows = [json.loads(ln) for ln in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2]
+    assert {"epoch", "lr", "train_loss", "train_acc", "val_acc", "img_per_s"} <= set(rows[0])
+    # the checkpoint is plain data: optimizer, scheduler, scaler, RNG, sampler and epoch
+    ts = torch.load(tmp_path / "cut" / "last.pt", weights_only=True)["extra"]["train_state"]
+    assert ts["epoch"] == 2 and {"optimizer", "scheduler", "scaler", "rng", "sampler"} <= set(ts)
+    assert {"torch", "numpy", "python", "loader_generator"} <= set(ts["rng"])
+
+
+def test_best_checkpoint_is_selected_on_val(tmp_path):
+    bundle = tiny_bundle()
+    hist = fit(tiny_model(), bundle, TrainConfig(epochs=3, batch_size=16, lr=0.1), progress=False, out_dir=tmp_path)
+    best_epoch = max(range(3), key=lambda i: (hist[i]["val_acc"], -i)) + 1
+    best = torch.load(tmp_path / "best.pt", weights_only=True)
+    assert best["metrics"]["epoch"] == best_epoch
+    assert best["metrics"]["val_acc"] == max(r["val_acc"] for r in hist)
+    assert "test" not in best["metrics"]  # fit never looks at the test split
+
+
+def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
+    model = tiny_model()
+
+    def poison(row):  # after epoch 1 is saved, make the next forward produce NaN
+        with torch.no_grad():
+            model.classifier.linear2.weight.fill_(float("nan"))
+
+    with pytest.raises(NonFiniteLossError, match="epoch 2.*last good checkpoint"):
+        fit(model, tiny_bundle(), TrainConfig(epochs=3, batch_size=16), progress=False, out_dir=tmp_path, log=poison)
+    net, ck = checkpoint.load(tmp_path / "last.pt", strict_finite=True)  # finite weights, epoch 1
+    assert ck["extra"]["train_state"]["epoch"] == 1
+    assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 1
+    assert issubclass(NonFiniteLossError, FloatingPointError)  # old callers caught this
+
+
+def test_kd_changes_the_loss():
+    bundle = tiny_bundle(n_train=32)
+    cfg = TrainConfig(epochs=1, batch_size=16, kd_alpha=0.7, kd_temperature=3.0)
+    plain = fit(tiny_model(), bundle, cfg, progress=False)
+    teacher = tiny_model(seed=7)
+    kd = fit(tiny_model(), bundle, cfg, progress=False, teacher=teacher)
+    assert math.isfinite(kd[0]["train_loss"]) and kd[0]["train_loss"] != plain[0]["train_loss"]
+    # the KD term: zero against itself, CE alone at alpha 0
+    out, y = torch.randn(8, 10), torch.randint(0, 10, (8,))
+    ce = torch.nn.functional.cross_entropy(out, y)
+    assert torch.allclose(loss_fn(out, y, cfg, out), (1 - cfg.kd_alpha) * ce, atol=1e-6)
+    assert torch.equal(loss_fn(out, y, TrainConfig(kd_alpha=0.0), torch.randn(8, 10)), ce)
+
+
+def test_lr_schedules():
+    cfg = TrainConfig(epochs=4, lr=1.0, schedule="multistep", milestones=(1, 3), gamma=0.1, warmup_epochs=0.5)
+    f = lr_lambda(cfg, steps_per_epoch=10)
+    assert [f(0), f(4), f(5), f(9), f(10), f(30)] == [0.2, 1.0, 1.0, 1.0, pytest.approx(0.1), pytest.approx(0.01)]
+    g = lr_lambda(TrainConfig(epochs=2, schedule="cosine"), steps_per_epoch=10)
+    assert g(0) == 1.0 and g(10) == pytest.approx(0.5) and g(20) == pytest.approx(0.0)
+
+
+# --- CLI -------------------------------------------------------------------------------
+
+@pytest.fixture
+def small_data(monkeypatch):
+    """Make every command's data.load return the 64-image bundle."""
+    monkeypatch.setattr(data, "load", lambda *a, **k: tiny_bundle())
+
+
+@pytest.fixture
+def tiny_ckpt(tmp_path):
+    return checkpoint.save(tmp_path / "pruned.pt", tiny_model())
+
+
+def test_recipe_is_overridden_by_flags_and_resolved_config_is_saved(tmp_path, tiny_ckpt, small_data, capsys):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("epochs: 1\nbatch-size: 16\nlr: 0.2\nschedule: constant\nmilestones: [5, 9]\n")
+    out = tmp_path / "ft"
+    assert main(["finetune", "--checkpoint", str(tiny_ckpt), "--config", str(recipe), "--lr", "0.03",
+                 "--out", str(out), "--device", "cpu", "--no-progress"]) == 0
+    resolved = yaml.safe_load((out / "resolved_config.yaml").read_text())
+    assert resolved["lr"] == 0.03 and resolved["batch_size"] == 16 and resolved["schedule"] == "constant"
+    assert resolved["milestones"] == [5, 9] and resolved["epochs"] == 1 and resolved["momentum"] == 0.9
+    rows = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 1 and rows[0]["lr"] == 0.03
+    assert {"last.pt", "best.pt", "summary.json"} <= {p.name for p in out.iterdir()}
+    assert "test top-1" in capsys.readouterr().out
+    # the resolved file is itself a valid recipe; resume continues the same run to 2 epochs
+    assert main(["finetune", "--config", str(out / "resolved_config.yaml"), "--resume", str(out / "last.pt"),
+                 "--epochs", "2", "--no-progress"]) == 0
+    rows = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2]
+
+
+@pytest.mark.parametrize("text,match", [
+    ("lrr: 0.1\n", "unknown key 'lrr' (did you mean: lr"),
+    ("epochs: many\n", "epochs: must be an integer"),
+    ("schedule: linear\n", "schedule: 'linear' is not one of"),
+    ("nesterov: 3\n", "nesterov: must be true or false"),
+    ("- 1\n", "a recipe is a mapping"),
+])
+def test_bad_recipe_is_one_line_exit_2(tmp_path, tiny_ckpt, capsys, text, match):
+    recipe = tmp_path / "bad.yaml"
+    recipe.write_text(text)
+    out = tmp_path / "never"
+    assert main(["finetune", "--checkpoint", str(tiny_ckpt), "--config", str(recipe), "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and match in err[0] and "bad.yaml" in err[0]
+    assert not out.exists()
+
+
+def test_cli_nonfinite_loss_is_one_line_nonzero_exit(tmp_path, tiny_ckpt, small_data, capsys):
+    code = main(["finetune", "--checkpoint", str(tiny_ckpt), "--epochs", "1", "--batch-size", "16", "--lr", "1e30",
+                 "--out", str(tmp_path / "ft"), "--device", "cpu", "--no-progress"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == NonFiniteLossError.exit_code != 0
+    assert len(err) == 1 and "NaN/inf" in err[0]
+
+
+def test_cli_train_with_teacher(tmp_path, small_data, monkeypatch, capsys):
+    import compressor.models as models
+
+    teacher = checkpoint.save(tmp_path / "teacher.pt", tiny_model(seed=3))
+    real = models.get_model
+    monkeypatch.setattr(models, "get_model", lambda name, num_classes=10, cfg=None, **k: real(
+        name, num_classes=num_classes, cfg=cfg or list(CFG), **k))
+    assert main(["train", "--model", "vgg16_bn", "--config", str(ROOT / "experiments/recipes/digits_quick.yaml"),
+                 "--epochs", "1", "--batch-size", "16", "--teacher", str(teacher), "--out", str(tmp_path / "t"),
+                 "--device", "cpu", "--no-progress"]) == 0
+    ck = torch.load(tmp_path / "t" / "best.pt", weights_only=True)
+    assert ck["provenance"]["teacher"] == str(teacher) and ck["provenance"]["train"]["kd_alpha"] == 0.5
+    assert "test" in ck["metrics"]  # evaluated after selection, for the report only
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "experiments" / "recipes").glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_recipes_resolve(path):
+    from compressor import recipe
+    from compressor.cli import get_args_parser
+    from compressor.commands.train import train_config
+
+    for cmd in (["train", "--model", "vgg16_bn"], ["finetune", "--checkpoint", "x.pt"]):
+        args = recipe.resolve(get_args_parser().parse_args([*cmd, "--config", str(path)]))
+        cfg = train_config(args)
+        assert cfg.epochs == yaml.safe_load(path.read_text())["epochs"]
