@@ -16,6 +16,12 @@ from typing import Any, Callable, Iterator, IO
 from compressor.errors import UserError
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 @contextlib.contextmanager
 def atomic_open(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
     """Yield a temp file next to ``path``; on success it replaces ``path`` atomically."""
@@ -30,6 +36,7 @@ def atomic_open(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
             yield fh
             fh.flush()
             os.fsync(fh.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give outputs the usual permissions
         os.replace(tmp, target)
     except BaseException as exc:
         with contextlib.suppress(OSError):

@@ -14,7 +14,8 @@ CIFAR_TAR = SHARED / "cifar10-jpeg.tar.gz"
 TINY_VGG = [8, 8, "M", 16, 16, "M", 16, 16, 16, "M", 16, 16, 16, "M", 16, 16, 16, 32]
 
 os.environ.setdefault("TQDM_DISABLE", "1")
-torch.set_num_threads(min(2, torch.get_num_threads()))
+# Tiny models run faster on one thread, and a loaded 2-core machine punishes two (see README).
+torch.set_num_threads(1)
 
 
 def randomize_bn(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:

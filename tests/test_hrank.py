@@ -133,3 +133,16 @@ def test_hrank_npy_export_import(tiny_vgg, tmp_path):
     np.save(tmp_path / "rank_conv1.npy", np.zeros(5))
     with pytest.raises(UserError, match="rank_conv1.npy"):
         scores_mod.import_hrank(tmp_path, tiny_vgg)
+
+
+def test_threaded_svd_split_is_bit_identical():
+    from compressor.criteria.hrank import _svdvals
+
+    x = torch.relu(torch.randn(7, 5, 12, 12))
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        split = _svdvals(x)
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(split, torch.linalg.svdvals(x))

@@ -1,0 +1,70 @@
+"""``report``: accuracy / size / latency table (markdown, CSV, JSON) and PNG plots over checkpoints."""
+
+from __future__ import annotations
+
+import argparse
+
+from compressor.commands import add_common, new_parser
+
+EXAMPLES = """\
+  # a prune run folder (pruned.pt, baseline.pt, scores.pt, plan.json) and another pruned checkpoint
+  python -m compressor report checkpoints/vgg16_bn_digits_demo other/pruned.pt --out reports/demo
+  # every run under checkpoints/ (quote globs), a sweep folder, on CIFAR-10, 20 timed runs
+  python -m compressor report 'checkpoints/*' experiments/sweeps/sq11 --data cifar10 \\
+      --data-root ../shared/data/cifar10-jpeg.tar.gz --repeats 20 --out reports/all
+  # sizes and latency only (no evaluation), 1 CPU thread
+  python -m compressor report base.pt pruned.pt --no-eval --threads 1 --out reports/fast
+"""
+
+
+def add_latency_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("latency")
+    g.add_argument("--batch-sizes", default="1,64", help="comma-separated batch sizes to time (default 1,64)")
+    g.add_argument("--repeats", type=int, default=10, help="timed runs per model and batch size (median reported)")
+    g.add_argument("--warmup", type=int, default=3, help="untimed warm-up runs (default 3)")
+    g.add_argument("--threads", type=int, default=None, help="CPU threads for timing (default: torch's current)")
+    g.add_argument("--no-latency", action="store_true", help="skip latency measurement")
+    g.add_argument("--no-cuda-latency", action="store_true", help="time on CPU only even when a GPU is present")
+
+
+def latency_config(args: argparse.Namespace):
+    from compressor.errors import UserError
+    from compressor.latency import LatencyConfig
+
+    if args.no_latency:
+        return None
+    try:
+        sizes = tuple(int(b) for b in args.batch_sizes.split(",") if b.strip())
+        return LatencyConfig(batch_sizes=sizes, warmup=args.warmup, repeats=args.repeats, threads=args.threads,
+                             cuda=not args.no_cuda_latency)
+    except ValueError as exc:
+        raise UserError(f"bad latency settings: {exc}", field="batch-sizes/repeats/warmup/threads") from exc
+
+
+def add_parser(sub) -> argparse.ArgumentParser:
+    p = new_parser(sub, "report", "compare checkpoints: accuracy, params/MACs, file size, latency, plots", EXAMPLES)
+    p.add_argument("inputs", nargs="+", help="checkpoints, prune run folders or sweep folders (globs allowed)")
+    p.add_argument("--out", required=True, help="output folder for report.md/.csv/.json and PNGs")
+    p.add_argument("--batch-size", type=int, default=256, help="evaluation batch size")
+    p.add_argument("--no-eval", action="store_true", help="skip evaluation (no accuracy columns or accuracy plots)")
+    p.add_argument("--no-plots", action="store_true", help="write the tables only")
+    add_latency_args(p)
+    add_common(p)
+    # --data defaults to each checkpoint's own data (its provenance), not digits.
+    p.set_defaults(data=None)
+    for action in p._actions:
+        if action.dest == "data":
+            action.help = "evaluate on this data (default: the data each checkpoint was made on, else digits)"
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    from compressor.report import ReportConfig, run_report
+
+    cfg = ReportConfig(data=args.data, data_root=args.data_root, device=args.device, batch_size=args.batch_size,
+                       seed=args.seed, evaluate=not args.no_eval, latency=latency_config(args),
+                       plots=not args.no_plots, progress=not args.no_progress)
+    res = run_report(args.inputs, args.out, cfg)
+    print(res["markdown"])
+    print(f"written to {args.out}: " + ", ".join(list(res["paths"].values()) + res["plots"]))
+    return 0

@@ -1,0 +1,137 @@
+"""ONNX export of a (pruned) checkpoint, verified against onnxruntime before it is written.
+
+The graph takes ``input`` [N, 3, S, S] with a dynamic batch dimension N and returns ``logits``.
+The exported bytes are checked (``onnx.checker``), then run in onnxruntime on random inputs
+at two batch sizes (so the dynamic batch really works) and on real images; only when every
+output agrees with torch within ``atol`` is the file written (atomically). The model's arch,
+cfg and class count are stored as ONNX metadata, so the file says what it is.
+
+The TorchScript-based exporter (``dynamo=False``) is used: it needs no extra packages, and
+these models are plain feed-forward CNNs with no control flow.
+"""
+
+from __future__ import annotations
+
+import io as _io
+import json
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from compressor import io
+from compressor.errors import UserError
+
+DEFAULT_OPSET = 17
+
+
+def _require_onnx():
+    try:
+        import onnx
+        import onnxruntime
+    except ImportError as exc:
+        raise UserError(f"ONNX export needs onnx and onnxruntime ({exc.name} is missing): "
+                        "pip install 'compressor[onnx]'") from exc
+    return onnx, onnxruntime
+
+
+def to_onnx_bytes(model: nn.Module, opset: int = DEFAULT_OPSET) -> bytes:
+    """Serialized ONNX model with a dynamic batch dimension and metadata; the model is not changed."""
+    onnx, _ = _require_onnx()
+    was = model.training
+    model.eval()
+    size = int(model.input_size)
+    buf = _io.BytesIO()
+    try:
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            torch.onnx.export(model, (torch.zeros(1, 3, size, size),), buf, dynamo=False, opset_version=opset,
+                              input_names=["input"], output_names=["logits"],
+                              dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}})
+    finally:
+        model.train(was)
+    proto = onnx.load_from_string(buf.getvalue())
+    meta = {"arch": getattr(model, "arch", type(model).__name__), "num_classes": str(getattr(model, "num_classes", "")),
+            "cfg": json.dumps(list(getattr(model, "cfg", []))), "input_size": str(size), "producer": "compressor"}
+    for k, v in meta.items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = k, str(v)
+    onnx.checker.check_model(proto)
+    return proto.SerializeToString()
+
+
+@dataclass
+class Check:
+    name: str
+    shape: tuple[int, ...]
+    max_abs_diff: float
+    argmax_agree: float  # fraction of rows whose top-1 class agrees
+
+    def ok(self, atol: float) -> bool:
+        return self.max_abs_diff <= atol
+
+
+@dataclass
+class ExportResult:
+    path: str | None
+    bytes: int
+    opset: int
+    atol: float
+    checks: list[Check] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return bool(self.checks) and all(c.ok(self.atol) for c in self.checks)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"path": self.path, "bytes": self.bytes, "opset": self.opset, "atol": self.atol, "ok": self.ok,
+                "checks": [c.__dict__ | {"shape": list(c.shape)} for c in self.checks]}
+
+
+@torch.no_grad()
+def compare(model: nn.Module, onnx_bytes: bytes, inputs: Sequence[tuple[str, torch.Tensor]]) -> list[Check]:
+    """Run torch and onnxruntime (CPU) on the same inputs; max |difference| of the logits."""
+    _, ort = _require_onnx()
+    sess = ort.InferenceSession(onnx_bytes, providers=["CPUExecutionProvider"])
+    was = model.training
+    model.eval().cpu()
+    out = []
+    try:
+        for name, x in inputs:
+            ref = model(x.float()).numpy()
+            got = sess.run(None, {"input": x.float().numpy()})[0]
+            if got.shape != ref.shape:
+                raise AssertionError(f"{name}: onnxruntime gave shape {got.shape}, torch {ref.shape}")
+            out.append(Check(name, tuple(x.shape), float(np.abs(got - ref).max()),
+                             float((got.argmax(1) == ref.argmax(1)).mean())))
+    finally:
+        model.train(was)
+    return out
+
+
+def real_images(input_size: int, n: int = 64) -> torch.Tensor:
+    """The first ``n`` digits test images at the model's input size (real pixels, not noise)."""
+    from compressor import data
+
+    test = data.load("digits", input_size=input_size).test
+    return torch.stack([test[i][0] for i in range(min(n, len(test)))])
+
+
+def export(model: nn.Module, path: str | Path | None, *, opset: int = DEFAULT_OPSET, atol: float = 1e-4,
+           batch_sizes: Sequence[int] = (1, 7), n_real: int = 64, seed: int = 0, force: bool = False) -> ExportResult:
+    """Export, verify, and write ``path`` only if every check passes (or ``force``)."""
+    blob = to_onnx_bytes(model, opset)
+    size = int(model.input_size)
+    g = torch.Generator().manual_seed(seed)
+    inputs = [(f"random batch {b}", torch.randn(b, 3, size, size, generator=g)) for b in batch_sizes]
+    if n_real:
+        inputs.append((f"digits test images ({n_real})", real_images(size, n_real)))
+    res = ExportResult(path=None, bytes=len(blob), opset=opset, atol=atol, checks=compare(model, blob, inputs))
+    if path is not None and (res.ok or force):
+        io.atomic_write(path, lambda fh: fh.write(blob))
+        res.path = str(path)
+    return res

@@ -1,0 +1,427 @@
+"""Accuracy/size/latency tradeoff reports over checkpoints and run folders.
+
+One row per checkpoint. Each pruned model is compared with *its* baseline: an unpruned
+checkpoint in the inputs whose cfg equals the pre-pruning cfg recorded in the pruned model's
+plan (same folder preferred, then the baseline a sweep recorded). When no such checkpoint is
+given, the pre-pruning model is rebuilt from the plan's widths (random weights: good for
+counting and latency, not for accuracy), or from the architecture's default cfg without a plan.
+
+Definitions used in every table:
+
+* params / MACs: ``compressor.counting`` on the physical model (conv + linear MACs, one image).
+* latency: median wall time of one forward pass after warm-up, models of one group timed
+  interleaved (``compressor.latency``); the thread count is recorded.
+* speedup = baseline latency / model latency; ``speedup/MACs`` = speedup ÷ (baseline MACs /
+  model MACs): 1.0 means latency fell exactly as fast as the MAC count.
+"""
+
+from __future__ import annotations
+
+import csv
+import glob
+import io as _io
+import json
+import logging
+import re
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+from compressor import checkpoint, counting, io, latency as lat, plots
+from compressor.errors import UserError
+from compressor.models import get_model
+
+log = logging.getLogger("compressor")
+
+SWEEP_FILE = "sweep.json"
+
+
+@dataclass(frozen=True)
+class ReportConfig:
+    data: str | None = None  # None: the data each checkpoint was made on (provenance), else digits
+    data_root: str | None = None
+    device: str = "auto"  # evaluation device
+    batch_size: int = 256
+    seed: int = 0
+    evaluate: bool = True
+    latency: lat.LatencyConfig | None = field(default_factory=lat.LatencyConfig)
+    plots: bool = True
+    progress: bool = False
+
+
+@dataclass
+class Entry:
+    path: Path
+    scores: Path | None = None
+    baseline_hint: Path | None = None  # e.g. the baseline a sweep recorded
+    target: str | None = None  # e.g. a sweep point's budget ("macs 0.5, policy local")
+
+
+def budget_label(budget: dict | None, policy: str | None = None) -> str | None:
+    if not budget:
+        return None
+    return ", ".join(f"{k} {v:g}" for k, v in budget.items()) + (f" ({policy})" if policy else "")
+
+
+# ----------------------------------------------------------------------------- inputs
+def _is_checkpoint(p: Path) -> bool:
+    try:
+        obj = checkpoint.read(p)
+    except UserError:
+        return False
+    return obj.get("format") == checkpoint.CKPT_FORMAT
+
+
+def _scores_near(p: Path) -> Path | None:
+    for folder in (p.parent, p.parent.parent):
+        cand = folder / "scores.pt"
+        if cand.is_file():
+            return cand
+    return None
+
+
+def _from_folder(folder: Path) -> list[Entry]:
+    sweep = folder / SWEEP_FILE
+    if sweep.is_file():
+        try:
+            doc = json.loads(sweep.read_text())
+            base = Path(doc["baseline"])
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise UserError(f"unreadable sweep state ({type(exc).__name__}: {exc})", source=str(sweep)) from exc
+        out = [Entry(base)] if base.is_file() else []
+        if not out:
+            log.info("%s: the sweep's baseline %s is not here; it is rebuilt for counting", sweep, base)
+        for pt in doc.get("points", []):
+            ck = folder / pt["name"] / "pruned.pt"
+            if ck.is_file():
+                out.append(Entry(ck, _scores_near(ck), base, budget_label(pt.get("budget"), pt.get("policy"))))
+        return out
+    files = [p for p in sorted(folder.rglob("*.pt")) if p.name != "scores.pt" and not p.name.startswith(".")]
+    found = [p for p in files if _is_checkpoint(p)]
+    if len(found) < len(files):
+        log.info("%s: skipped %d .pt file(s) that are not compressor checkpoints", folder, len(files) - len(found))
+    return [Entry(p, _scores_near(p)) for p in found]
+
+
+def collect(inputs: Sequence[str]) -> list[Entry]:
+    """Expand globs, run folders and sweep folders into checkpoint entries (deduplicated)."""
+    entries: dict[Path, Entry] = {}
+    for pattern in inputs:
+        matches = sorted(glob.glob(pattern, recursive=True)) or ([pattern] if Path(pattern).exists() else [])
+        if not matches:
+            raise UserError("no such file or folder (nothing matches)", source=pattern)
+        for m in matches:
+            p = Path(m)
+            for e in (_from_folder(p) if p.is_dir() else [Entry(p, _scores_near(p))]):
+                key = e.path.resolve()
+                if key not in entries or (e.baseline_hint and not entries[key].baseline_hint):
+                    entries[key] = e
+    if not entries:
+        raise UserError("no checkpoints found in the inputs", source=" ".join(inputs))
+    return list(entries.values())
+
+
+# ----------------------------------------------------------------------------- rows
+def rate_string(rates: Sequence[float]) -> str:
+    """Per-unit rates in HRank's run-length syntax, e.g. ``[0.21]*7+[0.75]*5``."""
+    parts: list[str] = []
+    i = 0
+    while i < len(rates):
+        j = i
+        while j < len(rates) and rates[j] == rates[i]:
+            j += 1
+        parts.append(f"[{rates[i]:g}]" + (f"*{j - i}" if j - i > 1 else ""))
+        i = j
+    return "+".join(parts)
+
+
+def pre_prune_cfg(net: nn.Module, plan: dict | None) -> list:
+    """The cfg the model had before pruning, from the widths its plan recorded."""
+    cfg = list(net.cfg)
+    units = (plan or {}).get("units", {})
+    for u in net.prunable_units():
+        if u.name in units:
+            for i in u.cfg_index:
+                cfg[i] = int(units[u.name]["width"])
+    return cfg
+
+
+def _label(p: Path, taken: set[str]) -> str:
+    name = f"{p.parent.name}/{p.stem}" if p.parent.name else p.stem
+    if name in taken:
+        name = str(p)
+    taken.add(name)
+    return name
+
+
+@dataclass
+class _Loaded:
+    entry: Entry
+    name: str
+    net: nn.Module
+    ck: dict[str, Any]
+    role: str
+    key: tuple  # (arch, num_classes, cfg): what this model is, for baseline matching
+    pre_key: tuple  # the same for the model it was pruned from
+
+
+def _load(entries: Sequence[Entry]) -> list[_Loaded]:
+    taken: set[str] = set()
+    out = []
+    for e in entries:
+        net, ck = checkpoint.load(e.path)
+        role = "pruned" if ck.get("plan") else "baseline"
+        key = (ck["model"], int(net.num_classes), tuple(net.cfg))
+        pre = (ck["model"], int(net.num_classes), tuple(pre_prune_cfg(net, ck.get("plan"))))
+        out.append(_Loaded(e, _label(e.path, taken), net, ck, role, key, pre))
+    return out
+
+
+def _pick_baseline(item: _Loaded, loaded: Sequence[_Loaded]) -> _Loaded | None:
+    cands = [b for b in loaded if b.role == "baseline" and b.key == item.pre_key]
+    if not cands:
+        return None
+    same_dir = [b for b in cands if b.entry.path.parent.resolve() == item.entry.path.parent.resolve()]
+    hinted = [b for b in cands if item.entry.baseline_hint and b.entry.path.resolve() == item.entry.baseline_hint.resolve()]
+    return (same_dir or hinted or cands)[0]
+
+
+def _describe(item: _Loaded) -> dict[str, Any]:
+    ck, prov = item.ck, item.ck.get("provenance") or {}
+    rates = ck.get("rates") or {}
+    target = rates.get("target")
+    hist = (ck.get("metrics") or {}).get("finetune_history") or []
+    return {
+        "name": item.name,
+        "path": str(item.entry.path),
+        "model": ck["model"],
+        "role": item.role,
+        "criterion": prov.get("criterion") if item.role == "pruned" else None,
+        "rates": rate_string(list(rates["rates"].values())) if rates.get("rates") else None,
+        "target": ", ".join(f"{k} {v:g}" for k, v in target.items()) if target else item.entry.target,
+        "bn_recalibrated": prov.get("bn_recalibrated") if item.role == "pruned" else None,
+        "finetune_epochs": len(hist) if item.role == "pruned" else None,
+        "file_bytes": item.entry.path.stat().st_size,
+        "weights_bytes": sum(t.numel() * t.element_size() for t in ck["state_dict"].values() if torch.is_tensor(t)),
+    }
+
+
+def _evaluate(item: _Loaded, cfg: ReportConfig) -> dict[str, Any]:
+    from compressor.commands.eval import evaluate_checkpoint
+
+    data = cfg.data or (item.ck.get("provenance") or {}).get("data") or "digits"
+    res = evaluate_checkpoint(str(item.entry.path), data, cfg.data_root, cfg.device, batch_size=cfg.batch_size,
+                              seed=cfg.seed, progress=cfg.progress)
+    return {"data": data, "n_test": res["n"], "top1": res["top1"], "top5": res["top5"], "loss": res["loss"]}
+
+
+def _time_groups(groups: dict[str, dict[str, nn.Module]], sizes: dict[str, int],
+                 cfg: lat.LatencyConfig) -> dict[str, dict[str, lat.Timing]]:
+    """``{model name: {"cpu_b1": Timing, ...}}``; each group (a baseline and its pruned models) interleaved."""
+    out: dict[str, dict[str, lat.Timing]] = {}
+    for models in groups.values():
+        for dev in lat.devices(cfg):
+            res = lat.compare(models, sizes, cfg, dev)
+            for n, per_batch in res.items():
+                for b, t in per_batch.items():
+                    out.setdefault(n, {})[f"{dev}_b{b}"] = t
+    return out
+
+
+@dataclass
+class _Baselines:
+    """Which model each row is compared with, and the groups timed together."""
+
+    of: dict[str, str] = field(default_factory=dict)  # row name -> baseline name
+    groups: dict[str, dict[str, nn.Module]] = field(default_factory=dict)  # baseline name -> models
+    synthetic: dict[str, dict[str, int]] = field(default_factory=dict)  # rebuilt baselines' counts
+    sizes: dict[str, int] = field(default_factory=dict)
+
+
+def _match(loaded: Sequence[_Loaded], rows: dict[str, dict[str, Any]]) -> _Baselines:
+    bl = _Baselines(sizes={item.name: item.net.input_size for item in loaded})
+    rebuilt: dict[tuple, tuple[str, nn.Module]] = {}
+    for item in loaded:
+        row = rows[item.name]
+        match = item if item.role == "baseline" else _pick_baseline(item, loaded)
+        if match is not None:
+            bname, bnet = match.name, match.net
+            row["baseline"] = "(itself)" if match is item else match.name
+        else:
+            if item.pre_key not in rebuilt:
+                arch, ncls, pre_cfg = item.pre_key
+                k = sum(key[0] == arch for key in rebuilt) + 1
+                sname = f"{arch} rebuilt from {'plan widths' if item.ck.get('plan') else 'default cfg'}"
+                sname += f" #{k}" if k > 1 else ""
+                snet = get_model(arch, num_classes=ncls, cfg=list(pre_cfg))
+                rebuilt[item.pre_key] = (sname, snet)
+                bl.sizes[sname] = snet.input_size
+                bl.synthetic[sname] = counting.count(snet)
+            bname, bnet = rebuilt[item.pre_key]
+            row["baseline"] = f"{bname} (not in inputs: random weights)"
+        bl.of[item.name] = bname
+        bl.groups.setdefault(bname, {})[bname] = bnet
+        bl.groups[bname][item.name] = item.net
+    return bl
+
+
+def build(entries: Sequence[Entry], cfg: ReportConfig = ReportConfig()) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Rows (one per checkpoint) and report metadata."""
+    loaded = _load(entries)
+    rows: dict[str, dict[str, Any]] = {}
+    for item in loaded:
+        row = _describe(item)
+        row.update(counting.count(item.net))
+        if cfg.evaluate:
+            row.update(_evaluate(item, cfg))
+        rows[item.name] = row
+    bl = _match(loaded, rows)
+    for name, row in rows.items():
+        base = rows.get(bl.of[name]) or bl.synthetic[bl.of[name]]
+        for k in ("params", "macs"):
+            row[f"{k}_reduction_pct"] = 100.0 * (1.0 - row[k] / base[k])
+        if cfg.evaluate and bl.of[name] in rows and base.get("data") == row.get("data"):
+            row["top1_drop"] = base["top1"] - row["top1"]
+    timings: dict[str, dict[str, lat.Timing]] = {}
+    if cfg.latency is not None:
+        timings = _time_groups(bl.groups, bl.sizes, cfg.latency)
+        for name, row in rows.items():
+            bt = timings[bl.of[name]]
+            bmacs = (rows.get(bl.of[name]) or bl.synthetic[bl.of[name]])["macs"]
+            for slot, t in timings[name].items():
+                row[f"lat_{slot}_ms"] = t.median_ms
+                row[f"speedup_{slot}"] = bt[slot].median_ms / t.median_ms
+                row[f"speedup_per_mac_{slot}"] = row[f"speedup_{slot}"] / (bmacs / row["macs"])
+    order = sorted(rows.values(), key=lambda r: (r["model"], r["role"] != "baseline", -r["macs"], r["name"]))
+    any_t = next(iter(timings.values()), {})
+    meta = {
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "torch": torch.__version__,
+        "cpu_threads": next((t.threads for s, t in any_t.items() if s.startswith("cpu")), torch.get_num_threads()),
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "latency": asdict(cfg.latency) if cfg.latency else None,
+        "latency_slots": sorted(any_t),
+        "evaluated": cfg.evaluate,
+        "counted": "MACs: conv + linear multiply-accumulates for one image; params: all parameters",
+        "synthetic_baselines": bl.synthetic,
+    }
+    return order, {"meta": meta, "loaded": loaded}
+
+
+# ----------------------------------------------------------------------------- outputs
+def _m(n: float) -> str:
+    return f"{n / 1e6:.3f}M" if n < 1e7 else f"{n / 1e6:.1f}M"
+
+
+def _f(v: Any, fmt: str = "{:.2f}") -> str:
+    return "–" if v is None else fmt.format(v)
+
+
+def markdown(rows: Sequence[dict[str, Any]], meta: dict[str, Any]) -> str:
+    slots = meta.get("latency_slots", [])
+    head = ["model", "name", "criterion", "rates / target", "data", "top-1", "top-5", "Δtop-1", "params (−%)",
+            "MACs (−%)", "file MB (weights)"]
+    head += [f"{s.replace('_b', ' b')} ms (×, ×/MACs)" for s in slots]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        # A budget's resolved per-layer rates are long: the table shows the budget, the CSV/JSON both.
+        rt = r.get("target") or r.get("rates") or ("unpruned" if r["role"] == "baseline" else "–")
+        cells = [r["model"], r["name"], r.get("criterion") or "–", rt, r.get("data", "–"), _f(r.get("top1")),
+                 _f(r.get("top5")), _f(r.get("top1_drop"), "{:+.2f}"),
+                 f"{_m(r['params'])} ({r['params_reduction_pct']:.1f}%)",
+                 f"{_m(r['macs'])} ({r['macs_reduction_pct']:.1f}%)", f"{r['file_bytes'] / 1e6:.2f} ({r['weights_bytes'] / 1e6:.2f})"]
+        for s in slots:
+            cells.append(f"{r[f'lat_{s}_ms']:.2f} ({r[f'speedup_{s}']:.2f}×, {r[f'speedup_per_mac_{s}']:.2f})"
+                         if f"lat_{s}_ms" in r else "–")
+        lines.append("| " + " | ".join(str(c) for c in cells) + " |")
+    lc = meta.get("latency") or {}
+    notes = [
+        "",
+        f"- Counted: {meta['counted']} (`compressor.counting`).",
+        "- Δtop-1 = baseline top-1 − model top-1, same test split; baselines are matched by the pre-pruning cfg.",
+    ]
+    if lc:
+        notes.append(f"- Latency: median of {lc['repeats']} runs after {lc['warmup']} warm-up runs, random inputs, "
+                     f"models of one baseline group timed interleaved; CPU threads: {meta['cpu_threads']}"
+                     + (f"; CUDA: {meta['cuda']}" if meta.get("cuda") else "; no CUDA device") + ".")
+        notes.append("- × = speedup vs baseline; ×/MACs = speedup ÷ (baseline MACs / model MACs), 1.0 = latency "
+                     "falls as fast as MACs.")
+    syn = meta.get("synthetic_baselines") or {}
+    if syn:
+        notes.append(f"- Baselines not in the inputs were rebuilt with random weights for counting/latency: "
+                     f"{', '.join(syn)}.")
+    bn = {r.get("bn_recalibrated") for r in rows if r["role"] == "pruned"}
+    if bn - {None}:
+        notes.append(f"- BN statistics re-estimated after surgery: {', '.join(sorted(str(b) for b in bn))}.")
+    notes.append(f"- Generated {meta['time']} with torch {meta['torch']}.")
+    return "\n".join(lines + notes) + "\n"
+
+
+def _csv(rows: Sequence[dict[str, Any]]) -> str:
+    keys: list[str] = []
+    for r in rows:
+        keys += [k for k in r if k not in keys]
+    buf = _io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=keys)
+    w.writeheader()
+    for r in rows:
+        w.writerow(r)
+    return buf.getvalue()
+
+
+def _safe(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("_")
+
+
+def write_plots(rows: Sequence[dict[str, Any]], loaded: Sequence[_Loaded], out: Path) -> list[Path]:
+    from compressor.scores import Scores
+
+    paths = [p for p in (plots.tradeoff(rows, "macs", out / "acc_vs_macs.png", title="top-1 vs MACs"),
+                         plots.tradeoff(rows, "params", out / "acc_vs_params.png", title="top-1 vs params")) if p]
+    done_scores: set[Path] = set()
+    for item in loaded:
+        if item.role != "pruned":
+            continue
+        units = item.ck["plan"]["units"]
+        names = [u.name for u in item.net.prunable_units()]
+        after = [u.width for u in item.net.prunable_units()]
+        before = [int(units.get(n, {}).get("width", w)) for n, w in zip(names, after)]
+        paths.append(plots.widths(names, before, after, out / f"widths_{_safe(item.name)}.png",
+                                  title=f"{item.name}: channels before → after"))
+        sp = item.entry.scores
+        if sp is not None and sp.resolve() not in done_scores:
+            done_scores.add(sp.resolve())
+            sc = Scores.load(sp)
+            crit = (item.ck.get("provenance") or {}).get("criterion")
+            crit = crit if crit in sc.scores else next(iter(sc.scores))
+            per_unit = {u: t.float().tolist() for u, t in sc.scores[crit].items()}
+            tag = _safe(f"{sp.parent.name}_{sp.stem}")
+            paths.append(plots.score_boxes(per_unit, out / f"scores_{tag}.png",
+                                           title=f"{crit} scores per layer ({sp.parent.name}/{sp.name})"))
+    return paths
+
+
+def write(rows: Sequence[dict[str, Any]], info: dict[str, Any], out: str | Path, make_plots: bool = True) -> dict[str, Any]:
+    out = Path(out)
+    meta = info["meta"]
+    paths = {
+        "markdown": io.write_text(out / "report.md", markdown(rows, meta)),
+        "csv": io.write_text(out / "report.csv", _csv(rows)),
+        "json": io.write_json(out / "report.json", {"meta": meta, "rows": list(rows)}),
+    }
+    pngs = write_plots(rows, info["loaded"], out) if make_plots else []
+    return {"paths": {k: str(v) for k, v in paths.items()}, "plots": [str(p) for p in pngs]}
+
+
+def run_report(inputs: Sequence[str] | Sequence[Entry], out: str | Path, cfg: ReportConfig = ReportConfig()) -> dict[str, Any]:
+    """Collect, evaluate, count, time, and write ``report.md/.csv/.json`` plus PNGs under ``out``."""
+    entries = [e for e in inputs if isinstance(e, Entry)] or collect([str(i) for i in inputs])
+    rows, info = build(entries, cfg)
+    res = write(rows, info, out, cfg.plots)
+    res["rows"] = rows
+    res["markdown"] = markdown(rows, info["meta"])
+    return res

@@ -1,0 +1,196 @@
+"""The tradeoff report, built from small real runs (a narrow VGG16-BN on the digits data)."""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import json
+import math
+import os
+
+import pytest
+import torch
+
+from compressor import checkpoint, counting, data, plots, report
+from compressor.errors import UserError
+from compressor.latency import LatencyConfig, compare
+from compressor.models import get_model
+from compressor.pipeline import PruneJob, run_prune
+from compressor.train import TrainConfig, fit
+
+NARROW = [8, 8, "M", 8, 8, "M", 8, 8, 8, "M", 8, 8, 8, "M", 8, 8, 8, 16]
+FAST = LatencyConfig(batch_sizes=(1, 64), warmup=1, repeats=2)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Small models gain nothing from threads, and on a busy 2-core machine lose a lot."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+@contextlib.contextmanager
+def one_thread():
+    """Tiny models gain nothing from threads, and on a busy 2-core machine lose a lot."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """A 1-epoch baseline and two prune runs of it (different criteria and rates)."""
+    with one_thread():
+        return _make_runs(tmp_path_factory.mktemp("runs"))
+
+
+def _make_runs(root):
+    torch.manual_seed(0)
+    base = get_model("vgg16_bn", cfg=list(NARROW))
+    fit(base, data.load("digits", input_size=32), TrainConfig(epochs=1, lr=0.05, batch_size=32), "cpu", False)
+    base_path = checkpoint.save(root / "base" / "baseline.pt", base, prov=checkpoint.provenance(data="digits"))
+    out = {"root": root, "baseline": base_path}
+    for name, crit, rates in (("half", "hrank", '"[0.5]*13"'), ("light", "l1", '"[0.25]*7+[0.5]*6"')):
+        (root / f"{name}.yaml").write_text(f"rates: {rates}\n")
+        run_prune(PruneJob(model="vgg16_bn", rates=str(root / f"{name}.yaml"), checkpoint=str(base_path),
+                           criterion=crit, n_images=64, out=str(root / name), progress=False, device="cpu"))
+        out[name] = root / name
+    return out
+
+
+@pytest.fixture(scope="module")
+def built(runs):
+    cfg = report.ReportConfig(device="cpu", latency=FAST)
+    inputs = [str(runs["half"]), str(runs["light"] / "pruned.pt"), str(runs["baseline"])]
+    with one_thread():
+        res = report.run_report(inputs, runs["root"] / "report", cfg)
+    return res, {r["name"]: r for r in res["rows"]}
+
+
+def test_rows_and_baseline_matching(runs, built):
+    _, rows = built
+    assert set(rows) == {"base/baseline", "half/pruned", "light/pruned"}
+    assert rows["base/baseline"]["role"] == "baseline" and rows["base/baseline"]["baseline"] == "(itself)"
+    for name, crit, rates in (("half/pruned", "hrank", "[0.5]*13"), ("light/pruned", "l1", "[0.25]*7+[0.5]*6")):
+        r = rows[name]
+        assert (r["role"], r["criterion"], r["rates"], r["baseline"]) == ("pruned", crit, rates, "base/baseline")
+        assert r["data"] == "digits" and r["bn_recalibrated"] is True and r["finetune_epochs"] == 0
+
+
+def test_numbers_match_evaluate_checkpoint(runs, built):
+    from compressor.commands.eval import evaluate_checkpoint
+
+    _, rows = built
+    base = rows["base/baseline"]
+    for r in rows.values():
+        ref = evaluate_checkpoint(r["path"], "digits", None, "cpu")
+        assert (r["top1"], r["top5"], r["loss"], r["n_test"]) == (ref["top1"], ref["top5"], ref["loss"], ref["n"])
+        assert (r["params"], r["macs"], r["file_bytes"]) == (ref["params"], ref["macs"], ref["file_bytes"])
+        assert r["macs_reduction_pct"] == pytest.approx(100 * (1 - r["macs"] / base["macs"]))
+        assert r["params_reduction_pct"] == pytest.approx(100 * (1 - r["params"] / base["params"]))
+        assert r["top1_drop"] == pytest.approx(base["top1"] - r["top1"])
+    assert rows["half/pruned"]["macs"] < rows["light/pruned"]["macs"] < base["macs"]
+
+
+def test_latency_columns(built):
+    res, rows = built
+    base = rows["base/baseline"]
+    with open(res["paths"]["json"]) as fh:
+        meta = json.load(fh)["meta"]
+    slots = ["cpu_b1", "cpu_b64"] + (["cuda_b1", "cuda_b64"] if torch.cuda.is_available() else [])
+    assert meta["latency_slots"] == sorted(slots) and meta["cpu_threads"] >= 1
+    assert meta["latency"]["repeats"] == 2
+    for r in rows.values():
+        for s in slots:
+            assert r[f"lat_{s}_ms"] > 0
+            assert r[f"speedup_{s}"] == pytest.approx(base[f"lat_{s}_ms"] / r[f"lat_{s}_ms"])
+            assert r[f"speedup_per_mac_{s}"] == pytest.approx(r[f"speedup_{s}"] * r["macs"] / base["macs"])
+    assert base["speedup_cpu_b1"] == 1.0
+
+
+def test_tables_written(built):
+    res, rows = built
+    with open(res["paths"]["markdown"]) as fh:
+        md = fh.read()
+    for name in rows:
+        assert f"| {name} |" in md
+    assert "median of 2 runs" in md
+    with open(res["paths"]["csv"]) as fh:
+        table = list(csv.DictReader(fh))
+    assert [t["name"] for t in table] == [r["name"] for r in res["rows"]]
+    assert [float(t["top1"]) for t in table] == pytest.approx([r["top1"] for r in res["rows"]])
+    with open(res["paths"]["json"]) as fh:
+        doc = json.load(fh)
+    assert [r["name"] for r in doc["rows"]] == [r["name"] for r in res["rows"]]
+
+
+def test_plots_are_real_pngs(built):
+    from PIL import Image
+
+    res, _ = built
+    names = {p.rsplit("/", 1)[-1] for p in res["plots"]}
+    assert {"acc_vs_macs.png", "acc_vs_params.png", "widths_half_pruned.png", "widths_light_pruned.png",
+            "scores_half_scores.png", "scores_light_scores.png"} == names
+    for p in res["plots"]:
+        with Image.open(p) as im:
+            im.load()
+            assert im.format == "PNG"
+            if "acc_vs" in p:
+                assert im.size == (700, 450)
+            else:  # 13 layers: max(6, 0.45*13 + 2) inches wide
+                assert im.size == (round(100 * (0.45 * 13 + 2)), 450)
+            lo, hi = im.convert("L").getextrema()
+            assert hi - lo > 100  # not a blank canvas
+        assert os.path.getsize(p) > 10_000
+
+
+def test_baseline_not_in_inputs_is_rebuilt_from_the_plan(runs):
+    res = report.run_report([str(runs["half"])], runs["root"] / "rep_alone",
+                            report.ReportConfig(evaluate=False, latency=None, plots=False))
+    (row,) = res["rows"]
+    ref = counting.count(get_model("vgg16_bn", cfg=list(NARROW)))
+    assert "rebuilt from plan widths" in row["baseline"] and "top1" not in row
+    assert row["macs_reduction_pct"] == pytest.approx(100 * (1 - row["macs"] / ref["macs"]))
+
+
+def test_collect_globs_and_errors(runs):
+    entries = report.collect([str(runs["root"] / "*" / "pruned.pt"), str(runs["root"] / "base")])
+    assert sorted(e.path.parent.name for e in entries) == ["base", "half", "light"]
+    assert next(e for e in entries if e.path.parent.name == "half").scores == runs["half"] / "scores.pt"
+    with pytest.raises(UserError, match="nothing matches"):
+        report.collect([str(runs["root"] / "nope*")])
+
+
+def test_pareto_front_and_rate_string():
+    pts = [(10, 70.0), (5, 60.0), (5, 65.0), (8, 64.0), (2, 40.0), (12, 69.0)]
+    assert plots.pareto_front(pts) == [4, 2, 0]
+    assert report.rate_string([0.21] * 7 + [0.75] * 5) == "[0.21]*7+[0.75]*5"
+    assert report.rate_string([0.1, 0.2]) == "[0.1]+[0.2]"
+
+
+def test_latency_compare_interleaves_and_restores():
+    a, b = torch.nn.Conv2d(3, 4, 3), torch.nn.Conv2d(3, 2, 3)
+    a.train()
+    threads = torch.get_num_threads()
+    res = compare({"a": a, "b": b}, 8, LatencyConfig(batch_sizes=(1, 2), warmup=0, repeats=3, threads=2))
+    assert set(res) == {"a", "b"} and set(res["a"]) == {1, 2}
+    t = res["b"][2]
+    assert t.threads == 2 and t.repeats == 3 and t.min_ms <= t.median_ms <= t.max_ms and not math.isnan(t.median_ms)
+    assert a.training and torch.get_num_threads() == threads
+
+
+def test_cli_report(runs, capsys):
+    from compressor.cli import main
+
+    out = runs["root"] / "cli_report"
+    rc = main(["report", str(runs["root"] / "*" / "pruned.pt"), "--out", str(out), "--no-eval", "--no-plots",
+               "--repeats", "1", "--warmup", "0", "--batch-sizes", "1", "--no-progress"])
+    assert rc == 0
+    assert {p.name for p in out.iterdir()} == {"report.md", "report.csv", "report.json"}
+    assert "half/pruned" in capsys.readouterr().out
+    assert main(["report", str(runs["root"] / "missing.pt"), "--out", str(out)]) == 2
