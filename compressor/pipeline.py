@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from compressor import checkpoint, counting, criteria, data as data_mod, io, scores as scores_mod, surgery
+from compressor import checkpoint, counting, criteria, data as data_mod, io, policy, scores as scores_mod, surgery
 from compressor.errors import UserError
 from compressor.evaluate import evaluate, recalibrate_bn, resolve_device
 from compressor.models import get_model
@@ -72,6 +72,7 @@ def run_prune(job: PruneJob) -> dict[str, Any]:
     # 1. Validate every input before doing work or writing anything.
     probe = get_model(job.model, num_classes=job.num_classes)
     spec = _load_rates(job, probe)
+    policy.validate(spec)
     criteria.get(job.criterion)
     if job.checkpoint:
         base, _ = checkpoint.load(job.checkpoint, model=job.model, num_classes=job.num_classes)
@@ -113,11 +114,14 @@ def run_prune(job: PruneJob) -> dict[str, Any]:
     crit_name = job.criterion if job.criterion in sc.scores else next(iter(sc.scores))
 
     # 4. Plan and surgery.
+    spec = policy.resolve(spec, base, sc.for_criterion(crit_name), tiebreak=sc.tiebreak)
+    log.info(policy.describe(spec))
     plan = make_plan(sc.for_criterion(crit_name), spec, {u.name: u.width for u in units},
                      tiebreak=sc.tiebreak, model=job.model)
     pruned = surgery.apply(base, plan, method=job.surgery)
     acc_pruned_raw = evaluate(pruned, test_loader, device, job.progress, "eval pruned")
-    metrics: dict[str, Any] = {"baseline_test": acc_before, "pruned_test_no_finetune": acc_pruned_raw}
+    metrics: dict[str, Any] = {"baseline_test": acc_before, "pruned_test_no_finetune": acc_pruned_raw,
+                               "policy": spec.extra.get("resolved")}
     if job.bn_recalibrate:
         recal = data_mod.loader(data_mod.calibration_subset(bundle.train_eval, min(512, len(bundle.train_eval)),
                                                             job.seed + 1), 128, device=device)

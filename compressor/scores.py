@@ -107,7 +107,7 @@ def compute(
     feeds its shard of the images, then the accumulators' sums are combined before scoring.
     """
     units = model.prunable_units()
-    crits = [criteria.get(n, **dict(options or {})) for n in criterion_names]
+    crits = [criteria.get(n, **{"seed": seed, **dict(options or {})}) for n in criterion_names]
     accs = {c.name: c.accumulator() for c in crits}
     mean_act = MeanActivation()
     active = [a for a in accs.values() if a is not None]
@@ -125,6 +125,14 @@ def compute(
         seen = mean_act.count
         if seen < n_images:
             raise UserError(f"asked for {n_images} calibration images, the data has only {seen}", field="n_images")
+    for c in crits:
+        if c.kind == "gradient":  # labels + a backward pass: its own pass, reduced like the others
+            acc = accs[c.name] = c.gradient_pass(model, loader, units, n_images=n_images, device=device,
+                                                 progress=progress)
+            if reduce is not None:
+                for u in units:
+                    acc.sums.setdefault(u.name, torch.zeros(u.width, dtype=torch.float64, device=device))
+                acc.all_reduce(reduce)
     out = {c.name: c.score(model, units, accs[c.name]) for c in crits}
     for name, per_unit in out.items():
         for u in units:

@@ -132,3 +132,16 @@ def test_every_command_help_has_examples():
         proc = subprocess.run([sys.executable, "-m", "compressor", name.replace("_", "-"), "--help"],
                               capture_output=True, text=True, cwd=ROOT)
         assert proc.returncode == 0 and "examples:" in proc.stdout, name
+
+
+def test_prune_with_budget_target_hits_it(tmp_path, tiny_ckpt):
+    from compressor import counting
+    from compressor.models import get_model
+
+    out = tmp_path / "budget"
+    rates = rates_file(tmp_path, "model: vgg16_bn\npolicy: global\ntarget: {macs: 0.5}\n")
+    assert main(["prune", "--model", "vgg16_bn", "--rates", str(rates), "--checkpoint", str(tiny_ckpt),
+                 "--criterion", "l1", "--out", str(out), "--no-progress"]) == 0
+    net, _ = checkpoint.load(out / "pruned.pt")
+    full = counting.count(get_model("vgg16_bn", cfg=list(TINY_VGG)))["macs"]
+    assert abs(counting.count(net)["macs"] / full - 0.5) <= 0.01 * 0.5

@@ -1,0 +1,72 @@
+"""``sweep``: prune one baseline at several budgets or rates files, fine-tune each, report the tradeoff."""
+
+from __future__ import annotations
+
+import argparse
+
+from compressor.commands import add_common, new_parser
+from compressor.commands.report import add_latency_args, latency_config
+
+EXAMPLES = """\
+  # four MAC budgets (fraction of the baseline's MACs kept), 1 fine-tune epoch each
+  python -m compressor sweep --checkpoint base.pt --macs 0.7,0.5,0.3,0.2 --epochs 1 --out checkpoints/sweeps/demo
+  # the three HRankPlus settings on CIFAR-10; re-running the same command resumes where it stopped
+  python -m compressor sweep --checkpoint ../shared/data/pretrained/vgg16_bn_cifar10_jpeg.pt \\
+      --rates experiments/vgg16_bn_cifar10/hrankplus_*.yaml --data cifar10 \\
+      --data-root ../shared/data/cifar10-jpeg.tar.gz --epochs 30 --out checkpoints/sweeps/vgg_hrankplus
+  # write the (commit-ready) report somewhere else
+  python -m compressor sweep --checkpoint base.pt --params 0.5,0.25 --out checkpoints/sweeps/p \\
+      --report-out experiments/sweeps/p
+"""
+
+
+def add_parser(sub) -> argparse.ArgumentParser:
+    p = new_parser(sub, "sweep", "prune one baseline at several points (ranked once), fine-tune each, report",
+                   EXAMPLES)
+    p.add_argument("--checkpoint", required=True, help="the baseline (unpruned) checkpoint")
+    p.add_argument("--macs", help="comma-separated MAC budgets: fraction of the baseline's MACs kept, e.g. 0.7,0.5")
+    p.add_argument("--params", help="comma-separated parameter budgets (fraction kept)")
+    p.add_argument("--rates", nargs="+", default=[], help="rates files, one point each")
+    p.add_argument("--out", required=True, help="sweep folder (checkpoints, scores, state; resumable)")
+    p.add_argument("--report-out", help="report folder (default <out>/report)")
+    p.add_argument("--criterion", default="hrank", help="filter criterion (default hrank)")
+    p.add_argument("--n-images", type=int, default=768, help="calibration images for ranking (default 768)")
+    p.add_argument("--rounding", choices=("keep_floor", "drop_floor"), default="keep_floor")
+    p.add_argument("--policy", choices=("local", "global"), default="local",
+                   help="budget -> rates: local = one uniform rate scaled by bisection (default); global = one "
+                        "cross-layer ranking of normalized scores (compressor.policy)")
+    p.add_argument("--tolerance", type=float, default=0.01,
+                   help="relative tolerance on a budget (default 0.01; coarse models may need more)")
+    p.add_argument("--epochs", type=int, default=1, help="fine-tuning epochs per point (default 1)")
+    p.add_argument("--lr", type=float, default=0.01, help="fine-tuning learning rate (default 0.01)")
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--no-bn-recalibrate", action="store_true", help="skip BN statistics re-estimation after surgery")
+    p.add_argument("--no-report", action="store_true", help="prune only; run `report` on the folder later")
+    p.add_argument("--no-plots", action="store_true")
+    add_latency_args(p)
+    add_common(p)
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    from compressor.report import ReportConfig
+    from compressor.sweep import SweepJob, parse_budgets, run_sweep
+    from compressor.train import TrainConfig
+
+    budgets = parse_budgets(args.macs, "macs") + parse_budgets(args.params, "params")
+    rcfg = None if args.no_report else ReportConfig(device=args.device, seed=args.seed, latency=latency_config(args),
+                                                     plots=not args.no_plots, progress=not args.no_progress)
+    job = SweepJob(checkpoint=args.checkpoint, out=args.out, budgets=tuple(budgets), rates=tuple(args.rates),
+                   data=args.data, data_root=args.data_root, criterion=args.criterion, n_images=args.n_images,
+                   seed=args.seed, rounding=args.rounding, policy=args.policy, tolerance=args.tolerance,
+                   bn_recalibrate=not args.no_bn_recalibrate,
+                   finetune=TrainConfig(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, seed=args.seed),
+                   device=args.device, report_out=args.report_out, report=rcfg, progress=not args.no_progress)
+    res = run_sweep(job)
+    for pt in res["state"]["points"]:
+        ach = ", ".join(f"{k} {v:.3f}" for k, v in (pt.get("achieved") or {}).items())
+        print(f"  {pt['name']:<16} {pt.get('status', '?'):<6} kept: {ach}  top-1 {pt.get('test_top1', float('nan')):.2f}%")
+    if "report" in res:
+        print(res["report"]["markdown"])
+        print("report: " + ", ".join(res["report"]["paths"].values()))
+    return 0

@@ -1,0 +1,56 @@
+"""Cheap activation statistics, taken in the shared capture pass at the unit's rank points.
+
+* ``apoz``: 1 − APoZ (Hu et al., 2016), the fraction of *non-zero* outputs after the ReLU,
+  per image, averaged over images. Higher = more often active = keep.
+* ``mean_activation``: the mean output after the ReLU (the tie-break of every activation
+  criterion, also usable on its own).
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from compressor.capture import Accumulator, MeanActivation as MeanActivationAcc
+from compressor.criteria.base import Criterion, register_criterion
+from compressor.models._spec import PrunableUnit
+
+
+class NonZeroAccumulator(Accumulator):
+    """Fraction of positions with a non-zero output, per image and channel."""
+
+    name = "apoz"
+
+    def batch_stat(self, act: torch.Tensor) -> torch.Tensor:
+        nz = (act != 0).float()
+        return nz.mean(dim=(2, 3)) if nz.ndim == 4 else nz
+
+
+class _AccumulatorCriterion(Criterion):
+    kind = "activation"
+
+    def score(self, model: nn.Module, units: Sequence[PrunableUnit], acc: Accumulator | None) -> dict[str, torch.Tensor]:
+        if acc is None:
+            raise RuntimeError(f"criterion {self.name} needs its accumulator from the capture pass")
+        return acc.result()
+
+
+@register_criterion
+class APoZ(_AccumulatorCriterion):
+    name = "apoz"
+
+    def accumulator(self) -> Accumulator:
+        return NonZeroAccumulator()
+
+    def settings(self) -> dict:
+        return {"score": "1 - fraction of zeros after the activation"}
+
+
+@register_criterion
+class MeanActivation(_AccumulatorCriterion):
+    name = "mean_activation"
+
+    def accumulator(self) -> Accumulator:
+        return MeanActivationAcc()

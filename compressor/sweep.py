@@ -1,0 +1,260 @@
+"""A sweep: one baseline, ranked once, pruned and fine-tuned at several points, then reported.
+
+Points are either rates files or budgets (``macs 0.5``: keep 50% of the baseline's MACs). A
+budget is turned into exact per-layer rates by ``compressor.policy.resolve``: by default the
+``local`` policy with a uniform profile (one rate for every layer, scaled by bisection and
+counted exactly on the rebuilt cfg); ``global`` ranks channels across layers instead. The
+resolved rates are written to the point's ``rates.yaml`` (with no ``target`` key, so the prune
+job uses them as they are); the budget and what was achieved are recorded in ``sweep.json``.
+
+Layout of the sweep folder::
+
+    sweep.json            settings, baseline, and each point's state (written after every point)
+    scores.pt             the one scores file every point reuses
+    <point>/rates.yaml    the rates actually used
+    <point>/pruned.pt     written last by the prune job: its presence marks the point done
+    report/               report.md/.csv/.json and PNGs (``compressor.report``)
+
+Re-running the same command resumes: points whose ``pruned.pt`` exists are skipped, and the
+scores file is reused after checking it was made from this very baseline.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import yaml
+from torch import nn
+
+from compressor import checkpoint, data as data_mod, io, pipeline, report, scores as scores_mod
+from compressor.errors import UserError
+from compressor.evaluate import resolve_device
+from compressor.rates import RateSpec, load_rates
+from compressor.train import TrainConfig, config_dict
+
+log = logging.getLogger("compressor")
+
+SWEEP_FORMAT = "compressor.sweep"
+SWEEP_VERSION = 1
+
+
+@dataclass(frozen=True)
+class SweepJob:
+    checkpoint: str
+    out: str
+    budgets: tuple[tuple[str, float], ...] = ()  # (("macs", 0.5), ...): fraction kept
+    rates: tuple[str, ...] = ()  # rates files
+    data: str = "digits"
+    data_root: str | None = None
+    criterion: str = "hrank"
+    n_images: int = 768
+    seed: int = 0
+    rounding: str = "keep_floor"
+    policy: str = "local"  # how a budget becomes per-layer rates (compressor.policy)
+    tolerance: float = 0.01  # relative tolerance on a budget
+    bn_recalibrate: bool = True
+    surgery: str = "torch_pruning"
+    finetune: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=1, lr=0.01))
+    device: str = "auto"
+    report_out: str | None = None  # default <out>/report
+    report: report.ReportConfig | None = field(default_factory=report.ReportConfig)
+    progress: bool = True
+
+
+# ----------------------------------------------------------------------------- budgets
+def rates_for_budget(model: nn.Module, sc: scores_mod.Scores, criterion: str, key: str, keep: float, *,
+                     policy: str = "local", tolerance: float = 0.01, rounding: str = "keep_floor") -> RateSpec:
+    """Exact per-layer rates meeting ``key`` (macs/params) kept ≤ ``keep`` (within ``tolerance``).
+
+    ``local``: one uniform rate scaled by bisection; ``global``: one cross-layer ranking of the
+    normalized scores. The result's ``extra["resolved"]`` says what was achieved.
+    """
+    from compressor import policy as policy_mod
+
+    if key not in policy_mod.BUDGETS:
+        raise UserError(f"unknown budget {key!r}; valid: {', '.join(policy_mod.BUDGETS)}", field="budget")
+    if not 0.0 < keep <= 1.0:
+        raise UserError(f"a budget is the fraction kept, in (0, 1]; got {keep}", field=key)
+    units = [u.name for u in model.prunable_units()]
+    spec = RateSpec(rates={u: 0.0 for u in units}, rounding=rounding, source=f"<sweep budget {key} {keep:g}>",
+                    target={key: keep}, extra={"policy": {"name": policy, "tolerance": tolerance}})
+    return policy_mod.resolve(spec, model, sc.for_criterion(criterion), tiebreak=sc.tiebreak)
+
+
+# ----------------------------------------------------------------------------- points and state
+def point_name(kind: str, value: Any) -> str:
+    return f"{kind}{value:g}" if kind in ("macs", "params") else Path(value).stem
+
+
+def _points(job: SweepJob) -> list[dict[str, Any]]:
+    pts = [{"name": point_name(k, v), "kind": "budget", "budget": {k: float(v)}} for k, v in job.budgets]
+    pts += [{"name": point_name("rates", r), "kind": "rates", "rates_file": str(r)} for r in job.rates]
+    if not pts:
+        raise UserError("a sweep needs points: --macs/--params budgets or --rates files", field="points")
+    names = [p["name"] for p in pts]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise UserError(f"two points would share the folder name {dup[0]!r}", field="points")
+    return pts
+
+
+def _settings(job: SweepJob) -> dict[str, Any]:
+    return {"data": job.data, "criterion": job.criterion, "n_images": job.n_images, "seed": job.seed,
+            "rounding": job.rounding, "policy": job.policy, "tolerance": job.tolerance,
+            "bn_recalibrate": job.bn_recalibrate, "surgery": job.surgery,
+            "finetune": config_dict(job.finetune)}
+
+
+def _load_state(path: Path, job: SweepJob, checksum: str) -> dict[str, Any] | None:
+    if not path.is_file():
+        return None
+    import json
+
+    try:
+        doc = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise UserError(f"unreadable sweep state ({exc}); move it away to start afresh", source=str(path)) from exc
+    if doc.get("format") != SWEEP_FORMAT:
+        raise UserError(f"not a sweep state file (format must be {SWEEP_FORMAT!r})", source=str(path))
+    if doc.get("baseline_checksum") != checksum:
+        raise UserError("this folder holds a sweep of another baseline; use another --out", source=str(path))
+    old = doc.get("settings", {})
+    for key in ("data", "criterion", "n_images", "seed"):
+        if old.get(key) != _settings(job)[key]:
+            raise UserError(f"the sweep here used {key}={old.get(key)!r}, not {_settings(job)[key]!r}; "
+                            "points would not be comparable (use another --out)", source=str(path), field=key)
+    changed = [k for k, v in _settings(job).items() if k in old and old[k] != v]
+    if changed:
+        log.warning("settings differ from the sweep's earlier run (%s); finished points keep theirs",
+                    ", ".join(changed))
+    return doc
+
+
+def _scores(job: SweepJob, base: nn.Module, out: Path, checksum: str, device) -> scores_mod.Scores:
+    path = out / "scores.pt"
+    if path.is_file():
+        sc = scores_mod.Scores.load(path)
+        sc.check_model(base, str(path))
+        if sc.meta.get("model_checksum") != checksum:
+            raise UserError("scores were made from another baseline; delete it to re-rank", source=str(path))
+        sc.for_criterion(job.criterion)
+        log.info("reusing scores %s", path)
+        return sc
+    bundle = data_mod.load(job.data, job.data_root, input_size=base.input_size, seed=job.seed)
+    calib = data_mod.calibration_subset(bundle.train_eval, job.n_images, job.seed)
+    sc = scores_mod.compute(base.to(device), data_mod.loader(calib, 128, device=device), [job.criterion],
+                            n_images=job.n_images, seed=job.seed, device=device, progress=job.progress,
+                            extra_meta={"data": job.data, "augmentation": "none", "checkpoint": job.checkpoint})
+    base.cpu()
+    sc.save(path)
+    return sc
+
+
+def _write_rates(folder: Path, pt: dict[str, Any], base: nn.Module, sc: scores_mod.Scores, job: SweepJob,
+                 unit_names: Sequence[str]) -> Path:
+    dest = folder / "rates.yaml"
+    if pt["kind"] == "rates":
+        src = Path(pt["rates_file"])
+        load_rates(src, unit_names, model_name=base.arch, short_list=getattr(base, "short_rate_list", None))
+        io.write_text(dest, src.read_text())
+        return dest
+    from compressor.policy import describe
+
+    (key, keep), = pt["budget"].items()
+    spec = rates_for_budget(base, sc, job.criterion, key, keep, policy=job.policy, tolerance=job.tolerance,
+                            rounding=job.rounding)
+    info = spec.extra["resolved"]
+    pt.update(policy=job.policy, achieved=dict(info["achieved"]), met=info.get("met"))
+    doc = {"model": base.arch, "rates": {u: float(r) for u, r in spec.rates.items()}, "rounding": spec.rounding,
+           "notes": f"sweep point {pt['name']} (budget {key} {keep:g}), resolved by compressor.policy: "
+                    f"{describe(spec)}"}
+    io.write_text(dest, yaml.safe_dump(doc, sort_keys=False))
+    return dest
+
+
+def run_sweep(job: SweepJob, on_point: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    """Rank once, prune + fine-tune each point not yet done, then write the report."""
+    device = resolve_device(job.device)
+    out = Path(job.out)
+    base, ck = checkpoint.load(job.checkpoint)
+    if ck.get("plan"):
+        log.warning("%s is itself pruned; the sweep treats it as the baseline", job.checkpoint)
+    units = [u.name for u in base.prunable_units()]
+    pts = _points(job)
+    for pt in pts:  # validate every rates file before any work
+        if pt["kind"] == "rates":
+            load_rates(pt["rates_file"], units, model_name=base.arch, short_list=getattr(base, "short_rate_list", None))
+    checksum = scores_mod.model_checksum(base)
+    state_path = out / "sweep.json"
+    old = _load_state(state_path, job, checksum)
+    old_pts = {p["name"]: p for p in (old or {}).get("points", [])}
+    state = {"format": SWEEP_FORMAT, "version": SWEEP_VERSION, "baseline": job.checkpoint,
+             "baseline_checksum": checksum, "model": base.arch, "cfg": list(base.cfg),
+             "settings": _settings(job), "points": [], "started": (old or {}).get("started", time.strftime("%Y-%m-%dT%H:%M:%S%z"))}
+    for pt in pts:
+        prev = old_pts.get(pt["name"], {})
+        state["points"].append({**prev, **pt} if (out / pt["name"] / "pruned.pt").is_file() else pt)
+    state["points"] += [p for n, p in old_pts.items() if n not in {q["name"] for q in pts}]
+    io.write_json(state_path, state)
+    sc = _scores(job, base, out, checksum, device)
+
+    for pt in state["points"]:
+        folder = out / pt["name"]
+        if (folder / "pruned.pt").is_file():
+            log.info("point %s: done earlier (%s exists), skipped", pt["name"], folder / "pruned.pt")
+            pt.setdefault("status", "done")
+            continue
+        if pt["name"] not in {q["name"] for q in pts}:
+            continue
+        t0 = time.perf_counter()
+        log.info("point %s: pruning and fine-tuning (%d epochs)", pt["name"], job.finetune.epochs)
+        rates_path = _write_rates(folder, pt, base, sc, job, units)
+        res = pipeline.run_prune(pipeline.PruneJob(
+            model=base.arch, rates=str(rates_path), checkpoint=job.checkpoint, data=job.data, data_root=job.data_root,
+            num_classes=base.num_classes, criterion=job.criterion, scores=str(out / "scores.pt"), seed=job.seed,
+            rounding=job.rounding, surgery=job.surgery, bn_recalibrate=job.bn_recalibrate, finetune=job.finetune,
+            device=job.device, out=str(folder), progress=job.progress))
+        m = res["metrics"]
+        pt.update(status="done", seconds=round(time.perf_counter() - t0, 1),
+                  achieved={**pt.get("achieved", {}),
+                            **{k: m["size_after"][k] / m["size_before"][k] for k in ("macs", "params")}},
+                  test_top1=(m.get("finetuned_test") or m.get("pruned_test_bn_recalibrated")
+                             or m["pruned_test_no_finetune"])["top1"])
+        io.write_json(state_path, state)
+        if on_point:
+            on_point(pt)
+    state["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    io.write_json(state_path, state)
+    result: dict[str, Any] = {"out": str(out), "state": state}
+    if job.report is not None:
+        rep_out = Path(job.report_out) if job.report_out else out / "report"
+        rcfg = replace(job.report, data=job.data, data_root=job.data_root)
+        entries = [report.Entry(Path(job.checkpoint))]
+        entries += [report.Entry(out / p["name"] / "pruned.pt", out / "scores.pt", Path(job.checkpoint),
+                                 report.budget_label(p.get("budget"), p.get("policy")))
+                    for p in state["points"] if (out / p["name"] / "pruned.pt").is_file()]
+        result["report"] = report.run_report(entries, rep_out, rcfg)
+        io.write_json(rep_out / "sweep_settings.json", state)
+    return result
+
+
+def parse_budgets(text: str | None, key: str) -> list[tuple[str, float]]:
+    """``"0.7,0.5"`` → ``[(key, 0.7), (key, 0.5)]``; each a fraction kept in (0, 1]."""
+    if not text:
+        return []
+    out = []
+    for tok in text.split(","):
+        tok = tok.strip()
+        try:
+            v = float(tok)
+        except ValueError as exc:
+            raise UserError(f"not a number: {tok!r}", field=key) from exc
+        if not 0.0 < v <= 1.0 or math.isnan(v):
+            raise UserError(f"a budget is the fraction kept, in (0, 1]; got {tok}", field=key)
+        out.append((key, v))
+    return out
