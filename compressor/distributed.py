@@ -89,23 +89,22 @@ def barrier(ctx: DistContext) -> None:
             dist.barrier()
 
 
-def all_reduce_sum(t: torch.Tensor, ctx: DistContext | None = None) -> torch.Tensor:
-    """Sum over processes (returns a new tensor; identity for one process)."""
+def _all_reduce(t: torch.Tensor, op: "dist.ReduceOp", ctx: DistContext | None) -> torch.Tensor:
     ctx = ctx or current(t.device)
     if not ctx.enabled:
         return t
     out = t.detach().clone()
-    dist.all_reduce(out, op=dist.ReduceOp.SUM)
+    dist.all_reduce(out, op=op)
     return out
+
+
+def all_reduce_sum(t: torch.Tensor, ctx: DistContext | None = None) -> torch.Tensor:
+    """Sum over processes (returns a new tensor; identity for one process)."""
+    return _all_reduce(t, dist.ReduceOp.SUM, ctx)
 
 
 def all_reduce_max(t: torch.Tensor, ctx: DistContext | None = None) -> torch.Tensor:
-    ctx = ctx or current(t.device)
-    if not ctx.enabled:
-        return t
-    out = t.detach().clone()
-    dist.all_reduce(out, op=dist.ReduceOp.MAX)
-    return out
+    return _all_reduce(t, dist.ReduceOp.MAX, ctx)
 
 
 def broadcast_object(obj: Any, ctx: DistContext) -> Any:

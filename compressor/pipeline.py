@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from compressor import checkpoint, counting, criteria, data as data_mod, io, policy, scores as scores_mod, surgery
+from compressor import checkpoint, counting, criteria, data as data_mod, io, plots, policy, scores as scores_mod, surgery
 from compressor.errors import UserError
 from compressor.evaluate import evaluate, recalibrate_bn, resolve_device
 from compressor.models import get_model
@@ -47,9 +47,8 @@ class PruneJob:
     rounding: str | None = None
     surgery: str = "torch_pruning"
     bn_recalibrate: bool = True
-    baseline_epochs: int = 3
+    baseline_epochs: int | None = None  # None: the model's ``quick_baseline`` recipe
     finetune: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=0))
-    baseline_train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=3, lr=0.02, batch_size=32))
     device: str = "auto"
     out: str | None = None
     progress: bool = True
@@ -65,6 +64,14 @@ def _load_rates(job: PruneJob, model: nn.Module) -> RateSpec:
     if job.rounding:
         spec = RateSpec(rates=spec.rates, rounding=job.rounding, source=spec.source, target=spec.target, extra=spec.extra)
     return spec
+
+
+def quick_baseline_config(model: nn.Module, job: PruneJob) -> TrainConfig:
+    """The model's own quick recipe (``quick_baseline``), with ``--baseline-epochs`` on top."""
+    recipe = {"epochs": 3, "lr": 0.02, "batch_size": 32, **getattr(model, "quick_baseline", {})}
+    if job.baseline_epochs is not None:
+        recipe["epochs"] = job.baseline_epochs
+    return TrainConfig(seed=job.seed, **recipe)
 
 
 def run_prune(job: PruneJob) -> dict[str, Any]:
@@ -91,10 +98,11 @@ def run_prune(job: PruneJob) -> dict[str, Any]:
     test_loader = data_mod.loader(bundle.test, 256, device=device)
     baseline_trained = base is None
     if base is None:
-        log.info("no --checkpoint given: training a quick %d-epoch baseline on %s", job.baseline_epochs, job.data)
         base = get_model(job.model, num_classes=ncls)
-        cfg = job.baseline_train
-        fit(base, bundle, TrainConfig(**{**cfg.__dict__, "epochs": job.baseline_epochs}), device, job.progress)
+        cfg = quick_baseline_config(base, job)
+        log.info("no --checkpoint given: training a quick %d-epoch baseline on %s (lr %g, batch %d)",
+                 cfg.epochs, job.data, cfg.lr, cfg.batch_size)
+        fit(base, bundle, cfg, device, job.progress)
     base.to(device).eval()
     acc_before = evaluate(base, test_loader, device, job.progress, "eval baseline")
 
@@ -151,5 +159,8 @@ def run_prune(job: PruneJob) -> dict[str, Any]:
                                           metrics=metrics, prov=prov)
     table = counting.size_table(base.cpu(), pruned)
     paths["size_table"] = io.write_text(out / "size_table.md", table + "\n")
+    names = [u.name for u in units]
+    paths["widths_plot"] = plots.widths(names, [u.width for u in units], [len(plan.kept(n)) for n in names],
+                                        out / "widths.png", title=f"{job.model}: channels kept ({crit_name})")
     paths["summary"] = io.write_json(out / "summary.json", json.loads(json.dumps(metrics, default=str)))
     return {"metrics": metrics, "table": table, "paths": {k: str(v) for k, v in paths.items()}, "out": str(out)}

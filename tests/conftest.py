@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -41,3 +42,14 @@ def tiny_vgg():
 
 needs_vgg_baseline = pytest.mark.skipif(not VGG_BASELINE.exists(), reason=f"{VGG_BASELINE} not present (../shared/data)")
 needs_cifar = pytest.mark.skipif(not CIFAR_TAR.exists(), reason=f"{CIFAR_TAR} not present (../shared/data)")
+
+
+@contextlib.contextmanager
+def one_thread():
+    """Tiny models gain nothing from threads, and on a busy 2-core machine lose a lot."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)

@@ -44,6 +44,10 @@ def test_prune_end_to_end_writes_reloadable_outputs(tmp_path, tiny_ckpt, capsys)
     assert net.cfg[:2] == [4, 4] and ck["rates"]["rates"]["features.conv10"] == 0.75
     assert ck["plan"]["units"]["features.conv0"]["keep"] == json.loads((out / "plan.json").read_text())["units"][
         "features.conv0"]["keep"]
+    from PIL import Image
+
+    with Image.open(out / "widths.png") as im:
+        assert im.size[0] > 300 and im.size[1] > 200
     summary = json.loads((out / "summary.json").read_text())
     assert {"baseline_test", "pruned_test_no_finetune", "pruned_test_bn_recalibrated", "finetuned_test"} <= set(summary)
     assert summary["size_after"]["macs"] < summary["size_before"]["macs"]

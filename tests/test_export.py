@@ -21,15 +21,6 @@ CIFAR_MODELS = [m for m in list_models() if not m.endswith("_imagenet")]
 TINY_VGG = [8, 8, "M", 16, 16, "M", 16, 16, 16, "M", 16, 16, 16, "M", 16, 16, 16, 32]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Small models gain nothing from threads, and on a busy 2-core machine lose a lot."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 def randomize_bn(model: torch.nn.Module) -> torch.nn.Module:
     """Non-trivial BN statistics, so agreement is not between two near-zero outputs."""
     g = torch.Generator().manual_seed(0)

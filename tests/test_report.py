@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import json
 import math
@@ -17,29 +16,10 @@ from compressor.latency import LatencyConfig, compare
 from compressor.models import get_model
 from compressor.pipeline import PruneJob, run_prune
 from compressor.train import TrainConfig, fit
+from tests.conftest import one_thread
 
 NARROW = [8, 8, "M", 8, 8, "M", 8, 8, 8, "M", 8, 8, 8, "M", 8, 8, 8, 16]
 FAST = LatencyConfig(batch_sizes=(1, 64), warmup=1, repeats=2)
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Small models gain nothing from threads, and on a busy 2-core machine lose a lot."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
-@contextlib.contextmanager
-def one_thread():
-    """Tiny models gain nothing from threads, and on a busy 2-core machine lose a lot."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old)
 
 
 @pytest.fixture(scope="module")

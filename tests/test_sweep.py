@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 
 import pytest
@@ -16,18 +15,9 @@ from compressor.plan import make_plan
 from compressor.report import ReportConfig
 from compressor.scores import Scores
 from compressor.train import TrainConfig
+from tests.conftest import one_thread
 
 NARROW = [8, 8, "M", 8, 16, "M", 16, 16, 16, "M", 16, 16, 16, "M", 16, 16, 16, 16]
-
-
-@contextlib.contextmanager
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old)
 
 
 @pytest.fixture

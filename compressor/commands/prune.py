@@ -35,7 +35,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--rounding", choices=("keep_floor", "drop_floor"), help="override the rates file's rounding")
     p.add_argument("--surgery", choices=("torch_pruning", "rebuild"), default="torch_pruning")
     p.add_argument("--no-bn-recalibrate", action="store_true", help="skip BN statistics re-estimation after surgery")
-    p.add_argument("--baseline-epochs", type=int, default=3, help="epochs for the quick baseline (no --checkpoint)")
+    p.add_argument("--baseline-epochs", type=int, default=None,
+                   help="epochs for the quick baseline when no --checkpoint (default: the model's quick recipe)")
     p.add_argument("--finetune-epochs", type=int, default=0, help="fine-tuning epochs after pruning (default 0)")
     p.add_argument("--lr", type=float, default=0.01, help="fine-tuning learning rate (default 0.01)")
     p.add_argument("--batch-size", type=int, default=128)
@@ -57,7 +58,6 @@ def run(args: argparse.Namespace) -> int:
         rank_atol=args.rank_atol, rounding=args.rounding, surgery=args.surgery,
         bn_recalibrate=not args.no_bn_recalibrate, baseline_epochs=args.baseline_epochs,
         finetune=TrainConfig(epochs=args.finetune_epochs, lr=args.lr, batch_size=args.batch_size, seed=args.seed),
-        baseline_train=TrainConfig(epochs=args.baseline_epochs, lr=0.02, batch_size=32, seed=args.seed),
         device=args.device, out=args.out, progress=not args.no_progress,
     )
     result = run_prune(job)

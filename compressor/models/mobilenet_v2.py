@@ -121,6 +121,8 @@ class InvertedResidual(nn.Module):
 
 
 class MobileNetV2(nn.Module):
+    #: quick-baseline training (prune without --checkpoint)
+    quick_baseline = {"epochs": 6, "lr": 0.05, "batch_size": 64, "warmup_epochs": 0.5}
     def __init__(self, num_classes: int, cfg: list | None, cifar: bool, input_size: int, dropout: float = 0.2) -> None:
         super().__init__()
         self.cfg = _check_cfg(cfg if cfg is not None else default_cfg())
