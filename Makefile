@@ -20,7 +20,7 @@ demo: $(STAMP)
 		--finetune-epochs 3 --out checkpoints/demo
 
 test: $(STAMP)
-	$(PY) -m pytest -q -p no:cacheprovider
+	$(PY) -m pytest -p no:cacheprovider
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_rank.py

@@ -27,7 +27,7 @@ from torch import nn
 
 from compressor import io
 from compressor.errors import UserError
-from compressor.models import get_model
+from compressor.models import get_model, list_models
 
 CKPT_FORMAT = "compressor.checkpoint"
 CKPT_VERSION = 1
@@ -86,12 +86,18 @@ def read(path: str | Path) -> dict[str, Any]:
     if p.stat().st_size == 0:
         raise UserError("checkpoint is empty", source=src)
     try:
-        obj = torch.load(p, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch warns about bare pickles before refusing them
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            obj = torch.load(p, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - unreadable input, whatever the cause
-        msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        if "Unsupported global" in str(exc) or "Unsupported class" in str(exc):
-            raise UserError("refused: the file holds pickled objects/code that weights_only loading does not allow",
-                            source=src) from exc
+        text = str(exc)
+        lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+        if "unsupported global" in text.lower():  # "Unsupported global: GLOBAL eval", "unsupported GLOBAL posix.system"
+            raise UserError("refused: the file holds pickled objects/code that weights_only loading does not allow "
+                            "(nothing in it was run)", source=src) from exc
+        msg = lines[0] if lines else type(exc).__name__
+        if "weights only load failed" in text.lower():  # keep what was unsupported, drop torch's "retry unsafely"
+            msg = next((ln for ln in lines if ln.lower().startswith("unsupported")), "unsupported content")
         raise UserError(f"not a readable checkpoint (truncated or another format: {msg[:120]})", source=src) from exc
     if not isinstance(obj, dict):
         raise UserError(f"not a checkpoint (top level is {type(obj).__name__}, expected a dict)", source=src)
@@ -145,6 +151,8 @@ def load(path: str | Path, *, model: str | None = None, num_classes: int | None 
     architecture is refused with a clear error rather than a size-mismatch traceback.
     """
     src = str(path)
+    if model is not None and model not in list_models():
+        get_model(model)  # raises the registry's "unknown model … (did you mean …); valid: …"
     obj = read(path)
     if obj.get("format") == CKPT_FORMAT:
         if obj.get("format_version") != CKPT_VERSION:
@@ -175,9 +183,18 @@ def load(path: str | Path, *, model: str | None = None, num_classes: int | None 
         raise UserError(f"checkpoint cfg {ccfg} differs from the expected {cfg}", source=src, field="cfg")
     _check_finite(sd, src, strict_finite)
     try:
-        net = get_model(arch, num_classes=ncls, cfg=ccfg)
+        with torch.device("meta"):  # shapes only, no memory: a hostile cfg of huge widths allocates nothing
+            shell = get_model(arch, num_classes=ncls, cfg=ccfg)
     except UserError as exc:
         raise UserError(str(exc), source=src) from exc
+    want = {k: tuple(v.shape) for k, v in shell.state_dict().items()}
+    have = {k: tuple(v.shape) for k, v in sd.items() if torch.is_tensor(v)}
+    if want != have:
+        bad = sorted(set(want) ^ set(have)) or [k for k in want if want[k] != have[k]]
+        k = bad[0]
+        raise UserError(f"weights do not fit {arch} with cfg {ccfg}: {k} is {have.get(k, 'missing')} in the file, "
+                        f"{want.get(k, 'not expected')} in the model", source=src, field="state_dict")
+    net = get_model(arch, num_classes=ncls, cfg=ccfg)
     try:
         net.load_state_dict(sd)
     except RuntimeError as exc:

@@ -41,6 +41,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
+    argv = (["--debug"] if debug else []) + [a for a in argv if a != "--debug"]  # accepted anywhere on the line
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         args = get_args_parser().parse_args(argv)

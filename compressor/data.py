@@ -126,8 +126,11 @@ def _read_imagefolder_arrays(root: Path, cache: Path) -> tuple[np.ndarray, np.nd
         return z["x"], z["y"], classes
     imgs, labels = [], []
     for f, ci in tqdm(files, desc=f"decode {root.name}", unit="img", leave=False):
-        with Image.open(f) as im:
-            a = np.asarray(im.convert("RGB"))
+        try:
+            with Image.open(f) as im:
+                a = np.asarray(im.convert("RGB"))
+        except OSError as exc:  # PIL.UnidentifiedImageError is an OSError
+            raise UserError(f"not a readable image ({type(exc).__name__})", source=str(f)) from exc
         imgs.append(a)
         labels.append(ci)
     shapes = {a.shape for a in imgs}
@@ -145,20 +148,26 @@ def _locate(root: Path, cache: Path) -> Path:
     if root.is_file() and root.name.endswith((".tar.gz", ".tgz", ".tar")):
         dest = cache / root.name.split(".")[0]
         if not (dest / ".complete").exists():
-            dest.mkdir(parents=True, exist_ok=True)
-            with tarfile.open(root) as tar:
-                tar.extractall(dest, filter="data")
+            try:
+                with tarfile.open(root) as tar:
+                    dest.mkdir(parents=True, exist_ok=True)
+                    tar.extractall(dest, filter="data")
+            except (tarfile.TarError, EOFError, OSError) as exc:
+                why = str(exc).splitlines()[0][:80] if str(exc) else type(exc).__name__
+                raise UserError(f"not a readable tar archive ({why})", source=str(root)) from exc
             (dest / ".complete").write_text("ok\n")
         root = dest
     if not root.exists():
         raise UserError("data folder not found", source=str(root))
+    if not root.is_dir():
+        raise UserError("expected a folder (ImageFolder layout) or a .tar.gz of one", source=str(root))
     for cand in [root, *sorted(p for p in root.iterdir() if p.is_dir())]:
         if (cand / "train").is_dir() and (cand / "test").is_dir():
             return cand
     raise UserError("expected train/ and test/ class folders (ImageFolder layout)", source=str(root))
 
 
-def cifar(name: str, root: str | Path, input_size: int = 32, val_size: int = 5000, seed: int = 0,
+def cifar(name: str, root: str | Path, input_size: int = 32, val_size: int | None = None, seed: int = 0,
           cache: Path = DEFAULT_CACHE, download: bool = False) -> DataBundle:
     """CIFAR-10/100 from torchvision's layout, an ImageFolder tree or a .tar.gz of one."""
     rootp = Path(root)
@@ -178,7 +187,20 @@ def cifar(name: str, root: str | Path, input_size: int = 32, val_size: int = 500
     want = 10 if name == "cifar10" else 100
     if len(classes) != want:
         raise UserError(f"{name} needs {want} classes, found {len(classes)}", source=str(rootp))
+    if val_size is None:  # 5000 for the real CIFAR; a tenth of a smaller copy
+        val_size = min(5000, len(tr_y) // 10)
     return _bundle(name, tr_x, tr_y, te_x, te_y, classes, CIFAR_MEAN, CIFAR_STD, input_size, val_size, seed, augment=True)
+
+
+def _load_rgb(path: str):
+    """torchvision's PIL loader, with an unreadable file named in a UserError (decoding is lazy)."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            return im.convert("RGB")
+    except OSError as exc:
+        raise UserError(f"not a readable image ({type(exc).__name__})", source=str(path)) from exc
 
 
 def imagefolder(root: str | Path, input_size: int = 224, val_size: int = 10000, seed: int = 0) -> DataBundle:
@@ -192,12 +214,18 @@ def imagefolder(root: str | Path, input_size: int = 224, val_size: int = 10000, 
     test_dir = rootp / "val" if (rootp / "val").is_dir() else rootp / "test"
     if not test_dir.is_dir():
         raise UserError("expected a val/ or test/ folder next to train/", source=str(rootp))
+    for sub_dir in (rootp / "train", test_dir):
+        if not any(p.is_dir() and any(f.is_file() for f in p.iterdir()) for p in sub_dir.iterdir()):
+            raise UserError("no class folder with images found", source=str(sub_dir))
     norm = T.Normalize(IMAGENET_MEAN, IMAGENET_STD)
     train_tf = T.Compose([T.RandomResizedCrop(input_size), T.RandomHorizontalFlip(), T.ToTensor(), norm])
     eval_tf = T.Compose([T.Resize(int(input_size * 256 / 224)), T.CenterCrop(input_size), T.ToTensor(), norm])
-    tr_aug = torchvision.datasets.ImageFolder(str(rootp / "train"), train_tf)
-    tr_eval = torchvision.datasets.ImageFolder(str(rootp / "train"), eval_tf)
-    test = torchvision.datasets.ImageFolder(str(test_dir), eval_tf)
+    try:
+        tr_aug = torchvision.datasets.ImageFolder(str(rootp / "train"), train_tf, loader=_load_rgb)
+        tr_eval = torchvision.datasets.ImageFolder(str(rootp / "train"), eval_tf, loader=_load_rgb)
+        test = torchvision.datasets.ImageFolder(str(test_dir), eval_tf, loader=_load_rgb)
+    except FileNotFoundError as exc:  # a class folder without any image file
+        raise UserError(str(exc).splitlines()[0][:200], source=str(rootp)) from exc
     n = len(tr_aug)
     vs = min(val_size, n // 10)
     tr_idx, va_idx = _split(n, vs, seed)
@@ -216,12 +244,14 @@ def load(name: str, root: str | Path | None = None, *, input_size: int = 32, val
     if root is None:
         raise UserError(f"--data {name} needs --data-root", field="data-root")
     if name in ("cifar10", "cifar100"):
-        return cifar(name, root, input_size, 5000 if val_size is None else val_size, seed, download=download)
+        return cifar(name, root, input_size, val_size, seed, download=download)
     return imagefolder(root, input_size, 10000 if val_size is None else val_size, seed)
 
 
 def loader(ds: Dataset, batch_size: int, *, shuffle: bool = False, seed: int = 0, workers: int = 0,
            device: torch.device | str = "cpu", drop_last: bool = False, sampler=None) -> DataLoader:
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise UserError(f"batch size must be a positive integer, got {batch_size!r}", field="batch-size")
     g = torch.Generator().manual_seed(seed)
     on_gpu = torch.device(device).type == "cuda"
     return DataLoader(ds, batch_size=batch_size, shuffle=shuffle and sampler is None, sampler=sampler,
@@ -231,6 +261,8 @@ def loader(ds: Dataset, batch_size: int, *, shuffle: bool = False, seed: int = 0
 
 def calibration_subset(ds: Dataset, n: int, seed: int) -> Dataset:
     """``n`` images drawn by a seeded permutation (no augmentation: pass ``train_eval``)."""
+    if n < 1:
+        raise UserError(f"the number of calibration images must be >= 1, got {n}", field="n-images")
     if n > len(ds):
         raise UserError(f"asked for {n} calibration images, the training split has {len(ds)}", field="n-images")
     idx = np.random.default_rng(seed).permutation(len(ds))[:n]

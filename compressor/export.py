@@ -124,7 +124,15 @@ def real_images(input_size: int, n: int = 64) -> torch.Tensor:
 def export(model: nn.Module, path: str | Path | None, *, opset: int = DEFAULT_OPSET, atol: float = 1e-4,
            batch_sizes: Sequence[int] = (1, 7), n_real: int = 64, seed: int = 0, force: bool = False) -> ExportResult:
     """Export, verify, and write ``path`` only if every check passes (or ``force``)."""
-    blob = to_onnx_bytes(model, opset)
+    if n_real < 0:
+        raise UserError(f"must be >= 0, got {n_real}", field="n-real")
+    try:
+        blob = to_onnx_bytes(model, opset)
+    except Exception as exc:  # noqa: BLE001 - torch.onnx / onnx.checker refuse an opset in many ways
+        if isinstance(exc, UserError):
+            raise
+        why = str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__
+        raise UserError(f"ONNX export at opset {opset} failed: {why}", field="opset") from exc
     size = int(model.input_size)
     g = torch.Generator().manual_seed(seed)
     inputs = [(f"random batch {b}", torch.randn(b, 3, size, size, generator=g)) for b in batch_sizes]

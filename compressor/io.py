@@ -46,6 +46,19 @@ def atomic_open(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
         raise
 
 
+def check_writable(folder: str | os.PathLike) -> Path:
+    """Fail before the work, not after it, when ``folder`` cannot be created or written."""
+    p = Path(folder)
+    anc = p
+    while not anc.exists() and anc != anc.parent:
+        anc = anc.parent
+    if not anc.is_dir():
+        raise UserError(f"cannot write here ({anc} is not a folder)", source=str(p))
+    if not os.access(anc, os.W_OK | os.X_OK):
+        raise UserError("cannot write here (Permission denied)", source=str(p))
+    return p
+
+
 def atomic_write(path: str | os.PathLike, writer: Callable[[IO], Any], binary: bool = True) -> Path:
     with atomic_open(path, "wb" if binary else "w") as fh:
         writer(fh)

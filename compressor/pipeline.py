@@ -92,7 +92,7 @@ def run_prune(job: PruneJob) -> dict[str, Any]:
     pre_scores = None
     if job.scores:
         pre_scores = scores_mod.Scores.load(job.scores)
-    out = Path(job.out) if job.out else default_out(job)
+    out = io.check_writable(Path(job.out) if job.out else default_out(job))
 
     # 2. Baseline.
     test_loader = data_mod.loader(bundle.test, 256, device=device)

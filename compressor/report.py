@@ -134,7 +134,7 @@ def rate_string(rates: Sequence[float]) -> str:
         j = i
         while j < len(rates) and rates[j] == rates[i]:
             j += 1
-        parts.append(f"[{rates[i]:g}]" + (f"*{j - i}" if j - i > 1 else ""))
+        parts.append(f"[{float(rates[i])!r}]" + (f"*{j - i}" if j - i > 1 else ""))
         i = j
     return "+".join(parts)
 

@@ -31,7 +31,7 @@ from typing import Any, Callable, Sequence
 import yaml
 from torch import nn
 
-from compressor import checkpoint, data as data_mod, io, pipeline, report, scores as scores_mod
+from compressor import checkpoint, criteria, data as data_mod, io, pipeline, report, scores as scores_mod
 from compressor.errors import UserError
 from compressor.evaluate import resolve_device
 from compressor.rates import RateSpec, load_rates
@@ -135,7 +135,8 @@ def _load_state(path: Path, job: SweepJob, checksum: str) -> dict[str, Any] | No
     return doc
 
 
-def _scores(job: SweepJob, base: nn.Module, out: Path, checksum: str, device) -> scores_mod.Scores:
+def _scores(job: SweepJob, base: nn.Module, out: Path, checksum: str, device,
+            bundle: data_mod.DataBundle | None = None) -> scores_mod.Scores:
     path = out / "scores.pt"
     if path.is_file():
         sc = scores_mod.Scores.load(path)
@@ -145,7 +146,7 @@ def _scores(job: SweepJob, base: nn.Module, out: Path, checksum: str, device) ->
         sc.for_criterion(job.criterion)
         log.info("reusing scores %s", path)
         return sc
-    bundle = data_mod.load(job.data, job.data_root, input_size=base.input_size, seed=job.seed)
+    bundle = bundle or data_mod.load(job.data, job.data_root, input_size=base.input_size, seed=job.seed)
     calib = data_mod.calibration_subset(bundle.train_eval, job.n_images, job.seed)
     sc = scores_mod.compute(base.to(device), data_mod.loader(calib, 128, device=device), [job.criterion],
                             n_images=job.n_images, seed=job.seed, device=device, progress=job.progress,
@@ -189,6 +190,14 @@ def run_sweep(job: SweepJob, on_point: Callable[[dict[str, Any]], None] | None =
     for pt in pts:  # validate every rates file before any work
         if pt["kind"] == "rates":
             load_rates(pt["rates_file"], units, model_name=base.arch, short_list=getattr(base, "short_rate_list", None))
+    criteria.get(job.criterion)
+    bundle = None
+    if not (out / "scores.pt").is_file():  # data is needed to rank; compare class counts before writing
+        bundle = data_mod.load(job.data, job.data_root, input_size=base.input_size, seed=job.seed)
+        if bundle.num_classes != base.num_classes:
+            raise UserError(f"the data has {bundle.num_classes} classes, the model {base.num_classes}",
+                            source=job.checkpoint, field="num_classes")
+        data_mod.calibration_subset(bundle.train_eval, job.n_images, job.seed)
     checksum = scores_mod.model_checksum(base)
     state_path = out / "sweep.json"
     old = _load_state(state_path, job, checksum)
@@ -201,7 +210,7 @@ def run_sweep(job: SweepJob, on_point: Callable[[dict[str, Any]], None] | None =
         state["points"].append({**prev, **pt} if (out / pt["name"] / "pruned.pt").is_file() else pt)
     state["points"] += [p for n, p in old_pts.items() if n not in {q["name"] for q in pts}]
     io.write_json(state_path, state)
-    sc = _scores(job, base, out, checksum, device)
+    sc = _scores(job, base, out, checksum, device, bundle)
 
     for pt in state["points"]:
         folder = out / pt["name"]

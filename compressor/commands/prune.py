@@ -47,9 +47,16 @@ def add_parser(sub) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
+    from compressor.errors import UserError
     from compressor.pipeline import PruneJob, run_prune
     from compressor.train import TrainConfig
 
+    if args.baseline_epochs is not None and args.baseline_epochs < 0:
+        raise UserError(f"must be >= 0, got {args.baseline_epochs}", field="baseline-epochs")
+    try:
+        finetune = TrainConfig(epochs=args.finetune_epochs, lr=args.lr, batch_size=args.batch_size, seed=args.seed)
+    except ValueError as exc:
+        raise UserError(str(exc), field="finetune-epochs/lr/batch-size") from exc
     job = PruneJob(
         model=args.model, rates=args.rates, checkpoint=args.checkpoint, data=args.data, data_root=args.data_root,
         download=args.download,
@@ -57,7 +64,7 @@ def run(args: argparse.Namespace) -> int:
         n_images=args.n_images, seed=args.seed, hrank_compat=args.hrank_compat, rank_rtol=args.rank_rtol,
         rank_atol=args.rank_atol, rounding=args.rounding, surgery=args.surgery,
         bn_recalibrate=not args.no_bn_recalibrate, baseline_epochs=args.baseline_epochs,
-        finetune=TrainConfig(epochs=args.finetune_epochs, lr=args.lr, batch_size=args.batch_size, seed=args.seed),
+        finetune=finetune,
         device=args.device, out=args.out, progress=not args.no_progress,
     )
     result = run_prune(job)

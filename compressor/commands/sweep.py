@@ -51,8 +51,13 @@ def add_parser(sub) -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     from compressor.report import ReportConfig
     from compressor.sweep import SweepJob, parse_budgets, run_sweep
+    from compressor.errors import UserError
     from compressor.train import TrainConfig
 
+    try:
+        finetune = TrainConfig(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, seed=args.seed)
+    except ValueError as exc:
+        raise UserError(str(exc), field="epochs/lr/batch-size") from exc
     budgets = parse_budgets(args.macs, "macs") + parse_budgets(args.params, "params")
     rcfg = None if args.no_report else ReportConfig(device=args.device, seed=args.seed, latency=latency_config(args),
                                                      plots=not args.no_plots, progress=not args.no_progress)
@@ -60,7 +65,7 @@ def run(args: argparse.Namespace) -> int:
                    data=args.data, data_root=args.data_root, criterion=args.criterion, n_images=args.n_images,
                    seed=args.seed, rounding=args.rounding, policy=args.policy, tolerance=args.tolerance,
                    bn_recalibrate=not args.no_bn_recalibrate,
-                   finetune=TrainConfig(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, seed=args.seed),
+                   finetune=finetune,
                    device=args.device, report_out=args.report_out, report=rcfg, progress=not args.no_progress)
     res = run_sweep(job)
     for pt in res["state"]["points"]:

@@ -165,8 +165,8 @@ def run(args: argparse.Namespace) -> int:
                             plan=ck.get("plan"), source=args.resume)
     if not args.model:
         raise UserError("--model is required (as a flag or a recipe key) unless --resume is given", field="model")
-    probe = get_model(args.model, num_classes=args.num_classes or 10)
+    probe = get_model(args.model, num_classes=args.num_classes if args.num_classes is not None else 10)
     bundle = load_data(args, probe.input_size)
-    net = get_model(args.model, num_classes=args.num_classes or bundle.num_classes)
+    net = get_model(args.model, num_classes=args.num_classes if args.num_classes is not None else bundle.num_classes)
     out = Path(args.out or f"checkpoints/{args.model}_{args.data}")
     return run_training(net, bundle, args, out)

@@ -20,6 +20,7 @@ from torch import nn
 
 from compressor.capture import Accumulator
 from compressor.criteria.base import Criterion, register_criterion
+from compressor.errors import UserError
 from compressor.models._spec import PrunableUnit
 
 EPS32 = float(torch.finfo(torch.float32).eps)
@@ -77,7 +78,8 @@ class HRank(Criterion):
 
     def __init__(self, rtol: float | None = None, atol: float = 0.0) -> None:
         if rtol is not None and rtol < 0 or atol < 0:
-            raise ValueError("rank tolerances must be >= 0")
+            raise UserError(f"rank tolerances must be >= 0, got rtol={rtol}, atol={atol}",
+                            field="rank-rtol/rank-atol")
         self.rtol, self.atol = rtol, atol
         self._acc: RankAccumulator | None = None
 
