@@ -34,6 +34,7 @@ from torch import nn
 from compressor import checkpoint, criteria, data as data_mod, io, pipeline, report, scores as scores_mod
 from compressor.errors import UserError
 from compressor.evaluate import resolve_device
+from compressor.models import finetune_lr
 from compressor.rates import RateSpec, load_rates
 from compressor.train import TrainConfig, config_dict
 
@@ -60,6 +61,7 @@ class SweepJob:
     bn_recalibrate: bool = True
     surgery: str = "torch_pruning"
     finetune: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=1, lr=0.01))
+    model_lr: bool = False  # replace finetune.lr by the model's own (models.finetune_lr)
     device: str = "auto"
     report_out: str | None = None  # default <out>/report
     report: report.ReportConfig | None = field(default_factory=report.ReportConfig)
@@ -183,6 +185,8 @@ def run_sweep(job: SweepJob, on_point: Callable[[dict[str, Any]], None] | None =
     device = resolve_device(job.device)
     out = Path(job.out)
     base, ck = checkpoint.load(job.checkpoint)
+    if job.model_lr:
+        job = replace(job, finetune=replace(job.finetune, lr=finetune_lr(base.arch)), model_lr=False)
     if ck.get("plan"):
         log.warning("%s is itself pruned; the sweep treats it as the baseline", job.checkpoint)
     units = [u.name for u in base.prunable_units()]

@@ -38,7 +38,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--baseline-epochs", type=int, default=None,
                    help="epochs for the quick baseline when no --checkpoint (default: the model's quick recipe)")
     p.add_argument("--finetune-epochs", type=int, default=0, help="fine-tuning epochs after pruning (default 0)")
-    p.add_argument("--lr", type=float, default=0.01, help="fine-tuning learning rate (default 0.01)")
+    p.add_argument("--lr", type=float, default=None,
+                   help="fine-tuning learning rate (default: the model's, 0.01; SqueezeNet 0.002)")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--num-classes", type=int, default=None)
     p.add_argument("--out", help="output folder (default checkpoints/<model>_<data>_<rates>)")
@@ -48,13 +49,15 @@ def add_parser(sub) -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     from compressor.errors import UserError
+    from compressor.models import finetune_lr
     from compressor.pipeline import PruneJob, run_prune
     from compressor.train import TrainConfig
 
     if args.baseline_epochs is not None and args.baseline_epochs < 0:
         raise UserError(f"must be >= 0, got {args.baseline_epochs}", field="baseline-epochs")
     try:
-        finetune = TrainConfig(epochs=args.finetune_epochs, lr=args.lr, batch_size=args.batch_size, seed=args.seed)
+        lr = args.lr if args.lr is not None else finetune_lr(args.model)
+        finetune = TrainConfig(epochs=args.finetune_epochs, lr=lr, batch_size=args.batch_size, seed=args.seed)
     except ValueError as exc:
         raise UserError(str(exc), field="finetune-epochs/lr/batch-size") from exc
     job = PruneJob(

@@ -38,7 +38,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--tolerance", type=float, default=0.01,
                    help="relative tolerance on a budget (default 0.01; coarse models may need more)")
     p.add_argument("--epochs", type=int, default=1, help="fine-tuning epochs per point (default 1)")
-    p.add_argument("--lr", type=float, default=0.01, help="fine-tuning learning rate (default 0.01)")
+    p.add_argument("--lr", type=float, default=None,
+                   help="fine-tuning learning rate (default: the model's, 0.01; SqueezeNet 0.002)")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--no-bn-recalibrate", action="store_true", help="skip BN statistics re-estimation after surgery")
     p.add_argument("--no-report", action="store_true", help="prune only; run `report` on the folder later")
@@ -55,7 +56,7 @@ def run(args: argparse.Namespace) -> int:
     from compressor.train import TrainConfig
 
     try:
-        finetune = TrainConfig(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, seed=args.seed)
+        finetune = TrainConfig(epochs=args.epochs, lr=args.lr or 0.01, batch_size=args.batch_size, seed=args.seed)
     except ValueError as exc:
         raise UserError(str(exc), field="epochs/lr/batch-size") from exc
     budgets = parse_budgets(args.macs, "macs") + parse_budgets(args.params, "params")
@@ -65,7 +66,7 @@ def run(args: argparse.Namespace) -> int:
                    data=args.data, data_root=args.data_root, criterion=args.criterion, n_images=args.n_images,
                    seed=args.seed, rounding=args.rounding, policy=args.policy, tolerance=args.tolerance,
                    bn_recalibrate=not args.no_bn_recalibrate,
-                   finetune=finetune,
+                   finetune=finetune, model_lr=args.lr is None,
                    device=args.device, report_out=args.report_out, report=rcfg, progress=not args.no_progress)
     res = run_sweep(job)
     for pt in res["state"]["points"]:
