@@ -94,7 +94,7 @@ def main() -> None:
           f"{torch.get_num_threads()} threads, torch {torch.__version__}")
     print(f"model/data: {what}; {args.n_images} images, batch {args.batch_size}, 13 rank points (ReLU outputs)")
     print(f"ranks identical to the reference: {same}")
-    print(f"| pass | seconds | ratio |\n|---|---|---|")
+    print("| pass | seconds | ratio |\n|---|---|---|")
     print(f"| reference (HRank algorithm) | {t_ref:.2f} | {t_ref / t_ours:.1f}x ours |")
     print(f"| ours (one pass, batched svdvals) | {t_ours:.2f} | 1.0 |")
     print(f"| plain forward pass | {t_fwd:.2f} | ours = {t_ours / t_fwd:.2f}x forward |")

@@ -7,7 +7,7 @@ accumulators share the same pass. Hooks are always removed (``finally``).
 
 from __future__ import annotations
 
-from typing import Callable, Iterable, Mapping, Sequence
+from typing import Callable, Iterable, Sequence
 
 import torch
 from torch import nn
@@ -125,6 +125,3 @@ def limit_images(loader: Iterable, n: int) -> Iterable[torch.Tensor]:
         if seen >= n:
             break
 
-
-def unit_widths(units: Sequence[PrunableUnit]) -> Mapping[str, int]:
-    return {u.name: u.width for u in units}

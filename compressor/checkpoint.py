@@ -28,6 +28,7 @@ from torch import nn
 from compressor import io
 from compressor.errors import UserError
 from compressor.models import get_model, list_models
+from compressor.models._spec import cfg_with_widths, set_cp_rates
 
 CKPT_FORMAT = "compressor.checkpoint"
 CKPT_VERSION = 1
@@ -104,6 +105,17 @@ def read(path: str | Path) -> dict[str, Any]:
     return obj
 
 
+def _check_types(arch: Any, ncls: Any, cfg: Any, sd: Any, src: str) -> None:
+    """A hand-edited or foreign dict must fail with a line, not an AttributeError."""
+    expected = (("model", arch, str), ("num_classes", ncls, int), ("cfg", cfg, list), ("state_dict", sd, dict))
+    for key, value, kind in expected:
+        if not isinstance(value, kind) or isinstance(value, bool):
+            raise UserError(f"must be a {kind.__name__}, got {type(value).__name__}", source=src, field=key)
+    bad = next((k for k, v in sd.items() if not torch.is_tensor(v)), None)
+    if bad is not None:
+        raise UserError(f"{bad!r} is a {type(sd[bad]).__name__}, not a tensor", source=src, field="state_dict")
+
+
 def _strip_prefix(sd: Mapping[str, Any]) -> dict[str, Any]:
     return {k[7:] if k.startswith("module.") else k: v for k, v in sd.items()}
 
@@ -119,7 +131,8 @@ def _check_finite(sd: Mapping[str, torch.Tensor], src: str, strict: bool) -> Non
 
 def _classes_in(model_name: str, sd: Mapping[str, torch.Tensor]) -> int:
     """Class count of a plain state_dict: rows of the model's classifier (its protected layer)."""
-    base = get_model(model_name)
+    with torch.device("meta"):  # structure only: no weights are allocated
+        base = get_model(model_name)
     names = {mod: name for name, mod in base.named_modules()}
     for layer in base.ignored_layers():
         w = sd.get(f"{names[layer]}.weight")
@@ -130,15 +143,12 @@ def _classes_in(model_name: str, sd: Mapping[str, torch.Tensor]) -> int:
 
 def _infer_cfg(model_name: str, num_classes: int, sd: Mapping[str, torch.Tensor], src: str) -> list:
     """Read widths off the weights: the model's own ``cfg_from_state_dict`` or the units' convs."""
-    base = get_model(model_name, num_classes=num_classes)
+    with torch.device("meta"):  # structure only: no weights are allocated
+        base = get_model(model_name, num_classes=num_classes)
     try:
         if hasattr(base, "cfg_from_state_dict"):
             return base.cfg_from_state_dict(sd)
-        cfg = list(base.cfg)
-        for u in base.prunable_units():
-            for i in u.cfg_index:
-                cfg[i] = int(sd[f"{u.convs[0]}.weight"].shape[0])
-        return cfg
+        return cfg_with_widths(base, {u.name: sd[f"{u.convs[0]}.weight"].shape[0] for u in base.prunable_units()})
     except KeyError as exc:
         raise UserError(f"has no {exc.args[0]!r}: not a {model_name} state_dict", source=src, field="state_dict") from exc
 
@@ -162,6 +172,7 @@ def load(path: str | Path, *, model: str | None = None, num_classes: int | None 
             if key not in obj:
                 raise UserError(f"checkpoint lacks {key!r}", source=src, field=key)
         arch, ncls, ccfg, sd = obj["model"], obj["num_classes"], obj["cfg"], obj["state_dict"]
+        _check_types(arch, ncls, ccfg, sd, src)
         if model is not None and model != arch:
             raise UserError(f"checkpoint is a {arch!r}, not a {model!r}", source=src, field="model")
     else:  # HRank-style: a plain state_dict or {'state_dict': ...}
@@ -205,12 +216,5 @@ def load(path: str | Path, *, model: str | None = None, num_classes: int | None 
 
 
 def _restore_cp_rates(net: nn.Module, plan: Mapping | None) -> None:
-    if not plan:
-        return
-    units = plan.get("units", {})
-    for u in net.prunable_units():
-        if u.name in units:
-            rate = 1.0 - len(units[u.name]["keep"]) / units[u.name]["width"]
-            for conv in u.convs:
-                net.get_submodule(conv).cp_rate = rate
-
+    units = (plan or {}).get("units", {})
+    set_cp_rates(net, {u: 1.0 - len(v["keep"]) / v["width"] for u, v in units.items()})

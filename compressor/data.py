@@ -9,7 +9,10 @@ arrays, so a CPU epoch is not dominated by JPEG decoding.
 from __future__ import annotations
 
 import hashlib
+import os
+import shutil
 import tarfile
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -143,19 +146,29 @@ def _read_imagefolder_arrays(root: Path, cache: Path) -> tuple[np.ndarray, np.nd
     return x, y, classes
 
 
+def _mkdir(folder: Path) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
 def _locate(root: Path, cache: Path) -> Path:
     """A folder with train/ and test/, possibly inside a .tar.gz we unpack into the cache."""
     if root.is_file() and root.name.endswith((".tar.gz", ".tgz", ".tar")):
-        dest = cache / root.name.split(".")[0]
-        if not (dest / ".complete").exists():
+        st = root.stat()
+        key = hashlib.sha256(f"{root.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:12]
+        dest = cache / f"{root.name.split('.')[0]}_{key}"  # a changed or other archive never reuses a cache
+        if not dest.is_dir():
+            tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=_mkdir(cache)))
             try:
                 with tarfile.open(root) as tar:
-                    dest.mkdir(parents=True, exist_ok=True)
-                    tar.extractall(dest, filter="data")
+                    tar.extractall(tmp, filter="data")
+                os.replace(tmp, dest)  # a half-extracted folder is never taken for a complete one
             except (tarfile.TarError, EOFError, OSError) as exc:
+                shutil.rmtree(tmp, ignore_errors=True)
+                if dest.is_dir():  # another process finished first
+                    return _locate(dest, cache)
                 why = str(exc).splitlines()[0][:80] if str(exc) else type(exc).__name__
                 raise UserError(f"not a readable tar archive ({why})", source=str(root)) from exc
-            (dest / ".complete").write_text("ok\n")
         root = dest
     if not root.exists():
         raise UserError("data folder not found", source=str(root))

@@ -81,14 +81,6 @@ def shutdown() -> None:
         dist.destroy_process_group()
 
 
-def barrier(ctx: DistContext) -> None:
-    if ctx.enabled:
-        if ctx.device.type == "cuda":
-            dist.barrier(device_ids=[ctx.device.index])
-        else:
-            dist.barrier()
-
-
 def _all_reduce(t: torch.Tensor, op: "dist.ReduceOp", ctx: DistContext | None) -> torch.Tensor:
     ctx = ctx or current(t.device)
     if not ctx.enabled:
@@ -105,15 +97,6 @@ def all_reduce_sum(t: torch.Tensor, ctx: DistContext | None = None) -> torch.Ten
 
 def all_reduce_max(t: torch.Tensor, ctx: DistContext | None = None) -> torch.Tensor:
     return _all_reduce(t, dist.ReduceOp.MAX, ctx)
-
-
-def broadcast_object(obj: Any, ctx: DistContext) -> Any:
-    """Rank 0's ``obj`` on every rank (e.g. an error message, a path)."""
-    if not ctx.enabled:
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=0, device=ctx.device if ctx.device.type == "cuda" else None)
-    return box[0]
 
 
 def shard_strided(ds: Dataset, ctx: DistContext) -> Dataset:

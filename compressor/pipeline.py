@@ -12,7 +12,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import nn
 
 from compressor import checkpoint, counting, criteria, data as data_mod, io, plots, policy, scores as scores_mod, surgery
@@ -79,7 +78,7 @@ def run_prune(job: PruneJob) -> dict[str, Any]:
     # 1. Validate every input before doing work or writing anything.
     probe = get_model(job.model, num_classes=job.num_classes)
     spec = _load_rates(job, probe)
-    policy.validate(spec)
+    policy.policy_config(spec)  # check the policy keys before any work
     criteria.get(job.criterion)
     if job.checkpoint:
         base, _ = checkpoint.load(job.checkpoint, model=job.model, num_classes=job.num_classes)
@@ -90,8 +89,13 @@ def run_prune(job: PruneJob) -> dict[str, Any]:
     if bundle.num_classes != ncls:
         raise UserError(f"the data has {bundle.num_classes} classes, the model {ncls}", field="data")
     pre_scores = None
-    if job.scores:
-        pre_scores = scores_mod.Scores.load(job.scores)
+    if job.scores or job.import_hrank:
+        if base is None:
+            raise UserError("reusing scores needs the --checkpoint they were computed on", field="scores")
+        pre_scores = (scores_mod.Scores.load(job.scores) if job.scores
+                      else scores_mod.import_hrank(job.import_hrank, base))
+        pre_scores.check_model(base, job.scores or job.import_hrank)
+        pre_scores.for_criterion(job.criterion)
     out = io.check_writable(Path(job.out) if job.out else default_out(job))
 
     # 2. Baseline.
@@ -109,17 +113,14 @@ def run_prune(job: PruneJob) -> dict[str, Any]:
     # 3. Scores.
     units = base.prunable_units()
     if pre_scores is not None:
-        pre_scores.check_model(base, job.scores)
         sc = pre_scores
-    elif job.import_hrank:
-        sc = scores_mod.import_hrank(job.import_hrank, base)
     else:
         calib = data_mod.calibration_subset(bundle.train_eval, job.n_images, job.seed)
         sc = scores_mod.compute(base, data_mod.loader(calib, job.calib_batch, device=device), [job.criterion],
                                 n_images=job.n_images, seed=job.seed, compat=job.hrank_compat, device=device,
                                 options={"rtol": job.rank_rtol, "atol": job.rank_atol}, progress=job.progress,
                                 extra_meta={"data": job.data, "augmentation": "none"})
-    crit_name = job.criterion if job.criterion in sc.scores else next(iter(sc.scores))
+    crit_name = job.criterion
 
     # 4. Plan and surgery.
     spec = policy.resolve(spec, base, sc.for_criterion(crit_name), tiebreak=sc.tiebreak)
@@ -152,7 +153,7 @@ def run_prune(job: PruneJob) -> dict[str, Any]:
     if baseline_trained:
         paths["baseline"] = checkpoint.save(out / "baseline.pt", base.cpu(), metrics={"test": acc_before}, prov=prov)
         base.to(device)
-    if pre_scores is None:
+    if not job.scores:  # computed or imported here: keep them with the run
         paths["scores"] = sc.save(out / "scores.pt")
     paths["plan"] = plan.save(out / "plan.json")
     paths["checkpoint"] = checkpoint.save(out / "pruned.pt", pruned.cpu(), rates=spec.to_dict(), plan=plan.to_json(),

@@ -43,7 +43,6 @@ what the closest reachable figures are.
 
 from __future__ import annotations
 
-import copy
 import logging
 import math
 from dataclasses import dataclass
@@ -56,6 +55,7 @@ from torch import nn
 from compressor import counting
 from compressor.errors import UserError
 from compressor.models import get_model
+from compressor.models._spec import cfg_with_widths
 from compressor.plan import rank_order
 from compressor.rates import RateSpec, n_keep
 
@@ -138,11 +138,7 @@ class SizeCounter:
         self.base = self({})
 
     def cfg_for(self, keep: Mapping[str, int]) -> list:
-        cfg = copy.deepcopy(list(self.model.cfg))
-        for u in self.units:
-            for i in u.cfg_index:
-                cfg[i] = int(keep.get(u.name, u.width))
-        return cfg
+        return cfg_with_widths(self.model, keep)
 
     def __call__(self, keep: Mapping[str, int]) -> dict[str, int]:
         key = tuple(int(keep.get(u.name, u.width)) for u in self.units)
@@ -165,10 +161,6 @@ def normalized(score: torch.Tensor, how: str) -> np.ndarray:
     s = score.detach().double().cpu().numpy()
     if how == "none":
         return s
-    if how == "rank":
-        out = np.empty_like(s)
-        out[rank_order(score)[::-1]] = np.arange(len(s)) / max(1, len(s) - 1)
-        return out
     denom = {"mean": np.abs(s).mean(), "max": np.abs(s).max(), "l2": np.sqrt((s * s).sum())}[how]
     return s / denom if denom > 0 else np.zeros_like(s)
 
@@ -203,10 +195,11 @@ def global_order(scores: Mapping[str, torch.Tensor], widths: Mapping[str, int], 
         start[unit] = hi
         order = rank_order(s, tiebreak.get(unit) if tiebreak else None)  # most -> least important
         removal = order[::-1]  # least important first; the plan keeps the top-k of ``order``
-        norm = normalized(s, cfg.normalize)
-        if cfg.normalize == "rank":  # rank of the tie-broken order, not of the raw score
+        if cfg.normalize == "rank":  # position in the tie-broken order, 0 (least important) .. 1
             norm = np.empty(width)
             norm[removal] = np.arange(width) / max(1, width - 1)
+        else:
+            norm = normalized(s, cfg.normalize)
         for j in range(width - hi, width - lo):
             cands.append((float(norm[removal[j]]), j, li, unit))
     cands.sort(key=lambda c: c[:3])
@@ -388,11 +381,6 @@ def describe(spec: RateSpec) -> str:
         t = ", ".join(f"{k} {v:.4f}" for k, v in r["target"].items())
         line += f"; target {t}: " + ("met" if r.get("met") else "NOT met") + f" within {r['tolerance']:.0%}"
     return line
-
-
-def validate(spec: RateSpec) -> PolicyConfig:
-    """Check the policy keys before any work (pipeline step 1): no counting, no scores."""
-    return policy_config(spec)
 
 
 def keep_counts_for(spec: RateSpec, model: nn.Module) -> dict[str, int]:

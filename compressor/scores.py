@@ -73,7 +73,7 @@ class Scores:
         return cls(scores=doc["scores"], tiebreak=doc.get("tiebreak", {}), meta=doc.get("meta", {}))
 
     def check_model(self, model: nn.Module, source: str = "<scores>") -> None:
-        """Refuse scores made for another architecture or cfg."""
+        """Refuse scores made for another architecture, cfg or checkpoint (weights checksum)."""
         arch = self.meta.get("model")
         if arch and arch != model.arch:
             raise UserError(f"scores are for model {arch!r}, not {model.arch!r}", source=source, field="meta.model")
@@ -85,6 +85,11 @@ class Scores:
                 if t.numel() != widths[unit]:
                     raise UserError(f"{unit} has {t.numel()} scores, the model has {widths[unit]} channels",
                                     source=source, field=f"scores.{crit}.{unit}")
+        made_on = self.meta.get("model_checksum")
+        here = model_checksum(model) if made_on else None
+        if made_on and made_on != here:
+            raise UserError(f"scores were computed on other weights (checksum {made_on}, this checkpoint {here}); "
+                            "re-run `rank` on this checkpoint", source=source, field="meta.model_checksum")
 
 
 def compute(

@@ -29,7 +29,7 @@ import yaml
 from torch import nn
 from tqdm.auto import tqdm
 
-from compressor import criteria, io, surgery
+from compressor import io, surgery
 from compressor.evaluate import evaluate, recalibrate_bn
 from compressor.plan import make_plan
 from compressor.policy import PolicyConfig, SizeCounter, solve_local
@@ -55,14 +55,9 @@ class SensitivityResult:
 def compute_scores(model: nn.Module, loader_with_labels: Iterable, criterion: str, *, n_images: int, seed: int,
                    device: torch.device | str = "cpu", progress: bool = False,
                    ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """(scores, tiebreak) for one criterion; gradient criteria (taylor) get the labelled loader."""
+    """(scores, tiebreak) for one criterion (``scores.compute`` gives gradient criteria the labels)."""
     from compressor import scores as scores_mod
 
-    crit = criteria.get(criterion, seed=seed)
-    if crit.kind == "gradient":  # until scores.compute routes gradient criteria itself
-        from compressor.criteria.taylor import taylor_scores
-
-        return taylor_scores(model, loader_with_labels, model.prunable_units(), n_images, device, progress), {}
     sc = scores_mod.compute(model, loader_with_labels, [criterion], n_images=n_images, seed=seed, device=device,
                             progress=progress, options={"seed": seed})
     return sc.for_criterion(criterion), sc.tiebreak

@@ -20,26 +20,18 @@ import torch_pruning as tp
 from torch import nn
 
 from compressor.models import get_model
-from compressor.models._spec import Slot
+from compressor.models._spec import Slot, cfg_with_widths, set_cp_rates
 from compressor.plan import Plan
 
 METHODS = ("torch_pruning", "rebuild")
 
 
 def pruned_cfg(model: nn.Module, plan: Plan) -> list:
-    cfg = copy.deepcopy(list(model.cfg))
-    for unit in model.prunable_units():
-        for i in unit.cfg_index:
-            cfg[i] = len(plan.kept(unit.name)) if unit.name in plan.widths else unit.width
-    return cfg
+    return cfg_with_widths(model, {u: len(plan.kept(u)) for u in plan.widths})
 
 
 def _set_cp_rates(model: nn.Module, plan: Plan) -> None:
-    for unit in model.prunable_units():
-        w = plan.widths.get(unit.name, unit.width)
-        rate = 1.0 - len(plan.kept(unit.name)) / w if unit.name in plan.widths else 0.0
-        for conv in unit.convs:
-            model.get_submodule(conv).cp_rate = rate
+    set_cp_rates(model, {u: 1.0 - len(plan.kept(u)) / w for u, w in plan.widths.items()})
 
 
 def _check_plan(model: nn.Module, plan: Plan) -> None:
@@ -71,18 +63,17 @@ def _index_parts(parts: tuple[str | int, ...], plan: Plan, repeat: int) -> torch
 
 def transplant(state: Mapping[str, torch.Tensor], slots: Mapping[str, Slot], plan: Plan) -> dict[str, torch.Tensor]:
     """Slice every tensor of ``state`` to the plan (tensors without a slot are copied)."""
-    full = Plan(keep=dict(plan.keep), widths=dict(plan.widths), model=plan.model)
     out: dict[str, torch.Tensor] = {}
     for key, t in state.items():
         slot = slots.get(key)
         if slot is None:
             out[key] = t.clone()
             continue
-        if slot.out is not None and slot.out in full.widths:
-            t = t.index_select(0, torch.tensor(full.kept(slot.out), dtype=torch.long))
-        if slot.inp and any(isinstance(p, str) and p in full.widths for p in slot.inp):
-            parts = tuple(p if (isinstance(p, int) or p in full.widths) else _width_of(p, slots, state) for p in slot.inp)
-            t = t.index_select(1, _index_parts(parts, full, slot.repeat))
+        if slot.out is not None and slot.out in plan.widths:
+            t = t.index_select(0, torch.tensor(plan.kept(slot.out), dtype=torch.long))
+        if slot.inp and any(isinstance(p, str) and p in plan.widths for p in slot.inp):
+            parts = tuple(p if (isinstance(p, int) or p in plan.widths) else _width_of(p, slots, state) for p in slot.inp)
+            t = t.index_select(1, _index_parts(parts, plan, slot.repeat))
         out[key] = t.clone()
     return out
 

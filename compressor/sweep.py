@@ -55,7 +55,7 @@ class SweepJob:
     criterion: str = "hrank"
     n_images: int = 768
     seed: int = 0
-    rounding: str = "keep_floor"
+    rounding: str | None = None  # None: each rates file's own (budget points: keep_floor)
     policy: str = "local"  # how a budget becomes per-layer rates (compressor.policy)
     tolerance: float = 0.01  # relative tolerance on a budget
     bn_recalibrate: bool = True
@@ -137,14 +137,12 @@ def _load_state(path: Path, job: SweepJob, checksum: str) -> dict[str, Any] | No
     return doc
 
 
-def _scores(job: SweepJob, base: nn.Module, out: Path, checksum: str, device,
+def _scores(job: SweepJob, base: nn.Module, out: Path, device,
             bundle: data_mod.DataBundle | None = None) -> scores_mod.Scores:
     path = out / "scores.pt"
     if path.is_file():
         sc = scores_mod.Scores.load(path)
-        sc.check_model(base, str(path))
-        if sc.meta.get("model_checksum") != checksum:
-            raise UserError("scores were made from another baseline; delete it to re-rank", source=str(path))
+        sc.check_model(base, str(path))  # same architecture, cfg and weights (checksum)
         sc.for_criterion(job.criterion)
         log.info("reusing scores %s", path)
         return sc
@@ -170,7 +168,7 @@ def _write_rates(folder: Path, pt: dict[str, Any], base: nn.Module, sc: scores_m
 
     (key, keep), = pt["budget"].items()
     spec = rates_for_budget(base, sc, job.criterion, key, keep, policy=job.policy, tolerance=job.tolerance,
-                            rounding=job.rounding)
+                            rounding=job.rounding or "keep_floor")
     info = spec.extra["resolved"]
     pt.update(policy=job.policy, achieved=dict(info["achieved"]), met=info.get("met"))
     doc = {"model": base.arch, "rates": {u: float(r) for u, r in spec.rates.items()}, "rounding": spec.rounding,
@@ -214,7 +212,7 @@ def run_sweep(job: SweepJob, on_point: Callable[[dict[str, Any]], None] | None =
         state["points"].append({**prev, **pt} if (out / pt["name"] / "pruned.pt").is_file() else pt)
     state["points"] += [p for n, p in old_pts.items() if n not in {q["name"] for q in pts}]
     io.write_json(state_path, state)
-    sc = _scores(job, base, out, checksum, device, bundle)
+    sc = _scores(job, base, out, device, bundle)
 
     for pt in state["points"]:
         folder = out / pt["name"]

@@ -6,7 +6,7 @@ truncated, not a checkpoint, another model, a pickle that would run code), data 
 devices. A failed command must not create its output folder, nor touch files already there.
 ``--debug`` (one subprocess) shows the traceback instead.
 
-The ``*_GAPS`` tables keep, per case, what used to go wrong before it was fixed.
+``BAD_DATA`` and ``BAD_OPTIONS`` keep, per case, what escaped as a traceback before it was fixed.
 """
 
 from __future__ import annotations
@@ -440,7 +440,7 @@ def test_bad_data_folder(tmp_path, files, capsys, case):
     one_line_error(code, err, words)
 
 
-DATA_GAPS = {
+BAD_DATA = {
     "corrupt-image": ("cifar10", lambda p: _tree(p / "t", corrupt="train"),
                       "PIL.UnidentifiedImageError escapes data._read_imagefolder_arrays"),
     "not-a-tarball": ("cifar10", lambda p: ((p / "d.tar.gz").write_bytes(b"garbage"), p / "d.tar.gz")[-1],
@@ -457,9 +457,9 @@ DATA_GAPS = {
 }
 
 
-@pytest.mark.parametrize("case", list(DATA_GAPS))
-def test_bad_data_folder_known_gaps(tmp_path, files, capsys, case):
-    name, build, _ = DATA_GAPS[case]
+@pytest.mark.parametrize("case", list(BAD_DATA))
+def test_bad_data_folder_regressions(tmp_path, files, capsys, case):
+    name, build, _ = BAD_DATA[case]
     code, err, _ = run(capsys, ["eval", "--checkpoint", files["tiny"], "--data", name, "--data-root", build(tmp_path),
                                 "--no-progress"])
     one_line_error(code, err, str(tmp_path))
@@ -527,8 +527,8 @@ def test_cuda_without_a_gpu_is_one_clear_line(tmp_path, files, capsys, cmd):
     assert not (tmp_path / "o").exists()
 
 
-# --------------------------------------------------------------------------- numeric options (known gaps)
-NUMERIC_GAPS = [
+# --------------------------------------------------------------------------- numeric options (regressions)
+BAD_OPTIONS = [
     ("rank-n-images-0", ["rank", "--model", "vgg16_bn", "--checkpoint", "{tiny}", "--n-images", "0", "--out", "{out}"],
      "n-images", "RuntimeError 'no calibration images were seen' escapes (data.calibration_subset accepts n < 1)"),
     ("rank-n-images-neg", ["rank", "--model", "vgg16_bn", "--checkpoint", "{tiny}", "--n-images", "-5",
@@ -558,8 +558,8 @@ NUMERIC_GAPS = [
 ]
 
 
-@pytest.mark.parametrize("argv,field", [pytest.param(a, f, id=i) for i, a, f, _ in NUMERIC_GAPS])
-def test_bad_numeric_options_known_gaps(tmp_path, files, capsys, monkeypatch, argv, field):
+@pytest.mark.parametrize("argv,field", [pytest.param(a, f, id=i) for i, a, f, _ in BAD_OPTIONS])
+def test_bad_numeric_options_regressions(tmp_path, files, capsys, monkeypatch, argv, field):
     import compressor.models as models
 
     real = models.get_model  # keep `train` tiny if it runs anyway

@@ -123,3 +123,14 @@ def test_atomic_save_keeps_old_file_on_failure(pruned, tmp_path, monkeypatch):
         checkpoint.save(path, model)
     assert path.read_bytes() == good
     assert [p.name for p in tmp_path.iterdir()] == ["p.pt"]
+
+
+@pytest.mark.parametrize("key,value,match", [("state_dict", None, "must be a dict"), ("state_dict", [1], "must be a dict"),
+                                             ("model", 3, "must be a str"), ("cfg", "x", "must be a list"),
+                                             ("num_classes", True, "must be a int")])
+def test_malformed_fields_are_one_line_errors(pruned, tmp_path, key, value, match):
+    d = checkpoint.to_dict(pruned[0])
+    d[key] = value
+    torch.save(d, tmp_path / "m.pt")
+    with pytest.raises(UserError, match=f"{key}: {match}"):
+        checkpoint.load(tmp_path / "m.pt")

@@ -149,3 +149,21 @@ def test_prune_with_budget_target_hits_it(tmp_path, tiny_ckpt):
     net, _ = checkpoint.load(out / "pruned.pt")
     full = counting.count(get_model("vgg16_bn", cfg=list(TINY_VGG)))["macs"]
     assert abs(counting.count(net)["macs"] / full - 0.5) <= 0.01 * 0.5
+
+
+def test_scores_of_another_criterion_or_checkpoint_are_refused(tmp_path, tiny_ckpt, capsys):
+    from compressor.models import get_model
+
+    scores = tmp_path / "s.pt"
+    assert main(["rank", "--model", "vgg16_bn", "--checkpoint", str(tiny_ckpt), "--n-images", "16",
+                 "--criterion", "l1", "--out", str(scores), "--no-progress"]) == 0
+    rates = rates_file(tmp_path)
+    assert main(["prune", "--model", "vgg16_bn", "--rates", str(rates), "--checkpoint", str(tiny_ckpt),
+                 "--criterion", "chip", "--scores", str(scores), "--out", str(tmp_path / "o1")]) == 2
+    assert "no 'chip' scores" in capsys.readouterr().err
+    torch.manual_seed(1)
+    other = checkpoint.save(tmp_path / "other.pt", get_model("vgg16_bn", cfg=list(TINY_VGG)))
+    assert main(["prune", "--model", "vgg16_bn", "--rates", str(rates), "--checkpoint", str(other),
+                 "--criterion", "l1", "--scores", str(scores), "--out", str(tmp_path / "o2")]) == 2
+    assert "computed on other weights" in capsys.readouterr().err
+    assert not (tmp_path / "o1").exists() and not (tmp_path / "o2").exists()

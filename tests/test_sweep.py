@@ -142,3 +142,14 @@ def test_sweep_folder_is_a_report_input(baseline, tmp_path):
     assert [e.path.name for e in entries] == ["baseline.pt", "pruned.pt"]
     assert entries[1].scores == out / "scores.pt" and str(entries[1].baseline_hint) == str(baseline)
     assert entries[1].target == "params 0.5 (local)"
+
+
+def test_rates_file_keeps_its_own_rounding(baseline, tmp_path):
+    """A drop_floor (HRank-style) rates file is pruned with drop_floor inside a sweep too."""
+    rates = tmp_path / "hrank_style.yaml"
+    rates.write_text('rates: "[0.3]*13"\nrounding: drop_floor\n')
+    with one_thread():
+        sweep.run_sweep(job(baseline, tmp_path / "sw", budgets=(), rates=(str(rates),), criterion="l1",
+                            finetune=TrainConfig(epochs=0), report=None))
+    net, _ = checkpoint.load(next((tmp_path / "sw").glob("*/pruned.pt")))
+    assert net.cfg[0] == 8 - 2 and net.cfg[3] == 8 - 2  # drop_floor removes floor(8*0.3)=2; keep_floor keeps 5

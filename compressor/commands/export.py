@@ -30,11 +30,12 @@ def add_parser(sub) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    from compressor import checkpoint
+    from compressor import checkpoint, io
     from compressor.export import export
 
     net, _ = checkpoint.load(args.checkpoint, model=args.model)
     out = Path(args.out) if args.out else Path(args.checkpoint).with_suffix(".onnx")
+    io.check_writable(out.parent)
     res = export(net, out, opset=args.opset, atol=args.atol, n_real=args.n_real, seed=args.seed, force=args.force)
     if args.json:
         print(json.dumps(res.to_dict(), indent=2))

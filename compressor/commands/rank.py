@@ -32,11 +32,13 @@ def add_parser(sub) -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     """Works under ``torchrun`` too: each process ranks a shard, the sums are all-reduced."""
-    from compressor import checkpoint, criteria, data, distributed, scores
+    from compressor import checkpoint, criteria, data, distributed, io, scores
 
     names = [c.strip() for c in args.criterion.split(",") if c.strip()]
     for n in names:
         criteria.get(n)
+    out = Path(args.out or f"checkpoints/{args.model}_scores.pt")
+    io.check_writable(out.parent)  # fail before the pass, not after it
     ctx = distributed.init(args.device)
     device = ctx.device
     try:
@@ -49,7 +51,6 @@ def run(args: argparse.Namespace) -> int:
             device=device, options={"rtol": args.rank_rtol, "atol": args.rank_atol}, progress=not args.no_progress,
             extra_meta={"data": args.data, "augmentation": "none", "checkpoint": args.checkpoint}, ctx=ctx)
         if ctx.is_main:
-            out = Path(args.out or f"checkpoints/{args.model}_scores.pt")
             sc.save(out)
             print(f"scores ({', '.join(names)}, {sc.meta['n_images']} images, seed {args.seed}, "
                   f"{ctx.world_size} process(es)) written to {out}")

@@ -92,7 +92,7 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"the data has {bundle.num_classes} classes, the model {model.num_classes}", field="data")
     if not 0 < args.n_eval <= len(bundle.val):
         raise UserError(f"--n-eval must be in [1, {len(bundle.val)}] (size of the val split)", field="n-eval")
-    out = Path(args.out or f"checkpoints/{args.model}_sensitivity")
+    out = io.check_writable(Path(args.out or f"checkpoints/{args.model}_sensitivity"))
 
     calib = data.calibration_subset(bundle.train_eval, args.n_images, args.seed)
     scores, tiebreak = sens.compute_scores(model, data.loader(calib, args.batch_size, device=device), args.criterion,

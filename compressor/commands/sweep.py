@@ -31,7 +31,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--report-out", help="report folder (default <out>/report)")
     p.add_argument("--criterion", default="hrank", help="filter criterion (default hrank)")
     p.add_argument("--n-images", type=int, default=768, help="calibration images for ranking (default 768)")
-    p.add_argument("--rounding", choices=("keep_floor", "drop_floor"), default="keep_floor")
+    p.add_argument("--rounding", choices=("keep_floor", "drop_floor"), default=None,
+                   help="override every rates file's rounding (default: each file's own; budgets use keep_floor)")
     p.add_argument("--policy", choices=("local", "global"), default="local",
                    help="budget -> rates: local = one uniform rate scaled by bisection (default); global = one "
                         "cross-layer ranking of normalized scores (compressor.policy)")
@@ -56,7 +57,8 @@ def run(args: argparse.Namespace) -> int:
     from compressor.train import TrainConfig
 
     try:
-        finetune = TrainConfig(epochs=args.epochs, lr=args.lr or 0.01, batch_size=args.batch_size, seed=args.seed)
+        finetune = TrainConfig(epochs=args.epochs, lr=args.lr if args.lr is not None else 0.01,
+                               batch_size=args.batch_size, seed=args.seed)
     except ValueError as exc:
         raise UserError(str(exc), field="epochs/lr/batch-size") from exc
     budgets = parse_budgets(args.macs, "macs") + parse_budgets(args.params, "params")

@@ -8,14 +8,11 @@
 
 from __future__ import annotations
 
-from typing import Sequence
 
 import torch
-from torch import nn
 
 from compressor.capture import Accumulator, MeanActivation as MeanActivationAcc
-from compressor.criteria.base import Criterion, register_criterion
-from compressor.models._spec import PrunableUnit
+from compressor.criteria.base import AccumulatorCriterion, register_criterion
 
 
 class NonZeroAccumulator(Accumulator):
@@ -28,17 +25,8 @@ class NonZeroAccumulator(Accumulator):
         return nz.mean(dim=(2, 3)) if nz.ndim == 4 else nz
 
 
-class _AccumulatorCriterion(Criterion):
-    kind = "activation"
-
-    def score(self, model: nn.Module, units: Sequence[PrunableUnit], acc: Accumulator | None) -> dict[str, torch.Tensor]:
-        if acc is None:
-            raise RuntimeError(f"criterion {self.name} needs its accumulator from the capture pass")
-        return acc.result()
-
-
 @register_criterion
-class APoZ(_AccumulatorCriterion):
+class APoZ(AccumulatorCriterion):
     name = "apoz"
 
     def accumulator(self) -> Accumulator:
@@ -49,7 +37,7 @@ class APoZ(_AccumulatorCriterion):
 
 
 @register_criterion
-class MeanActivation(_AccumulatorCriterion):
+class MeanActivation(AccumulatorCriterion):
     name = "mean_activation"
 
     def accumulator(self) -> Accumulator:

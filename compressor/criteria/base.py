@@ -38,6 +38,18 @@ class Criterion(ABC):
         ...
 
 
+class AccumulatorCriterion(Criterion):
+    """A criterion whose scores are its accumulator's per-channel means (filled by a pass)."""
+
+    kind = "activation"
+
+    def score(self, model: nn.Module, units: Sequence[PrunableUnit], acc: Accumulator | None) -> dict[str, torch.Tensor]:
+        if acc is None:
+            raise RuntimeError(f"criterion {self.name} ({self.kind}) needs its accumulator filled by the "
+                               "capture pass or, for gradient criteria, gradient_pass(); scores.compute routes both")
+        return acc.result()
+
+
 def register_criterion(cls: type[Criterion]) -> type[Criterion]:
     if not cls.name or cls.name in _CRITERIA:
         raise ValueError(f"criterion name {cls.name!r} is empty or already registered")

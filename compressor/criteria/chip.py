@@ -22,15 +22,13 @@ bound memory and, on CPU, spread over threads like HRank's SVDs.
 from __future__ import annotations
 
 import os
-from typing import Any, Sequence
+from typing import Any
 
 import torch
-from torch import nn
 
 from compressor.capture import Accumulator
-from compressor.criteria.base import Criterion, register_criterion
+from compressor.criteria.base import AccumulatorCriterion, register_criterion
 from compressor.criteria.hrank import _pool
-from compressor.models._spec import PrunableUnit
 
 #: float64 elements per chunk of masked Gram matrices (128 MiB)
 MAX_ELEMS = 1 << 24
@@ -89,9 +87,8 @@ class ChipAccumulator(Accumulator):
 
 
 @register_criterion
-class CHIP(Criterion):
+class CHIP(AccumulatorCriterion):
     name = "chip"
-    kind = "activation"
 
     def accumulator(self) -> Accumulator:
         return ChipAccumulator()
@@ -100,7 +97,3 @@ class CHIP(Criterion):
         return {"score": "nuclear-norm drop when the channel's row is zeroed, mean over images",
                 "method": "eigvalsh of the min(C,HW) Gram matrix, float64"}
 
-    def score(self, model: nn.Module, units: Sequence[PrunableUnit], acc: Accumulator | None) -> dict[str, torch.Tensor]:
-        if acc is None:
-            raise RuntimeError("criterion chip needs its accumulator from the capture pass")
-        return acc.result()

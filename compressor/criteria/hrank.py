@@ -13,15 +13,13 @@ from __future__ import annotations
 import os
 from concurrent.futures import ThreadPoolExecutor
 from functools import lru_cache
-from typing import Any, Sequence
+from typing import Any
 
 import torch
-from torch import nn
 
 from compressor.capture import Accumulator
-from compressor.criteria.base import Criterion, register_criterion
+from compressor.criteria.base import AccumulatorCriterion, register_criterion
 from compressor.errors import UserError
-from compressor.models._spec import PrunableUnit
 
 EPS32 = float(torch.finfo(torch.float32).eps)
 
@@ -72,9 +70,8 @@ class RankAccumulator(Accumulator):
 
 
 @register_criterion
-class HRank(Criterion):
+class HRank(AccumulatorCriterion):
     name = "hrank"
-    kind = "activation"
 
     def __init__(self, rtol: float | None = None, atol: float = 0.0) -> None:
         if rtol is not None and rtol < 0 or atol < 0:
@@ -92,6 +89,3 @@ class HRank(Criterion):
         return {"rtol": self.rtol if self.rtol is not None else "eps32*max(H,W)", "atol": self.atol,
                 "effective_rtol": dict(eff)}
 
-    def score(self, model: nn.Module, units: Sequence[PrunableUnit], acc: Accumulator | None) -> dict[str, torch.Tensor]:
-        assert acc is not None
-        return acc.result()

@@ -22,7 +22,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from compressor.capture import Accumulator
-from compressor.criteria.base import Criterion, register_criterion
+from compressor.criteria.base import AccumulatorCriterion, register_criterion
 from compressor.errors import UserError
 from compressor.models._spec import PrunableUnit
 
@@ -95,7 +95,7 @@ def taylor_scores(model: nn.Module, loader_with_labels: Iterable, units: Sequenc
 
 
 @register_criterion
-class Taylor(Criterion):
+class Taylor(AccumulatorCriterion):
     name = "taylor"
     kind = "gradient"
 
@@ -107,8 +107,3 @@ class Taylor(Criterion):
         """Its own labelled forward+backward pass; the returned accumulator goes to :meth:`score`."""
         return taylor_pass(model, loader_with_labels, units, n_images, device, progress)
 
-    def score(self, model: nn.Module, units: Sequence[PrunableUnit], acc: Accumulator | None) -> dict[str, torch.Tensor]:
-        if acc is None:
-            raise RuntimeError("criterion taylor needs labels and a backward pass: fill its accumulator with "
-                               "gradient_pass() (scores.compute routes 'gradient' criteria there)")
-        return acc.result()

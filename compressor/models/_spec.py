@@ -8,8 +8,8 @@ Algorithms never look at a model's class. They read three things off it:
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Protocol, runtime_checkable
+from dataclasses import dataclass
+from typing import Mapping, Protocol, runtime_checkable
 
 from torch import nn
 
@@ -51,7 +51,6 @@ class Slot:
     out: str | None = None
     inp: tuple[str | int, ...] = ()
     repeat: int = 1
-    inp_widths: tuple[int, ...] = field(default=())
 
 
 @runtime_checkable
@@ -66,3 +65,19 @@ class PrunableModel(Protocol):
     def channel_map(self) -> dict[str, Slot]: ...
 
     def ignored_layers(self) -> list[nn.Module]: ...
+
+
+def cfg_with_widths(model: nn.Module, widths: Mapping[str, int]) -> list:
+    """``model.cfg`` with the named units' widths replaced (others keep theirs)."""
+    cfg = list(model.cfg)
+    for u in model.prunable_units():
+        for i in u.cfg_index:
+            cfg[i] = int(widths.get(u.name, u.width))
+    return cfg
+
+
+def set_cp_rates(model: nn.Module, rates: Mapping[str, float]) -> None:
+    """Write each unit's removed fraction onto its convs' ``cp_rate`` (HRank's attribute)."""
+    for u in model.prunable_units():
+        for conv in u.convs:
+            model.get_submodule(conv).cp_rate = float(rates.get(u.name, 0.0))

@@ -27,13 +27,37 @@ Prunable units (rank point: the activation after the unit's BN):
   ranked a second time;
 * the last conv (``features.18.0``, ranked at ``features.18.2``); the Linear's columns follow.
 
-Linear-bottleneck outputs (project BN, no activation) are full rank by design: they are
-never ranked or pruned. Block outputs stay unpruned (a residual stage would need one
-shared index set); they are in ``cfg`` so that narrower-stage models can still be built.
+Linear-bottleneck outputs (project BN, no activation) are full rank by design: in
+``mobilenet_v2`` they are never ranked or pruned. Block outputs stay unpruned (a residual
+stage would need one shared index set); they are in ``cfg`` so that narrower-stage models
+can still be built.
+
+Residual groups (``mobilenet_v2_res``, ``mobilenet_v2_res_imagenet``): the same network,
+module names and state_dict (a trained ``mobilenet_v2`` state_dict loads as is), plus one
+unit per *residual group*: the output channel space of a stage whose blocks are tied by
+adds (n ≥ 2: c = 24, 32, 64, 96, 160). It is pruned with one shared index set:
+
+* name: the stage's first project conv (``features.k.conv.2``); ``convs``/``bns``: every
+  project 1×1 conv and project BN of the stage; ``cfg_index``: every block output of the
+  stage; the consumers' inputs follow it (each later block's expand conv, the next stage's
+  first expand conv, or ``features.18`` after the last stage);
+* scores: weight criteria (l1, l2, fpgm, bn_scale) sum the member layers' per-channel
+  scores; activation criteria sum over the rank points, the member blocks' outputs
+  (``features.k``, after the add), i.e. HRank's "sum of the member layers' ranks".
+  These are **not** ReLU outputs: a linear-bottleneck map plus its skip is usually
+  full rank, so HRank there separates little (most channels tie and the mean-activation
+  tie-break decides), and ReLU-based statistics (APoZ) see no zeros. Prefer a weight
+  criterion, or a small group rate, for these units.
+
+Stages with one block (c = 16 and 320) have no add: their outputs stay unpruned. Units are
+listed in network order (by first producing conv): the stem, then per block its hidden unit
+and, after a stage's first hidden unit, the stage's group unit; the last conv last.
 
 Variants: ``mobilenet_v2_imagenet`` (224×224, torchvision's strides). ``mobilenet_v2``
 (CIFAR, 32×32) uses stride 1 in the stem and in the second stage (24 channels), as the
-usual CIFAR ports do, so the last maps are 4×4 instead of 1×1.
+usual CIFAR ports do, so the last maps are 4×4 instead of 1×1. The ``_res`` variants are
+registered separately (not a builder flag) because checkpoints rebuild a model from
+(name, num_classes, cfg) alone.
 """
 
 from __future__ import annotations
@@ -62,10 +86,16 @@ def _blocks(cifar: bool) -> list[dict]:
         if cifar and stage == 1:
             s = 1
         for i in range(n):
-            out.append(dict(index=k, t=t, c=c, stride=s if i == 0 else 1, stage=stage, residual=i > 0,
+            out.append(dict(index=k, t=t, c=c, n=n, stride=s if i == 0 else 1, stage=stage, residual=i > 0,
                             hid=2 * k - 2 if t != 1 else None, out=2 * k - 1))
             k += 1
     return out
+
+
+def _project(b: dict) -> tuple[str, str]:
+    """Module names of a block's project (linear-bottleneck) conv and its BN."""
+    i = 2 if b["t"] != 1 else 1
+    return f"features.{b['index']}.conv.{i}", f"features.{b['index']}.conv.{i + 1}"
 
 
 def default_cfg() -> list[int]:
@@ -123,11 +153,13 @@ class InvertedResidual(nn.Module):
 class MobileNetV2(nn.Module):
     #: quick-baseline training (prune without --checkpoint)
     quick_baseline = {"epochs": 6, "lr": 0.05, "batch_size": 64, "warmup_epochs": 0.5}
-    def __init__(self, num_classes: int, cfg: list | None, cifar: bool, input_size: int, dropout: float = 0.2) -> None:
+    def __init__(self, num_classes: int, cfg: list | None, cifar: bool, input_size: int, dropout: float = 0.2,
+                 residual_groups: bool = False) -> None:
         super().__init__()
         self.cfg = _check_cfg(cfg if cfg is not None else default_cfg())
         self.num_classes = num_classes
         self.input_size = input_size
+        self.residual_groups = residual_groups
         self._blocks = _blocks(cifar)
         stem = _conv_bn_act(3, self.cfg[0], stride=1 if cifar else 2)
         stem[0].cp_rate = 0.0
@@ -143,6 +175,9 @@ class MobileNetV2(nn.Module):
         layers.append(last)
         self.features = nn.Sequential(*layers)
         self.classifier = nn.Sequential(nn.Dropout(p=dropout), nn.Linear(self.cfg[LAST_INDEX], num_classes))
+        for b in self._blocks:
+            if self._group(b) is not None:
+                self.get_submodule(_project(b)[0]).cp_rate = 0.0
         for m in self.modules():  # torchvision's init
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out")
@@ -157,15 +192,28 @@ class MobileNetV2(nn.Module):
         x = nn.functional.adaptive_avg_pool2d(self.features(x), (1, 1))
         return self.classifier(torch.flatten(x, 1))
 
+    def _group(self, b: dict) -> str | None:
+        """The residual-group unit that block ``b``'s output follows (None: unpruned output)."""
+        if not self.residual_groups or b["n"] < 2:
+            return None
+        first = next(f for f in self._blocks if f["stage"] == b["stage"])
+        return _project(first)[0]
+
     def prunable_units(self) -> list[PrunableUnit]:
         units = [PrunableUnit(name="features.0.0", convs=("features.0.0",), bns=("features.0.1",),
                               rank_points=("features.0.2",), cfg_index=(0,), width=self.cfg[0])]
         for b in self._blocks:
-            if b["t"] == 1:
-                continue
-            p = f"features.{b['index']}.conv.0"
-            units.append(PrunableUnit(name=f"{p}.0", convs=(f"{p}.0",), bns=(f"{p}.1",), rank_points=(f"{p}.2",),
-                                      cfg_index=(b["hid"],), width=self.cfg[b["hid"]]))
+            if b["t"] != 1:
+                p = f"features.{b['index']}.conv.0"
+                units.append(PrunableUnit(name=f"{p}.0", convs=(f"{p}.0",), bns=(f"{p}.1",), rank_points=(f"{p}.2",),
+                                          cfg_index=(b["hid"],), width=self.cfg[b["hid"]]))
+            group = self._group(b)
+            if group is not None and not b["residual"]:  # the stage's first block: one unit for the stage
+                members = [m for m in self._blocks if m["stage"] == b["stage"]]
+                convs, bns = zip(*(_project(m) for m in members))
+                units.append(PrunableUnit(name=group, convs=convs, bns=bns,
+                                          rank_points=tuple(f"features.{m['index']}" for m in members),
+                                          cfg_index=tuple(m["out"] for m in members), width=self.cfg[b["out"]]))
         n = len(self._blocks) + 1
         units.append(PrunableUnit(name=f"features.{n}.0", convs=(f"features.{n}.0",), bns=(f"features.{n}.1",),
                                   rank_points=(f"features.{n}.2",), cfg_index=(LAST_INDEX,),
@@ -181,17 +229,24 @@ class MobileNetV2(nn.Module):
                 slots[f"{prefix}.1.{t}"] = Slot(out=unit)
 
         conv_bn("features.0", "features.0.0")
+        feed: tuple = ()  # the unit the current block's input follows, if pruned (a residual group)
         for b in self._blocks:
             p = f"features.{b['index']}.conv"
             if b["t"] == 1:  # depthwise + project follow the block input (the stem)
-                unit, dw, proj = "features.0.0", f"{p}.0", f"{p}.1"
+                unit, dw = "features.0.0", f"{p}.0"
             else:
-                unit, dw, proj = f"{p}.0.0", f"{p}.1", f"{p}.2"
-                conv_bn(f"{p}.0", unit)
+                unit, dw = f"{p}.0.0", f"{p}.1"
+                conv_bn(f"{p}.0", unit, inp=feed)
             conv_bn(dw, unit)
-            slots[f"{proj}.weight"] = Slot(inp=(unit,))
+            group = self._group(b)
+            proj, proj_bn = _project(b)
+            slots[f"{proj}.weight"] = Slot(out=group, inp=(unit,))
+            if group is not None:
+                for t in ("weight", "bias", "running_mean", "running_var"):
+                    slots[f"{proj_bn}.{t}"] = Slot(out=group)
+            feed = (group,) if group is not None else ()
         n = len(self._blocks) + 1
-        conv_bn(f"features.{n}", f"features.{n}.0")
+        conv_bn(f"features.{n}", f"features.{n}.0", inp=feed)
         slots["classifier.1.weight"] = Slot(inp=(f"features.{n}.0",))
         return slots
 
@@ -219,3 +274,15 @@ def mobilenet_v2(num_classes: int = 10, cfg: list | None = None) -> MobileNetV2:
 def mobilenet_v2_imagenet(num_classes: int = 1000, cfg: list | None = None) -> MobileNetV2:
     """torchvision-layout MobileNetV2 (224×224); loads torchvision weight files."""
     return MobileNetV2(num_classes=num_classes, cfg=cfg, cifar=False, input_size=224)
+
+
+@register_model("mobilenet_v2_res")
+def mobilenet_v2_res(num_classes: int = 10, cfg: list | None = None) -> MobileNetV2:
+    """CIFAR MobileNetV2 whose residual stages' outputs are prunable too (one shared index set per stage)."""
+    return MobileNetV2(num_classes=num_classes, cfg=cfg, cifar=True, input_size=32, residual_groups=True)
+
+
+@register_model("mobilenet_v2_res_imagenet")
+def mobilenet_v2_res_imagenet(num_classes: int = 1000, cfg: list | None = None) -> MobileNetV2:
+    """ImageNet MobileNetV2 with prunable residual groups; loads torchvision weight files."""
+    return MobileNetV2(num_classes=num_classes, cfg=cfg, cifar=False, input_size=224, residual_groups=True)

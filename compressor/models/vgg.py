@@ -79,7 +79,7 @@ class VGGCifar(nn.Module):
     def prunable_units(self) -> list[PrunableUnit]:
         names = [n for n, _ in self.features.named_children()]
         units = []
-        for pos, (cpos, rpos, hpos) in enumerate(zip(self.convcfg, self.relucfg, self.hrank_relucfg)):
+        for pos, (cpos, hpos) in enumerate(zip(self.convcfg, self.hrank_relucfg)):
             i = int(names[cpos][4:])
             units.append(
                 PrunableUnit(
