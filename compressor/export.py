@@ -49,6 +49,7 @@ def to_onnx_bytes(model: nn.Module, opset: int = DEFAULT_OPSET) -> bytes:
     try:
         with warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore", DeprecationWarning)
+            warnings.simplefilter("ignore", UserWarning)  # exporter chatter (e.g. old opsets); checks follow below
             torch.onnx.export(model, (torch.zeros(1, 3, size, size),), buf, dynamo=False, opset_version=opset,
                               input_names=["input"], output_names=["logits"],
                               dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}})

@@ -19,8 +19,9 @@ class PrunableUnit:
     """One channel space that is pruned as a whole (one conv's outputs, or a residual group).
 
     ``name`` is the module name of the producing conv (the first of ``convs``).
-    ``rank_points`` are the modules whose *outputs* are ranked (a ReLU/ReLU6 after the BN);
-    scores of several rank points are summed. ``cfg_index`` lists the positions in
+    ``rank_points`` are the modules whose *outputs* are ranked, normally the ReLU/ReLU6 after
+    the BN; a residual group (``mobilenet_v2_res``) has no activation and is ranked at its
+    blocks' outputs after the add. Scores of several rank points are summed. ``cfg_index`` lists the positions in
     ``model.cfg`` that hold this unit's width.
     """
 
