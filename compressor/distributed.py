@@ -77,8 +77,16 @@ def current(device: torch.device | str = "cpu") -> DistContext:
 
 
 def shutdown() -> None:
+    """Leave the group together: a rank that tears down while a peer is still working can make
+    gloo abort that peer (seen as SIGABRT in a loaded 2-process CPU run)."""
     if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+        try:
+            if dist.get_backend() == "nccl":
+                dist.barrier(device_ids=[torch.cuda.current_device()])
+            else:
+                dist.barrier()
+        finally:
+            dist.destroy_process_group()
 
 
 def _all_reduce(t: torch.Tensor, op: "dist.ReduceOp", ctx: DistContext | None) -> torch.Tensor:

@@ -61,7 +61,9 @@ def compare(models: Mapping[str, nn.Module], input_size: int | Mapping[str, int]
             device: str = "cpu") -> dict[str, dict[int, Timing]]:
     """Time every model at every batch size on one device, interleaved; ``{name: {batch: Timing}}``.
 
-    The models are copied to ``device`` in eval mode; the caller's models are not changed.
+    The caller's models themselves are used, not copies: each is moved to ``device`` in eval mode
+    for the timing, and afterwards is on the CPU again in its own train/eval mode (a model that
+    came on a GPU comes back on the CPU).
     """
     sizes = {n: (input_size[n] if isinstance(input_size, Mapping) else input_size) for n in models}
     old_threads = torch.get_num_threads()

@@ -2,7 +2,8 @@
 
 A command calls :func:`defer_defaults` once its parser is built: every argument's default
 is moved into a table and replaced by ``SUPPRESS``, so the parsed namespace holds only the
-flags the user actually typed. :func:`resolve` then layers parser defaults < recipe < flags.
+flags the user actually typed. :func:`resolve` then layers parser defaults < recipe < flags
+(with ``saved``, a resumed run's own options, between the defaults and the recipe).
 A recipe is a flat mapping of option names (``batch_size`` or ``batch-size``); an unknown
 key is a one-line ``UserError`` naming the file and the key.
 """
@@ -87,12 +88,21 @@ def _check_value(key: str, value: Any, action: argparse.Action, src: str) -> Any
     return out if many else out[0]
 
 
-def resolve(args: argparse.Namespace, required: tuple[str, ...] = ()) -> argparse.Namespace:
-    """Parser defaults < recipe (``args.config``) < flags typed; returns a full namespace."""
+def resolve(args: argparse.Namespace, required: tuple[str, ...] = (), *, saved: Mapping[str, Any] | None = None,
+            saved_source: str = "<saved options>") -> argparse.Namespace:
+    """Parser defaults < ``saved`` < recipe (``args.config``) < flags typed; returns a full namespace.
+
+    ``saved``: the options a resumed run was made with (keys this parser does not have are
+    ignored, so a ``train`` run's options can seed ``finetune``); ``saved_source`` names them in errors.
+    """
     table: Mapping[str, Any] = getattr(args, _TABLE)
     actions: Mapping[str, argparse.Action] = getattr(args, _ACTIONS)
     given = {k: v for k, v in vars(args).items() if k in table}
     merged = dict(table)
+    for key, value in (saved or {}).items():
+        key = str(key).replace("-", "_")
+        if key in table and key != "config":
+            merged[key] = _check_value(key, value, actions[key], saved_source)
     config = given.get("config")
     if config:
         src = str(config)

@@ -24,9 +24,10 @@ import json
 import logging
 import re
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -69,11 +70,17 @@ def budget_label(budget: dict | None, policy: str | None = None) -> str | None:
 
 # ----------------------------------------------------------------------------- inputs
 def _is_checkpoint(p: Path) -> bool:
+    """Whether ``p`` is a compressor checkpoint, from its header (tensors memory-mapped, not read)."""
     try:
-        obj = checkpoint.read(p)
-    except UserError:
-        return False
-    return obj.get("format") == checkpoint.CKPT_FORMAT
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            obj = torch.load(p, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # noqa: BLE001 - not a zip-format torch file: the full, checked read decides
+        try:
+            obj = checkpoint.read(p)
+        except UserError:
+            return False
+    return isinstance(obj, dict) and obj.get("format") == checkpoint.CKPT_FORMAT
 
 
 def _scores_near(p: Path) -> Path | None:
@@ -190,33 +197,63 @@ def _pick_baseline(item: _Loaded, loaded: Sequence[_Loaded]) -> _Loaded | None:
     return (same_dir or hinted or cands)[0]
 
 
+def origin(ck: Mapping[str, Any], key: str) -> Any:
+    """A provenance field of ``ck``, else of the checkpoint it was fine-tuned from (``provenance["source"]``), …"""
+    prov = ck.get("provenance")
+    while isinstance(prov, Mapping):
+        if prov.get(key) is not None:
+            return prov[key]
+        prov = prov.get("source")
+    return None
+
+
+def finetune_epochs(ck: Mapping[str, Any]) -> int:
+    """Fine-tune epochs the weights have had: those recorded before (``finetune_history``: in the prune run,
+    or carried by a fine-tune) plus those of the training state (a train/finetune checkpoint)."""
+    before = (ck.get("metrics") or {}).get("finetune_history") or []
+    ts = (ck.get("extra") or {}).get("train_state") or {}
+    return len(before) + len(ts.get("history") or [])
+
+
 def _describe(item: _Loaded) -> dict[str, Any]:
-    ck, prov = item.ck, item.ck.get("provenance") or {}
+    ck = item.ck
     rates = ck.get("rates") or {}
     target = rates.get("target")
-    hist = (ck.get("metrics") or {}).get("finetune_history") or []
     return {
         "name": item.name,
         "path": str(item.entry.path),
         "model": ck["model"],
         "role": item.role,
-        "criterion": prov.get("criterion") if item.role == "pruned" else None,
+        "criterion": origin(ck, "criterion") if item.role == "pruned" else None,
         "rates": rate_string(list(rates["rates"].values())) if rates.get("rates") else None,
         "target": ", ".join(f"{k} {v:g}" for k, v in target.items()) if target else item.entry.target,
-        "bn_recalibrated": prov.get("bn_recalibrated") if item.role == "pruned" else None,
-        "finetune_epochs": len(hist) if item.role == "pruned" else None,
+        "bn_recalibrated": origin(ck, "bn_recalibrated") if item.role == "pruned" else None,
+        "finetune_epochs": finetune_epochs(ck) if item.role == "pruned" else None,
         "file_bytes": item.entry.path.stat().st_size,
         "weights_bytes": sum(t.numel() * t.element_size() for t in ck["state_dict"].values() if torch.is_tensor(t)),
     }
 
 
-def _evaluate(item: _Loaded, cfg: ReportConfig) -> dict[str, Any]:
-    from compressor.commands.eval import evaluate_checkpoint
+def _evaluate(item: _Loaded, cfg: ReportConfig, bundles: dict[tuple, Any]) -> dict[str, Any]:
+    """Test accuracy of the loaded model (as ``eval`` computes it); one data bundle per (data, root, size)."""
+    from compressor import data as data_mod
+    from compressor.evaluate import evaluate, resolve_device
 
-    data = cfg.data or (item.ck.get("provenance") or {}).get("data") or "digits"
-    res = evaluate_checkpoint(str(item.entry.path), data, cfg.data_root, cfg.device, batch_size=cfg.batch_size,
-                              seed=cfg.seed, progress=cfg.progress)
-    return {"data": data, "n_test": res["n"], "top1": res["top1"], "top5": res["top5"], "loss": res["loss"]}
+    name = cfg.data or (item.ck.get("provenance") or {}).get("data") or "digits"
+    key = (name, cfg.data_root, item.net.input_size)
+    if key not in bundles:
+        bundles[key] = data_mod.load(name, cfg.data_root, input_size=item.net.input_size, seed=cfg.seed)
+    bundle = bundles[key]
+    if bundle.num_classes != item.net.num_classes:
+        raise UserError(f"the data has {bundle.num_classes} classes, the checkpoint {item.net.num_classes}",
+                        source=str(item.entry.path), field="num_classes")
+    device = resolve_device(cfg.device)
+    try:
+        res = evaluate(item.net.to(device), data_mod.loader(bundle.test, cfg.batch_size, device=device), device,
+                       cfg.progress, "eval")
+    finally:
+        item.net.cpu()
+    return {"data": name, "n_test": res["n"], "top1": res["top1"], "top5": res["top5"], "loss": res["loss"]}
 
 
 def _time_groups(groups: dict[str, dict[str, nn.Module]], sizes: dict[str, int],
@@ -273,11 +310,12 @@ def build(entries: Sequence[Entry], cfg: ReportConfig = ReportConfig()) -> tuple
     """Rows (one per checkpoint) and report metadata."""
     loaded = _load(entries)
     rows: dict[str, dict[str, Any]] = {}
+    bundles: dict[tuple, Any] = {}
     for item in loaded:
         row = _describe(item)
         row.update(counting.count(item.net))
         if cfg.evaluate:
-            row.update(_evaluate(item, cfg))
+            row.update(_evaluate(item, cfg, bundles))
         rows[item.name] = row
     bl = _match(loaded, rows)
     for name, row in rows.items():
@@ -396,7 +434,7 @@ def write_plots(rows: Sequence[dict[str, Any]], loaded: Sequence[_Loaded], out: 
         if sp is not None and sp.resolve() not in done_scores:
             done_scores.add(sp.resolve())
             sc = Scores.load(sp)
-            crit = (item.ck.get("provenance") or {}).get("criterion")
+            crit = origin(item.ck, "criterion")
             crit = crit if crit in sc.scores else next(iter(sc.scores))
             per_unit = {u: t.float().tolist() for u, t in sc.scores[crit].items()}
             tag = _safe(f"{sp.parent.name}_{sp.stem}")

@@ -171,10 +171,11 @@ def set_rng_state(state: Mapping[str, Any], gen: torch.Generator | None = None) 
 
 # --- checkpoints ------------------------------------------------------------------------
 
-def _read_train_state(resume: str | Path | Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any], str]:
+def _read_train_state(resume: str | Path | Mapping[str, Any],
+                      source: str | None = None) -> tuple[dict[str, Any], dict[str, Any], str]:
     from compressor import checkpoint
 
-    src = str(resume) if not isinstance(resume, Mapping) else "<resume>"
+    src = source or (str(resume) if not isinstance(resume, Mapping) else "<resume>")
     obj = dict(resume) if isinstance(resume, Mapping) else checkpoint.read(resume)
     ts = (obj.get("extra") or {}).get("train_state")
     if not isinstance(ts, dict) or "optimizer" not in ts:
@@ -184,19 +185,25 @@ def _read_train_state(resume: str | Path | Mapping[str, Any]) -> tuple[dict[str,
 
 def _check_resume_config(saved: Mapping[str, Any], cfg: TrainConfig, src: str) -> None:
     now = config_dict(cfg)
-    changed = [k for k in now if k not in ("epochs", "workers", "extra") and k in saved and saved[k] != now[k]]
+    changed = [f"{k} {saved[k]!r} -> {now[k]!r}" for k in now
+               if k not in ("epochs", "workers", "extra") and k in saved and saved[k] != now[k]]
     if changed:
         warnings.warn(f"{src}: resuming with changed settings ({', '.join(changed)}); the run will not repeat "
                       "an uninterrupted one", stacklevel=3)
 
 
 def _save(out_dir: Path, names: list[str], model: nn.Module, row: dict, state: dict, meta: Mapping[str, Any]) -> None:
-    from compressor import checkpoint
+    """Serialize the checkpoint once to ``names[0]``; the other names get a byte copy (each write atomic)."""
+    import shutil
+
+    from compressor import checkpoint, io
 
     metrics = {**dict(meta.get("metrics") or {}), **{k: v for k, v in row.items()}}
-    for name in names:
-        checkpoint.save(out_dir / name, model, rates=meta.get("rates"), plan=meta.get("plan"), metrics=metrics,
-                        prov=meta.get("prov"), extra={"train_state": state})
+    first = checkpoint.save(out_dir / names[0], model, rates=meta.get("rates"), plan=meta.get("plan"),
+                            metrics=metrics, prov=meta.get("prov"), extra={"train_state": state})
+    for name in names[1:]:
+        with open(first, "rb") as src:
+            io.atomic_write(out_dir / name, lambda fh: shutil.copyfileobj(src, fh, 1 << 20))
 
 
 # --- the loop ---------------------------------------------------------------------------
@@ -215,11 +222,12 @@ def fit(model: nn.Module, data: DataBundle, cfg: TrainConfig, device: torch.devi
         progress: bool = True, log: Callable[[dict[str, Any]], None] | None = None, *,
         teacher: nn.Module | None = None, out_dir: str | Path | None = None,
         resume: str | Path | Mapping[str, Any] | None = None, ckpt_meta: Mapping[str, Any] | None = None,
-        ctx: dist_mod.DistContext | None = None) -> list[dict[str, Any]]:
+        ctx: dist_mod.DistContext | None = None, resume_source: str | None = None) -> list[dict[str, Any]]:
     """Train ``model`` in place; return one metrics row per epoch (lr, train loss/acc, val acc, img/s).
 
     ``out_dir``: write last.pt / best.pt / metrics.jsonl there (rank 0). ``resume``: a
-    last.pt (path or loaded dict) to continue from. ``teacher``: distil from its logits.
+    last.pt (path or loaded dict; ``resume_source`` names a dict in messages) to continue from.
+    ``teacher``: distil from its logits.
     ``ckpt_meta``: ``rates``/``plan``/``prov``/``metrics`` to store in the checkpoints.
     The model ends with the last epoch's weights (best.pt holds the selected ones).
     """
@@ -269,7 +277,7 @@ def fit(model: nn.Module, data: DataBundle, cfg: TrainConfig, device: torch.devi
     history: list[dict[str, Any]] = []
     start, best = 0, -math.inf
     if resume is not None:
-        obj, ts, src = _read_train_state(resume)
+        obj, ts, src = _read_train_state(resume, resume_source)
         try:
             model.load_state_dict(obj["state_dict"])
         except RuntimeError as exc:

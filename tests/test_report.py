@@ -62,19 +62,63 @@ def test_rows_and_baseline_matching(runs, built):
         assert r["data"] == "digits" and r["bn_recalibrated"] is True and r["finetune_epochs"] == 0
 
 
-def test_numbers_match_evaluate_checkpoint(runs, built):
-    from compressor.commands.eval import evaluate_checkpoint
+def test_numbers_are_the_checkpoints_own(runs, built):
+    """Recomputed here, independently of the report: load each file, evaluate on the digits test split."""
+    from compressor.evaluate import evaluate
 
     _, rows = built
     base = rows["base/baseline"]
+    test = data.load("digits", input_size=32).test
     for r in rows.values():
-        ref = evaluate_checkpoint(r["path"], "digits", None, "cpu")
+        net, _ = checkpoint.load(r["path"])
+        with one_thread():
+            ref = evaluate(net, data.loader(test, 256), "cpu")
+        assert ref["n"] == len(test) > 0
         assert (r["top1"], r["top5"], r["loss"], r["n_test"]) == (ref["top1"], ref["top5"], ref["loss"], ref["n"])
-        assert (r["params"], r["macs"], r["file_bytes"]) == (ref["params"], ref["macs"], ref["file_bytes"])
+        size = counting.count(net)
+        assert (r["params"], r["macs"], r["file_bytes"]) == (size["params"], size["macs"], os.path.getsize(r["path"]))
         assert r["macs_reduction_pct"] == pytest.approx(100 * (1 - r["macs"] / base["macs"]))
         assert r["params_reduction_pct"] == pytest.approx(100 * (1 - r["params"] / base["params"]))
         assert r["top1_drop"] == pytest.approx(base["top1"] - r["top1"])
     assert rows["half/pruned"]["macs"] < rows["light/pruned"]["macs"] < base["macs"]
+
+
+def test_finetune_outputs_keep_how_they_were_pruned(runs, tmp_path, monkeypatch):
+    """finetune (and its resume, and a fine-tune of it) carries the source's criterion, BN step and epochs."""
+    import copy
+
+    from torch.utils.data import Subset
+
+    from compressor.cli import main
+
+    full = data.load("digits", input_size=32)
+    small = copy.copy(full)
+    small.train, small.val = Subset(full.train, range(64)), Subset(full.val, range(32))
+    monkeypatch.setattr(data, "load", lambda *a, **k: small)
+    pruned = runs["half"] / "pruned.pt"
+    ft, ft2 = tmp_path / "ft", tmp_path / "ft2"
+    common = ["--device", "cpu", "--no-progress"]
+    with one_thread():
+        assert main(["finetune", "--checkpoint", str(pruned), "--epochs", "1", "--batch-size", "32", "--out", str(ft),
+                     *common]) == 0
+        assert main(["finetune", "--resume", str(ft / "last.pt"), "--epochs", "2"]) == 0  # extended: 2 epochs
+        assert main(["finetune", "--checkpoint", str(ft / "last.pt"), "--epochs", "1", "--batch-size", "32",
+                     "--out", str(ft2), *common]) == 0
+        res = report.run_report([str(ft / "last.pt"), str(ft / "best.pt"), str(ft2 / "last.pt"), str(pruned)],
+                                tmp_path / "rep", report.ReportConfig(evaluate=False, latency=None, plots=False))
+    rows = {r["name"]: r for r in res["rows"]}
+    best_epoch = torch.load(ft / "best.pt", weights_only=True)["metrics"]["epoch"]
+    for name, epochs in (("half/pruned", 0), ("ft/last", 2), ("ft/best", best_epoch), ("ft2/last", 3)):
+        r = rows[name]
+        assert (r["role"], r["criterion"], r["bn_recalibrated"], r["rates"]) == ("pruned", "hrank", True, "[0.5]*13"), name
+        assert r["finetune_epochs"] == epochs, name
+    src = torch.load(pruned, weights_only=True)
+    ck = torch.load(ft / "last.pt", weights_only=True)
+    assert ck["provenance"]["source"]["path"] == str(pruned) and ck["provenance"]["resumed_from"] == str(ft / "last.pt")
+    assert ck["metrics"]["prune"]["pruned_test_bn_recalibrated"] == src["metrics"]["pruned_test_bn_recalibrated"]
+    ck2 = torch.load(ft2 / "last.pt", weights_only=True)
+    assert ck2["provenance"]["source"]["source"]["path"] == str(pruned)
+    assert ck2["metrics"]["prune"] == ck["metrics"]["prune"] and len(ck2["metrics"]["finetune_history"]) == 2
 
 
 def test_latency_columns(built):

@@ -8,6 +8,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import warnings
 from functools import lru_cache
 from pathlib import Path
 
@@ -155,11 +156,113 @@ def test_recipe_is_overridden_by_flags_and_resolved_config_is_saved(tmp_path, ti
     assert len(rows) == 1 and rows[0]["lr"] == 0.03
     assert {"last.pt", "best.pt", "summary.json"} <= {p.name for p in out.iterdir()}
     assert "test top-1" in capsys.readouterr().out
-    # the resolved file is itself a valid recipe; resume continues the same run to 2 epochs
-    assert main(["finetune", "--config", str(out / "resolved_config.yaml"), "--resume", str(out / "last.pt"),
-                 "--epochs", "2", "--no-progress"]) == 0
+    # the resolved file is itself a valid recipe
+    from compressor import recipe
+    from compressor.cli import get_args_parser
+
+    again = recipe.resolve(get_args_parser().parse_args(["finetune", "--config", str(out / "resolved_config.yaml")]))
+    assert (again.lr, again.batch_size, again.schedule, again.epochs) == (0.03, 16, "constant", 1)
+    # --resume alone takes the run's own options (lr 0.03, constant, batch 16), --epochs extends it
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert main(["finetune", "--resume", str(out / "last.pt"), "--epochs", "2", "--no-progress"]) == 0
+    assert not [w for w in caught if "changed settings" in str(w.message)]
     rows = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [r["epoch"] for r in rows] == [1, 2]
+    assert [r["epoch"] for r in rows] == [1, 2] and rows[1]["lr"] == 0.03
+    text = (out / "resolved_config.yaml").read_text()
+    assert "changed options: epochs" in text
+    resolved = yaml.safe_load(text)
+    assert (resolved["epochs"], resolved["lr"], resolved["batch_size"], resolved["milestones"]) == (2, 0.03, 16, [5, 9])
+
+
+class Stop(Exception):
+    pass
+
+
+@pytest.mark.parametrize("cmd", ["finetune", "train"])
+def test_cli_resume_alone_repeats_the_run_exactly(tmp_path, tiny_ckpt, monkeypatch, cmd):
+    """2 epochs with non-default options == 1 epoch, interrupted, then ``--resume last.pt`` and no other flag."""
+    import compressor.commands.train as train_cmd
+    from compressor import models
+
+    loads = []
+
+    def load(name, root=None, **kw):
+        loads.append((name, root, kw.get("val_size"), kw.get("seed")))
+        return tiny_bundle(augment=True)
+
+    monkeypatch.setattr(data, "load", load)
+    real = models.get_model
+    monkeypatch.setattr(models, "get_model", lambda name, num_classes=10, cfg=None, **k: real(
+        name, num_classes=num_classes, cfg=cfg or list(CFG), **k))
+    src = ["--model", "vgg16_bn"] if cmd == "train" else ["--checkpoint", str(tiny_ckpt)]
+    flags = [*src, "--epochs", "2", "--lr", "0.03", "--batch-size", "16", "--schedule", "multistep", "--milestones",
+             "1", "--gamma", "0.5", "--momentum", "0.8", "--no-nesterov", "--weight-decay", "1e-3",
+             "--label-smoothing", "0.1", "--seed", "3", "--val-size", "7", "--data-root", str(tmp_path / "d"),
+             "--device", "cpu", "--no-progress"]
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    assert main([cmd, *flags, "--out", str(whole)]) == 0
+
+    def stop(row, epochs):
+        raise Stop
+
+    fmt = train_cmd._fmt
+    monkeypatch.setattr(train_cmd, "_fmt", stop)
+    with pytest.raises(Stop):
+        main([cmd, *flags, "--out", str(cut)])
+    monkeypatch.setattr(train_cmd, "_fmt", fmt)
+    assert len((cut / "metrics.jsonl").read_text().splitlines()) == 1
+    resolved = (cut / "resolved_config.yaml").read_bytes()
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert main([cmd, "--resume", str(cut / "last.pt")]) == 0
+    assert not [str(w.message) for w in caught if "changed settings" in str(w.message)]
+    assert len(set(loads)) == 1 and loads[0] == ("digits", str(tmp_path / "d"), 7, 3)  # the same data every time
+    for name in ("last.pt", "best.pt"):
+        a, b = checkpoint.load(whole / name)[0], checkpoint.load(cut / name)[0]
+        assert same_weights(a, b), name
+    ts = [torch.load(d / "last.pt", weights_only=True)["extra"]["train_state"] for d in (whole, cut)]
+    assert ts[0]["config"] == ts[1]["config"] and ts[1]["epoch"] == 2
+    assert (ts[1]["config"]["schedule"], ts[1]["config"]["batch_size"]) == ("multistep", 16)
+    strip = [[{k: v for k, v in json.loads(ln).items() if k != "img_per_s"}
+              for ln in (d / "metrics.jsonl").read_text().splitlines()] for d in (whole, cut)]
+    assert strip[0] == strip[1]
+    assert (cut / "resolved_config.yaml").read_bytes() == resolved  # not rewritten
+    docs = [{k: v for k, v in yaml.safe_load((d / "resolved_config.yaml").read_text()).items() if k != "out"}
+            for d in (whole, cut)]
+    assert docs[0] == docs[1]
+
+    # flags typed with --resume win; one that breaks exactness says so
+    with pytest.warns(UserWarning) as rec:
+        assert main([cmd, "--resume", str(cut / "last.pt"), "--epochs", "3", "--batch-size", "8",
+                     "--val-size", "5"]) == 0
+    said = " | ".join(str(w.message) for w in rec)
+    for words in ("changed settings (batch_size 16 -> 8)", "changed settings (val_size 7 -> 5)",
+                  "steps per epoch changed (4 -> 8)"):
+        assert words in said
+    assert loads[-1][2] == 5
+    doc = yaml.safe_load((cut / "resolved_config.yaml").read_text())
+    assert (doc["epochs"], doc["batch_size"], doc["lr"], doc["val_size"]) == (3, 8, 0.03, 5)
+    assert "changed options: batch_size, epochs, val_size" in (cut / "resolved_config.yaml").read_text()
+
+
+def test_cli_resume_needs_a_training_state(tmp_path, tiny_ckpt, capsys):
+    assert main(["finetune", "--resume", str(tiny_ckpt), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "has no training state to resume from" in err[0]
+    assert not (tmp_path / "o").exists()
+
+
+def test_cli_unwritable_out_fails_before_training(tmp_path, tiny_ckpt, small_data, monkeypatch, capsys):
+    import compressor.commands.train as train_cmd
+
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    monkeypatch.setattr(train_cmd, "run_training", lambda *a, **k: pytest.fail("trained before checking --out"))
+    assert main(["finetune", "--checkpoint", str(tiny_ckpt), "--out", str(blocker / "ft"), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "cannot write here" in err[0]
 
 
 @pytest.mark.parametrize("text,match", [

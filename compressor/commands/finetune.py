@@ -6,13 +6,14 @@ import argparse
 from pathlib import Path
 
 from compressor.commands import add_common, new_parser
-from compressor.commands.train import add_train_args, load_data, run_training
+from compressor.commands.train import add_train_args, load_data, resolve_args, run_training
 
 EXAMPLES = """\
   python -m compressor finetune --checkpoint checkpoints/vgg16_bn_digits_demo/pruned.pt --epochs 3
   python -m compressor finetune --checkpoint pruned.pt --data cifar10 --data-root ../shared/data/cifar10-jpeg.tar.gz \\
       --config experiments/recipes/chip_cifar.yaml --teacher baseline.pt --kd-alpha 0.5 --out ft/
-  python -m compressor finetune --resume ft/last.pt          # continue an interrupted run exactly
+  python -m compressor finetune --resume ft/last.pt          # continue an interrupted run exactly (its own options)
+  python -m compressor finetune --resume ft/last.pt --epochs 30   # ... or extend it
   torchrun --nproc_per_node=4 -m compressor finetune --checkpoint pruned.pt --config experiments/recipes/hrankplus_cifar.yaml \\
       --data cifar10 --data-root DIR --batch-size 64      # 4 x 64 = the recipe's global batch of 256
 
@@ -21,7 +22,7 @@ metrics.jsonl, resolved_config.yaml, summary.json (test accuracy, never used for
 """
 
 
-def add_parser(sub) -> argparse.ArgumentParser:
+def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     from compressor import recipe
 
     p = new_parser(sub, "finetune", "fine-tune a (pruned) checkpoint", EXAMPLES)
@@ -32,20 +33,16 @@ def add_parser(sub) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    from compressor import checkpoint, recipe
+    from compressor import checkpoint, io
     from compressor.errors import UserError
 
-    args = recipe.resolve(args)
-    src = args.resume or args.checkpoint
-    if not src:
+    args, net, ck = resolve_args(args)  # --resume: the run's own options under the flags typed
+    if args.resume:
+        out = io.check_writable(Path(args.out or Path(args.resume).parent))
+        return run_training(net, load_data(args, net.input_size), args, out, ck=ck)
+    if not args.checkpoint:
         raise UserError("--checkpoint is required (as a flag or a recipe key) unless --resume is given",
                         field="checkpoint")
-    net, ck = checkpoint.load(src)
-    if args.out:
-        out = Path(args.out)
-    elif args.resume:
-        out = Path(args.resume).parent
-    else:
-        out = Path(args.checkpoint).with_name(Path(args.checkpoint).stem + "_ft")
-    return run_training(net, load_data(args, net.input_size), args, out, rates=ck.get("rates"), plan=ck.get("plan"),
-                        source=src)
+    out = io.check_writable(Path(args.out or Path(args.checkpoint).with_name(Path(args.checkpoint).stem + "_ft")))
+    net, ck = checkpoint.load(args.checkpoint)
+    return run_training(net, load_data(args, net.input_size), args, out, ck=ck, source=str(args.checkpoint))

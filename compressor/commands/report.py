@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import argparse
+from typing import TYPE_CHECKING
 
 from compressor.commands import add_common, new_parser
+
+if TYPE_CHECKING:
+    from compressor.latency import LatencyConfig
 
 EXAMPLES = """\
   # a prune run folder (pruned.pt, baseline.pt, scores.pt, plan.json) and another pruned checkpoint
@@ -27,7 +31,7 @@ def add_latency_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--no-cuda-latency", action="store_true", help="time on CPU only even when a GPU is present")
 
 
-def latency_config(args: argparse.Namespace):
+def latency_config(args: argparse.Namespace) -> LatencyConfig | None:
     from compressor.errors import UserError
     from compressor.latency import LatencyConfig
 
@@ -41,7 +45,7 @@ def latency_config(args: argparse.Namespace):
         raise UserError(f"bad latency settings: {exc}", field="batch-sizes/repeats/warmup/threads") from exc
 
 
-def add_parser(sub) -> argparse.ArgumentParser:
+def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p = new_parser(sub, "report", "compare checkpoints: accuracy, params/MACs, file size, latency, plots", EXAMPLES)
     p.add_argument("inputs", nargs="+", help="checkpoints, prune run folders or sweep folders (globs allowed)")
     p.add_argument("--out", required=True, help="output folder for report.md/.csv/.json and PNGs")
