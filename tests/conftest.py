@@ -53,3 +53,37 @@ def one_thread():
         yield
     finally:
         torch.set_num_threads(old)
+
+
+# Shared by the model-family tests -----------------------------------------------------------
+def model_input(model: torch.nn.Module, n: int = 2, seed: int = 1) -> torch.Tensor:
+    return torch.randn(n, 3, model.input_size, model.input_size, generator=torch.Generator().manual_seed(seed))
+
+
+def logits(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model.eval()(x)
+
+
+def unit_widths(model: torch.nn.Module) -> dict[str, int]:
+    return {u.name: u.width for u in model.prunable_units()}
+
+
+def random_plan(model: torch.nn.Module, frac: float, seed: int, units: set[str] | None = None):
+    """Keep a random ``1 - frac`` of each unit (of ``units``, or all)."""
+    from compressor.plan import Plan
+
+    g = torch.Generator().manual_seed(seed)
+    keep = {}
+    for u in model.prunable_units():
+        if units is None or u.name in units:
+            k = max(1, int(u.width * (1 - frac)))
+            keep[u.name] = tuple(sorted(torch.randperm(u.width, generator=g)[:k].tolist()))
+    return Plan(keep=keep, widths=unit_widths(model), model=model.arch)
+
+
+def assert_same_state(a: torch.nn.Module, b: torch.nn.Module) -> None:
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        assert sa[k].shape == sb[k].shape and torch.equal(sa[k], sb[k]), k

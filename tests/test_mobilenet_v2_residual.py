@@ -18,9 +18,11 @@ from compressor.criteria import get as get_criterion
 from compressor.criteria.hrank import batch_ranks
 from compressor.models import get_model
 from compressor.models._spec import PrunableUnit
-from compressor.plan import Plan, make_plan
+from compressor.plan import make_plan
 from compressor.rates import RateSpec, load_rates
 from tests.conftest import randomize_bn
+from tests.conftest import (assert_same_state as _assert_same_state, logits as _logits,
+                            model_input as _x, random_plan as _random_plan, unit_widths as _widths)
 
 NAME = "mobilenet_v2_res"
 EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments" / f"{NAME}_cifar10"
@@ -43,38 +45,8 @@ def _model(name: str = NAME, seed: int = 0) -> nn.Module:
     return randomize_bn(get_model(name, cfg=_tiny_cfg(name)), seed=seed).eval()
 
 
-def _x(model: nn.Module, n: int = 2, seed: int = 1) -> torch.Tensor:
-    return torch.randn(n, 3, model.input_size, model.input_size, generator=torch.Generator().manual_seed(seed))
-
-
-def _logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    with torch.no_grad():
-        return model.eval()(x)
-
-
-def _widths(model: nn.Module) -> dict[str, int]:
-    return {u.name: u.width for u in model.prunable_units()}
-
-
 def _groups(model: nn.Module) -> list[PrunableUnit]:
     return [u for u in model.prunable_units() if u.name in GROUPS]
-
-
-def _random_plan(model: nn.Module, frac: float, seed: int, units: set[str] | None = None) -> Plan:
-    g = torch.Generator().manual_seed(seed)
-    keep = {}
-    for u in model.prunable_units():
-        if units is None or u.name in units:
-            k = max(1, int(u.width * (1 - frac)))
-            keep[u.name] = tuple(sorted(torch.randperm(u.width, generator=g)[:k].tolist()))
-    return Plan(keep=keep, widths=_widths(model), model=model.arch)
-
-
-def _assert_same_state(a: nn.Module, b: nn.Module) -> None:
-    sa, sb = a.state_dict(), b.state_dict()
-    assert sa.keys() == sb.keys()
-    for k in sa:
-        assert sa[k].shape == sb[k].shape and torch.equal(sa[k], sb[k]), k
 
 
 # --------------------------------------------------------------------------- structure

@@ -19,8 +19,10 @@ from compressor.counting import count
 from compressor.criteria import get as get_criterion
 from compressor.errors import UserError
 from compressor.models import get_model, list_models
-from compressor.plan import Plan, make_plan
+from compressor.plan import make_plan
 from compressor.rates import RateSpec, load_rates
+from tests.conftest import (assert_same_state as _assert_same_state, logits as _logits,
+                            model_input as _x, random_plan as _random_plan, unit_widths as _widths)
 
 CIFAR = ["mobilenet_v1", "mobilenet_v2", "squeezenet1_0", "squeezenet1_1"]
 IMAGENET = [f"{n}_imagenet" for n in CIFAR]
@@ -46,30 +48,6 @@ def _model(name: str, seed: int = 0, num_classes: int = 10) -> nn.Module:
     return m.eval()
 
 
-def _x(model: nn.Module, seed: int = 1) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(2, 3, model.input_size, model.input_size, generator=g)
-
-
-def _logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    with torch.no_grad():
-        return model.eval()(x)
-
-
-def _widths(model: nn.Module) -> dict[str, int]:
-    return {u.name: u.width for u in model.prunable_units()}
-
-
-def _random_plan(model: nn.Module, frac: float, seed: int, units: set[str] | None = None) -> Plan:
-    g = torch.Generator().manual_seed(seed)
-    keep = {}
-    for u in model.prunable_units():
-        if units is None or u.name in units:
-            k = max(1, int(u.width * (1 - frac)))
-            keep[u.name] = tuple(sorted(torch.randperm(u.width, generator=g)[:k].tolist()))
-    return Plan(keep=keep, widths=_widths(model), model=model.arch)
-
-
 def _feeds_ignored(model: nn.Module) -> set[str]:
     """Units whose channels an ignored layer (the classifier) reads."""
     names = {m: n for n, m in model.named_modules()}
@@ -80,13 +58,6 @@ def _feeds_ignored(model: nn.Module) -> set[str]:
         if slot is not None:
             out |= {p for p in slot.inp if isinstance(p, str)}
     return out
-
-
-def _assert_same_state(a: nn.Module, b: nn.Module) -> None:
-    sa, sb = a.state_dict(), b.state_dict()
-    assert sa.keys() == sb.keys()
-    for k in sa:
-        assert sa[k].shape == sb[k].shape and torch.equal(sa[k], sb[k]), k
 
 
 # --------------------------------------------------------------------------- structure
