@@ -81,7 +81,11 @@ def run_prune(job: PruneJob) -> dict[str, Any]:
     policy.policy_config(spec)  # check the policy keys before any work
     criteria.get(job.criterion)
     if job.checkpoint:
-        base, _ = checkpoint.load(job.checkpoint, model=job.model, num_classes=job.num_classes)
+        base, ck = checkpoint.load(job.checkpoint, model=job.model, num_classes=job.num_classes)
+        trained_on = (ck.get("provenance") or {}).get("data")
+        if trained_on and trained_on != job.data:
+            log.warning("warning: %s was trained on %s but ranking and evaluation use --data %s",
+                        job.checkpoint, trained_on, job.data)
     else:
         base = None
     bundle = data_mod.load(job.data, job.data_root, input_size=probe.input_size, seed=job.seed, download=job.download)

@@ -167,3 +167,15 @@ def test_scores_of_another_criterion_or_checkpoint_are_refused(tmp_path, tiny_ck
                  "--criterion", "l1", "--scores", str(scores), "--out", str(tmp_path / "o2")]) == 2
     assert "computed on other weights" in capsys.readouterr().err
     assert not (tmp_path / "o1").exists() and not (tmp_path / "o2").exists()
+
+
+def test_prune_warns_when_data_differs_from_training_data(tmp_path, caplog):
+    from compressor.models import get_model
+
+    torch.manual_seed(0)
+    ck = checkpoint.save(tmp_path / "c.pt", get_model("vgg16_bn", cfg=list(TINY_VGG)),
+                         prov=checkpoint.provenance(data="cifar10"))
+    with caplog.at_level("WARNING", logger="compressor"):
+        assert main(["prune", "--model", "vgg16_bn", "--rates", str(rates_file(tmp_path)), "--checkpoint", str(ck),
+                     "--criterion", "l1", "--out", str(tmp_path / "o"), "--no-progress"]) == 0
+    assert "trained on cifar10 but ranking and evaluation use --data digits" in caplog.text
