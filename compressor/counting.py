@@ -61,15 +61,16 @@ def fmt_m(n: float) -> str:
     return f"{n / 1e6:.2f}M"
 
 
-def size_table(before: nn.Module, after: nn.Module) -> str:
-    """Per-unit channels before → after, then totals with reduction %."""
+def size_table(before: nn.Module, after: nn.Module, counts_before: dict[str, int] | None = None,
+               counts_after: dict[str, int] | None = None) -> str:
+    """Per-unit channels before → after, then totals with reduction % (pass counts already made)."""
     ub = {u.name: u.width for u in before.prunable_units()}
     ua = {u.name: u.width for u in after.prunable_units()}
     rows = ["| layer | channels | kept |", "|---|---|---|"]
     for name, w in ub.items():
         a = ua.get(name, w)
         rows.append(f"| {name} | {w} → {a} | {100.0 * a / w:.1f}% |")
-    cb, ca = count(before), count(after)
+    cb, ca = counts_before or count(before), counts_after or count(after)
     rows.append("")
     rows.append("| | before | after | reduction |")
     rows.append("|---|---|---|---|")

@@ -124,12 +124,10 @@ def run_prune(job: PruneJob) -> dict[str, Any]:
                                 n_images=job.n_images, seed=job.seed, compat=job.hrank_compat, device=device,
                                 options={"rtol": job.rank_rtol, "atol": job.rank_atol}, progress=job.progress,
                                 extra_meta={"data": job.data, "augmentation": "none"})
-    crit_name = job.criterion
-
     # 4. Plan and surgery.
-    spec = policy.resolve(spec, base, sc.for_criterion(crit_name), tiebreak=sc.tiebreak)
+    spec = policy.resolve(spec, base, sc.for_criterion(job.criterion), tiebreak=sc.tiebreak)
     log.info(policy.describe(spec))
-    plan = make_plan(sc.for_criterion(crit_name), spec, {u.name: u.width for u in units},
+    plan = make_plan(sc.for_criterion(job.criterion), spec, {u.name: u.width for u in units},
                      tiebreak=sc.tiebreak, model=job.model)
     pruned = surgery.apply(base, plan, method=job.surgery)
     acc_pruned_raw = evaluate(pruned, test_loader, device, job.progress, "eval pruned")
@@ -151,7 +149,8 @@ def run_prune(job: PruneJob) -> dict[str, Any]:
     metrics["finetune_history"] = history
 
     # 6. Outputs (atomic writes).
-    prov = checkpoint.provenance(seed=job.seed, data=job.data, criterion=crit_name, n_images=sc.meta.get("n_images"),
+    prov = checkpoint.provenance(seed=job.seed, data=job.data, criterion=job.criterion,
+                                 n_images=sc.meta.get("n_images"),
                                  baseline_trained_here=baseline_trained, bn_recalibrated=job.bn_recalibrate)
     paths = {}
     if baseline_trained:
@@ -162,10 +161,10 @@ def run_prune(job: PruneJob) -> dict[str, Any]:
     paths["plan"] = plan.save(out / "plan.json")
     paths["checkpoint"] = checkpoint.save(out / "pruned.pt", pruned.cpu(), rates=spec.to_dict(), plan=plan.to_json(),
                                           metrics=metrics, prov=prov)
-    table = counting.size_table(base.cpu(), pruned)
+    table = counting.size_table(base.cpu(), pruned, size_before, size_after)
     paths["size_table"] = io.write_text(out / "size_table.md", table + "\n")
     names = [u.name for u in units]
     paths["widths_plot"] = plots.widths(names, [u.width for u in units], [len(plan.kept(n)) for n in names],
-                                        out / "widths.png", title=f"{job.model}: channels kept ({crit_name})")
+                                        out / "widths.png", title=f"{job.model}: channels kept ({job.criterion})")
     paths["summary"] = io.write_json(out / "summary.json", json.loads(json.dumps(metrics, default=str)))
     return {"metrics": metrics, "table": table, "paths": {k: str(v) for k, v in paths.items()}, "out": str(out)}
