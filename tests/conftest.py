@@ -87,3 +87,11 @@ def assert_same_state(a: torch.nn.Module, b: torch.nn.Module) -> None:
     assert sa.keys() == sb.keys()
     for k in sa:
         assert sa[k].shape == sb[k].shape and torch.equal(sa[k], sb[k]), k
+
+
+def seed_files(folder: Path, files: dict[str, bytes]) -> dict[str, bytes]:
+    """Outputs of an earlier run: a failed command must leave them byte-identical."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, content in files.items():
+        (folder / name).write_bytes(content)
+    return files

@@ -28,6 +28,7 @@ from compressor.cli import main
 from compressor.criteria import list_criteria
 from compressor.models import get_model, list_models
 from tests.conftest import TINY_VGG, randomize_bn
+from tests.conftest import seed_files
 
 ROOT = Path(__file__).resolve().parents[1]
 NO_GPU = pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
@@ -109,13 +110,8 @@ def one_line_error(code: int, err: list[str], *needles: str) -> str:
 
 
 def seed_outputs(folder: Path) -> dict[str, bytes]:
-    """An output folder from an earlier run: a failed command must leave it byte-identical."""
-    folder.mkdir(parents=True, exist_ok=True)
-    old = {"pruned.pt": b"earlier checkpoint", "plan.json": b'{"earlier": true}\n', "scores.pt": b"earlier scores",
-           "summary.json": b"{}\n", "size_table.md": b"| earlier |\n"}
-    for name, content in old.items():
-        (folder / name).write_bytes(content)
-    return old
+    return seed_files(folder, {"pruned.pt": b"earlier checkpoint", "plan.json": b'{"earlier": true}\n',
+                               "scores.pt": b"earlier scores", "summary.json": b"{}\n", "size_table.md": b"| earlier |\n"})
 
 
 def snapshot(folder: Path) -> dict[str, bytes]:

@@ -26,7 +26,7 @@ from compressor import checkpoint, io
 from compressor.cli import main
 from compressor.errors import UserError
 from compressor.models import get_model
-from tests.conftest import TINY_VGG, randomize_bn
+from tests.conftest import TINY_VGG, randomize_bn, seed_files
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -188,12 +188,9 @@ def tiny_ckpt(tmp_path, tiny):
 
 
 def _old_outputs(folder: Path) -> dict[str, bytes]:
-    folder.mkdir(parents=True, exist_ok=True)
-    files = {"pruned.pt": b"previous checkpoint", "plan.json": b'{"previous": true}\n', "summary.json": b"{}\n",
-             "last.pt": b"previous last", "resolved_config.yaml": b"previous: true\n"}
-    for name, content in files.items():
-        (folder / name).write_bytes(content)
-    return files
+    return seed_files(folder, {"pruned.pt": b"previous checkpoint", "plan.json": b'{"previous": true}\n',
+                               "summary.json": b"{}\n", "last.pt": b"previous last",
+                               "resolved_config.yaml": b"previous: true\n"})
 
 
 def _disk_full_after_write(monkeypatch):
