@@ -27,8 +27,7 @@ from compressor import checkpoint, data
 from compressor.cli import main
 from compressor.criteria import list_criteria
 from compressor.models import get_model, list_models
-from tests.conftest import TINY_VGG, randomize_bn
-from tests.conftest import seed_files
+from tests.conftest import TINY_VGG, randomize_bn, seed_files
 
 ROOT = Path(__file__).resolve().parents[1]
 NO_GPU = pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
