@@ -116,17 +116,6 @@ def test_a_mobilenet_v2_state_dict_loads(name: str) -> None:
 # --------------------------------------------------------------------------- surgery
 
 
-def test_rate_zero_gives_identical_logits() -> None:
-    m = _model()
-    x = _x(m)
-    plan = make_plan(get_criterion("l1").score(m, m.prunable_units(), None),
-                     RateSpec(rates={u: 0.0 for u in _widths(m)}), _widths(m))
-    assert plan.keep == {}
-    for method in surgery.METHODS:
-        p = surgery.apply(m, plan, method=method)
-        assert p.cfg == m.cfg and torch.equal(_logits(p, x), _logits(m, x))
-
-
 @pytest.mark.parametrize("which", ["groups", "all"])
 def test_pruning_dead_group_channels_keeps_logits(which: str) -> None:
     """Zero γ and β of a channel in every member project BN: the first block's output channel is its

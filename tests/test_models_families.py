@@ -122,7 +122,7 @@ def test_mobilenet_v2_residual_outputs_must_be_tied() -> None:
 # --------------------------------------------------------------------------- surgery
 
 
-@pytest.mark.parametrize("name", CIFAR)
+@pytest.mark.parametrize("name", CIFAR + ["mobilenet_v2_res"])
 def test_rate_zero_gives_identical_logits(name: str) -> None:
     m = _model(name)
     x = _x(m)

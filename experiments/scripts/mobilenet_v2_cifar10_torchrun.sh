@@ -3,9 +3,4 @@
 # Baseline training and fine-tuning run DDP; ranking/pruning one process.
 # Settings: see _pipeline.sh (BASELINE, RECIPE, RATES, NPROC, KD=1, DATA_ROOT, EPOCHS, ...).
 set -euo pipefail
-export MODEL=mobilenet_v2
-export RATES=${RATES:-experiments/mobilenet_v2_cifar10/uniform_0.3.yaml}
-export RECIPE=${RECIPE:-experiments/recipes/hrankplus_cifar.yaml}
-export NPROC=${NPROC:-4}
-export BASELINE=${BASELINE:-}
-exec "$(dirname "$0")/_pipeline.sh" "$@"
+NPROC=${NPROC:-4} exec "$(dirname "$0")/mobilenet_v2_cifar10.sh" "$@"

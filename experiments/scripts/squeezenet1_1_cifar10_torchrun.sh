@@ -3,9 +3,4 @@
 # Baseline training and fine-tuning run DDP; ranking/pruning one process.
 # Settings: see _pipeline.sh (BASELINE, RECIPE, RATES, NPROC, KD=1, DATA_ROOT, EPOCHS, ...).
 set -euo pipefail
-export MODEL=squeezenet1_1
-export RATES=${RATES:-experiments/squeezenet1_1_cifar10/uniform_0.3.yaml}
-export RECIPE=${RECIPE:-experiments/recipes/hrankplus_cifar.yaml}
-export NPROC=${NPROC:-4}
-export BASELINE=${BASELINE:-}
-exec "$(dirname "$0")/_pipeline.sh" "$@"
+NPROC=${NPROC:-4} exec "$(dirname "$0")/squeezenet1_1_cifar10.sh" "$@"
