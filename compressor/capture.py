@@ -72,20 +72,31 @@ def record(
     total: int | None = None,
     progress: bool = True,
 ) -> None:
-    """Feed every rank point's output of every batch to every accumulator (eval, no grad)."""
-    points: dict[str, str] = {}
+    """Feed every rank point's output of every batch to every accumulator (eval, no grad).
+
+    A rank point with an activation (``unit.rank_acts``) is ranked on ``act(output)``. Each
+    rank point must fire exactly once per forward: a module called twice (a reused ReLU)
+    would mix two different activations, so that is an error, not a silent average.
+    """
+    from compressor.pruning.graph import activation_fn
+
+    points: dict[str, tuple[str, Callable[[torch.Tensor], torch.Tensor]]] = {}
     for u in units:
-        pts = u.compat_rank_points if compat and u.compat_rank_points else u.rank_points
-        for p in pts:
-            points[p] = u.name
+        use_compat = compat and u.compat_rank_points
+        pts = u.compat_rank_points if use_compat else u.rank_points
+        acts = ("",) * len(pts) if use_compat or not u.rank_acts else u.rank_acts
+        for p, act in zip(pts, acts):
+            points[p] = (u.name, activation_fn(act))
     if compat:
         # HRank never ranks units without a compat point (conv 13 of VGG16).
-        points = {p: n for p, n in points.items() if any(u.name == n and u.compat_rank_points for u in units)}
+        points = {p: v for p, v in points.items() if any(u.name == v[0] and u.compat_rank_points for u in units)}
     handles = []
+    calls: dict[str, int] = {}
 
-    def make_hook(unit: str) -> Callable:
+    def make_hook(point: str, unit: str, act: Callable[[torch.Tensor], torch.Tensor]) -> Callable:
         def hook(_mod: nn.Module, _inp, out: torch.Tensor) -> None:
-            a = out.detach()
+            calls[point] = calls.get(point, 0) + 1
+            a = act(out.detach())
             for acc in accumulators:
                 acc.update(unit, a)
         return hook
@@ -94,13 +105,18 @@ def record(
     model.eval()
     try:
         modules = dict(model.named_modules())
-        for p, unit in points.items():
-            handles.append(modules[p].register_forward_hook(make_hook(unit)))
+        for p, (unit, act) in points.items():
+            handles.append(modules[p].register_forward_hook(make_hook(p, unit, act)))
         bar = tqdm(total=total, desc="rank pass", unit="img", disable=not progress, leave=False)
         with torch.no_grad():
             for x in batches:
                 x = x.to(device, non_blocking=True)
+                calls.clear()
                 model(x)
+                twice = sorted(p for p in points if calls.get(p, 0) != 1)
+                if twice:
+                    raise RuntimeError(f"rank point {twice[0]} fired {calls.get(twice[0], 0)} times in one forward, "
+                                       "not once (a module reused, or never called): its captures would be wrong")
                 for acc in accumulators:
                     acc.end_batch(x.shape[0])
                 bar.update(x.shape[0])

@@ -16,6 +16,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from compressor.pruning.graph import units as units_of
+
 
 def count_macs(model: nn.Module, input_size: int | None = None) -> int:
     size = input_size or model.input_size
@@ -64,8 +66,8 @@ def fmt_m(n: float) -> str:
 def size_table(before: nn.Module, after: nn.Module, counts_before: dict[str, int] | None = None,
                counts_after: dict[str, int] | None = None) -> str:
     """Per-unit channels before → after, then totals with reduction % (pass counts already made)."""
-    ub = {u.name: u.width for u in before.prunable_units()}
-    ua = {u.name: u.width for u in after.prunable_units()}
+    ub = {u.name: u.width for u in units_of(before)}
+    ua = {u.name: u.width for u in units_of(after)}
     rows = ["| layer | channels | kept |", "|---|---|---|"]
     for name, w in ub.items():
         a = ua.get(name, w)

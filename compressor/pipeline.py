@@ -14,6 +14,7 @@ from typing import Any
 
 from torch import nn
 
+from compressor.pruning.graph import units as units_of
 from compressor import checkpoint, counting, criteria, data as data_mod, io, plots, policy, scores as scores_mod, surgery
 from compressor.errors import UserError
 from compressor.evaluate import evaluate, recalibrate_bn, resolve_device
@@ -58,7 +59,7 @@ def default_out(job: PruneJob) -> Path:
 
 
 def _load_rates(job: PruneJob, model: nn.Module) -> RateSpec:
-    spec = load_rates(job.rates, [u.name for u in model.prunable_units()], model_name=job.model,
+    spec = load_rates(job.rates, [u.name for u in units_of(model)], model_name=job.model,
                       short_list=getattr(model, "short_rate_list", None))
     if job.rounding:
         spec = RateSpec(rates=spec.rates, rounding=job.rounding, source=spec.source, target=spec.target, extra=spec.extra)
@@ -115,7 +116,7 @@ def run_prune(job: PruneJob) -> dict[str, Any]:
     acc_before = evaluate(base, test_loader, device, job.progress, "eval baseline")
 
     # 3. Scores.
-    units = base.prunable_units()
+    units = units_of(base)
     if pre_scores is not None:
         sc = pre_scores
     else:

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from compressor.pruning.graph import units as units_of
 from compressor import criteria, io
 from compressor.capture import MeanActivation, limit_images, record
 from compressor.errors import UserError
@@ -77,7 +78,7 @@ class Scores:
         arch = self.meta.get("model")
         if arch and arch != model.arch:
             raise UserError(f"scores are for model {arch!r}, not {model.arch!r}", source=source, field="meta.model")
-        widths = {u.name: u.width for u in model.prunable_units()}
+        widths = {u.name: u.width for u in units_of(model)}
         for crit, per_unit in self.scores.items():
             for unit, t in per_unit.items():
                 if unit not in widths:
@@ -111,7 +112,7 @@ def compute(
     ``reduce`` sums a tensor over processes (``distributed.compute_scores``): each process
     feeds its shard of the images, then the accumulators' sums are combined before scoring.
     """
-    units = model.prunable_units()
+    units = units_of(model)
     crits = [criteria.get(n, **{"seed": seed, **dict(options or {})}) for n in criterion_names]
     accs = {c.name: c.accumulator() for c in crits}
     mean_act = MeanActivation()
@@ -166,7 +167,7 @@ def export_hrank(scores: Scores, criterion: str, model: nn.Module, folder: str |
     """Write HRank's ``rank_conv{k}.npy`` (k = 1-based unit position)."""
     paths = []
     per_unit = scores.for_criterion(criterion)
-    for k, u in enumerate(model.prunable_units(), start=1):
+    for k, u in enumerate(units_of(model), start=1):
         if u.name in per_unit:
             p = Path(folder) / f"rank_conv{k}.npy"
             io.atomic_write(p, lambda fh, t=per_unit[u.name]: np.save(fh, t.double().numpy()))
@@ -180,7 +181,7 @@ def import_hrank(folder: str | Path, model: nn.Module) -> Scores:
     if not folder.is_dir():
         raise UserError("HRank rank folder not found", source=str(folder))
     out: dict[str, torch.Tensor] = {}
-    for k, u in enumerate(model.prunable_units(), start=1):
+    for k, u in enumerate(units_of(model), start=1):
         p = folder / f"rank_conv{k}.npy"
         if not p.exists():
             continue

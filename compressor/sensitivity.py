@@ -29,6 +29,7 @@ import yaml
 from torch import nn
 from tqdm.auto import tqdm
 
+from compressor.pruning.graph import units as units_of
 from compressor import io, surgery
 from compressor.evaluate import evaluate, recalibrate_bn
 from compressor.plan import make_plan
@@ -69,7 +70,7 @@ def analyze(model: nn.Module, scores: Mapping[str, torch.Tensor], eval_loader: I
             recal_loader: Iterable | None = None, recal_images: int = 512, progress: bool = False,
             ) -> SensitivityResult:
     """Drop in top-1 (percentage points) for each unit pruned alone at each rate."""
-    all_units = model.prunable_units()
+    all_units = units_of(model)
     widths = {u.name: u.width for u in all_units}
     chosen = list(units) if units else [u.name for u in all_units if u.name in scores]
     missing = [u for u in chosen if u not in widths]
@@ -213,7 +214,7 @@ def suggest(result: SensitivityResult, model: nn.Module, tolerance: float, *,
             target: Mapping[str, float] | None = None, min_keep: float = 0.1, max_keep: float = 1.0,
             ) -> tuple[RateSpec, dict[str, Any]]:
     """Rates from the curves: the tolerated rates, or for a ``target`` the greedy profile scaled to meet it."""
-    units = model.prunable_units()
+    units = units_of(model)
     widths = {u.name: u.width for u in units}
     profile = {u: 0.0 for u in widths}
     profile.update(tolerated_rates(result, tolerance))

@@ -31,6 +31,7 @@ from typing import Any, Callable, Sequence
 import yaml
 from torch import nn
 
+from compressor.pruning.graph import units as units_of
 from compressor import checkpoint, criteria, data as data_mod, io, pipeline, report, scores as scores_mod
 from compressor.errors import UserError
 from compressor.evaluate import resolve_device
@@ -82,7 +83,7 @@ def rates_for_budget(model: nn.Module, sc: scores_mod.Scores, criterion: str, ke
         raise UserError(f"unknown budget {key!r}; valid: {', '.join(policy_mod.BUDGETS)}", field="budget")
     if not 0.0 < keep <= 1.0:
         raise UserError(f"a budget is the fraction kept, in (0, 1]; got {keep}", field=key)
-    units = [u.name for u in model.prunable_units()]
+    units = [u.name for u in units_of(model)]
     spec = RateSpec(rates={u: 0.0 for u in units}, rounding=rounding, source=f"<sweep budget {key} {keep:g}>",
                     target={key: keep}, extra={"policy": {"name": policy, "tolerance": tolerance}})
     return policy_mod.resolve(spec, model, sc.for_criterion(criterion), tiebreak=sc.tiebreak)
@@ -187,7 +188,7 @@ def run_sweep(job: SweepJob, on_point: Callable[[dict[str, Any]], None] | None =
         job = replace(job, finetune=replace(job.finetune, lr=finetune_lr(base.arch)), model_lr=False)
     if ck.get("plan"):
         log.warning("%s is itself pruned; the sweep treats it as the baseline", job.checkpoint)
-    units = [u.name for u in base.prunable_units()]
+    units = [u.name for u in units_of(base)]
     pts = _points(job)
     for pt in pts:  # validate every rates file before any work
         if pt["kind"] == "rates":

@@ -16,6 +16,7 @@ from torch import nn
 from compressor import checkpoint, counting, scores, surgery
 from compressor.criteria import get as get_criterion
 from compressor.criteria.hrank import batch_ranks
+from compressor.pruning.graph import units as units_of
 from compressor.models import get_model
 from compressor.models._spec import PrunableUnit
 from compressor.plan import make_plan
@@ -215,23 +216,28 @@ def test_l1_of_a_group_is_the_sum_of_member_row_norms() -> None:
         torch.testing.assert_close(l1[g.name], torch.stack(rows).sum(0), rtol=1e-6, atol=0)
 
 
-def test_hrank_of_a_group_is_the_sum_of_member_block_ranks() -> None:
+def test_hrank_of_a_group_is_the_sum_of_member_bn_ranks() -> None:
+    """A residual group is ranked where each member's channels are unambiguous: every member's
+    project-BN output (before the add), summed; the discovered rank points say so."""
     m = _model()
     x = _x(m, n=4)
     s = scores.compute(m, [x[:2], x[2:]], ["hrank"], n_images=4, seed=0, progress=False)
     ranks = s.for_criterion("hrank")
     assert set(ranks) == set(_widths(m))
-    outs: dict[int, torch.Tensor] = {}
-    hooks = [m.features[k].register_forward_hook(lambda _m, _i, o, k=k: outs.__setitem__(k, o))
-             for _, members in GROUPS.values() for k in members]
+    discovered = {u.name: u for u in units_of(m)}
+    outs: dict[str, torch.Tensor] = {}
+    bns = {f"features.{k}.conv.3": k for _, members in GROUPS.values() for k in members}
+    hooks = [m.get_submodule(b).register_forward_hook(lambda _m, _i, o, b=b: outs.__setitem__(b, o)) for b in bns]
     try:
         _logits(m, x)
     finally:
         for h in hooks:
             h.remove()
     for g in _groups(m):
+        members = tuple(f"features.{k}.conv.3" for k in GROUPS[g.name][1])
+        assert discovered[g.name].rank_points == members and discovered[g.name].kind == "residual"
         assert ranks[g.name].shape == (g.width,) and s.tiebreak[g.name].shape == (g.width,)
-        want = sum(batch_ranks(outs[k]).double().mean(0) for k in GROUPS[g.name][1])
+        want = sum(batch_ranks(outs[b]).double().mean(0) for b in members)
         torch.testing.assert_close(ranks[g.name].double(), want.double(), rtol=1e-6, atol=1e-6)
 
 

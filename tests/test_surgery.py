@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from compressor import counting, surgery
+from compressor.errors import UserError
 from compressor.models import get_model
 from compressor.plan import Plan, make_plan
 from compressor.rates import RateSpec, resolve_rates
@@ -82,7 +83,7 @@ def test_transplant_keeps_every_tensor(tiny_vgg):
 def test_tampered_plan_detected(tiny_vgg):
     plan = random_plan(tiny_vgg, 0.5)
     bad = Plan(keep=dict(plan.keep), widths={**plan.widths, "features.conv0": 9})
-    with pytest.raises(ValueError, match="has 8"):
+    with pytest.raises(UserError, match="has 8"):
         surgery.apply(tiny_vgg, bad)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from compressor.pruning.graph import units as units_of
 from compressor.commands import new_parser
 
 EXAMPLES = """\
@@ -25,9 +26,9 @@ def run(args: argparse.Namespace) -> int:
         print("\n".join(list_models()))
         return 0
     m = get_model(args.model)
-    print(f"# {args.model}: {len(m.prunable_units())} prunable units (rates list order)")
+    print(f"# {args.model}: {len(units_of(m))} prunable units (rates list order)")
     print("| # | layer (rates key) | channels | rank point | coupled convs |")
     print("|---|---|---|---|---|")
-    for i, u in enumerate(m.prunable_units()):
+    for i, u in enumerate(units_of(m)):
         print(f"| {i} | {u.name} | {u.width} | {', '.join(u.rank_points)} | {', '.join(u.convs[1:]) or '-'} |")
     return 0

@@ -32,12 +32,19 @@ class PrunableUnit:
     cfg_index: tuple[int, ...]
     width: int
     compat_rank_points: tuple[str, ...] | None = None
+    #: activation applied to each rank point's output before ranking ('' = none); the
+    #: discovered units rank a BN output with its activation, hand-described ones name the activation
+    rank_acts: tuple[str, ...] = ()
+    #: "plain", "residual" (members tied by an add) or "linear" (no activation after the BN)
+    kind: str = "plain"
 
     def __post_init__(self) -> None:
         if not self.convs or self.name != self.convs[0]:
             raise ValueError(f"unit {self.name!r}: name must be its first conv")
         if self.width < 1:
             raise ValueError(f"unit {self.name!r}: width must be >= 1")
+        if self.rank_acts and len(self.rank_acts) != len(self.rank_points):
+            raise ValueError(f"unit {self.name!r}: one activation per rank point")
 
 
 @dataclass(frozen=True)
@@ -82,3 +89,16 @@ def set_cp_rates(model: nn.Module, rates: Mapping[str, float]) -> None:
     for u in model.prunable_units():
         for conv in u.convs:
             model.get_submodule(conv).cp_rate = float(rates.get(u.name, 0.0))
+
+
+class Described:
+    """Mixin of the hand-described families: their descriptions annotate the discovered units.
+
+    The units themselves come from the dependency graph (``compressor.pruning.graph``); a
+    family adds only HRank's bookkeeping, the cfg positions of each unit's width and HRank's
+    original rank points. ``prunable_units()`` stays as the test oracle for discovery.
+    """
+
+    def unit_annotations(self) -> dict[str, dict]:
+        return {u.name: {"cfg_index": u.cfg_index, "compat_rank_points": u.compat_rank_points}
+                for u in self.prunable_units()}  # type: ignore[attr-defined]

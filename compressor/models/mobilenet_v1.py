@@ -24,7 +24,7 @@ from torch import nn
 
 from compressor.errors import UserError
 from compressor.models._registry import register_model
-from compressor.models._spec import PrunableUnit, Slot
+from compressor.models._spec import Described, PrunableUnit, Slot
 
 CFG: list[int] = [32, 64, 128, 128, 256, 256, 512, 512, 512, 512, 512, 512, 1024, 1024]
 #: Stride of each depthwise conv (blocks 1..13).
@@ -58,7 +58,7 @@ def _conv_dw(inp: int, oup: int, stride: int) -> nn.Sequential:
     ))
 
 
-class MobileNetV1(nn.Module):
+class MobileNetV1(Described, nn.Module):
     """MobileNet v1; ``stem_stride`` is 1 for CIFAR and 2 for ImageNet."""
     #: quick-baseline training (prune without --checkpoint), measured on digits: ~97% in 6 epochs
     quick_baseline = {"epochs": 6, "lr": 0.05, "batch_size": 64, "warmup_epochs": 0.5}

@@ -69,7 +69,7 @@ from torch import nn
 
 from compressor.errors import UserError
 from compressor.models._registry import register_model
-from compressor.models._spec import PrunableUnit, Slot
+from compressor.models._spec import Described, PrunableUnit, Slot
 
 #: (expansion t, output channels c, blocks n, first stride s) per stage, as in the paper.
 SETTING: tuple[tuple[int, int, int, int], ...] = (
@@ -150,7 +150,7 @@ class InvertedResidual(nn.Module):
         return x + self.conv(x) if self.use_res_connect else self.conv(x)
 
 
-class MobileNetV2(nn.Module):
+class MobileNetV2(Described, nn.Module):
     #: quick-baseline training (prune without --checkpoint)
     quick_baseline = {"epochs": 6, "lr": 0.05, "batch_size": 64, "warmup_epochs": 0.5}
     def __init__(self, num_classes: int, cfg: list | None, cifar: bool, input_size: int, dropout: float = 0.2,
@@ -160,6 +160,7 @@ class MobileNetV2(nn.Module):
         self.num_classes = num_classes
         self.input_size = input_size
         self.residual_groups = residual_groups
+        self.prune_residual = residual_groups  # the engine prunes residual groups of this variant
         self._blocks = _blocks(cifar)
         stem = _conv_bn_act(3, self.cfg[0], stride=1 if cifar else 2)
         stem[0].cp_rate = 0.0

@@ -29,7 +29,7 @@ from torch import nn
 
 from compressor.errors import UserError
 from compressor.models._registry import register_model
-from compressor.models._spec import PrunableUnit, Slot
+from compressor.models._spec import Described, PrunableUnit, Slot
 
 FIRES: tuple[tuple[int, int, int], ...] = (
     (16, 64, 64), (16, 64, 64), (32, 128, 128), (32, 128, 128),
@@ -70,7 +70,7 @@ class Fire(nn.Module):
                           self.expand3x3_activation(self.expand3x3(x))], 1)
 
 
-class SqueezeNet(nn.Module):
+class SqueezeNet(Described, nn.Module):
     #: quick-baseline training (prune without --checkpoint): no BN, so a lower lr and a warm-up
     quick_baseline = {"epochs": 15, "lr": 0.01, "batch_size": 32, "warmup_epochs": 2}
     #: a pruned SqueezeNet fine-tuned at 0.01 falls back towards chance (see models.finetune_lr)

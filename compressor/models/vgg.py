@@ -15,7 +15,7 @@ from torch import nn
 
 from compressor.errors import UserError
 from compressor.models._registry import register_model
-from compressor.models._spec import PrunableUnit, Slot
+from compressor.models._spec import Described, PrunableUnit, Slot
 
 CIFAR_CFG: list = [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, 512]
 IMAGENET_CFG: list = [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M"]
@@ -32,7 +32,7 @@ def _check_cfg(cfg: list, reference: list) -> list:
     return cfg
 
 
-class VGGCifar(nn.Module):
+class VGGCifar(Described, nn.Module):
     """HRank's CIFAR VGG16-BN; convs carry ``cp_rate`` (fraction of filters removed)."""
     #: quick-baseline training (prune without --checkpoint), measured on digits: ~96% in 3 epochs
     quick_baseline = {"epochs": 3, "lr": 0.02, "batch_size": 32}
@@ -117,7 +117,7 @@ class VGGCifar(nn.Module):
         return cfg + [int(sd["classifier.linear1.weight"].shape[0])]
 
 
-class VGGImageNet(nn.Module):
+class VGGImageNet(Described, nn.Module):
     """torchvision's ``vgg16_bn`` layout (keys ``features.N``, ``classifier.N``) for 224×224."""
 
     input_size = 224

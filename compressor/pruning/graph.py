@@ -1,0 +1,409 @@
+"""Prunable units of any CNN, discovered from torch-pruning's dependency graph.
+
+A *unit* is one channel space that is cut as a whole: the conv whose output channels are
+removed, its BN, and every layer the graph couples to it (depthwise followers, concat
+slices of the next conv's input, residual members, SE convs, downsample convs, the Linear
+after a flatten). One group of ``DependencyGraph.get_all_groups`` is one unit.
+
+Rules (each documented in the README, "Any CNN"):
+
+* **Roots** are ``Conv2d`` layers. Linear-rooted groups (an MLP head's hidden width) are
+  not units. Groups that would cut a *protected* layer's outputs (the classifier, or
+  anything the caller names) are skipped; the protected layers stay in the trace, so the
+  classifier's input columns still follow the unit that feeds it.
+* **Kinds.** ``plain``: one producing conv (plus depthwise followers, SE gates);
+  ``residual``: two or more producing convs tied by an add (one shared index set, scores
+  summed over the members); ``linear``: a plain unit whose BN output feeds no activation
+  (a linear bottleneck, full rank by design). Residual and linear units are listed but not
+  prunable unless asked for (``residual=True``/``linear=True``): the defaults of the
+  hand-described families.
+* **Rank points** are found, not named: the output of the producing conv's BN (or of the
+  conv, without BN) with the activation that consumes it applied (ReLU, ReLU6/hardtanh,
+  Hardswish, SiLU, GELU, LeakyReLU, ELU, sigmoid). A hook on a BN fires once per forward
+  even where an activation *module* is reused (torchvision's BasicBlock calls one ``relu``
+  twice); ``capture.record`` asserts it. A unit with no activation is ranked on its BN
+  output.
+* **Refusal.** A group whose members disagree on the channel count (``F.pad`` on channels,
+  as in option-A ResNet shortcuts, makes torch-pruning merge widths 16/32/64) is never
+  pruned: it is reported in ``Discovery.refused`` with the op that caused it, and asking
+  to prune it is a one-line error. Anything else the graph gets wrong is caught after
+  surgery by the masked-model check in ``compressor.surgery``.
+"""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping, Sequence
+
+import torch
+import torch_pruning as tp
+from torch import nn
+
+from compressor.errors import UserError
+from compressor.models._spec import PrunableUnit
+
+#: grad_fn name -> activation name understood by ``activation_fn``
+_ACTIVATIONS = {
+    "ReluBackward0": "relu", "ReluBackward1": "relu",
+    "HardtanhBackward0": "hardtanh", "HardtanhBackward1": "hardtanh",
+    "HardswishBackward0": "hardswish", "HardswishBackward1": "hardswish",
+    "SiluBackward0": "silu", "SiluBackward1": "silu",
+    "GeluBackward0": "gelu",
+    "LeakyReluBackward0": "leaky_relu", "LeakyReluBackward1": "leaky_relu",
+    "EluBackward0": "elu", "EluBackward1": "elu",
+    "SigmoidBackward0": "sigmoid", "SigmoidBackward1": "sigmoid",
+}
+_NORMS = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm, nn.modules.instancenorm._InstanceNorm)
+
+# ---------------------------------------------------------------- custom channel ops
+
+
+@dataclass(frozen=True)
+class ChannelOp:
+    """A parameter-free module that maps channels (e.g. a zero-pad shortcut).
+
+    ``pruner`` is torch-pruning's per-layer function for it (decouples its input and output
+    channel spaces); ``describe``/``restore`` turn its pruned state into plain data for
+    checkpoints and back.
+    """
+
+    pruner: tp.pruner.function.BasePruningFunc
+    describe: Callable[[nn.Module], dict[str, Any]]
+    restore: Callable[[nn.Module, Mapping[str, Any]], None]
+
+
+_CHANNEL_OPS: dict[type, ChannelOp] = {}
+
+
+def register_channel_op(module_type: type, op: ChannelOp) -> None:
+    """Teach the engine a module type the graph cannot handle on its own."""
+    _CHANNEL_OPS[module_type] = op
+
+
+def channel_ops() -> Mapping[type, ChannelOp]:
+    return dict(_CHANNEL_OPS)
+
+
+def customized_pruners() -> dict[type, tp.pruner.function.BasePruningFunc]:
+    return {t: op.pruner for t, op in _CHANNEL_OPS.items()}
+
+
+# ---------------------------------------------------------------- model contract
+
+
+def input_shape(model: nn.Module) -> tuple[int, int, int]:
+    """(C, H, W) of one input: ``model.input_size`` (int or (H, W)) and ``in_channels`` (3)."""
+    size = getattr(model, "input_size", None)
+    if size is None:
+        raise UserError("the model has no input_size: pass example inputs", field="input_size")
+    h, w = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+    return int(getattr(model, "in_channels", 3)), h, w
+
+
+def _param(model: nn.Module) -> torch.Tensor | None:
+    return next(iter(model.parameters()), None)
+
+
+def example_input(model: nn.Module, batch: int = 1, *, generator: torch.Generator | None = None) -> torch.Tensor:
+    """A random input on the model's device and dtype (a local generator: the caller's RNG is kept)."""
+    c, h, w = input_shape(model)
+    p = _param(model)
+    device, dtype = (p.device, p.dtype) if p is not None else (torch.device("cpu"), torch.float32)
+    g = generator or torch.Generator().manual_seed(0)
+    return torch.randn(batch, c, h, w, generator=g).to(device=device, dtype=dtype)
+
+
+def call_order(model: nn.Module, example: torch.Tensor) -> list[str]:
+    """Names of leaf modules in the order the forward pass first calls them."""
+    order: list[str] = []
+    seen: set[str] = set()
+    handles = []
+
+    def make(name: str) -> Callable:
+        def hook(*_a: Any) -> None:
+            if name not in seen:
+                seen.add(name)
+                order.append(name)
+        return hook
+
+    for name, mod in model.named_modules():
+        if name and not list(mod.children()):
+            handles.append(mod.register_forward_hook(make(name)))
+    was = model.training
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(example)
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was)
+    return order
+
+
+def protected_layers(model: nn.Module, example: torch.Tensor | None = None,
+                     extra: Sequence[nn.Module | str] = ()) -> list[nn.Module]:
+    """Layers whose outputs are never cut: ``model.ignored_layers()`` if the model says, else the
+    last Conv2d/Linear the forward calls (the classifier), plus ``extra`` (modules or names)."""
+    if hasattr(model, "ignored_layers"):
+        layers = list(model.ignored_layers())
+    else:
+        example = example if example is not None else example_input(model)
+        mods = dict(model.named_modules())
+        last = [n for n in call_order(model, example) if isinstance(mods[n], (nn.Conv2d, nn.Linear))]
+        layers = [mods[last[-1]]] if last else []
+    mods = dict(model.named_modules())
+    for e in extra:
+        if isinstance(e, str):
+            if e not in mods:
+                raise UserError(f"no module named {e!r} in the model", field="ignored_layers")
+            layers.append(mods[e])
+        else:
+            layers.append(e)
+    return layers
+
+
+def build_graph(model: nn.Module, example: torch.Tensor) -> tp.DependencyGraph:
+    """torch-pruning's graph, traced in eval mode (a train-mode trace would update BN statistics)."""
+    was = model.training
+    model.eval()
+    try:
+        return tp.DependencyGraph().build_dependency(model, example_inputs=example,
+                                                     customized_pruners=customized_pruners(), verbose=False)
+    except Exception as exc:  # noqa: BLE001 - whatever the tracer trips on, the model is refused in one line
+        import traceback
+
+        where = traceback.extract_tb(exc.__traceback__)[-1].name
+        hint = " (a reshape/transpose of channels, such as a channel shuffle)" if "reshape" in where else ""
+        raise UserError(f"the dependency graph cannot handle this model: torch-pruning failed in {where} with "
+                        f"{type(exc).__name__}{hint}; it is refused rather than pruned wrongly", field="model") from exc
+    finally:
+        model.train(was)
+
+
+# ---------------------------------------------------------------- discovery
+
+
+@dataclass(frozen=True)
+class Member:
+    """One layer of a unit: how its channels follow the unit (for counting and checks)."""
+
+    name: str
+    role: str  # "out" (its output channels are the unit's) or "in" (some input channels are)
+    n: int     # how many of its channels follow the unit at full width
+
+
+@dataclass(frozen=True)
+class Discovery:
+    """Every unit of a model, those refused, and how each layer follows them."""
+
+    units: tuple[PrunableUnit, ...]
+    kinds: Mapping[str, str]
+    members: Mapping[str, tuple[Member, ...]]
+    refused: Mapping[str, str] = field(default_factory=dict)
+    skipped: Mapping[str, str] = field(default_factory=dict)
+
+    def unit(self, name: str) -> PrunableUnit:
+        for u in self.units:
+            if u.name == name:
+                return u
+        raise KeyError(name)
+
+
+def _real_module(node: Any, direction: str, depth: int = 0) -> str | None:
+    if not isinstance(node.module, (tp.ops._ElementWiseOp, tp.ops._ConcatOp, tp.ops._SplitOp,
+                                    tp.ops._ReshapeOp, tp.ops._SliceOp)) or depth > 8:
+        return node.name.split(" (")[0]
+    nxt = node.inputs if direction == "in" else node.outputs
+    for n in nxt:
+        found = _real_module(n, direction, depth + 1)
+        if found:
+            return found
+    return None
+
+
+def _culprit(group: Any) -> str:
+    """Name the op that made a group's widths disagree (a pad or reshape on channels)."""
+    for item in group:
+        node = item.dep.target
+        gf = type(getattr(node, "grad_fn", None)).__name__
+        if "Pad" in gf or "Shuffle" in gf or "Transpose" in gf or "Permute" in gf:
+            src, dst = _real_module(node, "in"), _real_module(node, "out")
+            pad = getattr(node.grad_fn, "_saved_pad", None)
+            what = f"{gf.replace('Backward0', '')}{'' if pad is None else ' ' + str(tuple(pad))}"
+            return f"op {what} on channels between {src} and {dst}"
+    return "members of different widths (an op that changes the channel count)"
+
+
+def _activation_of(node: Any) -> str:
+    """The activation applied to a node's output, or '' if its consumer is anything else."""
+    outs = list(node.outputs)
+    if len(outs) != 1:
+        return ""
+    gf = getattr(outs[0], "grad_fn", None)
+    name = _ACTIVATIONS.get(type(gf).__name__, "")
+    if name == "hardtanh":
+        return f"hardtanh:{float(gf._saved_min_val)}:{float(gf._saved_max_val)}"
+    if name == "leaky_relu":
+        return f"leaky_relu:{float(gf._saved_negative_slope)}"
+    if name == "elu":
+        return f"elu:{float(gf._saved_alpha)}"
+    return name
+
+
+def activation_fn(spec: str) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The function of an activation spec recorded on a unit ('' = identity)."""
+    import torch.nn.functional as F
+
+    if not spec:
+        return lambda t: t
+    name, *args = spec.split(":")
+    vals = [float(a) for a in args]
+    table: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+        "relu": F.relu, "hardswish": F.hardswish, "silu": F.silu, "gelu": F.gelu, "sigmoid": torch.sigmoid,
+        "hardtanh": lambda t: F.hardtanh(t, *vals), "leaky_relu": lambda t: F.leaky_relu(t, *vals),
+        "elu": lambda t: F.elu(t, *vals),
+    }
+    if name not in table:
+        raise ValueError(f"unknown activation {spec!r}")
+    return table[name]
+
+
+def _is_depthwise_follower(conv: nn.Conv2d, in_group: bool) -> bool:
+    return in_group and conv.groups > 1 and conv.groups == conv.in_channels == conv.out_channels
+
+
+def discover(model: nn.Module, example: torch.Tensor | None = None, *,
+             ignored: Sequence[nn.Module | str] = (), residual: bool | None = None,
+             linear: bool = False) -> Discovery:
+    """Find every prunable unit of ``model`` (the model is not changed)."""
+    example = example if example is not None else example_input(model)
+    if residual is None:
+        residual = bool(getattr(model, "prune_residual", False))
+    protected = protected_layers(model, example, ignored)
+    order = {n: i for i, n in enumerate(call_order(model, example))}
+    names = {m: n for n, m in model.named_modules()}
+    dg = build_graph(model, example)
+    units: list[tuple[int, PrunableUnit]] = []
+    kinds: dict[str, str] = {}
+    members: dict[str, tuple[Member, ...]] = {}
+    refused: dict[str, str] = {}
+    skipped: dict[str, str] = {}
+    for group in dg.get_all_groups(ignored_layers=list(protected), root_module_types=[nn.Conv2d]):
+        items = [(it.dep.target, it.dep.handler, len(it.idxs)) for it in group]
+        out_mods, in_mods = {}, {}
+        adds = False
+        for node, handler, n in items:
+            mod = node.module
+            if isinstance(mod, tp.ops._ElementWiseOp) and type(node.grad_fn).__name__.startswith(("Add", "Sub")):
+                adds = True
+            if mod not in names:
+                continue
+            (out_mods if dg.is_out_channel_pruning_fn(handler) else in_mods)[names[mod]] = n
+        convs = sorted((n for n in out_mods if isinstance(model.get_submodule(n), nn.Conv2d)),
+                       key=lambda n: order.get(n, 1 << 30))
+        if not convs:
+            continue
+        root = convs[0]
+        width = model.get_submodule(root).out_channels
+        # Per-channel layers (BN) may follow the unit on a slice (a concat before them); a conv or
+        # Linear whose outputs are cut must be exactly the unit's width.
+        layer_widths = {_out_width(model.get_submodule(n)) for n in out_mods
+                        if isinstance(model.get_submodule(n), (nn.Conv2d, nn.Linear))}
+        if layer_widths != {width} or any(n != width for n in out_mods.values()):
+            refused[root] = _culprit(group)
+            for n in convs[1:]:
+                refused.setdefault(n, refused[root])
+            continue
+        producers = [n for n in convs if not _is_depthwise_follower(model.get_submodule(n), n in in_mods)]
+        kind = "residual" if (adds and len(producers) > 1) else "plain"
+        heads = producers if kind == "residual" else producers[:1]
+        points, acts, bns = [], [], []
+        for conv in heads:
+            node = dg.module2node[model.get_submodule(conv)]
+            nxt = list(node.outputs)
+            point = conv
+            if len(nxt) == 1 and isinstance(nxt[0].module, _NORMS) and nxt[0].module in names:
+                point, node = names[nxt[0].module], nxt[0]
+                bns.append(point)
+            points.append(point)
+            acts.append(_activation_of(node) if kind == "plain" else "")
+        if kind == "plain" and not acts[0]:
+            kind = "linear"
+        unit = PrunableUnit(name=root, convs=tuple(heads), bns=tuple(bns), rank_points=tuple(points), cfg_index=(),
+                            width=width, rank_acts=tuple(acts), kind=kind)
+        kinds[root] = kind
+        members[root] = tuple(Member(n, "out", c) for n, c in out_mods.items()) + tuple(
+            Member(n, "in", c) for n, c in in_mods.items())
+        if (kind == "residual" and not residual) or (kind == "linear" and not linear):
+            skipped[root] = kind
+            continue
+        units.append((order.get(root, 1 << 30), unit))
+    units.sort(key=lambda t: t[0])
+    return Discovery(units=tuple(u for _, u in units), kinds=kinds, members=members, refused=refused, skipped=skipped)
+
+
+def _out_width(mod: nn.Module) -> int | None:
+    if isinstance(mod, nn.Conv2d):
+        return mod.out_channels
+    if isinstance(mod, nn.Linear):
+        return mod.out_features
+    if isinstance(mod, nn.modules.batchnorm._BatchNorm):
+        return mod.num_features
+    if isinstance(mod, nn.GroupNorm):
+        return mod.num_channels
+    if isinstance(mod, nn.LayerNorm):
+        return int(mod.normalized_shape[-1])
+    return None
+
+
+# ---------------------------------------------------------------- cached access
+
+_CACHE: "weakref.WeakKeyDictionary[nn.Module, tuple[tuple, Discovery]]" = weakref.WeakKeyDictionary()
+
+
+def _signature(model: nn.Module) -> tuple:
+    return (getattr(model, "input_size", None), getattr(model, "prune_residual", None),
+            tuple((n, tuple(p.shape)) for n, p in model.named_parameters()))
+
+
+def discovery(model: nn.Module) -> Discovery:
+    """``discover`` with the model's own defaults, cached until the model's shapes change."""
+    sig = _signature(model)
+    hit = _CACHE.get(model)
+    if hit is not None and hit[0] == sig:
+        return hit[1]
+    found = discover(model)
+    _CACHE[model] = (sig, found)
+    return found
+
+
+def units(model: nn.Module) -> list[PrunableUnit]:
+    """The prunable units of any model, in forward order.
+
+    Registered families annotate the discovered units with their HRank bookkeeping
+    (``cfg_index``, HRank's compat rank points) through ``model.unit_annotations()``; the
+    discovery itself is the same graph walk for every model.
+    """
+    found = list(discovery(model).units)
+    notes = model.unit_annotations() if hasattr(model, "unit_annotations") else {}
+    if not notes:
+        return found
+    from dataclasses import replace
+
+    return [replace(u, **notes[u.name]) if u.name in notes else u for u in found]
+
+
+def check_prunable(model: nn.Module, names: Sequence[str]) -> None:
+    """A rates file or plan that names a refused or skipped layer gets one line saying why."""
+    d = discovery(model)
+    ok = {u.name for u in d.units}
+    for n in names:
+        if n in ok:
+            continue
+        if n in d.refused:
+            raise UserError(f"layer {n!r} cannot be pruned safely: {d.refused[n]}", field=n)
+        if n in d.skipped:
+            raise UserError(f"layer {n!r} is a {d.skipped[n]} unit, not pruned by default "
+                            f"({'--residual' if d.skipped[n] == 'residual' else 'linear=True'} enables it)", field=n)
