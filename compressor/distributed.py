@@ -5,6 +5,12 @@
 on GPU, gloo on CPU). Without those variables everything here is a no-op for one process,
 so the library has one code path. Only rank 0 writes files (``ctx.is_main``).
 
+Failing together: rank-0-only work (a save, a report) goes through :func:`run_on_main`, which
+ends with one collective that tells every rank whether rank 0 failed; the others then raise
+:class:`PeerFailed` with rank 0's message (and exit code) instead of running on into the next
+collective and waiting there for the group timeout. A process unwinding from an error leaves
+the group with ``shutdown(barrier=False)``: its peers failed at the same point, or are gone.
+
 Ranking shards the calibration images by whole batches (batch ``i`` goes to rank
 ``i % N``), so every process sees exactly the batches a single process would; the
 accumulators' per-process sums are then all-reduced, and N processes give the same scores
@@ -16,11 +22,23 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence, TypeVar
 
 import torch
 import torch.distributed as dist
 from torch.utils.data import Dataset, Subset
+
+from compressor.errors import UserError
+
+T = TypeVar("T")
+
+
+class PeerFailed(UserError):
+    """Another process of the group failed; this one stops too, with that process's message and exit code."""
+
+    def __init__(self, message: str, exit_code: int = 2) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
 
 
 @dataclass(frozen=True)
@@ -76,17 +94,74 @@ def current(device: torch.device | str = "cpu") -> DistContext:
     return DistContext(device=device)
 
 
-def shutdown() -> None:
+def shutdown(barrier: bool = True) -> None:
     """Leave the group together: a rank that tears down while a peer is still working can make
-    gloo abort that peer (seen as SIGABRT in a loaded 2-process CPU run)."""
+    gloo abort that peer (seen as SIGABRT in a loaded 2-process CPU run).
+
+    ``barrier=False`` when unwinding from an error: the peers either failed at the same point
+    (:func:`run_on_main`, the NaN-loss check) or will never reach a barrier; waiting for them
+    would hang until the group timeout.
+    """
     if dist.is_available() and dist.is_initialized():
         try:
-            if dist.get_backend() == "nccl":
+            if barrier and dist.get_backend() == "nccl":
                 dist.barrier(device_ids=[torch.cuda.current_device()])
-            else:
+            elif barrier:
                 dist.barrier()
         finally:
             dist.destroy_process_group()
+
+
+def _describe(exc: BaseException) -> tuple[str, int]:
+    if isinstance(exc, UserError):
+        return str(exc), int(exc.exit_code)
+    if isinstance(exc, KeyboardInterrupt):
+        return "interrupted", 130
+    text = str(exc).splitlines()[0][:300] if str(exc) else ""
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__, 1
+
+
+def raise_together(err: BaseException | None, ctx: DistContext | None = None) -> None:
+    """Called by every rank at the same point with its own error (or None): all raise if any failed.
+
+    A failed rank re-raises its own error; the others raise :class:`PeerFailed` naming the
+    first failed rank and its message. Costs one small all-reduce when nothing failed.
+    """
+    ctx = ctx or current()
+    if ctx.enabled:
+        dev = ctx.device if ctx.device.type == "cuda" else torch.device("cpu")
+        flag = torch.tensor(0 if err is None else 1, dtype=torch.int32, device=dev)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        if flag.item():
+            mine = None if err is None else (ctx.rank, *_describe(err))
+            everyone: list[Any] = [None] * ctx.world_size
+            dist.all_gather_object(everyone, mine)
+            if err is None:
+                rank, msg, code = next(e for e in everyone if e is not None)
+                raise PeerFailed(f"process {rank} failed: {msg}", exit_code=code)
+    if err is not None:
+        raise err
+
+
+def run_on_main(fn: Callable[[], T], ctx: DistContext | None = None) -> T | None:
+    """``fn()`` on rank 0 only (file writes, reports); then every rank learns whether it failed.
+
+    Rank 0 gets ``fn``'s result (or its error, re-raised); the other ranks get ``None`` (or
+    :class:`PeerFailed`). Every rank of the group must call it, at the same point.
+    """
+    ctx = ctx or current()
+    result: T | None = None
+    err: BaseException | None = None
+    if ctx.is_main:
+        try:
+            result = fn()
+        except BaseException as exc:  # noqa: BLE001 - handed to raise_together, re-raised there
+            err = exc
+    try:
+        raise_together(err, ctx)
+    finally:
+        err = None  # no reference cycle through the traceback
+    return result
 
 
 def _all_reduce(t: torch.Tensor, op: "dist.ReduceOp", ctx: DistContext | None) -> torch.Tensor:

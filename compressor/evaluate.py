@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Iterable
+from typing import Iterable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -54,7 +54,10 @@ def recalibrate_bn(model: nn.Module, loader: Iterable, device: torch.device | st
 
     Aggressive pruning leaves the statistics stale, so "accuracy right after pruning" sits
     near chance for every criterion; one pass over a few hundred training images fixes that.
-    Returns the number of images used (0 if the model has no BatchNorm).
+    A batch of one image (a trailing remainder, e.g. 129 images at batch 128, or the cut at
+    ``max_images``) cannot be normalized in training mode (BatchNorm1d, or 1x1 maps): it is
+    merged into its neighbour batch. Returns the number of images used (0 if the model has no
+    BatchNorm, or only one image came).
     """
     bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     if not bns:
@@ -67,19 +70,34 @@ def recalibrate_bn(model: nn.Module, loader: Iterable, device: torch.device | st
         m.momentum = None  # cumulative average over the pass
         m.train()
     seen = 0
+    held: torch.Tensor | None = None  # one batch held back, so a 1-image batch can join it
     try:
-        for batch in loader:
-            x = batch[0] if isinstance(batch, (list, tuple)) else batch
-            x = x[: max_images - seen].to(device)
-            if x.shape[0] < 2 and seen == 0:
+        for x in _capped(loader, max_images):
+            if held is None or x.shape[0] < 2 or held.shape[0] < 2:
+                held = x if held is None else torch.cat([held, x])
                 continue
-            model(x)
-            seen += x.shape[0]
-            if seen >= max_images:
-                break
+            model(held.to(device))
+            seen += held.shape[0]
+            held = x
+        if held is not None and held.shape[0] >= 2:
+            model(held.to(device))
+            seen += held.shape[0]
     finally:
         for m, (mom, tr) in zip(bns, saved):
             m.momentum = mom
             m.train(tr)
         model.train(was_training)
     return seen
+
+
+def _capped(loader: Iterable, max_images: int) -> Iterator[torch.Tensor]:
+    """The input tensors of ``loader``'s batches, cut so that at most ``max_images`` come out."""
+    taken = 0
+    for batch in loader:
+        if taken >= max_images:
+            return
+        x = batch[0] if isinstance(batch, (list, tuple)) else batch
+        x = x[: max_images - taken]
+        if x.shape[0]:
+            taken += x.shape[0]
+            yield x

@@ -27,6 +27,28 @@ from compressor import io
 from compressor.errors import UserError
 
 DEFAULT_OPSET = 17
+MIN_OPSET = 7  # older opsets have no BatchNormalization onnxruntime can run
+
+
+def max_opset() -> int:
+    """The newest opset torch's TorchScript exporter writes."""
+    try:
+        from torch.onnx import _constants  # noqa: PLC0415 - private, but the only place torch says it
+
+        return int(getattr(_constants, "ONNX_MAX_OPSET", 20))
+    except ImportError:  # pragma: no cover
+        return 20
+
+
+def check_opset(opset: int) -> int:
+    if isinstance(opset, bool) or not isinstance(opset, int) or not MIN_OPSET <= opset <= max_opset():
+        raise UserError(f"must be an integer in [{MIN_OPSET}, {max_opset()}], got {opset!r}", field="opset")
+    return opset
+
+
+def _why(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 def _require_onnx():
@@ -50,7 +72,9 @@ def to_onnx_bytes(model: nn.Module, opset: int = DEFAULT_OPSET) -> bytes:
         with warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore", DeprecationWarning)
             warnings.simplefilter("ignore", UserWarning)  # exporter chatter (e.g. old opsets); checks follow below
-            torch.onnx.export(model, (torch.zeros(1, 3, size, size),), buf, dynamo=False, opset_version=opset,
+            first = next(iter(model.parameters()), None)  # the dummy input goes where the model is
+            dummy = torch.zeros(1, 3, size, size, device=first.device if first is not None else "cpu")
+            torch.onnx.export(model, (dummy,), buf, dynamo=False, opset_version=opset,
                               input_names=["input"], output_names=["logits"],
                               dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}})
     finally:
@@ -97,8 +121,13 @@ class ExportResult:
 def compare(model: nn.Module, onnx_bytes: bytes, inputs: Sequence[tuple[str, torch.Tensor]]) -> list[Check]:
     """Run torch and onnxruntime (CPU) on the same inputs; max |difference| of the logits."""
     _, ort = _require_onnx()
-    sess = ort.InferenceSession(onnx_bytes, providers=["CPUExecutionProvider"])
+    try:
+        sess = ort.InferenceSession(onnx_bytes, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # noqa: BLE001 - onnxruntime's own exception types (NotImplemented, Fail, ...)
+        raise UserError(f"onnxruntime cannot run the exported model ({_why(exc)})", field="onnxruntime") from exc
     was = model.training
+    first = next(iter(model.parameters()), None)
+    device = first.device if first is not None else torch.device("cpu")
     model.eval().cpu()
     out = []
     try:
@@ -111,6 +140,7 @@ def compare(model: nn.Module, onnx_bytes: bytes, inputs: Sequence[tuple[str, tor
                              float((got.argmax(1) == ref.argmax(1)).mean())))
     finally:
         model.train(was)
+        model.to(device)  # the caller's model stays where it was
     return out
 
 
@@ -127,13 +157,14 @@ def export(model: nn.Module, path: str | Path | None, *, opset: int = DEFAULT_OP
     """Export, verify, and write ``path`` only if every check passes (or ``force``)."""
     if n_real < 0:
         raise UserError(f"must be >= 0, got {n_real}", field="n-real")
+    check_opset(opset)  # an opset out of range is the user's; anything failing after it is reported as itself
     try:
         blob = to_onnx_bytes(model, opset)
-    except Exception as exc:  # noqa: BLE001 - torch.onnx / onnx.checker refuse an opset in many ways
+    except Exception as exc:  # noqa: BLE001 - torch.onnx and onnx.checker fail in many ways
         if isinstance(exc, UserError):
             raise
-        why = str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__
-        raise UserError(f"ONNX export at opset {opset} failed: {why}", field="opset") from exc
+        raise UserError(f"ONNX export (opset {opset}) of {getattr(model, 'arch', type(model).__name__)} failed: "
+                        f"{_why(exc)}", field="export") from exc
     size = int(model.input_size)
     g = torch.Generator().manual_seed(seed)
     inputs = [(f"random batch {b}", torch.randn(b, 3, size, size, generator=g)) for b in batch_sizes]

@@ -1,15 +1,27 @@
 """Atomic file writes: a temporary file in the target folder, fsync, then ``os.replace``.
 
 Every file the library writes goes through here, so an interrupted run never leaves a
-half-written checkpoint, scores file, plan or report behind.
+half-written checkpoint, scores file, plan or report behind. A failed write (a full disk,
+also when torch's serializer reports it as a ``RuntimeError``) is a one-line ``UserError``
+and removes its temporary file.
+
+Temporary files are named ``.<name>.<pid>-<host>.<random>.tmp``. Only a hard kill (SIGKILL,
+power loss) leaves one behind; the next write into the same folder removes such stale
+temporaries of ours: those whose writer (the pid, on this host) is no longer running, and
+any of ours, from any host, not modified for an hour (``STALE_AFTER_S``). A live writer's
+file is never touched: it is either a running process here or being written to.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
+import re
+import socket
 import tempfile
+import time
 from pathlib import Path
 from typing import Any, Callable, Iterator, IO
 
@@ -22,13 +34,59 @@ def _umask() -> int:
     return mask
 
 
+STALE_AFTER_S = 3600.0
+# .<name>.<pid>-<host tag>.<mkstemp's random part>.tmp, or the older .<name>.<random>.tmp
+_TMP = re.compile(r"^\..+?\.(?:(?P<pid>\d+)-(?P<host>[0-9a-f]{8})\.)?[A-Za-z0-9_]{8}\.tmp$")
+
+
+def _host_tag() -> str:
+    return hashlib.sha1(socket.gethostname().encode()).hexdigest()[:8]
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # EPERM: it exists, owned by someone else
+        return True
+    return True
+
+
+def clean_stale_temps(folder: str | os.PathLike, now: float | None = None) -> list[Path]:
+    """Remove our stale ``.*.tmp`` files in ``folder`` (see the module docstring); returns them."""
+    now = time.time() if now is None else now
+    host, removed = _host_tag(), []
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return removed
+    for e in entries:
+        m = _TMP.match(e.name)
+        if not m or not e.is_file(follow_symlinks=False):
+            continue
+        try:
+            old = now - e.stat(follow_symlinks=False).st_mtime > STALE_AFTER_S
+        except OSError:
+            continue
+        dead = m["pid"] is not None and m["host"] == host and int(m["pid"]) != os.getpid() \
+            and not _pid_alive(int(m["pid"]))
+        if old or dead:
+            with contextlib.suppress(OSError):
+                os.unlink(e.path)
+                removed.append(Path(e.path))
+    return removed
+
+
 @contextlib.contextmanager
 def atomic_open(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
     """Yield a temp file next to ``path``; on success it replaces ``path`` atomically."""
     target = Path(path)
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+        clean_stale_temps(target.parent)
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.{os.getpid()}-{_host_tag()}.", suffix=".tmp",
+                                   dir=target.parent)
     except OSError as exc:
         raise UserError(f"cannot write here ({exc.strerror})", source=str(target)) from exc
     try:
@@ -73,7 +131,34 @@ def write_json(path: str | os.PathLike, data: Any) -> Path:
     return write_text(path, json.dumps(data, indent=2, sort_keys=False) + "\n")
 
 
+class _WriteRecorder:
+    """A file wrapper that remembers the ``OSError`` of a failed write: torch's serializer turns it
+    into a ``RuntimeError`` ("unexpected pos ..."), and the real cause (a full disk) would be lost."""
+
+    def __init__(self, fh: IO) -> None:
+        self.fh, self.error = fh, None
+
+    def write(self, data: Any) -> int:
+        try:
+            return self.fh.write(data)
+        except OSError as exc:
+            self.error = exc
+            raise
+
+    def flush(self) -> None:
+        self.fh.flush()
+
+
 def save_torch(path: str | os.PathLike, obj: Any) -> Path:
     import torch
 
-    return atomic_write(path, lambda fh: torch.save(obj, fh))
+    def write(fh: IO) -> None:
+        rec = _WriteRecorder(fh)
+        try:
+            torch.save(obj, rec)
+        except RuntimeError as exc:
+            if rec.error is not None:
+                raise rec.error from exc  # an OSError: atomic_open makes it a one-line UserError
+            raise
+
+    return atomic_write(path, write)

@@ -7,10 +7,15 @@ split is never looked at here.
   non-blocking copies, optional ``torch.compile``; host syncs only every few steps.
   CPU: the same loop in fp32.
 * Resumable: with ``out_dir`` every epoch writes ``last.pt`` (and ``best.pt`` at the best
-  validation accuracy) atomically, with optimizer, scheduler, scaler, RNG and sampler state
-  in the checkpoint's ``extra["train_state"]`` as plain data. The shuffle order and every
-  random stream of an epoch are functions of (seed, epoch, rank), so a resumed run repeats
-  an uninterrupted one exactly on CPU (also with DataLoader workers, which are seeded the same way).
+  validation accuracy) atomically, with optimizer, scheduler and scaler state, the epoch and
+  the sampler's (seed, epoch, processes) in the checkpoint's ``extra["train_state"]`` as plain
+  data. No RNG state is saved, because none is carried across epochs: each epoch re-seeds
+  torch/numpy/python and the loader's generator from (seed, epoch, rank) and the shuffle is
+  (seed, epoch), so a resumed run repeats an uninterrupted one exactly on CPU (also with
+  DataLoader workers, which are seeded from that generator).
+* Never writes a broken model: the loss is checked every step (every 32 on GPU) and the
+  weights and BN statistics before every checkpoint (``check_finite``); NaN/inf stops the
+  run (exit code 3) and keeps the previous files.
 * Multi-process (``torchrun``): DDP, a ``DistributedSampler`` per rank, metrics summed over
   ranks, files written by rank 0 only (see ``compressor.distributed``).
 """
@@ -43,9 +48,34 @@ SCHEDULES = ("cosine", "multistep", "onecycle", "constant")
 
 
 class NonFiniteLossError(UserError, FloatingPointError):
-    """The loss became NaN/inf: the run stops; the last good checkpoint stays as it was."""
+    """The loss (or the weights) became NaN/inf: the run stops; the last good checkpoint stays as it was."""
 
     exit_code = 3
+
+
+class NonFiniteWeightsError(NonFiniteLossError):
+    """A model's parameters or BN statistics hold NaN/inf: it is not written anywhere. Exit code 3."""
+
+
+def nonfinite_tensors(model: nn.Module) -> list[str]:
+    """Names of the parameters and floating-point buffers (BN statistics) that hold NaN or inf."""
+    named = [*model.named_parameters(), *((n, b) for n, b in model.named_buffers() if b.is_floating_point())]
+    if not named:
+        return []
+    ok = torch.stack([torch.isfinite(t.detach()).all() for _, t in named]).cpu()  # one host sync
+    return [n for (n, _), good in zip(named, ok.tolist()) if not good]
+
+
+def check_finite(model: nn.Module, *, what: str = "model", source: str | None = None) -> None:
+    """Raise ``NonFiniteWeightsError`` (exit 3) when the weights or BN statistics of ``model`` are not finite.
+
+    Call it before writing a model (``fit`` does, before every last.pt/best.pt).
+    """
+    bad = nonfinite_tensors(model)
+    if bad:
+        more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
+        raise NonFiniteWeightsError(f"the {what}'s weights are NaN/inf ({', '.join(bad[:3])}{more}); not written",
+                                    source=source, field="weights")
 
 
 @dataclass(frozen=True)
@@ -74,14 +104,31 @@ class TrainConfig:
     val_batch_size: int = 256
 
     def __post_init__(self) -> None:
-        if self.epochs < 0 or self.batch_size < 1 or self.lr <= 0:
-            raise ValueError("epochs >= 0, batch_size >= 1 and lr > 0 are required")
+        """Every number finite and in range (a ``ValueError`` naming the field; callers add the file)."""
+        ints = {"epochs": 0, "batch_size": 1, "seed": 0, "workers": 0, "val_batch_size": 1}
+        for name, lo in ints.items():
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+                raise ValueError(f"{name}: must be an integer >= {lo}, got {v!r}")
+        if self.seed > 2**32 - 1:
+            raise ValueError(f"seed: must be an integer in [0, 4294967295], got {self.seed!r}")
+        floats = {  # name: (low, low included, high, high included)
+            "lr": (0.0, False, math.inf, False), "momentum": (0.0, True, 1.0, False),
+            "weight_decay": (0.0, True, math.inf, False), "gamma": (0.0, False, math.inf, False),
+            "warmup_epochs": (0.0, True, math.inf, False), "label_smoothing": (0.0, True, 1.0, False),
+            "kd_temperature": (0.0, False, math.inf, False), "kd_alpha": (0.0, True, 1.0, True)}
+        for name, (lo, lo_in, hi, hi_in) in floats.items():
+            v = getattr(self, name)
+            ok = (not isinstance(v, bool) and isinstance(v, (int, float)) and math.isfinite(v)
+                  and (v >= lo if lo_in else v > lo) and (v <= hi if hi_in else v < hi))
+            if not ok:
+                rng = (f"> {lo:g}" if hi == math.inf and not lo_in else f">= {lo:g}" if hi == math.inf
+                       else f"in {'[' if lo_in else '('}{lo:g}, {hi:g}{']' if hi_in else ')'}")
+                raise ValueError(f"{name}: must be a finite number {rng}, got {v!r}")
+        if any(isinstance(m, bool) or not isinstance(m, int) or m < 0 for m in self.milestones):
+            raise ValueError(f"milestones: must be integers >= 0, got {list(self.milestones)!r}")
         if self.schedule not in SCHEDULES:
-            raise ValueError(f"unknown schedule {self.schedule!r}; valid: {', '.join(SCHEDULES)}")
-        if not 0.0 <= self.kd_alpha <= 1.0 or self.kd_temperature <= 0:
-            raise ValueError("kd_alpha must be in [0, 1] and kd_temperature > 0")
-        if not 0.0 <= self.label_smoothing < 1.0 or self.warmup_epochs < 0:
-            raise ValueError("label_smoothing must be in [0, 1) and warmup_epochs >= 0")
+            raise ValueError(f"schedule: unknown schedule {self.schedule!r}; valid: {', '.join(SCHEDULES)}")
 
 
 def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -134,39 +181,10 @@ def epoch_seed(seed: int, epoch: int, rank: int = 0) -> int:
 
 
 def seed_all(s: int) -> None:
+    """Seed torch (CPU and CUDA), numpy and python: called at the start of every epoch."""
     torch.manual_seed(s)
     np.random.seed(s)
     random.seed(s)
-
-
-def rng_state(gen: torch.Generator | None = None) -> dict[str, Any]:
-    """torch/CUDA/numpy/python/loader RNG states as tensors and plain values."""
-    name, keys, pos, has_gauss, gauss = np.random.get_state()
-    version, pstate, gauss_next = random.getstate()
-    state: dict[str, Any] = {
-        "torch": torch.get_rng_state(),
-        "numpy": {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
-                  "has_gauss": int(has_gauss), "cached_gaussian": float(gauss)},
-        "python": {"version": version, "state": torch.tensor(pstate, dtype=torch.int64), "gauss_next": gauss_next},
-    }
-    if gen is not None:
-        state["loader_generator"] = gen.get_state()
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: Mapping[str, Any], gen: torch.Generator | None = None) -> None:
-    torch.set_rng_state(state["torch"])
-    n = state["numpy"]
-    np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
-                         n["cached_gaussian"]))
-    p = state["python"]
-    random.setstate((p["version"], tuple(p["state"].tolist()), p["gauss_next"]))
-    if gen is not None and "loader_generator" in state:
-        gen.set_state(state["loader_generator"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 # --- checkpoints ------------------------------------------------------------------------
@@ -190,6 +208,14 @@ def _check_resume_config(saved: Mapping[str, Any], cfg: TrainConfig, src: str) -
     if changed:
         warnings.warn(f"{src}: resuming with changed settings ({', '.join(changed)}); the run will not repeat "
                       "an uninterrupted one", stacklevel=3)
+
+
+def _check_sampler(saved: Mapping[str, Any] | None, ctx: dist_mod.DistContext, src: str) -> None:
+    """The shuffle and the per-rank streams depend on the number of processes: say so when it changed."""
+    world = (saved or {}).get("world_size")
+    if world is not None and int(world) != ctx.world_size:
+        warnings.warn(f"{src}: the run was made with {world} process(es), this one has {ctx.world_size}; "
+                      "the data order differs, so it will not repeat an uninterrupted run", stacklevel=3)
 
 
 def _save(out_dir: Path, names: list[str], model: nn.Module, row: dict, state: dict, meta: Mapping[str, Any]) -> None:
@@ -286,7 +312,7 @@ def fit(model: nn.Module, data: DataBundle, cfg: TrainConfig, device: torch.devi
         sched.load_state_dict(ts["scheduler"])
         if ts.get("scaler") and scaler.is_enabled():
             scaler.load_state_dict(ts["scaler"])
-        set_rng_state(ts["rng"], train_loader.generator)
+        _check_sampler(ts.get("sampler"), ctx, src)
         start, best, history = int(ts["epoch"]), float(ts["best_val_acc"]), list(ts["history"])
         _check_resume_config(ts.get("config", {}), cfg, src)
         if ts.get("steps_per_epoch", len(train_loader)) != len(train_loader):
@@ -335,6 +361,9 @@ def fit(model: nn.Module, data: DataBundle, cfg: TrainConfig, device: torch.devi
             stats[0] += loss.detach() * y.numel()
             stats[1] += (out_logits.detach().argmax(1) == y).sum()
             stats[2] += y.numel()
+        bad_w = nonfinite_tensors(model)  # the last step can break the weights after a finite loss
+        if dist_mod.all_reduce_max(torch.tensor(int(bool(bad_w)), device=device), ctx).item():
+            _raise_nonfinite(epoch, last, out_dir, history, weights=bad_w)
         if on_gpu:
             torch.cuda.synchronize(device)
         elapsed = time.perf_counter() - t0
@@ -352,28 +381,37 @@ def fit(model: nn.Module, data: DataBundle, cfg: TrainConfig, device: torch.devi
         if improved:
             best = row["val_acc"]
         history.append(row)
-        if out is not None:
-            state = {"epoch": epoch + 1, "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                     "scaler": scaler.state_dict() if scaler.is_enabled() else {},
-                     "rng": rng_state(train_loader.generator),
-                     "sampler": {"seed": cfg.seed, "epoch": epoch + 1, "world_size": ctx.world_size},
-                     "best_val_acc": best,
-                     "history": [dict(r) for r in history], "config": config_dict(cfg),
-                     "steps_per_epoch": len(train_loader)}
-            _save(out, ["last.pt", "best.pt"] if improved else ["last.pt"], model, row, state, meta)
-            write_metrics(out / "metrics.jsonl", history)
-        if log and ctx.is_main:
-            log(row)
+
+        def epoch_end() -> None:  # rank 0 only; every rank learns whether it failed (run_on_main)
+            if out is not None:
+                state = {"epoch": epoch + 1, "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                         "scaler": scaler.state_dict() if scaler.is_enabled() else {},
+                         "sampler": {"seed": cfg.seed, "epoch": epoch + 1, "world_size": ctx.world_size},
+                         "best_val_acc": best,
+                         "history": [dict(r) for r in history], "config": config_dict(cfg),
+                         "steps_per_epoch": len(train_loader)}
+                _save(out, ["last.pt", "best.pt"] if improved else ["last.pt"], model, row, state, meta)
+                write_metrics(out / "metrics.jsonl", history)
+            if log:
+                log(row)
+
+        dist_mod.run_on_main(epoch_end, ctx)
     if cl:
         model.to(memory_format=torch.contiguous_format)
     return history
 
 
-def _raise_nonfinite(epoch: int, step: int, out_dir: str | Path | None, history: list) -> None:
+def _raise_nonfinite(epoch: int, step: int, out_dir: str | Path | None, history: list,
+                     weights: list[str] | None = None) -> None:
     kept = (f"last good checkpoint {Path(out_dir) / 'last.pt'} (epoch {history[-1]['epoch']}) kept"
             if out_dir is not None and history else "no checkpoint was written")
+    hint = "Try a lower --lr, more --warmup-epochs or --no-amp"
+    if weights is not None:  # another rank's weights, when this one's are fine: DDP keeps them equal
+        names = ", ".join(weights[:3]) + (f" and {len(weights) - 3} more" if len(weights) > 3 else "")
+        raise NonFiniteWeightsError(f"training stopped: the weights became NaN/inf in epoch {epoch + 1}"
+                                    f"{f' ({names})' if names else ''}; {kept}. {hint}", field="weights")
     raise NonFiniteLossError(f"training stopped: the loss became NaN/inf in epoch {epoch + 1} (by step {step + 1}); "
-                             f"{kept}. Try a lower --lr, more --warmup-epochs or --no-amp", field="loss")
+                             f"{kept}. {hint}", field="loss")
 
 
 def write_metrics(path: Path, history: list[dict[str, Any]]) -> None:

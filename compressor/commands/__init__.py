@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import argparse
 
+from compressor.commands._options import OneLineParser, nonneg_int, seed_int
+
 
 def add_common(p: argparse.ArgumentParser, *, data: bool = True) -> None:
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
-    p.add_argument("--seed", type=int, default=0, help="seed for data order, calibration subset and init")
+    p.add_argument("--seed", type=seed_int, default=0,
+                   help="seed for data order, calibration subset and init (0 .. 2**32-1)")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     if data:
         p.add_argument("--data", default="digits", help="digits (embedded, default), cifar10, cifar100, imagefolder")
@@ -17,5 +20,14 @@ def add_common(p: argparse.ArgumentParser, *, data: bool = True) -> None:
 
 
 def new_parser(sub, name: str, help_text: str, examples: str) -> argparse.ArgumentParser:
-    return sub.add_parser(name, help=help_text, description=help_text, epilog="examples:\n" + examples,
-                          formatter_class=argparse.RawDescriptionHelpFormatter)
+    """A command's parser; its errors (a bad or missing option) are one ``UserError`` line, exit 2."""
+    old = sub._parser_class  # noqa: SLF001 - argparse builds subparsers with this class, and has no other hook
+    sub._parser_class = OneLineParser  # noqa: SLF001
+    try:
+        return sub.add_parser(name, help=help_text, description=help_text, epilog="examples:\n" + examples,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+    finally:
+        sub._parser_class = old  # noqa: SLF001
+
+
+__all__ = ["add_common", "new_parser", "nonneg_int", "seed_int"]

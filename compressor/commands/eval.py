@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 from compressor.commands import add_common, new_parser
+from compressor.commands._options import positive_int
 
 EXAMPLES = """\
   python -m compressor eval --checkpoint checkpoints/vgg16_bn_digits_demo/pruned.pt
@@ -18,7 +19,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p = new_parser(sub, "eval", "evaluate a checkpoint on the test split", EXAMPLES)
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--model", help="needed only for plain (HRank-format) state_dicts")
-    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--batch-size", type=positive_int, default=256)
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     add_common(p)
     return p

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 from compressor.commands import new_parser
+from compressor.commands._options import OPSET_MIN, nonneg_float, nonneg_int, opset_int, seed_int
 
 EXAMPLES = """\
   python -m compressor export --checkpoint checkpoints/vgg16_bn_digits_demo/pruned.pt --out pruned.onnx
@@ -20,11 +21,12 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--model", help="needed only for plain (HRank-format) state_dicts")
     p.add_argument("--out", help="ONNX file to write (default: the checkpoint's path with .onnx)")
-    p.add_argument("--opset", type=int, default=17, help="ONNX opset (default 17)")
-    p.add_argument("--atol", type=float, default=1e-4, help="largest allowed |torch - onnxruntime| logit difference")
-    p.add_argument("--n-real", type=int, default=64, help="digits test images used in the check (0: random only)")
+    p.add_argument("--opset", type=opset_int, default=17,
+                   help=f"ONNX opset (default 17; {OPSET_MIN} .. the newest torch writes)")
+    p.add_argument("--atol", type=nonneg_float, default=1e-4, help="largest allowed |torch - onnxruntime| logit difference")
+    p.add_argument("--n-real", type=nonneg_int, default=64, help="digits test images used in the check (0: random only)")
     p.add_argument("--force", action="store_true", help="write the file even if the check fails")
-    p.add_argument("--seed", type=int, default=0, help="seed of the random check inputs")
+    p.add_argument("--seed", type=seed_int, default=0, help="seed of the random check inputs")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     return p
 

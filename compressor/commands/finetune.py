@@ -27,6 +27,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
     p = new_parser(sub, "finetune", "fine-tune a (pruned) checkpoint", EXAMPLES)
     p.add_argument("--checkpoint", default=None, help="pruned (or any) checkpoint; required unless --resume")
+    p.add_argument("--model", default=None, help="needed only for plain (HRank-format) state_dicts")
     add_train_args(p, lr=0.01)
     add_common(p)
     return recipe.defer_defaults(p)
@@ -44,5 +45,5 @@ def run(args: argparse.Namespace) -> int:
         raise UserError("--checkpoint is required (as a flag or a recipe key) unless --resume is given",
                         field="checkpoint")
     out = io.check_writable(Path(args.out or Path(args.checkpoint).with_name(Path(args.checkpoint).stem + "_ft")))
-    net, ck = checkpoint.load(args.checkpoint)
+    net, ck = checkpoint.load(args.checkpoint, model=args.model)
     return run_training(net, load_data(args, net.input_size), args, out, ck=ck, source=str(args.checkpoint))

@@ -6,6 +6,7 @@ import argparse
 from typing import TYPE_CHECKING
 
 from compressor.commands import add_common, new_parser
+from compressor.commands._options import nonneg_int, positive_int
 
 if TYPE_CHECKING:
     from compressor.latency import LatencyConfig
@@ -24,9 +25,9 @@ EXAMPLES = """\
 def add_latency_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("latency")
     g.add_argument("--batch-sizes", default="1,64", help="comma-separated batch sizes to time (default 1,64)")
-    g.add_argument("--repeats", type=int, default=10, help="timed runs per model and batch size (median reported)")
-    g.add_argument("--warmup", type=int, default=3, help="untimed warm-up runs (default 3)")
-    g.add_argument("--threads", type=int, default=None, help="CPU threads for timing (default: torch's current)")
+    g.add_argument("--repeats", type=positive_int, default=10, help="timed runs per model and batch size (median reported)")
+    g.add_argument("--warmup", type=nonneg_int, default=3, help="untimed warm-up runs (default 3)")
+    g.add_argument("--threads", type=positive_int, default=None, help="CPU threads for timing (default: torch's current)")
     g.add_argument("--no-latency", action="store_true", help="skip latency measurement")
     g.add_argument("--no-cuda-latency", action="store_true", help="time on CPU only even when a GPU is present")
 
@@ -49,7 +50,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p = new_parser(sub, "report", "compare checkpoints: accuracy, params/MACs, file size, latency, plots", EXAMPLES)
     p.add_argument("inputs", nargs="+", help="checkpoints, prune run folders or sweep folders (globs allowed)")
     p.add_argument("--out", required=True, help="output folder for report.md/.csv/.json and PNGs")
-    p.add_argument("--batch-size", type=int, default=256, help="evaluation batch size")
+    p.add_argument("--batch-size", type=positive_int, default=256, help="evaluation batch size")
     p.add_argument("--no-eval", action="store_true", help="skip evaluation (no accuracy columns or accuracy plots)")
     p.add_argument("--no-plots", action="store_true", help="write the tables only")
     add_latency_args(p)

@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 from compressor.commands import add_common, new_parser
+from compressor.commands._options import nonneg_float, nonneg_int, positive_int, unit_interval
 
 EXAMPLES = """\
   python -m compressor sensitivity --model vgg16_bn \\
@@ -56,14 +57,14 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--criterion", default="l1", help="which filters go at each rate (default l1; any criterion)")
     p.add_argument("--rates", default="0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9", help="comma-separated rates to try")
     p.add_argument("--layers", default=None, help="comma-separated unit names (default: every prunable unit)")
-    p.add_argument("--n-eval", type=int, default=1000, help="held-out (val split) images per evaluation")
-    p.add_argument("--n-images", type=int, default=256, help="calibration images for activation criteria")
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--bn-recalibrate", type=int, default=0, metavar="N",
+    p.add_argument("--n-eval", type=positive_int, default=1000, help="held-out (val split) images per evaluation")
+    p.add_argument("--n-images", type=positive_int, default=256, help="calibration images for activation criteria")
+    p.add_argument("--batch-size", type=positive_int, default=128)
+    p.add_argument("--bn-recalibrate", type=nonneg_int, default=0, metavar="N",
                    help="re-estimate BN statistics on N training images after each cut (default 0: off)")
-    p.add_argument("--tolerance", type=float, default=1.0, help="largest accepted drop per layer, in points")
+    p.add_argument("--tolerance", type=nonneg_float, default=1.0, help="largest accepted drop per layer, in points")
     p.add_argument("--target", default=None, help="budget for the suggestion, e.g. macs=0.42 or params=0.2")
-    p.add_argument("--min-keep", type=float, default=0.1, help="per-layer fraction always kept (suggestion)")
+    p.add_argument("--min-keep", type=unit_interval, default=0.1, help="per-layer fraction always kept (suggestion)")
     p.add_argument("--out", default=None, help="output folder (default checkpoints/<model>_sensitivity)")
     add_common(p)
     return p

@@ -8,6 +8,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping
 
 from compressor.commands import add_common, new_parser
+from compressor.commands._options import (check_layer, nonneg_float, nonneg_int, positive_float, positive_int,
+                                          unit_interval, unit_interval_open)
 
 if TYPE_CHECKING:
     from torch import nn
@@ -33,28 +35,28 @@ def add_train_args(p: argparse.ArgumentParser, lr: float) -> None:
     p.add_argument("--config", metavar="YAML", help="recipe file (experiments/recipes/*.yaml); flags override it")
     p.add_argument("--out", default=None, help="output folder")
     p.add_argument("--resume", metavar="LAST_PT",
-                   help="continue a run from its last.pt (model, optimizer, RNG, epoch) with the run's own options; "
+                   help="continue a run from its last.pt (model, optimizer, schedule, epoch) with the run's own options; "
                         "flags typed with it override them")
-    p.add_argument("--epochs", type=int, default=5)
-    p.add_argument("--lr", type=float, default=lr)
-    p.add_argument("--batch-size", type=int, default=128, help="per process")
-    p.add_argument("--momentum", type=float, default=0.9)
+    p.add_argument("--epochs", type=nonneg_int, default=5)
+    p.add_argument("--lr", type=positive_float, default=lr)
+    p.add_argument("--batch-size", type=positive_int, default=128, help="per process")
+    p.add_argument("--momentum", type=unit_interval_open, default=0.9, help="SGD momentum, in [0, 1)")
     p.add_argument("--nesterov", action=B, default=True, help="Nesterov momentum")
-    p.add_argument("--weight-decay", type=float, default=5e-4)
+    p.add_argument("--weight-decay", type=nonneg_float, default=5e-4)
     p.add_argument("--no-decay-bn-bias", action="store_true", help="no weight decay on BN parameters and biases")
     p.add_argument("--schedule", default="cosine", choices=("cosine", "multistep", "onecycle", "constant"))
-    p.add_argument("--milestones", type=int, nargs="+", default=[], help="multistep: epochs where lr *= gamma")
-    p.add_argument("--gamma", type=float, default=0.1)
-    p.add_argument("--warmup-epochs", type=float, default=0.0, help="linear warm-up length")
-    p.add_argument("--label-smoothing", type=float, default=0.0)
+    p.add_argument("--milestones", type=nonneg_int, nargs="+", default=[], help="multistep: epochs where lr *= gamma")
+    p.add_argument("--gamma", type=positive_float, default=0.1, help="multistep: lr factor (> 0)")
+    p.add_argument("--warmup-epochs", type=nonneg_float, default=0.0, help="linear warm-up length")
+    p.add_argument("--label-smoothing", type=unit_interval_open, default=0.0, help="in [0, 1)")
     p.add_argument("--teacher", metavar="CKPT", help="knowledge distillation from this checkpoint's logits")
-    p.add_argument("--kd-temperature", type=float, default=4.0)
-    p.add_argument("--kd-alpha", type=float, default=0.5, help="weight of the KD term (1-alpha on cross-entropy)")
+    p.add_argument("--kd-temperature", type=positive_float, default=4.0)
+    p.add_argument("--kd-alpha", type=unit_interval, default=0.5, help="weight of the KD term (1-alpha on cross-entropy)")
     p.add_argument("--amp", action=B, default=True, help="mixed precision on GPU (bf16, else fp16 + GradScaler)")
     p.add_argument("--channels-last", action=B, default=True, help="channels_last memory format on GPU")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
-    p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
-    p.add_argument("--val-size", type=int, default=None,
+    p.add_argument("--workers", type=nonneg_int, default=0, help="DataLoader worker processes")
+    p.add_argument("--val-size", type=nonneg_int, default=None,
                    help="images held out from train for selection (default: 10%% digits, 5000 CIFAR)")
 
 
@@ -149,6 +151,9 @@ def resolve_args(args: argparse.Namespace) -> tuple[argparse.Namespace, nn.Modul
     from compressor import checkpoint, recipe
     from compressor.errors import UserError
 
+    actions = getattr(args, recipe._ACTIONS)  # noqa: SLF001 - the option table defer_defaults kept
+    if getattr(args, "config", None):
+        check_layer(recipe.read(args.config), actions, str(args.config))  # YAML numbers skip argparse's types
     first = recipe.resolve(args)
     if not first.resume:
         return first, None, None
@@ -158,6 +163,7 @@ def resolve_args(args: argparse.Namespace) -> tuple[argparse.Namespace, nn.Modul
     if not isinstance(ts, dict) or "optimizer" not in ts:
         raise UserError("has no training state to resume from (use a last.pt written by train/finetune)", source=src)
     saved = saved_options(src, ck)
+    check_layer(saved, actions, src)
     resolved = recipe.resolve(args, saved=saved, saved_source=src)
     changed = [f"{k} {saved[k]!r} -> {getattr(resolved, k)!r}" for k in EXACT_KEYS
                if k in saved and _plain(saved[k]) != _plain(getattr(resolved, k, None))]
@@ -256,6 +262,7 @@ def run_training(net: nn.Module, bundle: DataBundle, args: argparse.Namespace, o
     else:
         src_rec, carried, recipe_used = None, {}, args.config
     ctx = distributed.init(args.device)
+    ok = False
     try:
         device = ctx.device
         if bundle.num_classes != net.num_classes:
@@ -268,17 +275,17 @@ def run_training(net: nn.Module, bundle: DataBundle, args: argparse.Namespace, o
                                      data_root=str(args.data_root) if args.data_root is not None else None,
                                      val_size=args.val_size, train=config_dict(cfg), recipe=recipe_used,
                                      processes=ctx.world_size, teacher=args.teacher, source=src_rec, **extra)
-        if ctx.is_main:
-            write_resolved(out, args, header=f"resolved options of: {prov['command']}")
+        distributed.run_on_main(lambda: write_resolved(out, args, header=f"resolved options of: {prov['command']}"),
+                                ctx)  # rank 0 writes; a failure there stops every rank, at once
         meta = {"rates": ck.get("rates"), "plan": ck.get("plan"), "prov": prov, "metrics": carried}
         history = fit(net, bundle, cfg, device, progress=not args.no_progress and ctx.is_main,
                       log=lambda r: print(_fmt(r, cfg.epochs), flush=True), teacher=teacher, out_dir=out,
                       resume=ck if args.resume else None, resume_source=args.resume, ckpt_meta=meta, ctx=ctx)
-        if not ctx.is_main:
-            return 0
-        return _report(net, bundle, out, history, device)
+        rc = distributed.run_on_main(lambda: _report(net, bundle, out, history, device), ctx)
+        ok = True
+        return int(rc or 0)
     finally:
-        distributed.shutdown()
+        distributed.shutdown(barrier=ok)  # unwinding from an error: the peers stopped at the same point
 
 
 def _report(net: nn.Module, bundle: DataBundle, out: Path, history: list[dict[str, Any]], device: Any) -> int:

@@ -61,14 +61,31 @@ def list_criteria() -> list[str]:
     return sorted(_CRITERIA)
 
 
+def _accepted(cls: type[Criterion]) -> list[str]:
+    import inspect
+
+    params = inspect.signature(cls.__init__).parameters.values()
+    return [p.name for p in params if p.name != "self" and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+
+
 def get(name: str, **options: Any) -> Criterion:
+    """The criterion ``name`` built with the ``options`` it takes.
+
+    One options mapping serves several criteria (``scores.compute`` hands every one the seed
+    and the rank tolerances), so an option another registered criterion takes is passed over
+    quietly; a name no criterion takes (a typo, ``rtoll``) is an error naming the valid ones.
+    """
     if name not in _CRITERIA:
         raise UserError(f"unknown criterion {name!r}{suggest(name, _CRITERIA)}; valid: {', '.join(list_criteria())}",
                         field="criterion")
     cls = _CRITERIA[name]
-    import inspect
-
-    accepted = inspect.signature(cls.__init__).parameters
+    accepted = _accepted(cls)
+    known = {o for c in _CRITERIA.values() for o in _accepted(c)}
+    unknown = sorted(k for k in options if k not in known)
+    if unknown:
+        valid = ", ".join(accepted) or "none"
+        raise UserError(f"unknown option {unknown[0]!r} for criterion {name!r}{suggest(unknown[0], known)}; "
+                        f"valid: {valid}", field="criterion")
     return cls(**{k: v for k, v in options.items() if k in accepted})
 
 
