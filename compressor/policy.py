@@ -12,8 +12,10 @@ Rates-file keys read here (``rates.load_rates`` already accepts them)::
     policy: global           # one rate for the network; or a mapping:
     policy: {name: global, normalize: mean, tolerance: 0.01}
     target: {macs: 0.42}     # fraction of MACs (and/or params) *kept*, within tolerance
+    target: {latency: 0.5, batch_size: 64, threads: 1, device: cpu}   # fraction of *measured* latency
     min_keep: 0.1            # per-layer fraction that always stays (≥ 1 channel)
     max_keep: 1.0            # per-layer fraction that may stay at most
+    round_to: 8              # every kept width a multiple of 8 (``rates.round_keep``), in every path
 
 **local**: without a target, the rates as given (clamped to ``min_keep``/``max_keep`` only
 when the file sets them). With a target, the file's rates are a *profile* ``p`` scaled by
@@ -36,9 +38,20 @@ removed). With a target, the number of channels removed is found by bisection.
 
 Sizes are counted exactly: the reduced cfg is built on PyTorch's ``meta`` device (no
 memory, no weights) and counted with ``counting.count``; the shapes, hence the counts, are
-those of ``surgery.rebuild`` (checked in the tests). A target is met when the achieved
-fraction is within ``tolerance`` (relative, default 1%) of it; otherwise ``UserError`` says
-what the closest reachable figures are.
+those of ``surgery.rebuild`` (checked in the tests). A model not built from a cfg passes its
+own ``counter`` (keep counts per unit → ``{"macs", "params"}``) and ``widths`` to ``resolve``.
+A target is met when the achieved fraction is within ``tolerance`` (relative, default 1%) of
+it; otherwise ``UserError`` says what the closest reachable figures are.
+
+**round_to N** rounds every candidate's keep counts (``rates.round_keep``) before it is counted,
+so both solvers search only widths that are multiples of N; the rounded model is what must meet
+the budget. Units tied into one channel space (residual groups, concat inputs) are single units,
+so one rounding per unit keeps them consistent.
+
+**latency**: the fraction of the model's latency kept, predicted from a measured per-conv table
+(``latency.LatencyTable``: measured once per machine/threads/batch, cached on disk) and solved
+like the size budgets. ``latency.verify_spec`` times the pruned model afterwards and prints
+predicted vs measured.
 """
 
 from __future__ import annotations
@@ -52,18 +65,19 @@ import numpy as np
 import torch
 from torch import nn
 
-from compressor import counting
+from compressor import counting, latency as lat
 from compressor.errors import UserError
 from compressor.models import get_model
 from compressor.models._spec import cfg_with_widths
 from compressor.plan import rank_order
-from compressor.rates import RateSpec, n_keep
+from compressor.rates import RateSpec, as_float, n_keep, round_keep, short
 
 log = logging.getLogger("compressor")
 
 POLICIES = ("local", "global")
 NORMALIZERS = ("mean", "max", "l2", "rank", "none")
-BUDGETS = ("macs", "params")
+BUDGETS = ("macs", "params")  # what a size counter returns
+TARGETS = ("macs", "params", "latency")  # what a target may ask for
 
 
 @dataclass(frozen=True)
@@ -74,6 +88,7 @@ class PolicyConfig:
     max_keep: float = 1.0
     tolerance: float = 0.01
     bounds_given: bool = False
+    round_to: int = 1
 
     def __post_init__(self) -> None:
         if self.name not in POLICIES:
@@ -86,6 +101,8 @@ class PolicyConfig:
                             f"{self.max_keep}", field="min_keep")
         if not 0.0 < self.tolerance < 1.0:
             raise UserError(f"tolerance must be in (0, 1), got {self.tolerance}", field="policy.tolerance")
+        if self.round_to < 1:
+            raise UserError(f"round_to must be >= 1, got {self.round_to}", field="round_to")
 
     def bounds(self, width: int) -> tuple[int, int]:
         """(fewest, most) channels a layer of ``width`` may keep; never fewer than 1."""
@@ -93,11 +110,16 @@ class PolicyConfig:
         hi = max(lo, min(width, math.floor(self.max_keep * width + 1e-9)))
         return lo, hi
 
+    def clamp(self, width: int, keep: int, bounded: bool = True) -> int:
+        """``keep`` within the bounds (when ``bounded``), then rounded to ``round_to``."""
+        lo, hi = self.bounds(width) if bounded else (1, width)
+        return round_keep(width, min(max(keep, lo), hi), self.round_to, lo, hi)
+
 
 def _number(v: Any, source: str, field: str) -> float:
     if isinstance(v, bool) or not isinstance(v, (int, float)):
-        raise UserError(f"must be a number, got {v!r}", source=source, field=field)
-    return float(v)
+        raise UserError(f"must be a number, got {short(v)}", source=source, field=field)
+    return as_float(v)
 
 
 def policy_config(spec: RateSpec) -> PolicyConfig:
@@ -109,7 +131,8 @@ def policy_config(spec: RateSpec) -> PolicyConfig:
     elif isinstance(raw, Mapping):
         unknown = set(raw) - {"name", "normalize", "tolerance"}
         if unknown:
-            raise UserError(f"unknown policy option(s) {sorted(unknown)}; valid: name, normalize, tolerance",
+            raise UserError(f"unknown policy option(s) {short(sorted(map(str, unknown)))}; valid: name, normalize, "
+                            "tolerance",
                             source=spec.source, field="policy")
         opts["name"] = raw.get("name", "local")
         if "normalize" in raw:
@@ -117,11 +140,16 @@ def policy_config(spec: RateSpec) -> PolicyConfig:
         if "tolerance" in raw:
             opts["tolerance"] = _number(raw["tolerance"], spec.source, "policy.tolerance")
     else:
-        raise UserError(f"must be 'local', 'global' or a mapping, got {raw!r}", source=spec.source, field="policy")
+        raise UserError(f"must be 'local', 'global' or a mapping, got {short(raw)}", source=spec.source,
+                        field="policy")
     for key in ("min_keep", "max_keep"):
         if key in spec.extra:
             opts[key] = _number(spec.extra[key], spec.source, key)
     opts["bounds_given"] = "min_keep" in spec.extra or "max_keep" in spec.extra
+    opts["round_to"] = spec.round_to
+    for key in ("name", "normalize"):
+        if key in opts and not isinstance(opts[key], str):
+            raise UserError(f"must be a name, got {short(opts[key])}", source=spec.source, field=f"policy.{key}")
     try:
         return PolicyConfig(**opts)
     except UserError as exc:
@@ -129,28 +157,86 @@ def policy_config(spec: RateSpec) -> PolicyConfig:
 
 
 class SizeCounter:
-    """Exact MACs/params of the model at given keep counts (reduced cfg built on ``meta``)."""
+    """Exact MACs/params of the model at given keep counts, plus predicted latency when a table is set.
 
-    def __init__(self, model: nn.Module) -> None:
+    Default: the reduced cfg is built on ``meta`` and counted. ``counter``/``widths`` replace that
+    for models not built from a cfg: ``counter(keep)`` gets a keep count for *every* unit and returns
+    ``{"macs": int, "params": int}``.
+    """
+
+    def __init__(self, model: nn.Module | None = None, *,
+                 counter: Callable[[Mapping[str, int]], Mapping[str, int]] | None = None,
+                 widths: Mapping[str, int] | None = None) -> None:
+        if counter is None and model is not None and not hasattr(model, "cfg"):
+            counter, found = engine_counter(model)
+            widths = widths if widths is not None else found
+        if counter is None and model is None:
+            raise ValueError("SizeCounter needs a model or a counter")
+        if counter is not None and widths is None and not hasattr(model, "prunable_units"):
+            raise ValueError("an injected counter needs widths")
         self.model = model
-        self.units = list(model.prunable_units())
+        self.units = list(model.prunable_units()) if hasattr(model, "prunable_units") else []
+        self.widths = dict(widths) if widths is not None else unit_widths(model)
+        self._counter = counter
         self._cache: dict[tuple[int, ...], dict[str, int]] = {}
+        self._shapes: dict[tuple[int, ...], dict[str, lat.ConvShape]] = {}
+        self.latency: lat.LatencyTable | None = None
         self.base = self({})
+
+    def _key(self, keep: Mapping[str, int]) -> tuple[int, ...]:
+        return tuple(int(keep.get(u, w)) for u, w in self.widths.items())
 
     def cfg_for(self, keep: Mapping[str, int]) -> list:
         return cfg_with_widths(self.model, keep)
 
+    def _meta_model(self, keep: Mapping[str, int]) -> nn.Module:
+        with torch.device("meta"):
+            return get_model(self.model.arch, num_classes=self.model.num_classes, cfg=self.cfg_for(keep))
+
     def __call__(self, keep: Mapping[str, int]) -> dict[str, int]:
-        key = tuple(int(keep.get(u.name, u.width)) for u in self.units)
+        key = self._key(keep)
         if key not in self._cache:
-            with torch.device("meta"):
-                m = get_model(self.model.arch, num_classes=self.model.num_classes, cfg=self.cfg_for(keep))
-            self._cache[key] = counting.count(m, self.model.input_size)
+            if self._counter is not None:
+                got = self._counter(dict(zip(self.widths, key)))
+                self._cache[key] = {k: int(got[k]) for k in BUDGETS}
+            else:
+                self._cache[key] = counting.count(self._meta_model(keep), self.model.input_size)
         return self._cache[key]
+
+    def conv_shapes(self, keep: Mapping[str, int]) -> dict[str, lat.ConvShape]:
+        """Every conv's shape at ``keep`` (meta-device forward; cfg-built models only)."""
+        key = self._key(keep)
+        if key not in self._shapes:
+            if len(self._shapes) > 4096:
+                self._shapes.clear()
+            self._shapes[key] = lat.conv_shapes(self._meta_model(keep), self.model.input_size)
+        return self._shapes[key]
 
     def fractions(self, keep: Mapping[str, int]) -> dict[str, float]:
         c = self(keep)
-        return {k: c[k] / self.base[k] for k in BUDGETS}
+        out = {k: c[k] / self.base[k] for k in BUDGETS}
+        if self.latency is not None:
+            out["latency"] = self.latency.fraction(keep)
+        return out
+
+
+def engine_counter(model: nn.Module) -> tuple[Callable[[Mapping[str, int]], Mapping[str, int]], dict[str, int]]:
+    """The any-CNN engine's size model, for a model that has no cfg to rebuild from."""
+    try:
+        from compressor.pruning.graph import discovery
+        from compressor.pruning.size import SizeModel
+    except ImportError as exc:  # pragma: no cover - the engine is part of the package
+        raise UserError(f"{type(model).__name__} is not built from a cfg; pass counter= and widths= "
+                        "(keep counts → MACs/params) to policy.resolve", field="model") from exc
+    size = SizeModel(model, discovery(model))
+    return size.count, dict(size.widths)
+
+
+def unit_widths(model: nn.Module) -> dict[str, int]:
+    """``{unit: width}`` of a cfg-built model, else of the engine's discovered units."""
+    if hasattr(model, "prunable_units"):
+        return {u.name: u.width for u in model.prunable_units()}
+    return engine_counter(model)[1]
 
 
 # ---------------------------------------------------------------- global ranking
@@ -214,17 +300,68 @@ def _ratio(frac: Mapping[str, float], target: Mapping[str, float]) -> float:
     return max(frac[k] / v for k, v in target.items())
 
 
-def _pick(counter: SizeCounter, target: Mapping[str, float], tol: float,
+def _coarse_note(cfg: PolicyConfig) -> str:
+    if cfg.round_to > 1:
+        return (f"round_to {cfg.round_to} moves each layer {cfg.round_to} channels at a time, too coarse here, or a "
+                "bound stops it; lower round_to, loosen policy.tolerance or min_keep/max_keep")
+    return ("one channel step is too coarse here, or a bound stops it; loosen policy.tolerance or "
+            "min_keep/max_keep, or change the rate profile")
+
+
+def _fmt_target(target: Mapping[str, float]) -> str:
+    return "{" + ", ".join(f"{k}: {v:g}" for k, v in target.items()) + "}"
+
+
+def _one_step(counter: SizeCounter, cands: Sequence[dict[str, int]], target: Mapping[str, float],
+              cfg: PolicyConfig) -> list[dict[str, int]]:
+    """Neighbours of the candidates that move one unit by one ``round_to`` step toward the target.
+
+    With coarse steps the two configurations that straddle a target along the solver's path can
+    both miss the tolerance while a one-unit change of either lands inside it.
+    """
+    out = []
+    for c in cands:
+        over = _ratio(counter.fractions(c), target) > 1.0
+        for u, k in c.items():
+            w = counter.widths[u]
+            lo, hi = cfg.bounds(w)
+            k2 = k - cfg.round_to if over else k + cfg.round_to
+            if k2 > w and not over:
+                k2 = w
+            if lo <= k2 <= hi and k2 != k and (k2 % cfg.round_to == 0 or k2 == w):
+                out.append({**c, u: k2})
+    return out
+
+
+def _pick(counter: SizeCounter, target: Mapping[str, float], cfg: PolicyConfig,
           candidates: Sequence[dict[str, int]], how: str) -> dict[str, int]:
-    """The candidate within tolerance of the target, preferring one that does not exceed it."""
-    rated = [(c, _ratio(counter.fractions(c), target)) for c in candidates]
-    ok = sorted((r > 1.0, abs(r - 1.0), i) for i, (c, r) in enumerate(rated) if abs(r - 1.0) <= tol)
-    if ok:
-        return rated[ok[0][2]][0]
-    figs = ", ".join(f"{k} " + " or ".join(f"{counter.fractions(c)[k]:.4f}" for c, _ in rated) for k in target)
-    raise UserError(f"cannot meet target {dict(target)} within {tol:.1%} with the {how}: the closest kept "
-                    f"fractions are {figs} (one channel step is too coarse here, or a bound stops it); loosen "
-                    "policy.tolerance or min_keep/max_keep, or change the rate profile", field="target")
+    """The candidate within tolerance of the target, preferring one that does not exceed it.
+
+    With ``round_to`` > 1, one-unit steps from the candidates are tried too (``_one_step``).
+    """
+    tol = cfg.tolerance
+
+    def best(cands: Sequence[dict[str, int]]) -> dict[str, int] | None:
+        rated = [(c, _ratio(counter.fractions(c), target)) for c in cands]
+        ok = sorted((r > 1.0, abs(r - 1.0), i) for i, (c, r) in enumerate(rated) if abs(r - 1.0) <= tol)
+        return rated[ok[0][2]][0] if ok else None
+
+    chosen = best(candidates)
+    if chosen is None and cfg.round_to > 1:
+        chosen = best(_one_step(counter, candidates, target, cfg))
+    if chosen is not None:
+        return chosen
+    figs = ", ".join(f"{k} " + " or ".join(f"{counter.fractions(c)[k]:.4f}" for c in candidates) for k in target)
+    raise UserError(f"cannot meet target {_fmt_target(target)} within {tol:.1%} with the {how}: the closest kept "
+                    f"fractions are {figs} ({_coarse_note(cfg)})", field="target")
+
+
+def _out_of_reach(counter: SizeCounter, keep: Mapping[str, int], target: Mapping[str, float],
+                  cfg: PolicyConfig) -> UserError:
+    fr = counter.fractions(keep)
+    return UserError(f"target {_fmt_target(target)} is out of reach: with every layer at min_keep={cfg.min_keep}"
+                     + (f" (round_to {cfg.round_to})" if cfg.round_to > 1 else "") + " the model still keeps "
+                     + ", ".join(f"{k} {fr[k]:.4f}" for k in target) + " (the closest it can get)", field="target")
 
 
 def _bisect_int(lo: int, hi: int, ok: Callable[[int], bool]) -> int:
@@ -241,27 +378,24 @@ def _bisect_int(lo: int, hi: int, ok: Callable[[int], bool]) -> int:
 def solve_local(counter: SizeCounter, widths: Mapping[str, int], profile: Mapping[str, float],
                 target: Mapping[str, float], cfg: PolicyConfig, rounding: str = "keep_floor",
                 ) -> tuple[dict[str, int], float]:
-    """Scale the rate profile by one factor α (bisection) until the budget is met."""
+    """Scale the rate profile by one factor α (bisection) until the budget is met.
+
+    Every candidate is clamped to the bounds and rounded to ``cfg.round_to`` before it is counted,
+    so the counts found are the ones the plan will use (rounding is monotone, so bisection holds).
+    """
     prof = dict(profile) if any(v > 0 for v in profile.values()) else {u: 1.0 for u in widths}
-    bounds = {u: cfg.bounds(w) for u, w in widths.items()}
 
     def counts(alpha: float) -> dict[str, int]:
-        out = {}
-        for u, w in widths.items():
-            k = n_keep(w, min(1.0, alpha * prof.get(u, 0.0)), rounding)
-            out[u] = min(max(k, bounds[u][0]), bounds[u][1])
-        return out
+        return {u: cfg.clamp(w, n_keep(w, min(1.0, alpha * prof.get(u, 0.0)), rounding)) for u, w in widths.items()}
 
     def ratio(alpha: float) -> float:
         return _ratio(counter.fractions(counts(alpha)), target)
 
     a_hi = 1.0 / min(v for v in prof.values() if v > 0) + 1e-6
     if ratio(a_hi) > 1.0 + cfg.tolerance:
-        fr = counter.fractions(counts(a_hi))
-        raise UserError(f"target {dict(target)} is out of reach: with every layer at min_keep={cfg.min_keep} the "
-                        f"model still keeps " + ", ".join(f"{k} {fr[k]:.4f}" for k in target), field="target")
+        raise _out_of_reach(counter, counts(a_hi), target, cfg)
     if ratio(0.0) <= 1.0:  # max_keep alone already meets (or undershoots) the budget
-        return _pick(counter, target, cfg.tolerance, [counts(0.0)], "rate profile"), 0.0
+        return _pick(counter, target, cfg, [counts(0.0)], "rate profile"), 0.0
     lo, hi = 0.0, a_hi  # invariant: ratio(lo) > 1 >= ratio(hi), unless ratio(a_hi) is just above 1
     for _ in range(50):
         mid = 0.5 * (lo + hi)
@@ -269,27 +403,38 @@ def solve_local(counter: SizeCounter, widths: Mapping[str, int], profile: Mappin
             lo = mid
         else:
             hi = mid
-    chosen = _pick(counter, target, cfg.tolerance, [counts(hi), counts(lo)], "rate profile")
-    return chosen, hi if chosen == counts(hi) else lo
+    chosen = _pick(counter, target, cfg, [counts(hi), counts(lo)], "rate profile")
+    return chosen, lo if chosen == counts(lo) else hi
+
+
+def _rounded(order: GlobalOrder, widths: Mapping[str, int], cfg: PolicyConfig, n: int) -> dict[str, int]:
+    keep = order.counts(n)
+    if cfg.round_to <= 1:
+        return keep
+    return {u: cfg.clamp(widths[u], k) for u, k in keep.items()}
 
 
 def solve_global(counter: SizeCounter, order: GlobalOrder, target: Mapping[str, float], cfg: PolicyConfig,
-                 ) -> tuple[dict[str, int], int]:
-    """Remove channels in global order until the budget is met (bisection on how many)."""
+                 widths: Mapping[str, int] | None = None) -> tuple[dict[str, int], int]:
+    """Remove channels in global order until the budget is met (bisection on how many).
+
+    With ``round_to`` each layer's count along the order is rounded (``widths`` needed), so the
+    network moves in steps of whole multiples; the size is still monotone in how many are removed.
+    """
     n_max = len(order.sequence)
+    w = dict(widths) if widths is not None else dict(order.start)
+    at = (lambda n: _rounded(order, w, cfg, n)) if cfg.round_to > 1 else order.counts
 
     def ratio(n: int) -> float:
-        return _ratio(counter.fractions(order.counts(n)), target)
+        return _ratio(counter.fractions(at(n)), target)
 
     if ratio(n_max) > 1.0 + cfg.tolerance:
-        fr = counter.fractions(order.counts(n_max))
-        raise UserError(f"target {dict(target)} is out of reach: with every layer at min_keep={cfg.min_keep} the "
-                        f"model still keeps " + ", ".join(f"{k} {fr[k]:.4f}" for k in target), field="target")
+        raise _out_of_reach(counter, at(n_max), target, cfg)
     if ratio(n_max) > 1.0:
-        return order.counts(n_max), n_max
+        return at(n_max), n_max
     n = _bisect_int(0, n_max, lambda i: ratio(i) <= 1.0)
-    cands = [order.counts(n)] + ([order.counts(n - 1)] if n > 0 else [])
-    chosen = _pick(counter, target, cfg.tolerance, cands, "global ranking")
+    cands = [at(n)] + ([at(n - 1)] if n > 0 else [])
+    chosen = _pick(counter, target, cfg, cands, "global ranking")
     return chosen, n if chosen == cands[0] else n - 1
 
 
@@ -299,71 +444,207 @@ def solve_global(counter: SizeCounter, order: GlobalOrder, target: Mapping[str, 
 def _exact_spec(spec: RateSpec, widths: Mapping[str, int], counts: Mapping[str, int], info: dict) -> RateSpec:
     rates = {u: (w - counts[u]) / w for u, w in widths.items()}
     out = RateSpec(rates=rates, rounding="keep_floor", source=spec.source, target=spec.target,
-                   extra={**spec.extra, "resolved": info})
+                   extra={**spec.extra, "resolved": info}, round_to=spec.round_to,
+                   latency_options=spec.latency_options)
     got = out.keep_counts(dict(widths))
     if got != dict(counts):  # pragma: no cover - guards the (C−k)/C round trip
         raise RuntimeError(f"rate round trip lost channels: {got} != {dict(counts)}")
     return out
 
 
-def resolve(spec: RateSpec, model: nn.Module, scores: Mapping[str, torch.Tensor] | None = None, *,
-            tiebreak: Mapping[str, torch.Tensor] | None = None) -> RateSpec:
-    """Apply the rates file's policy and budget; return exact per-layer rates (see module doc)."""
+def precheck(spec: RateSpec, device: str = "cpu") -> PolicyConfig:
+    """Everything about the policy and budget that can be checked before any work (call it early)."""
     cfg = policy_config(spec)
-    units = list(model.prunable_units())
-    widths = {u.name: u.width for u in units}
+    if "latency" in (spec.target or {}):
+        dev = str((spec.latency_options or {}).get("device", device))
+        if dev.startswith("cuda") and not torch.cuda.is_available():
+            raise UserError(f"a latency budget on {dev} needs a GPU, and none is available here", source=spec.source,
+                            field="target.device")
+    return cfg
+
+
+def attach_latency(counter: SizeCounter, spec: RateSpec, model: nn.Module | None, device: str = "cpu", *,
+                   timer: lat.Timer | None = None,
+                   shapes: Callable[[Mapping[str, int]], Mapping[str, lat.ConvShape]] | None = None,
+                   cache: bool = True, overhead_ms: float | None = None) -> dict[str, Any]:
+    """Measure (or read from the cache) the per-conv latency table a latency budget is solved with.
+
+    Defaults: batch 1, torch's current thread count, the run's ``device``. The constant part of the
+    model (pooling, linear, adds) is the whole model's measured time minus its convs', unless a stub
+    ``timer`` is given (then 0) or ``overhead_ms`` says it.
+    """
+    opts = dict(spec.latency_options or {})
+    dev = str(opts.get("device", device))
+    if dev.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"a latency budget on {dev} needs a GPU, and none is available here", source=spec.source,
+                        field="target.device")
+    settings = lat.MeasureSettings(batch_size=int(opts.get("batch_size", 1)),
+                                   threads=int(opts.get("threads", torch.get_num_threads())), device=dev)
+    if shapes is None:
+        if counter._counter is not None or model is None or not hasattr(model, "cfg"):
+            raise UserError("a latency budget needs the model's conv shapes at any widths: pass shapes= for a "
+                            "model not built from a cfg", field="target.latency")
+        shapes = counter.conv_shapes
+    table = lat.LatencyTable(shapes, counter.widths, settings, timer=timer, cache=cache)
+    if overhead_ms is not None:
+        table.overhead_ms = float(overhead_ms)
+        table.full_ms = table.predict(table.widths)
+    elif timer is None and model is not None:
+        import copy
+
+        probe = copy.deepcopy(model)
+        cfg = lat.LatencyConfig(batch_sizes=(settings.batch_size,), warmup=2, repeats=7, threads=settings.threads,
+                                cuda=False)
+        t = lat.measure(probe, int(model.input_size), cfg, dev)[settings.batch_size]
+        table.fit_overhead(t.median_ms)
+    counter.latency = table
+    info = table.info()
+    log.info("latency table: %d convs on %s, batch %d, %d thread(s): %d timed, %d from the cache (%s) in %.1fs",
+             info["convs"], dev, settings.batch_size, settings.threads, info["cache_misses"], info["cache_hits"],
+             info["cache"], info["build_s"])
+    return info
+
+
+def measured_fraction(model: nn.Module, counts: Mapping[str, int], settings: lat.MeasureSettings,
+                      repeats: int = 7) -> float:
+    """Measured latency of ``model`` rebuilt at ``counts`` (random weights) ÷ the model's, timed interleaved."""
+    import copy
+
+    small = get_model(model.arch, num_classes=model.num_classes, cfg=cfg_with_widths(model, counts))
+    cfg = lat.LatencyConfig(batch_sizes=(settings.batch_size,), warmup=2, repeats=repeats, threads=settings.threads,
+                            cuda=False)
+    res = lat.compare({"base": copy.deepcopy(model), "cand": small}, int(model.input_size), cfg, settings.device)
+    return res["cand"][settings.batch_size].median_ms / res["base"][settings.batch_size].median_ms
+
+
+def _refine_latency(size: SizeCounter, model: nn.Module, counts: dict[str, int], target: Mapping[str, float],
+                    cfg: PolicyConfig, solve: Callable[[Mapping[str, float]], dict[str, int]], info: dict,
+                    rounds: int) -> dict[str, int]:
+    """Close the loop: time the candidate, correct the latency target by measured/predicted, re-solve.
+
+    A per-conv table timed in isolation misses what the whole network pays (cache traffic between
+    layers, allocation), so its fraction can be off by 10–20%. Each round scales the target asked of
+    the table by ``target / measured`` and keeps the best measured candidate.
+    """
+    want = target["latency"]
+    asked = want
+    history = []
+    best = (math.inf, counts, math.nan)
+    for i in range(rounds + 1):
+        meas = measured_fraction(model, counts, size.latency.settings)
+        history.append({"asked_of_table": asked, "predicted": size.latency.fraction(counts), "measured": meas})
+        err = abs(meas / want - 1.0)
+        if err < best[0]:
+            best = (err, counts, meas)
+        if err <= cfg.tolerance or i == rounds:
+            break
+        asked = min(1.0, asked * want / meas)
+        try:
+            counts = solve({**target, "latency": asked})
+        except UserError:
+            break
+    info["latency"]["refine"] = history
+    info["latency"]["measured_fraction"] = best[2]
+    log.info("latency: measured %.4f of the baseline after %d re-solve(s) (target %.4f)", best[2], len(history) - 1,
+             want)
+    return best[1]
+
+
+def resolve(spec: RateSpec, model: nn.Module | None, scores: Mapping[str, torch.Tensor] | None = None, *,
+            tiebreak: Mapping[str, torch.Tensor] | None = None,
+            counter: Callable[[Mapping[str, int]], Mapping[str, int]] | None = None,
+            widths: Mapping[str, int] | None = None, device: str = "cpu",
+            latency_timer: lat.Timer | None = None,
+            latency_shapes: Callable[[Mapping[str, int]], Mapping[str, lat.ConvShape]] | None = None,
+            latency_cache: bool = True, latency_overhead_ms: float | None = None,
+            latency_refine: int = 2) -> RateSpec:
+    """Apply the rates file's policy and budget; return exact per-layer rates (see module doc).
+
+    ``counter``/``widths``: a size counter for models not built from a cfg (keep counts of every
+    unit → ``{"macs", "params"}``) and their unit widths; by default both come from ``model``.
+    ``device`` is the run's device (a latency budget's default); ``latency_*`` inject the timer, the
+    conv shapes at any widths, the on-disk cache switch and the model's constant part (tests, engines).
+    ``latency_refine``: with the real timer, up to this many re-solves after timing the candidate model
+    itself (``_refine_latency``); 0 trusts the table alone.
+    """
+    cfg = policy_config(spec)
+    if widths is None and counter is None and model is not None and not hasattr(model, "cfg"):
+        counter, widths = engine_counter(model)
+    if widths is None:
+        if model is None:
+            raise ValueError("resolve needs a model or widths")
+        widths = unit_widths(model)
+    widths = dict(widths)
     target = dict(spec.target or {})
     for k in target:
-        if k not in BUDGETS:
-            raise UserError(f"unknown budget {k!r}; valid: {', '.join(BUDGETS)}", source=spec.source, field="target")
-    counter = SizeCounter(model)
+        if k not in TARGETS:
+            raise UserError(f"unknown budget {short(k)}; valid: {', '.join(TARGETS)}", source=spec.source,
+                            field="target")
+    size = SizeCounter(model, counter=counter, widths=widths)
     info: dict[str, Any] = {"policy": cfg.name, "min_keep": cfg.min_keep, "max_keep": cfg.max_keep,
                             "target": target or None, "tolerance": cfg.tolerance}
-    if cfg.name == "local":
-        if target:
-            counts, alpha = solve_local(counter, widths, spec.rates, target, cfg, spec.rounding)
-            info["scale"] = alpha
-            info["profile"] = "uniform" if not any(v > 0 for v in spec.rates.values()) else "rates file"
+    if cfg.round_to > 1:
+        info["round_to"] = cfg.round_to
+    if "latency" in target:
+        info["latency"] = attach_latency(size, spec, model, device, timer=latency_timer, shapes=latency_shapes,
+                                         cache=latency_cache, overhead_ms=latency_overhead_ms)
+    def solve(tgt: Mapping[str, float]) -> dict[str, int]:
+        if cfg.name == "local":
+            if target:
+                counts, alpha = solve_local(size, widths, spec.rates, tgt, cfg, spec.rounding)
+                info["scale"] = alpha
+                info["profile"] = "uniform" if not any(v > 0 for v in spec.rates.values()) else "rates file"
+            else:
+                counts = spec.keep_counts(widths)
+                if cfg.bounds_given:
+                    counts = {u: cfg.clamp(widths[u], k) for u, k in counts.items()}
         else:
-            counts = spec.keep_counts(widths)
-            if cfg.bounds_given:
-                counts = {u: min(max(k, cfg.bounds(widths[u])[0]), cfg.bounds(widths[u])[1]) for u, k in counts.items()}
-    else:
-        if scores is None:
-            raise UserError("policy global needs scores (it ranks channels across layers)", field="policy")
-        info["normalize"] = cfg.normalize
-        order = global_order(scores, widths, cfg, tiebreak)
-        skipped = [u for u in widths if u not in order.start]
-        if skipped:
-            info["unscored_units_kept_whole"] = skipped
-            log.info("policy global: %d unit(s) without scores are kept whole", len(skipped))
-        scored_total = sum(widths[u] for u in order.start)
-        mandatory = sum(widths[u] - order.start[u] for u in order.start)
-        if target:
-            counts, n = solve_global(counter, order, target, cfg)
-        else:
-            rate = sum(spec.rates[u] * widths[u] for u in order.start) / max(1, scored_total)
-            want = round(rate * scored_total)
-            n = want - mandatory
-            if not 0 <= n <= len(order.sequence):
-                lo = mandatory / scored_total
-                hi = (mandatory + len(order.sequence)) / scored_total
-                raise UserError(f"global rate {rate:.4f} is outside what min_keep={cfg.min_keep} and "
-                                f"max_keep={cfg.max_keep} allow ({lo:.4f} … {hi:.4f})", source=spec.source,
-                                field="rates")
-            counts = order.counts(n)
-            info["global_rate_asked"] = rate
-        info["global_rate"] = (mandatory + n) / max(1, scored_total)
-        counts = {u: counts.get(u, w) for u, w in widths.items()}
-    info["achieved"] = counter.fractions(counts)
-    info["size"] = dict(counter(counts))
-    info["base_size"] = dict(counter.base)
+            if scores is None:
+                raise UserError("policy global needs scores (it ranks channels across layers)", field="policy")
+            info["normalize"] = cfg.normalize
+            order = global_order(scores, widths, cfg, tiebreak)
+            skipped = [u for u in widths if u not in order.start]
+            if skipped:
+                info["unscored_units_kept_whole"] = skipped
+                log.info("policy global: %d unit(s) without scores are kept whole", len(skipped))
+            scored_total = sum(widths[u] for u in order.start)
+            mandatory = sum(widths[u] - order.start[u] for u in order.start)
+            if target:
+                counts, n = solve_global(size, order, tgt, cfg, widths)
+            else:
+                rate = sum(spec.rates[u] * widths[u] for u in order.start) / max(1, scored_total)
+                want = round(rate * scored_total)
+                n = want - mandatory
+                if not 0 <= n <= len(order.sequence):
+                    lo = mandatory / scored_total
+                    hi = (mandatory + len(order.sequence)) / scored_total
+                    raise UserError(f"global rate {rate:.4f} is outside what min_keep={cfg.min_keep} and "
+                                    f"max_keep={cfg.max_keep} allow ({lo:.4f} … {hi:.4f})", source=spec.source,
+                                    field="rates")
+                counts = _rounded(order, widths, cfg, n)
+                info["global_rate_asked"] = rate
+            counts = {u: counts.get(u, w) for u, w in widths.items()}
+            info["global_rate"] = sum(widths[u] - counts[u] for u in order.start) / max(1, scored_total)
+        return counts
+
+    counts = solve(target)
+    if "latency" in target and latency_refine and latency_timer is None and model is not None and hasattr(model, "cfg"):
+        counts = _refine_latency(size, model, counts, target, cfg, solve, info, latency_refine)
+    info["achieved"] = size.fractions(counts)
+    info["size"] = dict(size(counts))
+    info["base_size"] = dict(size.base)
     info["channels_kept"] = sum(counts.values()) / sum(widths.values())
+    if size.latency is not None:
+        info["latency"]["predicted_ms"] = size.latency.predict(counts)
+        if "measured_fraction" in info["latency"]:  # judged on what was measured, not on the table
+            info["achieved"]["latency_predicted"] = info["achieved"]["latency"]
+            info["achieved"]["latency"] = info["latency"]["measured_fraction"]
     if target:
         info["met"] = abs(_ratio(info["achieved"], target) - 1.0) <= cfg.tolerance
     if cfg.name == "local" and not target and not cfg.bounds_given:  # keep the file's own rates on record
         return RateSpec(rates=dict(spec.rates), rounding=spec.rounding, source=spec.source, target=spec.target,
-                        extra={**spec.extra, "resolved": info})
+                        extra={**spec.extra, "resolved": info}, round_to=spec.round_to,
+                        latency_options=spec.latency_options)
     return _exact_spec(spec, widths, counts, info)
 
 
@@ -377,6 +658,14 @@ def describe(spec: RateSpec) -> str:
     line = (f"{head}: keeps {r['channels_kept']:.1%} of channels, {a['macs']:.2%} of MACs "
             f"({counting.fmt_m(s['macs'])} of {counting.fmt_m(b['macs'])}), {a['params']:.2%} of params "
             f"({counting.fmt_m(s['params'])} of {counting.fmt_m(b['params'])})")
+    if "latency" in a:
+        li = r.get("latency") or {}
+        how = "measured" if "measured_fraction" in li else "predicted"
+        line += (f", {a['latency']:.2%} of {how} latency (table: {li.get('predicted_ms', 0):.2f} of "
+                 f"{li.get('predicted_full_ms', 0):.2f} ms; {li.get('device')} batch {li.get('batch_size')}, "
+                 f"{li.get('threads')} thread(s))")
+    if r.get("round_to"):
+        line += f", widths rounded to multiples of {r['round_to']}"
     if r.get("target"):
         t = ", ".join(f"{k} {v:.4f}" for k, v in r["target"].items())
         line += f"; target {t}: " + ("met" if r.get("met") else "NOT met") + f" within {r['tolerance']:.0%}"

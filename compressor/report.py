@@ -10,9 +10,12 @@ Definitions used in every table:
 
 * params / MACs: ``compressor.counting`` on the physical model (conv + linear MACs, one image).
 * latency: median wall time of one forward pass after warm-up, models of one group timed
-  interleaved (``compressor.latency``); the thread count is recorded.
+  interleaved (``compressor.latency``); the thread count and backend settings are recorded.
+  The spread is the interquartile range (IQR, q3 − q1) of the repeats.
 * speedup = baseline latency / model latency; ``speedup/MACs`` = speedup ÷ (baseline MACs /
-  model MACs): 1.0 means latency fell exactly as fast as the MAC count.
+  model MACs): 1.0 means latency fell exactly as fast as the MAC count. A speedup whose IQR
+  overlaps the baseline's is flagged (``speedup_<slot>_uncertain``; ``≈`` in the table): the
+  measurement does not separate the two models.
 """
 
 from __future__ import annotations
@@ -332,7 +335,9 @@ def build(entries: Sequence[Entry], cfg: ReportConfig = ReportConfig()) -> tuple
             bmacs = (rows.get(bl.of[name]) or bl.synthetic[bl.of[name]])["macs"]
             for slot, t in timings[name].items():
                 row[f"lat_{slot}_ms"] = t.median_ms
+                row[f"lat_{slot}_iqr_ms"] = t.iqr_ms
                 row[f"speedup_{slot}"] = bt[slot].median_ms / t.median_ms
+                row[f"speedup_{slot}_uncertain"] = bl.of[name] != name and lat.overlaps(bt[slot], t)
                 row[f"speedup_per_mac_{slot}"] = row[f"speedup_{slot}"] / (bmacs / row["macs"])
     order = sorted(rows.values(), key=lambda r: (r["model"], r["role"] != "baseline", -r["macs"], r["name"]))
     any_t = next(iter(timings.values()), {})
@@ -340,6 +345,7 @@ def build(entries: Sequence[Entry], cfg: ReportConfig = ReportConfig()) -> tuple
         "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "torch": torch.__version__,
         "cpu_threads": next((t.threads for s, t in any_t.items() if s.startswith("cpu")), torch.get_num_threads()),
+        "backends": next((t.backends for t in any_t.values()), lat.backend_settings()),
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
         "latency": asdict(cfg.latency) if cfg.latency else None,
         "latency_slots": sorted(any_t),
@@ -363,7 +369,7 @@ def markdown(rows: Sequence[dict[str, Any]], meta: dict[str, Any]) -> str:
     slots = meta.get("latency_slots", [])
     head = ["model", "name", "criterion", "rates / target", "data", "top-1", "top-5", "Δtop-1", "params (−%)",
             "MACs (−%)", "file MB (weights)"]
-    head += [f"{s.replace('_b', ' b')} ms (×, ×/MACs)" for s in slots]
+    head += [f"{s.replace('_b', ' b')} ms ±IQR/2 (×, ×/MACs)" for s in slots]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         # A budget's resolved per-layer rates are long: the table shows the budget, the CSV/JSON both.
@@ -373,8 +379,12 @@ def markdown(rows: Sequence[dict[str, Any]], meta: dict[str, Any]) -> str:
                  f"{_m(r['params'])} ({r['params_reduction_pct']:.1f}%)",
                  f"{_m(r['macs'])} ({r['macs_reduction_pct']:.1f}%)", f"{r['file_bytes'] / 1e6:.2f} ({r['weights_bytes'] / 1e6:.2f})"]
         for s in slots:
-            cells.append(f"{r[f'lat_{s}_ms']:.2f} ({r[f'speedup_{s}']:.2f}×, {r[f'speedup_per_mac_{s}']:.2f})"
-                         if f"lat_{s}_ms" in r else "–")
+            if f"lat_{s}_ms" not in r:
+                cells.append("–")
+                continue
+            flag = "≈" if r.get(f"speedup_{s}_uncertain") else ""
+            cells.append(f"{r[f'lat_{s}_ms']:.2f} ±{r.get(f'lat_{s}_iqr_ms', 0.0) / 2:.2f} "
+                         f"({flag}{r[f'speedup_{s}']:.2f}×, {r[f'speedup_per_mac_{s}']:.2f})")
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
     lc = meta.get("latency") or {}
     notes = [
@@ -383,9 +393,15 @@ def markdown(rows: Sequence[dict[str, Any]], meta: dict[str, Any]) -> str:
         "- Δtop-1 = baseline top-1 − model top-1, same test split; baselines are matched by the pre-pruning cfg.",
     ]
     if lc:
+        be = meta.get("backends") or {}
         notes.append(f"- Latency: median of {lc['repeats']} runs after {lc['warmup']} warm-up runs, random inputs, "
-                     f"models of one baseline group timed interleaved; CPU threads: {meta['cpu_threads']}"
-                     + (f"; CUDA: {meta['cuda']}" if meta.get("cuda") else "; no CUDA device") + ".")
+                     f"models of one baseline group timed interleaved (ABAB…); ±IQR/2 = half the interquartile "
+                     f"range; CPU threads: {meta['cpu_threads']}; mkldnn "
+                     f"{'on' if be.get('mkldnn_enabled') else 'off'}; "
+                     f"{'channels_last' if lc.get('channels_last') else 'contiguous'} tensors"
+                     + (f"; CUDA: {meta['cuda']} (CUDA-event timing)" if meta.get("cuda") else "; no CUDA device")
+                     + ".")
+        notes.append("- ≈ marks a speedup whose IQR overlaps the baseline's: not separated by this measurement.")
         notes.append("- × = speedup vs baseline; ×/MACs = speedup ÷ (baseline MACs / model MACs), 1.0 = latency "
                      "falls as fast as MACs.")
     syn = meta.get("synthetic_baselines") or {}

@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+from compressor.pruning.graph import units as units_of
 from compressor import counting, criteria, policy, surgery
 from compressor.errors import UserError
 from compressor.models import get_model, list_models
@@ -14,14 +15,19 @@ from compressor.plan import make_plan
 from compressor.rates import RateSpec, load_rates, resolve_rates
 
 CIFAR_MODELS = [m for m in list_models() if not m.endswith("_imagenet")]
+# Models built from a cfg (counted by a meta-device rebuild); the others go through the any-CNN engine.
+CFG_MODELS = [m for m in CIFAR_MODELS if hasattr(get_model(m), "cfg")]
 
 
 def widths(m) -> dict[str, int]:
-    return {u.name: u.width for u in m.prunable_units()}
+    return policy.unit_widths(m)
 
 
 def random_scores(m, seed: int = 0) -> dict[str, torch.Tensor]:
-    return criteria.get("random", seed=seed).score(m, m.prunable_units(), None)
+    if hasattr(m, "prunable_units"):
+        return criteria.get("random", seed=seed).score(m, units_of(m), None)
+    g = torch.Generator().manual_seed(seed)
+    return {u: torch.rand(w, generator=g) for u, w in widths(m).items()}
 
 
 def spec_for(m, **kw) -> RateSpec:
@@ -29,7 +35,7 @@ def spec_for(m, **kw) -> RateSpec:
     return RateSpec(rates=rates or {u: 0.0 for u in widths(m)}, **kw)
 
 
-@pytest.mark.parametrize("model_name", CIFAR_MODELS)
+@pytest.mark.parametrize("model_name", CFG_MODELS)
 def test_size_counter_matches_rebuilt_model(model_name):
     m = get_model(model_name)
     g = torch.Generator().manual_seed(1)
@@ -149,3 +155,26 @@ def test_rates_file_with_target_and_policy(tmp_path):
     r = out.extra["resolved"]
     assert r["policy"] == "global" and r["normalize"] == "max" and r["met"]
     assert all(k >= 0.2 * w for k, w in zip(out.keep_counts(widths(m)).values(), widths(m).values()))
+
+
+@pytest.mark.parametrize("pol", ["local", "global"])
+def test_injected_counter_and_widths_replace_the_cfg_rebuild(pol):
+    """A model not built from a cfg passes its own counter; the answer is the same as the cfg path's."""
+    m = get_model("mobilenet_v1")
+    w = widths(m)
+    ref_counter = policy.SizeCounter(m)
+    seen: list[dict[str, int]] = []
+
+    def counter(keep):
+        seen.append(dict(keep))
+        return ref_counter(keep)
+
+    sc = random_scores(m)
+    spec = RateSpec(rates={u: 0.0 for u in w}, target={"macs": 0.4}, extra={"policy": pol})
+    ref = policy.resolve(spec, m, sc)
+    got = policy.resolve(spec, None, sc, counter=counter, widths=w)
+    assert got.keep_counts(w) == ref.keep_counts(w)
+    assert got.extra["resolved"]["achieved"] == ref.extra["resolved"]["achieved"]
+    assert seen and all(set(k) == set(w) for k in seen)  # the counter always sees every unit
+    with pytest.raises(UserError, match="needs the model's conv shapes"):
+        policy.resolve(RateSpec(rates={u: 0.0 for u in w}, target={"latency": 0.5}), None, counter=counter, widths=w)

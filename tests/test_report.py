@@ -218,3 +218,33 @@ def test_cli_report(runs, capsys):
     assert {p.name for p in out.iterdir()} == {"report.md", "report.csv", "report.json"}
     assert "half/pruned" in capsys.readouterr().out
     assert main(["report", str(runs["root"] / "missing.pt"), "--out", str(out)]) == 2
+
+
+def test_latency_spread_and_overlap_flags(built):
+    res, rows = built
+    slots = ["cpu_b1", "cpu_b64"]
+    for name, r in rows.items():
+        for s in slots:
+            assert r[f"lat_{s}_iqr_ms"] >= 0
+            assert isinstance(r[f"speedup_{s}_uncertain"], bool)
+            if r["role"] == "baseline":
+                assert r[f"speedup_{s}_uncertain"] is False  # itself: nothing to separate
+    with open(res["paths"]["json"]) as fh:
+        meta = json.load(fh)["meta"]
+    assert "mkldnn_enabled" in meta["backends"] and meta["latency"]["channels_last"] is False
+    assert "±IQR/2" in res["markdown"] and "mkldnn" in res["markdown"]
+
+
+def test_markdown_marks_overlapping_speedups():
+    base = {"model": "m", "name": "b", "role": "baseline", "params": 10, "macs": 10, "params_reduction_pct": 0.0,
+            "macs_reduction_pct": 0.0, "file_bytes": 1, "weights_bytes": 1, "lat_cpu_b1_ms": 2.0,
+            "lat_cpu_b1_iqr_ms": 0.4, "speedup_cpu_b1": 1.0, "speedup_per_mac_cpu_b1": 1.0,
+            "speedup_cpu_b1_uncertain": False}
+    near = {**base, "name": "p", "role": "pruned", "lat_cpu_b1_ms": 1.9, "speedup_cpu_b1": 2.0 / 1.9,
+            "speedup_cpu_b1_uncertain": True}
+    far = {**near, "name": "q", "lat_cpu_b1_ms": 1.0, "speedup_cpu_b1": 2.0, "speedup_cpu_b1_uncertain": False}
+    meta = {"latency_slots": ["cpu_b1"], "latency": {"repeats": 5, "warmup": 1}, "cpu_threads": 1, "counted": "x",
+            "time": "t", "torch": "v", "backends": {"mkldnn_enabled": True}}
+    md = report.markdown([base, near, far], meta)
+    lines = {ln.split(" | ")[1]: ln for ln in md.splitlines() if ln.startswith("| m |")}
+    assert "(≈1.05×" in lines["p"] and "≈" not in lines["q"] and "2.00 ±0.20" in lines["b"]
