@@ -5,3 +5,7 @@ The flow: ``models.get_model`` -> ``capture.record`` -> ``criteria.get(...).scor
 """
 
 __version__ = "0.1.0"
+
+from compressor.api import load, prune, rank, save  # noqa: E402  (the notebook API)
+
+__all__ = ["load", "prune", "rank", "save", "__version__"]

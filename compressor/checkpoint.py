@@ -28,10 +28,23 @@ from torch import nn
 from compressor import io
 from compressor.errors import UserError
 from compressor.models import get_model, list_models
+from compressor.models import external
 from compressor.models._spec import cfg_with_widths, set_cp_rates
+from compressor.pruning import shapes as shapes_mod
 
 CKPT_FORMAT = "compressor.checkpoint"
-CKPT_VERSION = 1
+CKPT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
+
+
+def _dist_version(dist: str, fallback: str) -> str:
+    """The installed distribution's version (torch-pruning 1.6.1 reports "1.6.0" in ``__version__``)."""
+    from importlib import metadata
+
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return str(fallback)
 
 
 def provenance(command: str | None = None, seed: int | None = None, **extra: Any) -> dict[str, Any]:
@@ -47,7 +60,7 @@ def provenance(command: str | None = None, seed: int | None = None, **extra: Any
         "versions": {
             "compressor": str(compressor.__version__),
             "torch": str(torch.__version__),
-            "torch_pruning": str(getattr(torch_pruning, "__version__", "?")),
+            "torch_pruning": _dist_version("torch-pruning", getattr(torch_pruning, "__version__", "?")),
             "numpy": str(numpy.__version__),
             "python": platform.python_version(),
         },
@@ -55,15 +68,40 @@ def provenance(command: str | None = None, seed: int | None = None, **extra: Any
     }
 
 
+def _plain_kwargs(model: nn.Module) -> dict[str, Any]:
+    kw = dict(getattr(model, "builder_kwargs", {}) or {})
+    if isinstance(kw.get("input_size"), tuple):
+        kw["input_size"] = list(kw["input_size"])
+    return kw
+
+
+def reference_of(model: nn.Module) -> nn.Module:
+    """The unpruned architecture of ``model`` (on the CPU: channel ops keep index buffers)."""
+    kw = _checked_kwargs(_plain_kwargs(model), "<model>")
+    return get_model(model.arch, num_classes=int(model.num_classes), **kw)
+
+
+def _shapes(model: nn.Module) -> dict[str, Any]:
+    """The narrowed modules' shapes; every module's shape when the architecture has no
+    reference this library can build (a notebook class: ``load_into`` narrows the user's own)."""
+    try:
+        return shapes_mod.changed_shapes(reference_of(model), model)
+    except UserError:
+        return shapes_mod.module_shapes(model)
+
+
 def to_dict(model: nn.Module, *, rates: Mapping | None = None, plan: Mapping | None = None,
             metrics: Mapping | None = None, prov: Mapping | None = None,
             extra: Mapping | None = None) -> dict[str, Any]:
+    cfg = getattr(model, "cfg", None)
     return {
         "format": CKPT_FORMAT,
         "format_version": CKPT_VERSION,
         "model": model.arch,
         "num_classes": int(model.num_classes),
-        "cfg": list(model.cfg),
+        "cfg": list(cfg) if cfg is not None else None,
+        "builder_kwargs": _plain_kwargs(model),
+        "shapes": _shapes(model) if cfg is None else {},
         "state_dict": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
         "rates": dict(rates) if rates is not None else None,
         "plan": dict(plan) if plan is not None else None,
@@ -107,7 +145,8 @@ def read(path: str | Path) -> dict[str, Any]:
 
 def _check_types(arch: Any, ncls: Any, cfg: Any, sd: Any, src: str) -> None:
     """A hand-edited or foreign dict must fail with a line, not an AttributeError."""
-    expected = (("model", arch, str), ("num_classes", ncls, int), ("cfg", cfg, list), ("state_dict", sd, dict))
+    expected = (("model", arch, str), ("num_classes", ncls, int), ("cfg", [] if cfg is None else cfg, list),
+                ("state_dict", sd, dict))
     for key, value, kind in expected:
         if not isinstance(value, kind) or isinstance(value, bool):
             raise UserError(f"must be a {kind.__name__}, got {type(value).__name__}", source=src, field=key)
@@ -134,7 +173,9 @@ def _classes_in(model_name: str, sd: Mapping[str, torch.Tensor]) -> int:
     with torch.device("meta"):  # structure only: no weights are allocated
         base = get_model(model_name)
     names = {mod: name for name, mod in base.named_modules()}
-    for layer in base.ignored_layers():
+    layers = base.ignored_layers() if hasattr(base, "ignored_layers") else [
+        m for m in base.modules() if isinstance(m, (nn.Linear, nn.Conv2d))][-1:]
+    for layer in layers:
         w = sd.get(f"{names[layer]}.weight")
         if w is not None:
             return int(w.shape[0])
@@ -155,18 +196,26 @@ def _infer_cfg(model_name: str, num_classes: int, sd: Mapping[str, torch.Tensor]
 
 def load(path: str | Path, *, model: str | None = None, num_classes: int | None = None,
          cfg: list | None = None, strict_finite: bool = False) -> tuple[nn.Module, dict[str, Any]]:
-    """Rebuild the model from a checkpoint (its cfg) and load its weights.
+    """Rebuild the model from a checkpoint and load its weights.
 
+    Format 2 names the architecture (a registered name, ``torchvision:<name>`` or a user's
+    ``module:builder``) and lists the shapes of the modules pruning narrowed; registered
+    families with a cfg are rebuilt from it. Format 1 (cfg only) still loads.
     ``model``/``num_classes``/``cfg``, when given, must match the file: a checkpoint of another
-    architecture is refused with a clear error rather than a size-mismatch traceback.
+    architecture is refused with a clear error rather than a size-mismatch traceback. A file
+    made from user code is built only when ``model`` names that same code.
     """
     src = str(path)
-    if model is not None and model not in list_models():
+    if model is not None and not external.is_external(model) and model not in list_models():
         get_model(model)  # raises the registry's "unknown model … (did you mean …); valid: …"
     obj = read(path)
+    kwargs: dict[str, Any] = {}
+    shapes: Any = {}
     if obj.get("format") == CKPT_FORMAT:
-        if obj.get("format_version") != CKPT_VERSION:
-            raise UserError(f"unsupported format_version {obj.get('format_version')!r} (this library reads {CKPT_VERSION})",
+        if obj.get("format_version") not in READABLE_VERSIONS:
+            fv = obj.get("format_version")
+            raise UserError(f"unsupported format_version {fv if isinstance(fv, int) else repr(str(fv)[:20])} "
+                            f"(this library reads {', '.join(map(str, READABLE_VERSIONS))})",
                             source=src, field="format_version")
         for key in ("model", "num_classes", "cfg", "state_dict"):
             if key not in obj:
@@ -174,7 +223,12 @@ def load(path: str | Path, *, model: str | None = None, num_classes: int | None 
         arch, ncls, ccfg, sd = obj["model"], obj["num_classes"], obj["cfg"], obj["state_dict"]
         _check_types(arch, ncls, ccfg, sd, src)
         if model is not None and model != arch:
-            raise UserError(f"checkpoint is a {arch!r}, not a {model!r}", source=src, field="model")
+            raise UserError(f"checkpoint is a {arch[:80]!r}, not a {model!r}", source=src, field="model")
+        if external.is_user_code(arch) and model != arch:
+            raise UserError(f"this checkpoint was built by user code {arch[:80]!r}; pass --model {arch[:80]} "
+                            "(model= in Python) to allow importing it", source=src, field="model")
+        kwargs = _checked_kwargs(obj.get("builder_kwargs") or {}, src)
+        shapes = obj.get("shapes") or {}
     else:  # HRank-style: a plain state_dict or {'state_dict': ...}
         sd = obj.get("state_dict", obj)
         if not isinstance(sd, dict) or not sd or not all(torch.is_tensor(v) for v in sd.values()):
@@ -184,37 +238,105 @@ def load(path: str | Path, *, model: str | None = None, num_classes: int | None 
         sd = _strip_prefix(sd)
         arch = model
         ncls = num_classes if num_classes is not None else _classes_in(arch, sd)
-        ccfg = _infer_cfg(arch, ncls, sd, src)
+        ccfg, shapes = _infer_widths(arch, ncls, sd, src)
         obj = {"format": "hrank", "model": arch, "num_classes": ncls, "cfg": ccfg, "state_dict": sd,
                "rates": None, "plan": None, "metrics": {k: obj[k] for k in ("test_acc", "best_prec1") if k in obj},
                "provenance": {"imported_from": src}, "extra": {}}
     if num_classes is not None and num_classes != ncls:
         raise UserError(f"checkpoint has {ncls} classes, {num_classes} were asked for", source=src, field="num_classes")
-    if cfg is not None and list(cfg) != list(ccfg):
+    if cfg is not None and list(cfg) != list(ccfg or []):
         raise UserError(f"checkpoint cfg {ccfg} differs from the expected {cfg}", source=src, field="cfg")
     _check_finite(sd, src, strict_finite)
     try:
-        with torch.device("meta"):  # shapes only, no memory: a hostile cfg of huge widths allocates nothing
-            shell = get_model(arch, num_classes=ncls, cfg=ccfg)
+        shell = _shell(arch, ncls, ccfg, kwargs)
+        shapes_mod.shrink(shell, shapes, src)
     except UserError as exc:
-        raise UserError(str(exc), source=src) from exc
+        raise UserError(str(exc).removeprefix(f"{src}: "), source=src) from exc
     want = {k: tuple(v.shape) for k, v in shell.state_dict().items()}
+    if obj.get("format") == "hrank":  # files from torch < 0.4.1 (akamaster's) have no BN step counters
+        sd.update({k: torch.tensor(0) for k in want if k.endswith("num_batches_tracked") and k not in sd})
     have = {k: tuple(v.shape) for k, v in sd.items() if torch.is_tensor(v)}
+    what = f"cfg {ccfg}" if ccfg is not None else f"{len(shapes)} pruned module shapes"
     if want != have:
         bad = sorted(set(want) ^ set(have)) or [k for k in want if want[k] != have[k]]
         k = bad[0]
-        raise UserError(f"weights do not fit {arch} with cfg {ccfg}: {k} is {have.get(k, 'missing')} in the file, "
+        raise UserError(f"weights do not fit {arch} with {what}: {k} is {have.get(k, 'missing')} in the file, "
                         f"{want.get(k, 'not expected')} in the model", source=src, field="state_dict")
-    net = get_model(arch, num_classes=ncls, cfg=ccfg)
+    net = get_model(arch, num_classes=ncls, cfg=ccfg, **kwargs)
+    shapes_mod.shrink(net, shapes, src)
     try:
         net.load_state_dict(sd)
     except RuntimeError as exc:
         first = next((ln.strip() for ln in str(exc).splitlines()[1:] if ln.strip()), str(exc))
-        raise UserError(f"weights do not fit {arch} with cfg {ccfg}: {first[:200]}", source=src, field="state_dict") from exc
+        raise UserError(f"weights do not fit {arch} with {what}: {first[:200]}", source=src, field="state_dict") from exc
     _restore_cp_rates(net, obj.get("plan"))
     return net, obj
+
+
+def _shell(arch: str, ncls: int, cfg: list | None, kwargs: Mapping[str, Any]) -> nn.Module:
+    """The architecture for a shape check: on ``meta`` (no memory: a hostile cfg of huge widths
+    allocates nothing); a builder that computes with tensors at init (RegNet) is built on the CPU,
+    at the architecture's own size, since shapes can only narrow it."""
+    try:
+        with torch.device("meta"):
+            return get_model(arch, num_classes=ncls, cfg=cfg, **kwargs)
+    except (NotImplementedError, RuntimeError):
+        if cfg is not None:
+            raise
+        with torch.random.fork_rng(devices=[]):
+            return get_model(arch, num_classes=ncls, cfg=None, **kwargs)
+
+
+def _checked_kwargs(kw: Any, src: str) -> dict[str, Any]:
+    """Builder kwargs from a file: a small mapping of plain scalars (or short int lists) only."""
+    ok = isinstance(kw, dict) and len(kw) <= 16 and all(
+        isinstance(k, str) and (isinstance(v, (int, float, str, bool)) or v is None
+                                or (isinstance(v, list) and len(v) <= 4 and all(isinstance(x, int) for x in v)))
+        for k, v in kw.items())
+    if not ok:
+        raise UserError("must be a small mapping of plain values", source=src, field="builder_kwargs")
+    if isinstance(kw.get("input_size"), list):
+        kw = {**kw, "input_size": tuple(kw["input_size"])}
+    return dict(kw)
+
+
+def _infer_widths(arch: str, ncls: int, sd: Mapping[str, torch.Tensor], src: str) -> tuple[list | None, dict]:
+    """A foreign state_dict's widths: the family's cfg where it has one, else module shapes."""
+    with torch.device("meta"):
+        base = get_model(arch, num_classes=ncls)
+    if getattr(base, "cfg", None) is not None:
+        return _infer_cfg(arch, ncls, sd, src), {}
+    return None, shapes_mod.shapes_from_state_dict(base, sd)
 
 
 def _restore_cp_rates(net: nn.Module, plan: Mapping | None) -> None:
     units = (plan or {}).get("units", {})
     set_cp_rates(net, {u: 1.0 - len(v["keep"]) / v["width"] for u, v in units.items()})
+
+
+def load_into(path: str | Path, module: nn.Module, *, strict_finite: bool = False) -> tuple[nn.Module, dict[str, Any]]:
+    """Load a checkpoint into a copy of ``module``, the user's own unpruned architecture.
+
+    For models defined in a notebook, which no reference string can rebuild: the file's
+    shapes narrow a copy of ``module`` (never widen it), then its weights load strictly.
+    """
+    import copy
+
+    src = str(path)
+    obj = read(path)
+    if obj.get("format") != CKPT_FORMAT or obj.get("format_version") not in READABLE_VERSIONS:
+        raise UserError("not a compressor checkpoint (format 2 needed to load into a module)", source=src)
+    sd = obj.get("state_dict")
+    _check_types(obj.get("model"), obj.get("num_classes"), obj.get("cfg"), sd, src)
+    _check_finite(sd, src, strict_finite)
+    net = copy.deepcopy(module)
+    shapes_mod.shrink(net, obj.get("shapes") or {}, src)
+    try:
+        net.load_state_dict(sd)
+    except RuntimeError as exc:
+        first = next((ln.strip() for ln in str(exc).splitlines()[1:] if ln.strip()), str(exc))
+        raise UserError(f"weights do not fit the given module: {first[:200]}", source=src, field="state_dict") from exc
+    for attr in ("arch", "num_classes", "input_size"):
+        if hasattr(module, attr) or attr in obj:
+            setattr(net, attr, obj.get("model") if attr == "arch" else getattr(module, attr, obj.get(attr)))
+    return net, obj

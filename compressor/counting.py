@@ -16,11 +16,18 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from compressor.pruning.graph import units as units_of
+from compressor.pruning.graph import input_shape, units as units_of
 
 
-def count_macs(model: nn.Module, input_size: int | None = None) -> int:
-    size = input_size or model.input_size
+def _zeros(model: nn.Module, input_size: int | tuple[int, int] | None) -> torch.Tensor:
+    c, h, w = input_shape(model)
+    if input_size is not None:
+        h, w = (input_size, input_size) if isinstance(input_size, int) else input_size
+    p = next(model.parameters())
+    return torch.zeros(1, c, h, w, device=p.device, dtype=p.dtype)
+
+
+def count_macs(model: nn.Module, input_size: int | tuple[int, int] | None = None) -> int:
     total = 0
 
     def conv_hook(mod: nn.Conv2d, _inp, out: torch.Tensor) -> None:
@@ -41,11 +48,36 @@ def count_macs(model: nn.Module, input_size: int | None = None) -> int:
                 handles.append(m.register_forward_hook(linear_hook))
         was_training = model.training
         model.eval()
-        device = next(model.parameters()).device
         with torch.no_grad():
-            model(torch.zeros(1, 3, size, size, device=device))
+            model(_zeros(model, input_size))
         model.train(was_training)
     finally:
+        for h in handles:
+            h.remove()
+    return total
+
+
+def count_norm_ops(model: nn.Module, input_size: int | tuple[int, int] | None = None) -> int:
+    """Operations of the norm layers as thop counts them: 2 per output element (scale, shift).
+
+    Not part of ``count``. Some published pruned-model figures include them (CHIP's and
+    HRankPlus's ResNet-56 counts do), so comparing against those needs the sum.
+    """
+    total = 0
+
+    def hook(_mod: nn.Module, _inp: object, out: torch.Tensor) -> None:
+        nonlocal total
+        total += 2 * out[0].numel()
+
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    handles = [m.register_forward_hook(hook) for m in norms]
+    was_training = model.training
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(_zeros(model, input_size))
+    finally:
+        model.train(was_training)
         for h in handles:
             h.remove()
     return total

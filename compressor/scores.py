@@ -149,12 +149,12 @@ def compute(
                 raise RuntimeError(f"criterion {name} returned {None if t is None else t.numel()} scores for "
                                    f"{u.name} ({u.width} channels)")
     meta = {
-        "model": model.arch,
-        "cfg": list(model.cfg),
+        "model": getattr(model, "arch", type(model).__name__),
+        "cfg": list(model.cfg) if getattr(model, "cfg", None) is not None else None,
         "criteria": {c.name: c.settings() for c in crits},
         "n_images": seen,
         "seed": seed,
-        "input_size": model.input_size,
+        "input_size": getattr(model, "input_size", None),
         "rank_points": "hrank_compat" if compat else "relu",
         "model_checksum": model_checksum(model),
         "tiebreak": "mean_activation, then lower index" if seen else "lower index",

@@ -169,7 +169,7 @@ def _floor6(x: float) -> float:
 def greedy_profile(result: SensitivityResult, counter: SizeCounter, target: Mapping[str, float],
                    tolerance: float) -> dict[str, float]:
     """Tolerated rates, then cheapest-drop-per-saving steps along the curves until ``target`` is crossed."""
-    widths = {u.name: u.width for u in counter.units}
+    widths = dict(counter.widths)
     curves: dict[str, list[tuple[float, float]]] = {}
     for unit in result.units():
         run, pts = 0.0, [(0.0, 0.0)]

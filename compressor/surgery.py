@@ -91,10 +91,12 @@ def _width_of(unit: str, slots: Mapping[str, Slot], state: Mapping[str, torch.Te
 def rebuild(model: nn.Module, plan: Plan) -> nn.Module:
     """Build from the reduced cfg and copy the kept slices."""
     _check_plan(model, plan)
-    new = get_model(model.arch, num_classes=model.num_classes, cfg=pruned_cfg(model, plan))
-    new.load_state_dict(transplant(model.state_dict(), model.channel_map(), plan))
+    with torch.random.fork_rng(devices=[]):  # the fresh model's init must not advance the caller's RNG
+        new = get_model(model.arch, num_classes=model.num_classes, cfg=pruned_cfg(model, plan))
+    p = next(model.parameters())
+    new.to(dtype=p.dtype).load_state_dict(transplant(model.state_dict(), model.channel_map(), plan))
     _set_cp_rates(new, plan)
-    return new.to(next(model.parameters()).device).train(model.training)
+    return new.to(p.device).train(model.training)
 
 
 def _drop(unit_width: int, keep: tuple[int, ...]) -> list[int]:
@@ -160,12 +162,16 @@ def _masked_copy(model: nn.Module, masks: Mapping[str, list[int]]) -> tuple[nn.M
     for name, idxs in masks.items():
         idx = torch.tensor(sorted(set(idxs)), dtype=torch.long)
 
-        def hook(_mod: nn.Module, _inp: object, out: torch.Tensor, idx: torch.Tensor = idx) -> torch.Tensor:
-            out = out.clone()
-            out[:, idx.to(out.device)] = 0
-            return out
+        mod = ref.get_submodule(name)
+        width = graph.out_width(mod)
 
-        handles.append(ref.get_submodule(name).register_forward_hook(hook))
+        def hook(_mod: nn.Module, _inp: object, out: torch.Tensor, idx: torch.Tensor = idx,
+                 width: int | None = width) -> torch.Tensor:
+            # channels are dim 1 (NCHW, or [N, C]) unless only the last dim fits (a channels-last Linear/LayerNorm)
+            dim = -1 if (width is not None and out.shape[1] != width and out.shape[-1] == width) else 1
+            return out.index_fill(dim, idx.to(out.device), 0)
+
+        handles.append(mod.register_forward_hook(hook))
     return ref, handles
 
 
@@ -183,7 +189,11 @@ def verify_masked(model: nn.Module, pruned: nn.Module, masks: Mapping[str, list[
     try:
         pruned.eval()
         with torch.no_grad():
-            want, got = ref(x), pruned(x)
+            want = ref(x)
+            try:
+                got = pruned(x)
+            except (RuntimeError, IndexError, ValueError) as exc:  # the graph left inconsistent shapes
+                raise PruneMismatch(float("inf"), 0.0, f"the pruned network fails to run ({str(exc)[:120]})") from exc
     finally:
         for h in handles:
             h.remove()
@@ -209,9 +219,9 @@ def _logits(out: object) -> torch.Tensor:
 
 
 class PruneMismatch(UserError):
-    def __init__(self, err: float, tol: float) -> None:
-        super().__init__(f"the pruned network differs from the masked one by {err:.3g} (tolerance {tol:.3g}): "
-                         "the dependency graph mis-coupled some channels", field="model")
+    def __init__(self, err: float, tol: float, what: str | None = None) -> None:
+        super().__init__(what or f"the pruned network differs from the masked one by {err:.3g} (tolerance "
+                         f"{tol:.3g}): the dependency graph mis-coupled some channels", field="model")
         self.err = err
 
 

@@ -67,6 +67,9 @@ class SweepJob:
     report_out: str | None = None  # default <out>/report
     report: report.ReportConfig | None = field(default_factory=report.ReportConfig)
     progress: bool = True
+    model: str | None = None  # for a plain state_dict (HRank, torchvision files)
+    teacher: str | None = None  # "self": distil each fine-tune from the unpruned model
+    reconstruct: bool = False  # least-squares refit after surgery (compressor.reconstruct)
 
 
 # ----------------------------------------------------------------------------- budgets
@@ -183,7 +186,7 @@ def run_sweep(job: SweepJob, on_point: Callable[[dict[str, Any]], None] | None =
     """Rank once, prune + fine-tune each point not yet done, then write the report."""
     device = resolve_device(job.device)
     out = Path(job.out)
-    base, ck = checkpoint.load(job.checkpoint)
+    base, ck = checkpoint.load(job.checkpoint, model=job.model)
     if job.model_lr:
         job = replace(job, finetune=replace(job.finetune, lr=finetune_lr(base.arch)), model_lr=False)
     if ck.get("plan"):
@@ -206,7 +209,7 @@ def run_sweep(job: SweepJob, on_point: Callable[[dict[str, Any]], None] | None =
     old = _load_state(state_path, job, checksum)
     old_pts = {p["name"]: p for p in (old or {}).get("points", [])}
     state = {"format": SWEEP_FORMAT, "version": SWEEP_VERSION, "baseline": job.checkpoint,
-             "baseline_checksum": checksum, "model": base.arch, "cfg": list(base.cfg),
+             "baseline_checksum": checksum, "model": base.arch, "cfg": list(base.cfg) if getattr(base, "cfg", None) is not None else None,
              "settings": _settings(job), "points": [], "started": (old or {}).get("started", time.strftime("%Y-%m-%dT%H:%M:%S%z"))}
     for pt in pts:
         prev = old_pts.get(pt["name"], {})
@@ -230,13 +233,15 @@ def run_sweep(job: SweepJob, on_point: Callable[[dict[str, Any]], None] | None =
             model=base.arch, rates=str(rates_path), checkpoint=job.checkpoint, data=job.data, data_root=job.data_root,
             num_classes=base.num_classes, criterion=job.criterion, scores=str(out / "scores.pt"), seed=job.seed,
             rounding=job.rounding, surgery=job.surgery, bn_recalibrate=job.bn_recalibrate, finetune=job.finetune,
+            weights=None, teacher=job.teacher, reconstruct=job.reconstruct,
             device=job.device, out=str(folder), progress=job.progress))
         m = res["metrics"]
         pt.update(status="done", seconds=round(time.perf_counter() - t0, 1),
                   achieved={**pt.get("achieved", {}),
                             **{k: m["size_after"][k] / m["size_before"][k] for k in ("macs", "params")}},
+                  recovery=m.get("recovery"),
                   test_top1=(m.get("finetuned_test") or m.get("pruned_test_bn_recalibrated")
-                             or m["pruned_test_no_finetune"])["top1"])
+                             or m.get("pruned_test_reconstructed") or m["pruned_test_no_finetune"])["top1"])
         io.write_json(state_path, state)
         if on_point:
             on_point(pt)

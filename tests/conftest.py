@@ -7,6 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from compressor.pruning.graph import units as units_of
+
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 VGG_BASELINE = SHARED / "pretrained" / "vgg16_bn_cifar10_jpeg.pt"
 CIFAR_TAR = SHARED / "cifar10-jpeg.tar.gz"
@@ -66,7 +68,7 @@ def logits(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 def unit_widths(model: torch.nn.Module) -> dict[str, int]:
-    return {u.name: u.width for u in model.prunable_units()}
+    return {u.name: u.width for u in units_of(model)}
 
 
 def random_plan(model: torch.nn.Module, frac: float, seed: int, units: set[str] | None = None):
@@ -75,7 +77,7 @@ def random_plan(model: torch.nn.Module, frac: float, seed: int, units: set[str] 
 
     g = torch.Generator().manual_seed(seed)
     keep = {}
-    for u in model.prunable_units():
+    for u in units_of(model):
         if units is None or u.name in units:
             k = max(1, int(u.width * (1 - frac)))
             keep[u.name] = tuple(sorted(torch.randperm(u.width, generator=g)[:k].tolist()))

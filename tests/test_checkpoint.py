@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from compressor.pruning.graph import units as units_of
 from compressor import checkpoint, surgery
 from compressor.errors import UserError
 from compressor.models import get_model
@@ -15,7 +16,7 @@ from tests.conftest import TINY_VGG
 
 @pytest.fixture
 def pruned(tiny_vgg):
-    w = {u.name: u.width for u in tiny_vgg.prunable_units()}
+    w = {u.name: u.width for u in units_of(tiny_vgg)}
     g = torch.Generator().manual_seed(0)
     plan = make_plan({u: torch.rand(n, generator=g) for u, n in w.items()}, RateSpec(rates={u: 0.5 for u in w}), w)
     return surgery.apply(tiny_vgg, plan).eval(), plan
@@ -25,12 +26,51 @@ def test_round_trip_same_logits(pruned, tmp_path):
     model, plan = pruned
     path = checkpoint.save(tmp_path / "p.pt", model, plan=plan.to_json(), metrics={"top1": 1.0})
     raw = torch.load(path, weights_only=True)
-    assert raw["format_version"] == 1 and raw["cfg"] == model.cfg and raw["plan"]["units"]
+    assert raw["format_version"] == 2 and raw["cfg"] == model.cfg and raw["plan"]["units"]
     back, meta = checkpoint.load(path, model="vgg16_bn")
     x = torch.randn(2, 3, 32, 32)
     assert torch.equal(back.eval()(x), model(x))
     assert back.features.conv0.cp_rate == pytest.approx(0.5)
     assert meta["provenance"]["versions"]["torch"] == torch.__version__
+    from importlib import metadata
+
+    assert meta["provenance"]["versions"]["torch_pruning"] == metadata.version("torch-pruning")
+
+
+def test_format_1_files_still_load(pruned, tmp_path):
+    model, plan = pruned
+    raw = checkpoint.to_dict(model, plan=plan.to_json())
+    v1 = {k: v for k, v in raw.items() if k not in ("builder_kwargs", "shapes")} | {"format_version": 1}
+    torch.save(v1, tmp_path / "v1.pt")
+    back, meta = checkpoint.load(tmp_path / "v1.pt")
+    x = torch.randn(2, 3, 32, 32)
+    assert meta["format_version"] == 1 and torch.equal(back.eval()(x), model(x))
+
+
+def test_shapes_that_widen_or_do_not_fit_are_one_line_errors(tmp_path):
+    from compressor.errors import UserError
+    from compressor.models import get_model
+
+    m = get_model("resnet20").eval()
+    raw = checkpoint.to_dict(m)
+    for shapes, words in (({"conv1": {"type": "Conv2d", "in": 3, "out": 10**9, "groups": 1}}, r"in \[1, 16\]"),
+                          ({"nope": {"type": "Conv2d"}}, "does not have"),
+                          ({"bn1": {"type": "Linear", "in": 1, "out": 1}}, "does not fit a BatchNorm2d"),
+                          ("a string", "must be a mapping")):
+        torch.save({**raw, "shapes": shapes}, tmp_path / "s.pt")
+        with pytest.raises(UserError, match=words):
+            checkpoint.load(tmp_path / "s.pt")
+
+
+def test_user_code_is_imported_only_when_named(tmp_path):
+    from compressor.errors import UserError
+    from compressor.models import get_model
+
+    m = get_model("resnet20")
+    raw = {**checkpoint.to_dict(m), "model": "os:system"}
+    torch.save(raw, tmp_path / "u.pt")
+    with pytest.raises(UserError, match="built by user code 'os:system'; pass --model"):
+        checkpoint.load(tmp_path / "u.pt")
 
 
 def test_wrong_arch_classes_cfg_refused(pruned, tmp_path):

@@ -4,31 +4,47 @@ from __future__ import annotations
 
 import argparse
 
-from compressor.pruning.graph import units as units_of
 from compressor.commands import new_parser
 
 EXAMPLES = """\
-  python -m compressor list-layers --model vgg16_bn
+  python -m compressor list-layers vgg16_bn
+  python -m compressor list-layers --model torchvision:resnet18 --input-size 64
   python -m compressor list-layers            # list the registered models
 """
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
     p = new_parser(sub, "list-layers", "list registered models, or a model's prunable layers and rank points", EXAMPLES)
-    p.add_argument("--model", help="registered model name")
+    p.add_argument("name", nargs="?", help="model name (same as --model)")
+    p.add_argument("--model", help="registered name, torchvision:<name> or package.module:builder")
+    p.add_argument("--input-size", type=int, default=None, help="input size for torchvision:/module: models")
+    p.add_argument("--residual", action=argparse.BooleanOptionalAction, default=None,
+                   help="list residual groups as prunable (default: the model's)")
     return p
 
 
 def run(args: argparse.Namespace) -> int:
-    from compressor.models import get_model, list_models
+    from compressor.models import external, get_model, list_models
+    from compressor.pruning import graph
 
-    if not args.model:
+    name = args.model or args.name
+    if not name:
         print("\n".join(list_models()))
         return 0
-    m = get_model(args.model)
-    print(f"# {args.model}: {len(units_of(m))} prunable units (rates list order)")
-    print("| # | layer (rates key) | channels | rank point | coupled convs |")
-    print("|---|---|---|---|---|")
-    for i, u in enumerate(units_of(m)):
-        print(f"| {i} | {u.name} | {u.width} | {', '.join(u.rank_points)} | {', '.join(u.convs[1:]) or '-'} |")
+    kw = {"input_size": args.input_size} if args.input_size and external.is_external(name) else {}
+    m = get_model(name, **kw)
+    if args.residual is not None:
+        m.prune_residual = args.residual
+    units = graph.units(m)
+    found = graph.discovery(m)
+    print(f"# {name}: {len(units)} prunable units (rates list order)")
+    print("| # | layer (rates key) | channels | kind | rank point | coupled convs |")
+    print("|---|---|---|---|---|---|")
+    for i, u in enumerate(units):
+        points = [f"{p}+{a.split(':')[0]}" if a else p for p, a in zip(u.rank_points, u.rank_acts or ("",) * 9)]
+        print(f"| {i} | {u.name} | {u.width} | {u.kind} | {', '.join(points)} | {', '.join(u.convs[1:]) or '-'} |")
+    for n, kind in found.skipped.items():
+        print(f"# not pruned by default: {n} ({kind}{'; --residual prunes it' if kind == 'residual' else ''})")
+    for n, why in found.refused.items():
+        print(f"# refused: {n}: {why}")
     return 0

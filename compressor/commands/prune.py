@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from compressor.commands import add_common, new_parser
+from compressor.commands._options import nonneg_float, nonneg_int, positive_float, positive_int
 
 EXAMPLES = """\
   # the main job on the embedded digits data (trains a quick baseline first)
@@ -13,6 +14,12 @@ EXAMPLES = """\
   python -m compressor prune --model vgg16_bn --rates experiments/vgg16_bn_cifar10/hrankplus_58.yaml \\
       --checkpoint ../shared/data/pretrained/vgg16_bn_cifar10_jpeg.pt --data cifar10 \\
       --data-root ../shared/data/cifar10-jpeg.tar.gz
+  # any torchvision classifier, from a saved torchvision state_dict
+  python -m compressor prune --model torchvision:resnet18 --weights resnet18.pth --rates r.yaml --input-size 64
+  # CIFAR ResNet-56 from akamaster's weights at CHIP's rates, recovered by reconstruction
+  python -m compressor prune --model resnet56 --weights ../shared/data/pretrained/resnet56-4bfd9763.th \
+      --rates experiments/resnet56_cifar10/chip_48.yaml --data cifar10 --data-root ../shared/data/cifar10-jpeg.tar.gz \
+      --reconstruct
   # reuse a scores file made by `rank`
   python -m compressor prune --model vgg16_bn --rates r.yaml --checkpoint base.pt --scores scores.pt
 """
@@ -21,26 +28,39 @@ EXAMPLES = """\
 def add_parser(sub) -> argparse.ArgumentParser:
     p = new_parser(sub, "prune", "rank filters, keep the best at the rates file's rates, rebuild a smaller model",
                    EXAMPLES)
-    p.add_argument("--model", required=True, help="registered model name (see list-layers)")
+    p.add_argument("--model", required=True,
+                   help="registered name (list-layers), torchvision:<name>, or package.module:builder (your own)")
+    p.add_argument("--weights", help="a plain state_dict for --model (torchvision, akamaster or HRank files)")
+    p.add_argument("--pretrained", action="store_true", help="torchvision's published weights (needs the network)")
+    p.add_argument("--input-size", type=positive_int, default=None,
+                   help="input size for torchvision:/module: models (default 224, or the builder's)")
+    p.add_argument("--residual", action=argparse.BooleanOptionalAction, default=None,
+                   help="prune residual groups (shared index sets); default: the model's (on for CIFAR ResNets)")
+    p.add_argument("--reconstruct", action="store_true",
+                   help="after surgery, refit each layer that reads pruned channels by least squares "
+                        "(calibration images, original BN statistics kept)")
+    p.add_argument("--teacher", default=None,
+                   help="distil the fine-tune from a teacher: 'self' (the unpruned model) or a checkpoint")
+    p.add_argument("--round-to", type=positive_int, default=None, help="round every kept width to a multiple of N")
     p.add_argument("--rates", required=True, help="rates.yaml (fraction of filters removed per layer)")
     p.add_argument("--checkpoint", help="trained model to prune; without it a quick baseline is trained first")
     p.add_argument("--criterion", default="hrank", help="filter criterion (default hrank)")
     p.add_argument("--scores", help="reuse a scores file from `rank` instead of ranking again")
     p.add_argument("--import-hrank", metavar="DIR", help="use HRank's rank_conv{k}.npy files from DIR")
-    p.add_argument("--n-images", type=int, default=768, help="calibration images for ranking (default 768)")
+    p.add_argument("--n-images", type=positive_int, default=768, help="calibration images for ranking (default 768)")
     p.add_argument("--hrank-compat", action="store_true",
                    help="rank at HRank's original relucfg points (4 are MaxPool outputs; conv 13 unranked)")
-    p.add_argument("--rank-rtol", type=float, default=None, help="rank tolerance rtol (default eps32*max(H,W))")
-    p.add_argument("--rank-atol", type=float, default=0.0, help="rank tolerance atol (default 0)")
+    p.add_argument("--rank-rtol", type=nonneg_float, default=None, help="rank tolerance rtol (default eps32*max(H,W))")
+    p.add_argument("--rank-atol", type=nonneg_float, default=0.0, help="rank tolerance atol (default 0)")
     p.add_argument("--rounding", choices=("keep_floor", "drop_floor"), help="override the rates file's rounding")
     p.add_argument("--surgery", choices=("torch_pruning", "rebuild"), default="torch_pruning")
     p.add_argument("--no-bn-recalibrate", action="store_true", help="skip BN statistics re-estimation after surgery")
-    p.add_argument("--baseline-epochs", type=int, default=None,
+    p.add_argument("--baseline-epochs", type=nonneg_int, default=None,
                    help="epochs for the quick baseline when no --checkpoint (default: the model's quick recipe)")
-    p.add_argument("--finetune-epochs", type=int, default=0, help="fine-tuning epochs after pruning (default 0)")
-    p.add_argument("--lr", type=float, default=None,
+    p.add_argument("--finetune-epochs", type=nonneg_int, default=0, help="fine-tuning epochs after pruning (default 0)")
+    p.add_argument("--lr", type=positive_float, default=None,
                    help="fine-tuning learning rate (default: the model's, 0.01; SqueezeNet 0.002)")
-    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--batch-size", type=positive_int, default=128)
     p.add_argument("--num-classes", type=int, default=None)
     p.add_argument("--out", help="output folder (default checkpoints/<model>_<data>_<rates>)")
     add_common(p)
@@ -67,7 +87,8 @@ def run(args: argparse.Namespace) -> int:
         n_images=args.n_images, seed=args.seed, hrank_compat=args.hrank_compat, rank_rtol=args.rank_rtol,
         rank_atol=args.rank_atol, rounding=args.rounding, surgery=args.surgery,
         bn_recalibrate=not args.no_bn_recalibrate, baseline_epochs=args.baseline_epochs,
-        finetune=finetune,
+        finetune=finetune, weights=args.weights, pretrained=args.pretrained, input_size=args.input_size,
+        residual=args.residual, reconstruct=args.reconstruct, teacher=args.teacher, round_to=args.round_to,
         device=args.device, out=args.out, progress=not args.no_progress,
     )
     result = run_prune(job)
@@ -75,6 +96,8 @@ def run(args: argparse.Namespace) -> int:
     print(result["table"])
     print()
     line = f"top-1 on test: baseline {m['baseline_test']['top1']:.2f}%, pruned {m['pruned_test_no_finetune']['top1']:.2f}%"
+    if "pruned_test_reconstructed" in m:
+        line += f", reconstructed {m['pruned_test_reconstructed']['top1']:.2f}%"
     if "pruned_test_bn_recalibrated" in m:
         line += f", pruned+BN re-estimated {m['pruned_test_bn_recalibrated']['top1']:.2f}%"
     if "finetuned_test" in m:

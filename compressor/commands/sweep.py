@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from compressor.commands import add_common, new_parser
+from compressor.commands._options import nonneg_int, positive_float, positive_int
 from compressor.commands.report import add_latency_args, latency_config
 
 EXAMPLES = """\
@@ -24,25 +25,29 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p = new_parser(sub, "sweep", "prune one baseline at several points (ranked once), fine-tune each, report",
                    EXAMPLES)
     p.add_argument("--checkpoint", required=True, help="the baseline (unpruned) checkpoint")
+    p.add_argument("--model", default=None, help="needed only for a plain (HRank-format) state_dict baseline")
     p.add_argument("--macs", help="comma-separated MAC budgets: fraction of the baseline's MACs kept, e.g. 0.7,0.5")
     p.add_argument("--params", help="comma-separated parameter budgets (fraction kept)")
     p.add_argument("--rates", nargs="+", default=[], help="rates files, one point each")
     p.add_argument("--out", required=True, help="sweep folder (checkpoints, scores, state; resumable)")
     p.add_argument("--report-out", help="report folder (default <out>/report)")
     p.add_argument("--criterion", default="hrank", help="filter criterion (default hrank)")
-    p.add_argument("--n-images", type=int, default=768, help="calibration images for ranking (default 768)")
+    p.add_argument("--n-images", type=positive_int, default=768, help="calibration images for ranking (default 768)")
     p.add_argument("--rounding", choices=("keep_floor", "drop_floor"), default=None,
                    help="override every rates file's rounding (default: each file's own; budgets use keep_floor)")
     p.add_argument("--policy", choices=("local", "global"), default="local",
                    help="budget -> rates: local = one uniform rate scaled by bisection (default); global = one "
                         "cross-layer ranking of normalized scores (compressor.policy)")
-    p.add_argument("--tolerance", type=float, default=0.01,
+    p.add_argument("--tolerance", type=positive_float, default=0.01,
                    help="relative tolerance on a budget (default 0.01; coarse models may need more)")
-    p.add_argument("--epochs", type=int, default=1, help="fine-tuning epochs per point (default 1)")
-    p.add_argument("--lr", type=float, default=None,
+    p.add_argument("--epochs", type=nonneg_int, default=1, help="fine-tuning epochs per point (default 1)")
+    p.add_argument("--lr", type=positive_float, default=None,
                    help="fine-tuning learning rate (default: the model's, 0.01; SqueezeNet 0.002)")
-    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--batch-size", type=positive_int, default=128)
     p.add_argument("--no-bn-recalibrate", action="store_true", help="skip BN statistics re-estimation after surgery")
+    p.add_argument("--reconstruct", action="store_true",
+                   help="refit the layers that read pruned channels by least squares after surgery")
+    p.add_argument("--teacher", default=None, help="distil each fine-tune: 'self' (the baseline) or a checkpoint")
     p.add_argument("--no-report", action="store_true", help="prune only; run `report` on the folder later")
     p.add_argument("--no-plots", action="store_true")
     add_latency_args(p)
@@ -51,25 +56,31 @@ def add_parser(sub) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
+    from compressor import checkpoint
+    from compressor.errors import UserError
     from compressor.report import ReportConfig
     from compressor.sweep import SweepJob, parse_budgets, run_sweep
-    from compressor.errors import UserError
     from compressor.train import TrainConfig
 
     try:
         finetune = TrainConfig(epochs=args.epochs, lr=args.lr if args.lr is not None else 0.01,
                                batch_size=args.batch_size, seed=args.seed)
     except ValueError as exc:
-        raise UserError(str(exc), field="epochs/lr/batch-size") from exc
+        raise UserError(str(exc)) from exc  # the message names the field
     budgets = parse_budgets(args.macs, "macs") + parse_budgets(args.params, "params")
     rcfg = None if args.no_report else ReportConfig(device=args.device, seed=args.seed, latency=latency_config(args),
                                                      plots=not args.no_plots, progress=not args.no_progress)
+    extra = {}
+    if args.model is not None:
+        checkpoint.load(args.checkpoint, model=args.model)  # the file fits the model: one line if not
+        extra["model"] = args.model
     job = SweepJob(checkpoint=args.checkpoint, out=args.out, budgets=tuple(budgets), rates=tuple(args.rates),
                    data=args.data, data_root=args.data_root, criterion=args.criterion, n_images=args.n_images,
                    seed=args.seed, rounding=args.rounding, policy=args.policy, tolerance=args.tolerance,
                    bn_recalibrate=not args.no_bn_recalibrate,
                    finetune=finetune, model_lr=args.lr is None,
-                   device=args.device, report_out=args.report_out, report=rcfg, progress=not args.no_progress)
+                   device=args.device, report_out=args.report_out, report=rcfg, progress=not args.no_progress,
+                   teacher=args.teacher, reconstruct=args.reconstruct, **extra)
     res = run_sweep(job)
     for pt in res["state"]["points"]:
         ach = ", ".join(f"{k} {v:.3f}" for k, v in (pt.get("achieved") or {}).items())

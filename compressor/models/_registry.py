@@ -30,7 +30,16 @@ def get_model(name: str, num_classes: int | None = None, cfg: list | None = None
     """Build a registered model; ``cfg`` is a (possibly reduced) width list.
 
     ``num_classes=None`` takes the builder's default (10 for CIFAR variants, 1000 for ImageNet ones).
+    ``name`` may also be ``torchvision:<name>`` or a user's ``package.module:builder``
+    (``compressor.models.external``); those take ``input_size`` and builder kwargs.
     """
+    from compressor.models import external
+
+    if isinstance(name, str) and external.is_external(name):
+        if num_classes is not None and (isinstance(num_classes, bool) or not isinstance(num_classes, int)
+                                        or num_classes < 1):
+            raise UserError(f"num_classes must be a positive integer, got {num_classes!r}", field="num_classes")
+        return external.build(name, num_classes=num_classes, cfg=cfg, **kwargs)
     if name not in _MODELS:
         raise UserError(
             f"unknown model {name!r}{suggest(name, _MODELS)}; valid: {', '.join(list_models())}",

@@ -85,7 +85,10 @@ def cfg_with_widths(model: nn.Module, widths: Mapping[str, int]) -> list:
 
 
 def set_cp_rates(model: nn.Module, rates: Mapping[str, float]) -> None:
-    """Write each unit's removed fraction onto its convs' ``cp_rate`` (HRank's attribute)."""
+    """Write each unit's removed fraction onto its convs' ``cp_rate`` (HRank's attribute; only
+    the hand-described families carry it)."""
+    if not hasattr(model, "prunable_units"):
+        return
     for u in model.prunable_units():
         for conv in u.convs:
             model.get_submodule(conv).cp_rate = float(rates.get(u.name, 0.0))

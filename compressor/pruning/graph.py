@@ -146,14 +146,16 @@ def protected_layers(model: nn.Module, example: torch.Tensor | None = None,
                      extra: Sequence[nn.Module | str] = ()) -> list[nn.Module]:
     """Layers whose outputs are never cut: ``model.ignored_layers()`` if the model says, else the
     last Conv2d/Linear the forward calls (the classifier), plus ``extra`` (modules or names)."""
-    if hasattr(model, "ignored_layers"):
+    mods = dict(model.named_modules())
+    if getattr(model, "_compressor_ignored", None):  # set by the Python API's ignored_layers
+        layers = [mods[n] for n in model._compressor_ignored]
+    elif hasattr(model, "ignored_layers"):
         layers = list(model.ignored_layers())
     else:
         example = example if example is not None else example_input(model)
         mods = dict(model.named_modules())
         last = [n for n in call_order(model, example) if isinstance(mods[n], (nn.Conv2d, nn.Linear))]
         layers = [mods[last[-1]]] if last else []
-    mods = dict(model.named_modules())
     for e in extra:
         if isinstance(e, str):
             if e not in mods:
@@ -307,14 +309,23 @@ def discover(model: nn.Module, example: torch.Tensor | None = None, *,
             continue
         root = convs[0]
         width = model.get_submodule(root).out_channels
+        if width < 2:  # nothing left to cut (e.g. a depthwise conv pruned to 1 channel traces as a plain conv)
+            continue
         # Per-channel layers (BN) may follow the unit on a slice (a concat before them); a conv or
         # Linear whose outputs are cut must be exactly the unit's width.
-        layer_widths = {_out_width(model.get_submodule(n)) for n in out_mods
+        layer_widths = {out_width(model.get_submodule(n)) for n in out_mods
                         if isinstance(model.get_submodule(n), (nn.Conv2d, nn.Linear))}
         if layer_widths != {width} or any(n != width for n in out_mods.values()):
             refused[root] = _culprit(group)
             for n in convs[1:]:
                 refused.setdefault(n, refused[root])
+            continue
+        grouped = [n for n in (*out_mods, *in_mods) if isinstance(model.get_submodule(n), nn.Conv2d)
+                   and 1 < model.get_submodule(n).groups < model.get_submodule(n).in_channels]
+        if grouped:  # cutting single channels out of a grouped conv breaks its groups
+            g = model.get_submodule(grouped[0]).groups
+            refused[root] = (f"grouped conv {grouped[0]} (groups={g}) reads these channels; pruning would have "
+                             "to remove whole groups, which is not supported")
             continue
         producers = [n for n in convs if not _is_depthwise_follower(model.get_submodule(n), n in in_mods)]
         kind = "residual" if (adds and len(producers) > 1) else "plain"
@@ -344,7 +355,8 @@ def discover(model: nn.Module, example: torch.Tensor | None = None, *,
     return Discovery(units=tuple(u for _, u in units), kinds=kinds, members=members, refused=refused, skipped=skipped)
 
 
-def _out_width(mod: nn.Module) -> int | None:
+def out_width(mod: nn.Module) -> int | None:
+    """Output channels of a channel-carrying layer (None for anything else)."""
     if isinstance(mod, nn.Conv2d):
         return mod.out_channels
     if isinstance(mod, nn.Linear):
@@ -365,6 +377,7 @@ _CACHE: "weakref.WeakKeyDictionary[nn.Module, tuple[tuple, Discovery]]" = weakre
 
 def _signature(model: nn.Module) -> tuple:
     return (getattr(model, "input_size", None), getattr(model, "prune_residual", None),
+            getattr(model, "_compressor_ignored", None),
             tuple((n, tuple(p.shape)) for n, p in model.named_parameters()))
 
 
