@@ -248,8 +248,26 @@ def imagefolder(root: str | Path, input_size: int = 224, val_size: int = 10000, 
 
 
 def load(name: str, root: str | Path | None = None, *, input_size: int = 32, val_size: int | None = None,
-         seed: int = 0, download: bool = False) -> DataBundle:
-    """Dispatch by dataset name; ``root`` is needed for everything but digits."""
+         seed: int = 0, download: bool = False,
+         stats: tuple[Sequence[float], Sequence[float]] | None = None) -> DataBundle:
+    """Dispatch by dataset name; ``root`` is needed for everything but digits.
+
+    ``stats``: the (mean, std) a model was trained with (e.g. akamaster's ResNets use ImageNet's),
+    replacing the dataset's own for the in-memory sets.
+    """
+    bundle = _load(name, root, input_size=input_size, val_size=val_size, seed=seed, download=download)
+    if stats is not None:
+        mean, std = (torch.tensor(v, dtype=torch.float32).view(-1, 1, 1) for v in stats)
+        for ds in (bundle.train, bundle.train_eval, bundle.val, bundle.test):
+            base = ds.dataset if isinstance(ds, Subset) else ds
+            if isinstance(base, ArrayDataset):
+                base.mean, base.std = mean, std
+        bundle.notes["normalisation"] = {"mean": list(stats[0]), "std": list(stats[1])}
+    return bundle
+
+
+def _load(name: str, root: str | Path | None, *, input_size: int, val_size: int | None, seed: int,
+          download: bool) -> DataBundle:
     if name == "digits":
         return digits(input_size, val_size, seed)
     if name not in DATASETS:
@@ -280,3 +298,9 @@ def calibration_subset(ds: Dataset, n: int, seed: int) -> Dataset:
         raise UserError(f"asked for {n} calibration images, the training split has {len(ds)}", field="n-images")
     idx = np.random.default_rng(seed).permutation(len(ds))[:n]
     return Subset(ds, sorted(idx.tolist()))
+
+
+def model_stats(model: object) -> tuple[Sequence[float], Sequence[float]] | None:
+    """The normalisation a model declares it was trained with (``model.mean``/``model.std``), if any."""
+    mean, std = getattr(model, "mean", None), getattr(model, "std", None)
+    return (tuple(mean), tuple(std)) if mean is not None and std is not None else None

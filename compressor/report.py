@@ -245,7 +245,8 @@ def _evaluate(item: _Loaded, cfg: ReportConfig, bundles: dict[tuple, Any]) -> di
     name = cfg.data or (item.ck.get("provenance") or {}).get("data") or "digits"
     key = (name, cfg.data_root, item.net.input_size)
     if key not in bundles:
-        bundles[key] = data_mod.load(name, cfg.data_root, input_size=item.net.input_size, seed=cfg.seed)
+        bundles[key] = data_mod.load(name, cfg.data_root, input_size=item.net.input_size, seed=cfg.seed,
+                                     stats=data_mod.model_stats(item.net))
     bundle = bundles[key]
     if bundle.num_classes != item.net.num_classes:
         raise UserError(f"the data has {bundle.num_classes} classes, the checkpoint {item.net.num_classes}",

@@ -150,7 +150,8 @@ def _scores(job: SweepJob, base: nn.Module, out: Path, device,
         sc.for_criterion(job.criterion)
         log.info("reusing scores %s", path)
         return sc
-    bundle = bundle or data_mod.load(job.data, job.data_root, input_size=base.input_size, seed=job.seed)
+    bundle = bundle or data_mod.load(job.data, job.data_root, input_size=base.input_size, seed=job.seed,
+                                     stats=data_mod.model_stats(base))
     calib = data_mod.calibration_subset(bundle.train_eval, job.n_images, job.seed)
     sc = scores_mod.compute(base.to(device), data_mod.loader(calib, 128, device=device), [job.criterion],
                             n_images=job.n_images, seed=job.seed, device=device, progress=job.progress,
@@ -199,7 +200,8 @@ def run_sweep(job: SweepJob, on_point: Callable[[dict[str, Any]], None] | None =
     criteria.get(job.criterion)
     bundle = None
     if not (out / "scores.pt").is_file():  # data is needed to rank; compare class counts before writing
-        bundle = data_mod.load(job.data, job.data_root, input_size=base.input_size, seed=job.seed)
+        bundle = data_mod.load(job.data, job.data_root, input_size=base.input_size, seed=job.seed,
+                               stats=data_mod.model_stats(base))
         if bundle.num_classes != base.num_classes:
             raise UserError(f"the data has {bundle.num_classes} classes, the model {base.num_classes}",
                             source=job.checkpoint, field="num_classes")

@@ -34,7 +34,8 @@ def evaluate_checkpoint(path: str, data_name: str, data_root: str | None, device
 
     device = resolve_device(device_name)
     net, ck = checkpoint.load(path, model=model)
-    bundle = data.load(data_name, data_root, input_size=net.input_size, seed=seed, download=download)
+    bundle = data.load(data_name, data_root, input_size=net.input_size, seed=seed, download=download,
+                       stats=data.model_stats(net))
     if bundle.num_classes != net.num_classes:
         raise UserError(f"the data has {bundle.num_classes} classes, the checkpoint {net.num_classes}", source=path,
                         field="num_classes")

@@ -40,10 +40,10 @@ def run(args: argparse.Namespace) -> int:
     args, net, ck = resolve_args(args)  # --resume: the run's own options under the flags typed
     if args.resume:
         out = io.check_writable(Path(args.out or Path(args.resume).parent))
-        return run_training(net, load_data(args, net.input_size), args, out, ck=ck)
+        return run_training(net, load_data(args, net.input_size, net), args, out, ck=ck)
     if not args.checkpoint:
         raise UserError("--checkpoint is required (as a flag or a recipe key) unless --resume is given",
                         field="checkpoint")
     out = io.check_writable(Path(args.out or Path(args.checkpoint).with_name(Path(args.checkpoint).stem + "_ft")))
     net, ck = checkpoint.load(args.checkpoint, model=args.model)
-    return run_training(net, load_data(args, net.input_size), args, out, ck=ck, source=str(args.checkpoint))
+    return run_training(net, load_data(args, net.input_size, net), args, out, ck=ck, source=str(args.checkpoint))

@@ -59,6 +59,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         model, _ = checkpoint.load(args.checkpoint, model=args.model)
         bundle = data.load(args.data, args.data_root, input_size=model.input_size, seed=args.seed,
+                           stats=data.model_stats(model),
                            download=args.download)
         calib = data.calibration_subset(bundle.train_eval, args.n_images, args.seed)
         sc = distributed.compute_scores(

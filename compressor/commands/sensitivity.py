@@ -88,7 +88,8 @@ def run(args: argparse.Namespace) -> int:
     for name in layers or []:
         if name not in units:
             raise UserError(f"unknown layer {name!r}; valid: {', '.join(units)}", field="layers")
-    bundle = data.load(args.data, args.data_root, input_size=model.input_size, seed=args.seed)
+    bundle = data.load(args.data, args.data_root, input_size=model.input_size, seed=args.seed,
+                       stats=data.model_stats(model))
     if bundle.num_classes != model.num_classes:
         raise UserError(f"the data has {bundle.num_classes} classes, the model {model.num_classes}", field="data")
     if not 0 < args.n_eval <= len(bundle.val):

@@ -93,11 +93,11 @@ def _fmt(r: dict[str, Any], epochs: int) -> str:
             f"train {r['train_acc']:.2f}%{val} ({r['img_per_s']:.0f} img/s)")
 
 
-def load_data(args: argparse.Namespace, input_size: int) -> DataBundle:
+def load_data(args: argparse.Namespace, input_size: int, model: nn.Module | None = None) -> DataBundle:
     from compressor import data
 
     return data.load(args.data, args.data_root, input_size=input_size, val_size=args.val_size, seed=args.seed,
-                     download=args.download)
+                     download=args.download, stats=data.model_stats(model) if model is not None else None)
 
 
 def load_teacher(path: str, student_arch: str) -> nn.Module:
@@ -323,12 +323,12 @@ def run(args: argparse.Namespace) -> int:
     args, net, ck = resolve_args(args)
     if args.resume:
         out = io.check_writable(Path(args.out or Path(args.resume).parent))
-        return run_training(net, load_data(args, net.input_size), args, out, ck=ck)
+        return run_training(net, load_data(args, net.input_size, net), args, out, ck=ck)
     if not args.model:
         raise UserError("--model is required (as a flag or a recipe key) unless --resume is given", field="model")
     out = io.check_writable(Path(args.out or f"checkpoints/{args.model}_{args.data}"))
     probe = get_model(args.model, num_classes=args.num_classes if args.num_classes is not None else 10)
-    bundle = load_data(args, probe.input_size)
+    bundle = load_data(args, probe.input_size, probe)
     torch.manual_seed(args.seed)  # the initial weights are a function of --seed too
     net = get_model(args.model, num_classes=args.num_classes if args.num_classes is not None else bundle.num_classes)
     return run_training(net, bundle, args, out)
