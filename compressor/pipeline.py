@@ -112,8 +112,10 @@ def _layout_rates(job: PruneJob, model: nn.Module) -> RateSpec | None:
 
 
 def quick_baseline_config(model: nn.Module, job: PruneJob) -> TrainConfig:
-    """The model's own quick recipe (``quick_baseline``), with ``--baseline-epochs`` on top."""
-    recipe = {"epochs": 3, "lr": 0.02, "batch_size": 32, **getattr(model, "quick_baseline", {})}
+    """The model's quick recipe (``recipes/models.yaml``), with ``--baseline-epochs`` on top."""
+    from compressor.recipe import model_recipe
+
+    recipe = dict(model_recipe(getattr(model, "arch", job.model))["quick_baseline"])
     if job.baseline_epochs is not None:
         recipe["epochs"] = job.baseline_epochs
     return TrainConfig(seed=job.seed, **recipe)

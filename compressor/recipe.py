@@ -136,3 +136,24 @@ def _plain(v: Any) -> Any:
     if isinstance(v, Path):
         return str(v)
     return v
+
+
+MODEL_RECIPES = Path(__file__).with_name("recipes") / "models.yaml"
+
+
+def model_recipe(arch: str) -> dict[str, Any]:
+    """The per-model defaults of ``recipes/models.yaml``: ``quick_baseline`` (dict) and ``finetune_lr``.
+
+    An exact model name wins, then the longest matching prefix (``squeezenet`` covers 1.0 and
+    1.1, their ImageNet variants too), then ``defaults``. ``torchvision:``/``module:`` models
+    take the defaults.
+    """
+    import yaml
+
+    table = yaml.safe_load(MODEL_RECIPES.read_text())
+    out = {k: (dict(v) if isinstance(v, dict) else v) for k, v in table["defaults"].items()}
+    keys = [k for k in table if k != "defaults" and arch.startswith(k)]
+    if keys:
+        out.update(table[max(keys, key=len)])
+    out["source"] = f"{MODEL_RECIPES.name}:{max(keys, key=len) if keys else 'defaults'}"
+    return out

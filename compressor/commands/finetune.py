@@ -34,9 +34,10 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    from compressor import checkpoint, io
+    from compressor import checkpoint, io, recipe
     from compressor.errors import UserError
 
+    typed_lr = "lr" in vars(args)
     args, net, ck = resolve_args(args)  # --resume: the run's own options under the flags typed
     if args.resume:
         out = io.check_writable(Path(args.out or Path(args.resume).parent))
@@ -46,4 +47,10 @@ def run(args: argparse.Namespace) -> int:
                         field="checkpoint")
     out = io.check_writable(Path(args.out or Path(args.checkpoint).with_name(Path(args.checkpoint).stem + "_ft")))
     net, ck = checkpoint.load(args.checkpoint, model=args.model)
+    if not typed_lr and not (args.config and "lr" in recipe.read(args.config)):
+        from compressor.recipe import model_recipe
+
+        rec = model_recipe(net.arch)
+        args.lr = float(rec["finetune_lr"])
+        print(f"fine-tune lr {args.lr:g} ({rec['source']}; --lr overrides)")
     return run_training(net, load_data(args, net.input_size, net), args, out, ck=ck, source=str(args.checkpoint))

@@ -55,11 +55,7 @@ def get_model(name: str, num_classes: int | None = None, cfg: list | None = None
 
 
 def finetune_lr(name: str) -> float:
-    """The learning rate a short fine-tune after pruning starts from, per model (``finetune_lr``).
+    """The learning rate a short fine-tune after pruning starts from (``recipes/models.yaml``)."""
+    from compressor.recipe import model_recipe
 
-    SqueezeNet has no BN and is knocked back to chance by 0.01 (digits: 41% vs 90% at 0.002).
-    """
-    import torch
-
-    with torch.device("meta"):  # read the class attribute without allocating weights
-        return float(getattr(get_model(name), "finetune_lr", 0.01))
+    return float(model_recipe(name)["finetune_lr"])

@@ -61,7 +61,6 @@ def _conv_dw(inp: int, oup: int, stride: int) -> nn.Sequential:
 class MobileNetV1(Described, nn.Module):
     """MobileNet v1; ``stem_stride`` is 1 for CIFAR and 2 for ImageNet."""
     #: quick-baseline training (prune without --checkpoint), measured on digits: ~97% in 6 epochs
-    quick_baseline = {"epochs": 6, "lr": 0.05, "batch_size": 64, "warmup_epochs": 0.5}
 
     def __init__(self, num_classes: int, cfg: list | None, stem_stride: int, input_size: int) -> None:
         super().__init__()

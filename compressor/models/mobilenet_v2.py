@@ -152,7 +152,6 @@ class InvertedResidual(nn.Module):
 
 class MobileNetV2(Described, nn.Module):
     #: quick-baseline training (prune without --checkpoint)
-    quick_baseline = {"epochs": 6, "lr": 0.05, "batch_size": 64, "warmup_epochs": 0.5}
     def __init__(self, num_classes: int, cfg: list | None, cifar: bool, input_size: int, dropout: float = 0.2,
                  residual_groups: bool = False) -> None:
         super().__init__()

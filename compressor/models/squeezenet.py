@@ -72,9 +72,6 @@ class Fire(nn.Module):
 
 class SqueezeNet(Described, nn.Module):
     #: quick-baseline training (prune without --checkpoint): no BN, so a lower lr and a warm-up
-    quick_baseline = {"epochs": 15, "lr": 0.01, "batch_size": 32, "warmup_epochs": 2}
-    #: a pruned SqueezeNet fine-tuned at 0.01 falls back towards chance (see models.finetune_lr)
-    finetune_lr = 0.002
     def __init__(self, version: str, num_classes: int, cfg: list | None, cifar: bool, input_size: int,
                  dropout: float = 0.5) -> None:
         super().__init__()

@@ -34,8 +34,6 @@ def _check_cfg(cfg: list, reference: list) -> list:
 
 class VGGCifar(Described, nn.Module):
     """HRank's CIFAR VGG16-BN; convs carry ``cp_rate`` (fraction of filters removed)."""
-    #: quick-baseline training (prune without --checkpoint), measured on digits: ~96% in 3 epochs
-    quick_baseline = {"epochs": 3, "lr": 0.02, "batch_size": 32}
 
     input_size = 32
     short_rate_list = 12  # HRank strings list 12 rates; conv 13 is then kept whole

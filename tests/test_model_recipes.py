@@ -1,0 +1,33 @@
+"""Per-model training defaults live in one YAML table, and every command reads it."""
+
+from __future__ import annotations
+
+from compressor.models import finetune_lr
+from compressor.pipeline import PruneJob, quick_baseline_config
+from compressor.models import get_model
+from compressor.recipe import model_recipe
+
+
+def test_the_table_resolves_exact_then_prefix_then_defaults() -> None:
+    assert finetune_lr("squeezenet1_1") == 0.002 and finetune_lr("squeezenet1_0_imagenet") == 0.002
+    assert finetune_lr("vgg16_bn") == 0.01 and finetune_lr("torchvision:resnet18") == 0.01
+    assert model_recipe("mobilenet_v2_res")["quick_baseline"]["epochs"] == 6
+    assert model_recipe("torchvision:resnet18")["source"] == "models.yaml:defaults"
+
+
+def test_prune_quick_baseline_comes_from_the_table() -> None:
+    cfg = quick_baseline_config(get_model("squeezenet1_1"), PruneJob(model="squeezenet1_1", rates="r.yaml"))
+    assert (cfg.epochs, cfg.lr, cfg.batch_size, cfg.warmup_epochs) == (15, 0.01, 32, 2)
+    cfg = quick_baseline_config(get_model("vgg16_bn"), PruneJob(model="vgg16_bn", rates="r.yaml", baseline_epochs=1))
+    assert (cfg.epochs, cfg.lr) == (1, 0.02)
+
+
+def test_finetune_without_lr_takes_the_models(tmp_path, capsys) -> None:
+    from compressor import checkpoint
+    from compressor.cli import main
+
+    m = get_model("squeezenet1_1", cfg=[max(4, c // 8) for c in get_model("squeezenet1_1").cfg])
+    ck = checkpoint.save(tmp_path / "s.pt", m)
+    assert main(["finetune", "--checkpoint", str(ck), "--epochs", "0", "--out", str(tmp_path / "ft"),
+                 "--no-progress"]) == 0
+    assert "fine-tune lr 0.002 (models.yaml:squeezenet" in capsys.readouterr().out
