@@ -300,6 +300,14 @@ def calibration_subset(ds: Dataset, n: int, seed: int) -> Dataset:
     return Subset(ds, sorted(idx.tolist()))
 
 
+def check_classes(bundle: DataBundle, num_classes: int, *, what: str = "model", source: str | None = None,
+                  field: str = "num_classes") -> None:
+    """The data and the model must agree on the class count: one line naming both if not."""
+    if bundle.num_classes != num_classes:
+        raise UserError(f"the data has {bundle.num_classes} classes, the {what} {num_classes}", source=source,
+                        field=field)
+
+
 def model_stats(model: object) -> tuple[Sequence[float], Sequence[float]] | None:
     """The normalisation a model declares it was trained with (``model.mean``/``model.std``), if any."""
     mean, std = getattr(model, "mean", None), getattr(model, "std", None)

@@ -250,8 +250,7 @@ def run_prune(job: PruneJob) -> dict[str, Any]:
     bundle = data_mod.load(job.data, job.data_root, input_size=size, seed=job.seed, download=job.download,
                            stats=stats)
     ncls = base.num_classes if base is not None else (job.num_classes or bundle.num_classes)
-    if bundle.num_classes != ncls:
-        raise UserError(f"the data has {bundle.num_classes} classes, the model {ncls}", field="data")
+    data_mod.check_classes(bundle, ncls, field="data")
     pre_scores = _load_scores(job, base)
     out = io.check_writable(Path(job.out) if job.out else default_out(job))
 

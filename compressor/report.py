@@ -248,9 +248,7 @@ def _evaluate(item: _Loaded, cfg: ReportConfig, bundles: dict[tuple, Any]) -> di
         bundles[key] = data_mod.load(name, cfg.data_root, input_size=item.net.input_size, seed=cfg.seed,
                                      stats=data_mod.model_stats(item.net))
     bundle = bundles[key]
-    if bundle.num_classes != item.net.num_classes:
-        raise UserError(f"the data has {bundle.num_classes} classes, the checkpoint {item.net.num_classes}",
-                        source=str(item.entry.path), field="num_classes")
+    data_mod.check_classes(bundle, item.net.num_classes, what="checkpoint", source=str(item.entry.path))
     device = resolve_device(cfg.device)
     try:
         res = evaluate(item.net.to(device), data_mod.loader(bundle.test, cfg.batch_size, device=device), device,

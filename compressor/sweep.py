@@ -202,9 +202,7 @@ def run_sweep(job: SweepJob, on_point: Callable[[dict[str, Any]], None] | None =
     if not (out / "scores.pt").is_file():  # data is needed to rank; compare class counts before writing
         bundle = data_mod.load(job.data, job.data_root, input_size=base.input_size, seed=job.seed,
                                stats=data_mod.model_stats(base))
-        if bundle.num_classes != base.num_classes:
-            raise UserError(f"the data has {bundle.num_classes} classes, the model {base.num_classes}",
-                            source=job.checkpoint, field="num_classes")
+        data_mod.check_classes(bundle, base.num_classes, source=job.checkpoint)
         data_mod.calibration_subset(bundle.train_eval, job.n_images, job.seed)
     checksum = scores_mod.model_checksum(base)
     state_path = out / "sweep.json"

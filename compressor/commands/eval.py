@@ -29,16 +29,13 @@ def evaluate_checkpoint(path: str, data_name: str, data_root: str | None, device
                         model: str | None = None, batch_size: int = 256, seed: int = 0,
                         progress: bool = False, download: bool = False) -> dict:
     from compressor import checkpoint, counting, data
-    from compressor.errors import UserError
     from compressor.evaluate import evaluate, resolve_device
 
     device = resolve_device(device_name)
     net, ck = checkpoint.load(path, model=model)
     bundle = data.load(data_name, data_root, input_size=net.input_size, seed=seed, download=download,
                        stats=data.model_stats(net))
-    if bundle.num_classes != net.num_classes:
-        raise UserError(f"the data has {bundle.num_classes} classes, the checkpoint {net.num_classes}", source=path,
-                        field="num_classes")
+    data.check_classes(bundle, net.num_classes, what="checkpoint", source=path)
     res = evaluate(net.to(device), data.loader(bundle.test, batch_size, device=device), device, progress, "eval")
     res.update(counting.count(net.cpu()))
     res.update({"checkpoint": path, "model": ck["model"], "data": data_name, "file_bytes": Path(path).stat().st_size})

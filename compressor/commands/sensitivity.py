@@ -90,8 +90,7 @@ def run(args: argparse.Namespace) -> int:
             raise UserError(f"unknown layer {name!r}; valid: {', '.join(units)}", field="layers")
     bundle = data.load(args.data, args.data_root, input_size=model.input_size, seed=args.seed,
                        stats=data.model_stats(model))
-    if bundle.num_classes != model.num_classes:
-        raise UserError(f"the data has {bundle.num_classes} classes, the model {model.num_classes}", field="data")
+    data.check_classes(bundle, model.num_classes, field="data")
     if not 0 < args.n_eval <= len(bundle.val):
         raise UserError(f"--n-eval must be in [1, {len(bundle.val)}] (size of the val split)", field="n-eval")
     out = io.check_writable(Path(args.out or f"checkpoints/{args.model}_sensitivity"))

@@ -246,8 +246,7 @@ def run_training(net: nn.Module, bundle: DataBundle, args: argparse.Namespace, o
     ``ck``: the checkpoint ``net`` came from: the ``--resume`` last.pt (its carried provenance,
     metrics and training state are kept) or, with ``source`` its path, a checkpoint to fine-tune.
     """
-    from compressor import checkpoint, distributed
-    from compressor.errors import UserError
+    from compressor import checkpoint, data, distributed
     from compressor.train import config_dict, fit
 
     ck = ck or {}
@@ -265,9 +264,7 @@ def run_training(net: nn.Module, bundle: DataBundle, args: argparse.Namespace, o
     ok = False
     try:
         device = ctx.device
-        if bundle.num_classes != net.num_classes:
-            raise UserError(f"the data has {bundle.num_classes} classes, the model {net.num_classes}",
-                            source=source or args.resume, field="num_classes")
+        data.check_classes(bundle, net.num_classes, source=source or args.resume)
         teacher = load_teacher(args.teacher, net.arch) if args.teacher else None
         cfg = train_config(args)
         extra = {"resumed_from": str(args.resume)} if args.resume else {}

@@ -75,6 +75,11 @@ class PrunableModel(Protocol):
     def ignored_layers(self) -> list[nn.Module]: ...
 
 
+def bn_slots(prefix: str, unit: str | None) -> dict[str, Slot]:
+    """The four tensors of a BatchNorm (γ, β, running mean and variance) all follow ``unit``."""
+    return {f"{prefix}.{t}": Slot(out=unit) for t in ("weight", "bias", "running_mean", "running_var")}
+
+
 def cfg_with_widths(model: nn.Module, widths: Mapping[str, int]) -> list:
     """``model.cfg`` with the named units' widths replaced (others keep theirs)."""
     cfg = list(model.cfg)

@@ -24,7 +24,7 @@ from torch import nn
 
 from compressor.errors import UserError
 from compressor.models._registry import register_model
-from compressor.models._spec import Described, PrunableUnit, Slot
+from compressor.models._spec import Described, bn_slots, PrunableUnit, Slot
 
 CFG: list[int] = [32, 64, 128, 128, 256, 256, 512, 512, 512, 512, 512, 512, 1024, 1024]
 #: Stride of each depthwise conv (blocks 1..13).
@@ -97,8 +97,7 @@ class MobileNetV1(Described, nn.Module):
         slots: dict[str, Slot] = {}
 
         def bn(prefix: str, unit: str) -> None:
-            for t in ("weight", "bias", "running_mean", "running_var"):
-                slots[f"{prefix}.{t}"] = Slot(out=unit)
+            slots.update(bn_slots(prefix, unit))
 
         prev: str | int = 3
         for i, u in enumerate(self.prunable_units()):

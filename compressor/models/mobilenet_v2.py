@@ -69,7 +69,7 @@ from torch import nn
 
 from compressor.errors import UserError
 from compressor.models._registry import register_model
-from compressor.models._spec import Described, PrunableUnit, Slot
+from compressor.models._spec import Described, bn_slots, PrunableUnit, Slot
 
 #: (expansion t, output channels c, blocks n, first stride s) per stage, as in the paper.
 SETTING: tuple[tuple[int, int, int, int], ...] = (
@@ -225,8 +225,7 @@ class MobileNetV2(Described, nn.Module):
 
         def conv_bn(prefix: str, unit: str, inp: tuple = ()) -> None:
             slots[f"{prefix}.0.weight"] = Slot(out=unit, inp=inp)
-            for t in ("weight", "bias", "running_mean", "running_var"):
-                slots[f"{prefix}.1.{t}"] = Slot(out=unit)
+            slots.update(bn_slots(f"{prefix}.1", unit))
 
         conv_bn("features.0", "features.0.0")
         feed: tuple = ()  # the unit the current block's input follows, if pruned (a residual group)
@@ -242,8 +241,7 @@ class MobileNetV2(Described, nn.Module):
             proj, proj_bn = _project(b)
             slots[f"{proj}.weight"] = Slot(out=group, inp=(unit,))
             if group is not None:
-                for t in ("weight", "bias", "running_mean", "running_var"):
-                    slots[f"{proj_bn}.{t}"] = Slot(out=group)
+                slots.update(bn_slots(proj_bn, group))
             feed = (group,) if group is not None else ()
         n = len(self._blocks) + 1
         conv_bn(f"features.{n}", f"features.{n}.0", inp=feed)

@@ -15,7 +15,7 @@ from torch import nn
 
 from compressor.errors import UserError
 from compressor.models._registry import register_model
-from compressor.models._spec import Described, PrunableUnit, Slot
+from compressor.models._spec import Described, bn_slots, PrunableUnit, Slot
 
 CIFAR_CFG: list = [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, 512]
 IMAGENET_CFG: list = [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M"]
@@ -100,8 +100,7 @@ class VGGCifar(Described, nn.Module):
             i = u.name.split("conv")[-1]
             slots[f"features.conv{i}.weight"] = Slot(out=u.name, inp=(prev,))
             slots[f"features.conv{i}.bias"] = Slot(out=u.name)
-            for t in ("weight", "bias", "running_mean", "running_var"):
-                slots[f"features.norm{i}.{t}"] = Slot(out=u.name)
+            slots.update(bn_slots(f"features.norm{i}", u.name))
             prev = u.name
         slots["classifier.linear1.weight"] = Slot(inp=(prev,))
         return slots
@@ -166,8 +165,7 @@ class VGGImageNet(Described, nn.Module):
             bn = u.bns[0]
             slots[f"{u.name}.weight"] = Slot(out=u.name, inp=(prev,))
             slots[f"{u.name}.bias"] = Slot(out=u.name)
-            for t in ("weight", "bias", "running_mean", "running_var"):
-                slots[f"{bn}.{t}"] = Slot(out=u.name)
+            slots.update(bn_slots(bn, u.name))
             prev = u.name
         slots["classifier.0.weight"] = Slot(inp=(prev,), repeat=49)
         return slots
