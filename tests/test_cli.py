@@ -179,3 +179,21 @@ def test_prune_warns_when_data_differs_from_training_data(tmp_path, caplog):
         assert main(["prune", "--model", "vgg16_bn", "--rates", str(rates_file(tmp_path)), "--checkpoint", str(ck),
                      "--criterion", "l1", "--out", str(tmp_path / "o"), "--no-progress"]) == 0
     assert "trained on cifar10 but ranking and evaluation use --data digits" in caplog.text
+
+
+def test_a_closed_pipe_gives_no_traceback(monkeypatch, tmp_path):
+    """`... | head`: once the reader has gone, writes fail with EPIPE; the command ends quietly."""
+    import os
+    import sys
+
+    from compressor.cli import main
+
+    r, w = os.pipe()
+    os.close(r)  # the reader is gone before the first write
+    out = open(w, "w", buffering=1)
+    monkeypatch.setattr(sys, "stdout", out)
+    try:
+        assert main(["list-layers", "mobilenet_v2"]) == 141
+    finally:
+        monkeypatch.undo()
+        out.close()
