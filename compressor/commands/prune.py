@@ -39,6 +39,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--reconstruct", action="store_true",
                    help="after surgery, refit each layer that reads pruned channels by least squares "
                         "(calibration images, original BN statistics kept)")
+    p.add_argument("--reconstruct-images", type=positive_int, default=512,
+                   help="calibration images for --reconstruct (default 512)")
     p.add_argument("--teacher", default=None,
                    help="distil the fine-tune from a teacher: 'self' (the unpruned model) or a checkpoint")
     p.add_argument("--round-to", type=positive_int, default=None, help="round every kept width to a multiple of N")
@@ -88,7 +90,8 @@ def run(args: argparse.Namespace) -> int:
         rank_atol=args.rank_atol, rounding=args.rounding, surgery=args.surgery,
         bn_recalibrate=not args.no_bn_recalibrate, baseline_epochs=args.baseline_epochs,
         finetune=finetune, weights=args.weights, pretrained=args.pretrained, input_size=args.input_size,
-        residual=args.residual, reconstruct=args.reconstruct, teacher=args.teacher, round_to=args.round_to,
+        residual=args.residual, reconstruct=args.reconstruct, reconstruct_images=args.reconstruct_images,
+        teacher=args.teacher, round_to=args.round_to,
         device=args.device, out=args.out, progress=not args.no_progress,
     )
     result = run_prune(job)
