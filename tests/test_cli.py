@@ -197,3 +197,12 @@ def test_a_closed_pipe_gives_no_traceback(monkeypatch, tmp_path):
     finally:
         monkeypatch.undo()
         out.close()
+
+
+def test_prune_reads_the_model_from_the_checkpoint(tmp_path, tiny_ckpt, capsys):
+    code = main(["prune", "--rates", str(rates_file(tmp_path)), "--checkpoint", str(tiny_ckpt), "--n-images", "64",
+                 "--out", str(tmp_path / "o"), "--no-progress"])
+    assert code == 0 and (tmp_path / "o" / "pruned.pt").is_file()
+    code = main(["prune", "--rates", str(rates_file(tmp_path)), "--out", str(tmp_path / "o2"), "--no-progress"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and err == ["error: model: --model is required unless --checkpoint names a compressor checkpoint"]

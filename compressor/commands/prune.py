@@ -28,8 +28,9 @@ EXAMPLES = """\
 def add_parser(sub) -> argparse.ArgumentParser:
     p = new_parser(sub, "prune", "rank filters, keep the best at the rates file's rates, rebuild a smaller model",
                    EXAMPLES)
-    p.add_argument("--model", required=True,
-                   help="registered name (list-layers), torchvision:<name>, or package.module:builder (your own)")
+    p.add_argument("--model", default=None,
+                   help="registered name (list-layers), torchvision:<name>, or package.module:builder (your own); "
+                        "not needed with a --checkpoint that records it")
     p.add_argument("--weights", help="a plain state_dict for --model (torchvision, akamaster or HRank files)")
     p.add_argument("--pretrained", action="store_true", help="torchvision's published weights (needs the network)")
     p.add_argument("--input-size", type=positive_int, default=None,
@@ -75,6 +76,15 @@ def run(args: argparse.Namespace) -> int:
     from compressor.pipeline import PruneJob, run_prune
     from compressor.train import TrainConfig
 
+    if args.model is None:
+        if not args.checkpoint:
+            raise UserError("--model is required unless --checkpoint names a compressor checkpoint", field="model")
+        from compressor import checkpoint
+
+        recorded = checkpoint.read(args.checkpoint).get("model")
+        if not isinstance(recorded, str):
+            raise UserError("records no model; pass --model", source=args.checkpoint, field="model")
+        args.model = recorded
     if args.baseline_epochs is not None and args.baseline_epochs < 0:
         raise UserError(f"must be >= 0, got {args.baseline_epochs}", field="baseline-epochs")
     try:
