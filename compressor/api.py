@@ -66,7 +66,8 @@ def _prepare(model: nn.Module, example: torch.Tensor | None, ignored: Sequence[n
     if ignored:
         names = {m: n for n, m in model.named_modules()}
         extra = [n if isinstance(n, str) else names[n] for n in ignored]
-        base = [names[m] for m in graph.protected_layers(model)] if not hasattr(model, "_compressor_ignored") else []
+        model.__dict__.pop("_compressor_ignored", None)  # the defaults again, then the caller's on top
+        base = [names[m] for m in graph.protected_layers(model)]
         model._compressor_ignored = tuple(dict.fromkeys(base + extra))
     if residual is not None:
         model.prune_residual = bool(residual)
