@@ -246,9 +246,8 @@ def run_prune(job: PruneJob) -> dict[str, Any]:
             log.warning("warning: %s was trained on %s but ranking and evaluation use --data %s",
                         job.checkpoint, trained_on, job.data)
     size = probe.input_size if isinstance(probe.input_size, int) else int(probe.input_size[0])
-    stats = (probe.mean, probe.std) if hasattr(probe, "mean") and hasattr(probe, "std") else None
     bundle = data_mod.load(job.data, job.data_root, input_size=size, seed=job.seed, download=job.download,
-                           stats=stats)
+                           stats=data_mod.model_stats(probe))
     ncls = base.num_classes if base is not None else (job.num_classes or bundle.num_classes)
     data_mod.check_classes(bundle, ncls, field="data")
     pre_scores = _load_scores(job, base)
