@@ -42,12 +42,13 @@ adds (n ≥ 2: c = 24, 32, 64, 96, 160). It is pruned with one shared index set:
   stage; the consumers' inputs follow it (each later block's expand conv, the next stage's
   first expand conv, or ``features.18`` after the last stage);
 * scores: weight criteria (l1, l2, fpgm, bn_scale) sum the member layers' per-channel
-  scores; activation criteria sum over the rank points, the member blocks' outputs
-  (``features.k``, after the add), i.e. HRank's "sum of the member layers' ranks".
-  These are **not** ReLU outputs: a linear-bottleneck map plus its skip is usually
-  full rank, so HRank there separates little (most channels tie and the mean-activation
-  tie-break decides), and ReLU-based statistics (APoZ) see no zeros. Prefer a weight
-  criterion, or a small group rate, for these units.
+  scores; activation criteria sum over the rank points the engine discovers, the members'
+  project-BN outputs (before the add), i.e. HRank's "sum of the member layers' ranks".
+  These are linear-bottleneck outputs with no activation, usually near full rank, so HRank
+  separates little there (the mean-activation tie-break decides) and APoZ sees no zeros.
+  Prefer a weight criterion, or a small group rate, for these units. (The hand description
+  below still names the block outputs; it is only the discovery test's oracle for units,
+  convs and BNs.)
 
 Stages with one block (c = 16 and 320) have no add: their outputs stay unpruned. Units are
 listed in network order (by first producing conv): the stem, then per block its hidden unit
