@@ -25,7 +25,7 @@ from compressor.errors import UserError
 from compressor.plan import Plan, make_plan
 from compressor.pruning import graph
 from compressor.pruning.size import SizeModel
-from compressor.rates import RateSpec, load_rates, resolve_rates
+from compressor.rates import RateSpec, load_rates, resolve_rates, spec_from_doc
 
 WEIGHT_ONLY = ("l1", "l2", "bn_scale", "fpgm", "random")
 
@@ -96,14 +96,8 @@ def _spec(rates: Any, names: Sequence[str], model: nn.Module) -> RateSpec:
         return load_rates(rates, names, model_name=getattr(model, "arch", None),
                           short_list=getattr(model, "short_rate_list", None))
     if isinstance(rates, Mapping) and ({"target", "rates", "default", "policy", "round_to"} & set(rates)):
-        target = rates.get("target")
-        spec = RateSpec(rates=resolve_rates(rates.get("rates"), names, default=rates.get("default", 0.0),
-                                            source="<rates>"),
-                        rounding=rates.get("rounding", "keep_floor"), source="<rates>",
-                        target=dict(target) if target else None,
-                        extra={k: rates[k] for k in ("policy", "min_keep", "max_keep") if k in rates},
-                        round_to=int(rates.get("round_to", 1)))
-        return spec
+        return spec_from_doc(dict(rates), names, model_name=getattr(model, "arch", None),
+                             short_list=getattr(model, "short_rate_list", None))
     return RateSpec(rates=resolve_rates(rates, names, source="<rates>"), source="<rates>")
 
 

@@ -26,7 +26,7 @@ from compressor.plan import make_plan
 from compressor.pruning import graph
 from compressor.pruning.graph import units as units_of
 from compressor.pruning.size import SizeModel
-from compressor.rates import RateSpec, load_rates, parse_rate_string, read_yaml
+from compressor.rates import RateSpec, load_rates, parse_rate_string, read_yaml, spec_from_doc
 from compressor.train import TrainConfig, check_finite, fit
 
 log = logging.getLogger("compressor")
@@ -106,9 +106,9 @@ def _layout_rates(job: PruneJob, model: nn.Module) -> RateSpec | None:
         return None
     mapping = model.hrankplus_rates(raw)
     names = [u.name for u in units_of(model)]
-    return RateSpec(rates={n: float(mapping.get(n, 0.0)) for n in names},
-                    rounding=doc.get("rounding", "keep_floor"), source=job.rates,
-                    extra={"layout": "hrankplus", "rates_string": str(doc.get("rates"))[:200]})
+    spec = spec_from_doc({**doc, "rates": {n: float(mapping.get(n, 0.0)) for n in names}}, names, source=job.rates,
+                         model_name=job.model)
+    return spec.replace(extra={**spec.extra, "layout": "hrankplus", "rates_string": str(doc.get("rates"))[:200]})
 
 
 def quick_baseline_config(model: nn.Module, job: PruneJob) -> TrainConfig:

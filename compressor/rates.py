@@ -423,8 +423,13 @@ def read_yaml(path: str | Path, *, max_bytes: int = MAX_FILE_BYTES) -> Any:
 def load_rates(path: str | Path, unit_names: Sequence[str], *, model_name: str | None = None,
                short_list: int | None = None) -> RateSpec:
     """Read and validate ``rates.yaml`` against a model's unit names."""
-    src = str(path)
-    doc = read_yaml(path)
+    return spec_from_doc(read_yaml(path), unit_names, source=str(path), model_name=model_name, short_list=short_list)
+
+
+def spec_from_doc(doc: Any, unit_names: Sequence[str], *, source: str = "<rates>", model_name: str | None = None,
+                  short_list: int | None = None) -> RateSpec:
+    """Validate a rates document (a parsed ``rates.yaml``, or the same dict from Python)."""
+    src = source
     if not isinstance(doc, dict):
         raise UserError(f"must be a YAML mapping with a 'rates' key, got {type(doc).__name__}", source=src)
     for key in doc:

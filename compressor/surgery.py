@@ -106,10 +106,9 @@ def _drop(unit_width: int, keep: tuple[int, ...]) -> list[int]:
 
 def _units_of(model: nn.Module, plan: Plan) -> dict[str, "object"]:
     units = {u.name: u for u in graph.units(model)}
-    graph.check_prunable(model, list(plan.keep))
     for name, width in plan.widths.items():
         if name not in units:
-            graph.check_prunable(model, [name])
+            graph.check_prunable(model, [name])  # a refused or skipped layer says why
             raise UserError(f"plan names unit {name!r}, which the model does not have", field=name)
         if units[name].width != width:
             raise UserError(f"plan says {name!r} has {width} channels, the model has {units[name].width}", field=name)

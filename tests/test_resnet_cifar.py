@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from compressor import checkpoint, counting, surgery
+from compressor.errors import UserError
 from compressor.models import get_model
 from compressor.models.resnet_cifar import PadShortcut
 from compressor.plan import Plan, make_plan
@@ -140,3 +141,18 @@ def test_dead_stage_channels_prune_exactly_through_pad_shortcuts(tmp_path) -> No
         assert back.layer2[0].shortcut.dst.tolist() == pruned.layer2[0].shortcut.dst.tolist()
         with torch.no_grad():
             assert torch.equal(back(x), pruned(x))
+
+
+def test_a_rates_file_in_hrankplus_layout_maps_onto_the_units(tmp_path) -> None:
+    from compressor.pipeline import PruneJob, _load_rates
+
+    path = tmp_path / "r.yaml"
+    path.write_text('model: resnet20\nrates: "[0.]+[0.25]*2+[0.5]*9"\nround_to: 2\n')
+    m = get_model("resnet20")
+    spec = _load_rates(PruneJob(model="resnet20", rates=str(path)), m)
+    assert spec.rates["conv1"] == 0.0 and spec.rates["layer1.0.conv2"] == 0.25 and spec.rates["layer2.0.conv2"] == 0.25
+    assert spec.rates["layer3.0.conv2"] == 0.0 and spec.rates["layer3.2.conv1"] == 0.5 and spec.round_to == 2
+    assert spec.extra["layout"] == "hrankplus"
+    path.write_text('rates: "[0.1]*5"\n')  # neither the unit count nor the layout
+    with pytest.raises(UserError, match="has 12 entries, got 5"):
+        _load_rates(PruneJob(model="resnet20", rates=str(path)), m)
