@@ -261,23 +261,7 @@ def fit(model: nn.Module, data: DataBundle, cfg: TrainConfig, device: torch.devi
     ctx = ctx or dist_mod.current(device)
     on_gpu = device.type == "cuda"
     torch.manual_seed(cfg.seed)
-    if on_gpu:
-        torch.backends.cudnn.benchmark = not cfg.deterministic
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = not cfg.deterministic
-    model.to(device)
-    cl = on_gpu and cfg.channels_last
-    if cl:
-        model.to(memory_format=torch.channels_last)
-    amp_dtype = torch.bfloat16 if on_gpu and torch.cuda.is_bf16_supported() else torch.float16
-    use_amp = on_gpu and cfg.amp
-    scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16)
-    if teacher is not None:
-        if getattr(teacher, "num_classes", None) not in (None, getattr(model, "num_classes", None)):
-            raise UserError(f"the teacher has {teacher.num_classes} classes, the student {model.num_classes}",
-                            field="teacher")
-        teacher.to(device).eval().requires_grad_(False)
-        if cl:
-            teacher.to(memory_format=torch.channels_last)
+    cl, amp_dtype, use_amp, scaler = _setup_precision(model, teacher, cfg, device)
 
     sampler = DistributedSampler(data.train, num_replicas=ctx.world_size, rank=ctx.rank, shuffle=True,
                                  seed=cfg.seed, drop_last=ctx.enabled)
@@ -303,64 +287,20 @@ def fit(model: nn.Module, data: DataBundle, cfg: TrainConfig, device: torch.devi
     history: list[dict[str, Any]] = []
     start, best = 0, -math.inf
     if resume is not None:
-        obj, ts, src = _read_train_state(resume, resume_source)
-        try:
-            model.load_state_dict(obj["state_dict"])
-        except RuntimeError as exc:
-            raise UserError(f"weights do not fit this model: {str(exc).splitlines()[-1][:160]}", source=src) from exc
-        opt.load_state_dict(ts["optimizer"])
-        sched.load_state_dict(ts["scheduler"])
-        if ts.get("scaler") and scaler.is_enabled():
-            scaler.load_state_dict(ts["scaler"])
-        _check_sampler(ts.get("sampler"), ctx, src)
-        start, best, history = int(ts["epoch"]), float(ts["best_val_acc"]), list(ts["history"])
-        _check_resume_config(ts.get("config", {}), cfg, src)
-        if ts.get("steps_per_epoch", len(train_loader)) != len(train_loader):
-            warnings.warn(f"{src}: steps per epoch changed ({ts['steps_per_epoch']} -> {len(train_loader)})",
-                          stacklevel=2)
+        start, best, history = _restore(model, opt, sched, scaler, resume, resume_source, cfg, ctx, len(train_loader))
     out = Path(out_dir) if out_dir is not None and ctx.is_main else None
     meta = dict(ckpt_meta or {})
-    check_every = 1 if not on_gpu else 32  # host syncs: every step on CPU (free), rarely on GPU
 
     for epoch in range(start, cfg.epochs):
         s = epoch_seed(cfg.seed, epoch, ctx.rank)  # per-rank streams; the shuffle is (seed, epoch)
         seed_all(s)
         train_loader.generator.manual_seed(s)
         sampler.set_epoch(epoch)
-        net.train()
         lr0 = opt.param_groups[0]["lr"]
-        stats = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, correct, images
-        bad = torch.zeros((), dtype=torch.bool, device=device)
         t0 = time.perf_counter()
-        bar = tqdm(train_loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False,
-                   disable=not (progress and ctx.is_main))
+        stats = _train_epoch(net, teacher, train_loader, opt, sched, scaler, cfg, device, amp_dtype, use_amp, cl,
+                             ctx, epoch, out_dir, history, progress)
         last = len(train_loader) - 1
-        for step, (x, y) in enumerate(bar):
-            x = x.to(device, non_blocking=True)
-            y = y.to(device, non_blocking=True)
-            if cl:
-                x = x.contiguous(memory_format=torch.channels_last)
-            with torch.autocast(device_type=device.type, dtype=amp_dtype, enabled=use_amp):
-                out_logits = net(x)
-                t_out = None
-                if teacher is not None:
-                    with torch.no_grad():
-                        t_out = teacher(x)
-                loss = loss_fn(out_logits, y, cfg, t_out)
-            bad |= ~torch.isfinite(loss.detach())
-            if step % check_every == 0 or step == last:
-                if dist_mod.all_reduce_max(bad.to(torch.int32), ctx).item():
-                    _raise_nonfinite(epoch, step, out_dir, history)
-                if progress and ctx.is_main:
-                    bar.set_postfix(loss=f"{stats[0].item() / max(1.0, stats[2].item()):.3f}")
-            opt.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(opt)
-            scaler.update()
-            sched.step()
-            stats[0] += loss.detach() * y.numel()
-            stats[1] += (out_logits.detach().argmax(1) == y).sum()
-            stats[2] += y.numel()
         bad_w = nonfinite_tensors(model)  # the last step can break the weights after a finite loss
         if dist_mod.all_reduce_max(torch.tensor(int(bool(bad_w)), device=device), ctx).item():
             _raise_nonfinite(epoch, last, out_dir, history, weights=bad_w)
@@ -399,6 +339,95 @@ def fit(model: nn.Module, data: DataBundle, cfg: TrainConfig, device: torch.devi
     if cl:
         model.to(memory_format=torch.contiguous_format)
     return history
+
+
+
+
+def _setup_precision(model: nn.Module, teacher: nn.Module | None, cfg: TrainConfig,
+                     device: torch.device) -> tuple[bool, torch.dtype, bool, Any]:
+    """Device, memory format and AMP for student and teacher: (channels_last, amp dtype, amp on, scaler)."""
+    on_gpu = device.type == "cuda"
+    if on_gpu:
+        torch.backends.cudnn.benchmark = not cfg.deterministic
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = not cfg.deterministic
+    model.to(device)
+    cl = on_gpu and cfg.channels_last
+    if cl:
+        model.to(memory_format=torch.channels_last)
+    amp_dtype = torch.bfloat16 if on_gpu and torch.cuda.is_bf16_supported() else torch.float16
+    use_amp = on_gpu and cfg.amp
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16)
+    if teacher is not None:
+        if getattr(teacher, "num_classes", None) not in (None, getattr(model, "num_classes", None)):
+            raise UserError(f"the teacher has {teacher.num_classes} classes, the student {model.num_classes}",
+                            field="teacher")
+        teacher.to(device).eval().requires_grad_(False)
+        if cl:
+            teacher.to(memory_format=torch.channels_last)
+    return cl, amp_dtype, use_amp, scaler
+
+def _restore(model: nn.Module, opt: torch.optim.Optimizer, sched: Any, scaler: Any,
+             resume: str | Path | Mapping[str, Any], resume_source: str | None, cfg: TrainConfig,
+             ctx: dist_mod.DistContext, steps: int) -> tuple[int, float, list[dict[str, Any]]]:
+    """Load a last.pt's weights and training state; return (start epoch, best val acc, history)."""
+    obj, ts, src = _read_train_state(resume, resume_source)
+    try:
+        model.load_state_dict(obj["state_dict"])
+    except RuntimeError as exc:
+        raise UserError(f"weights do not fit this model: {str(exc).splitlines()[-1][:160]}", source=src) from exc
+    opt.load_state_dict(ts["optimizer"])
+    sched.load_state_dict(ts["scheduler"])
+    if ts.get("scaler") and scaler.is_enabled():
+        scaler.load_state_dict(ts["scaler"])
+    _check_sampler(ts.get("sampler"), ctx, src)
+    _check_resume_config(ts.get("config", {}), cfg, src)
+    if ts.get("steps_per_epoch", steps) != steps:
+        warnings.warn(f"{src}: steps per epoch changed ({ts['steps_per_epoch']} -> {steps})", stacklevel=3)
+    return int(ts["epoch"]), float(ts["best_val_acc"]), list(ts["history"])
+
+
+def _train_epoch(net: nn.Module, teacher: nn.Module | None, train_loader: DataLoader, opt: torch.optim.Optimizer,
+                 sched: Any, scaler: Any, cfg: TrainConfig, device: torch.device, amp_dtype: torch.dtype,
+                 use_amp: bool, cl: bool, ctx: dist_mod.DistContext, epoch: int, out_dir: str | Path | None,
+                 history: list, progress: bool) -> torch.Tensor:
+    """One pass over the training loader; returns this rank's (loss sum, correct, images).
+
+    A NaN/inf loss on any rank stops every rank (checked every step on CPU, every 32 on a GPU).
+    """
+    check_every = 1 if device.type != "cuda" else 32  # host syncs: every step on CPU (free), rarely on GPU
+    net.train()
+    stats = torch.zeros(3, dtype=torch.float64, device=device)
+    bad = torch.zeros((), dtype=torch.bool, device=device)
+    bar = tqdm(train_loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False,
+               disable=not (progress and ctx.is_main))
+    last = len(train_loader) - 1
+    for step, (x, y) in enumerate(bar):
+        x = x.to(device, non_blocking=True)
+        y = y.to(device, non_blocking=True)
+        if cl:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(device_type=device.type, dtype=amp_dtype, enabled=use_amp):
+            out_logits = net(x)
+            t_out = None
+            if teacher is not None:
+                with torch.no_grad():
+                    t_out = teacher(x)
+            loss = loss_fn(out_logits, y, cfg, t_out)
+        bad |= ~torch.isfinite(loss.detach())
+        if step % check_every == 0 or step == last:
+            if dist_mod.all_reduce_max(bad.to(torch.int32), ctx).item():
+                _raise_nonfinite(epoch, step, out_dir, history)
+            if progress and ctx.is_main:
+                bar.set_postfix(loss=f"{stats[0].item() / max(1.0, stats[2].item()):.3f}")
+        opt.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+        sched.step()
+        stats[0] += loss.detach() * y.numel()
+        stats[1] += (out_logits.detach().argmax(1) == y).sum()
+        stats[2] += y.numel()
+    return stats
 
 
 def _raise_nonfinite(epoch: int, step: int, out_dir: str | Path | None, history: list,
