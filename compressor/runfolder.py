@@ -1,0 +1,421 @@
+"""Run folders that can't mix: one run at a time per ``--out``, and a failed run leaves nothing.
+
+Every command that writes into an ``--out`` folder claims it first::
+
+    with runfolder.claim(out, command="prune", overwrite=args.overwrite) as run:
+        io.save_torch(run.record(out / "pruned.pt"), ck)
+
+What a claim does, and the rules it keeps:
+
+* **One run per folder.** ``claim`` creates ``out`` if needed and takes an exclusive,
+  non-blocking lock: ``fcntl.flock`` on ``out/.compressor.lock``, held open for the whole run
+  and released (the file removed) on exit, however the run ends; the kernel drops it if the
+  process dies. A second run on the same folder fails at once with a one-line ``UserError``
+  ("another compressor run (pid N, command X) holds this folder"). Where ``fcntl`` is missing
+  (Windows) the lock file is created with ``O_CREAT | O_EXCL`` and holds the owner's pid; a
+  hard-killed run leaves it behind, and on POSIX one whose pid (on this host) is gone is taken
+  over, elsewhere the message says to delete it.
+* **No mixing with other files.** A folder with content is refused unless ``overwrite`` or
+  ``resume`` is given, naming what is in it. Our own bookkeeping does not count as content:
+  the lock, ``manifest.json`` (when it is one of ours) and ``compressor.io``'s ``.*.tmp``
+  temporaries.
+* **Overwrite removes only what a run wrote.** With ``overwrite=True`` the files listed in the
+  old ``manifest.json`` (and the manifest) are deleted at claim time, and folders they leave
+  empty. Anything else (files of the user's, or of a run from before manifests) is left where it
+  is and named in one warning: a run never deletes a file it cannot prove it wrote. A
+  ``manifest.json`` that is not a compressor run's is refused whatever the flags (it would be
+  replaced).
+* **Resume continues a run.** ``resume=True`` accepts a non-empty folder: one whose manifest
+  names the same command (any status: done, failed, or a run killed while "running"), or one
+  with no manifest (a folder from before manifests; the command checks its own state, as
+  ``train --resume`` and ``sweep`` do). A manifest of another command is refused. ``resume``
+  wins over ``overwrite``: nothing is deleted.
+* **The manifest.** ``out/manifest.json`` (written atomically) says which run owns the folder:
+  ``{"format": "compressor.run", "command", "argv", "pid", "host", "started", "mode",
+  "status": "running", "files": []}``. ``run.record(path)`` registers an output (the manifest is
+  rewritten when the list grows, so even a SIGKILLed run's outputs are known to ``overwrite``).
+  On success it becomes ``status: "done"`` with ``finished`` and ``files``: everything the run
+  recorded or wrote (files created or rewritten in the folder, found by comparing a listing
+  taken at claim), plus, on resume, the files of the run it continued.
+* **A failed run leaves nothing.** An exception in the ``with`` block (``KeyboardInterrupt``
+  too; ``SystemExit(0)`` is a success) removes every file created during the run and, unless
+  resuming, every existing file it rewrote (its old content is gone already); files it did not
+  touch survive. Then the manifest goes, folders the run created that are left empty, and the
+  folder itself if the claim created it. Files recorded with ``keep=True`` (a resume point such
+  as ``last.pt``) survive a failure: the manifest then stays, with ``status: "failed"`` (or
+  ``"interrupted"``), ``error`` and the kept ``files``, so ``resume`` can pick the run up. On
+  resume a failure only takes back what the resumed run added. The exception then propagates.
+
+Claim only in the process that writes (rank 0 under ``torchrun``): a second rank's claim is a
+second run and is refused.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import os
+import socket
+import sys
+import warnings
+from datetime import datetime
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+from compressor import io
+from compressor.errors import UserError
+
+try:
+    import fcntl
+except ImportError:  # Windows: an O_EXCL lock file (see the module docstring)
+    fcntl = None  # type: ignore[assignment]
+
+RUN_FORMAT = "compressor.run"
+MANIFEST = "manifest.json"
+LOCK = ".compressor.lock"
+SHOW = 5  # names listed in a refusal or a warning
+
+_Stat = tuple[int, int, int, int]  # st_dev, st_ino, st_mtime_ns, st_size
+
+
+def _now() -> str:
+    return datetime.now().astimezone().isoformat(timespec="seconds")
+
+
+def _names(names: list[str]) -> str:
+    names = sorted(names)
+    more = f" and {len(names) - SHOW} more" if len(names) > SHOW else ""
+    return ", ".join(names[:SHOW]) + more
+
+
+def _read_manifest(out: Path) -> dict[str, Any] | None:
+    """Our manifest in ``out``, or None (none there, unreadable, or someone else's manifest.json)."""
+    try:
+        doc = json.loads((out / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return None
+    return doc if isinstance(doc, dict) and doc.get("format") == RUN_FORMAT else None
+
+
+def _ours(name: str) -> bool:
+    return name == LOCK or io._TMP.match(name) is not None  # noqa: SLF001 - io's own temp pattern
+
+
+def _listing(out: Path) -> tuple[dict[str, _Stat], set[str]]:
+    """Files (``rel path -> stat``) and folders under ``out``, without our lock files and temporaries
+    and the top-level manifest. Symlinks are files here: never followed."""
+    files: dict[str, _Stat] = {}
+    dirs: set[str] = set()
+    for root, dnames, fnames in os.walk(out):
+        rel = Path(root).relative_to(out)
+        for d in list(dnames):
+            if os.path.islink(os.path.join(root, d)):
+                dnames.remove(d)
+                fnames.append(d)
+            else:
+                dirs.add((rel / d).as_posix())
+        for f in fnames:
+            r = (rel / f).as_posix()
+            if _ours(f) or r == MANIFEST:
+                continue
+            with contextlib.suppress(OSError):
+                st = os.lstat(os.path.join(root, f))
+                files[r] = (st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size)
+    return files, dirs
+
+
+def _inside(out: Path, rel: str) -> Path | None:
+    """``out / rel`` when it stays inside ``out`` (a manifest is data, not to be trusted blindly)."""
+    p = out / rel
+    try:
+        p.parent.resolve().relative_to(out.resolve())
+    except (OSError, ValueError):
+        return None
+    return p if p.name not in ("", ".", "..") else None
+
+
+def _prune_dirs(out: Path, rels: set[str]) -> None:
+    """Remove the folders ``rels`` under ``out`` that are empty, deepest first."""
+    for rel in sorted(rels, key=lambda r: r.count("/"), reverse=True):
+        with contextlib.suppress(OSError):
+            (out / rel).rmdir()
+
+
+# --- the lock ---------------------------------------------------------------------------------
+
+class _Held(Exception):
+    def __init__(self, holder: dict[str, Any]) -> None:
+        self.holder = holder
+
+
+def _read_holder(path: Path) -> dict[str, Any]:
+    try:
+        doc = json.loads(path.read_text() or "{}")
+    except (OSError, ValueError):
+        return {}
+    return doc if isinstance(doc, dict) else {}
+
+
+def _lock_flock(path: Path, info: bytes) -> int:
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            os.close(fd)
+            if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise _Held(_read_holder(path)) from exc
+            raise
+        # The holder removes the file as it leaves: if we locked a removed file, try again.
+        try:
+            a, b = os.fstat(fd), os.stat(path)
+            same = (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
+        except OSError:
+            same = False
+        if same:
+            os.ftruncate(fd, 0)
+            os.write(fd, info)
+            return fd
+        os.close(fd)
+
+
+def _lock_excl(path: Path, info: bytes) -> int:
+    for _ in range(2):
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        except FileExistsError:
+            holder = _read_holder(path)
+            pid = holder.get("pid")
+            stale = (os.name == "posix" and isinstance(pid, int) and holder.get("host") == socket.gethostname()
+                     and pid != os.getpid() and not io._pid_alive(pid))  # noqa: SLF001
+            if not stale:
+                raise _Held({**holder, "stale_hint": True}) from None
+            with contextlib.suppress(OSError):
+                path.unlink()
+            continue
+        os.write(fd, info)
+        return fd
+    raise _Held(_read_holder(path))
+
+
+# --- the run ----------------------------------------------------------------------------------
+
+class RunFolder:
+    """A claimed ``--out`` folder; made by :func:`claim`, used as a context manager."""
+
+    def __init__(self, out: Path, command: str, mode: str, created: list[Path], fd: int | None,
+                 old: dict[str, Any] | None) -> None:
+        self.out, self.command, self.mode = out, command, mode
+        self._created = created  # folders this claim made, out first
+        self._fd = fd
+        self._pid = os.getpid()
+        self._old_files = [f for f in (old or {}).get("files", []) if isinstance(f, str)] if mode == "resume" else []
+        self._had_manifest = old is not None and mode == "resume"
+        self._files, self._dirs = _listing(out)
+        self._recorded: list[str] = []
+        self._keep: set[str] = set()
+        self._closed = False
+        self.manifest: dict[str, Any] = {
+            "format": RUN_FORMAT, "command": command, "argv": list(sys.argv), "pid": self._pid,
+            "host": socket.gethostname(), "started": _now(), "mode": mode, "status": "running",
+            "files": list(self._old_files)}
+        self._write()
+
+    # -- use
+
+    def record(self, path: str | os.PathLike, *, keep: bool = False) -> Path:
+        """Register an output of this run (a file, or a folder of them) and return ``path``.
+
+        Call it before or after writing the file. ``keep=True`` marks a resume point that
+        survives a failed run (see the module docstring).
+        """
+        p = Path(path)
+        try:
+            rel = (p if p.is_absolute() else Path.cwd() / p).resolve().relative_to(self.out.resolve()).as_posix()
+        except ValueError:
+            raise ValueError(f"{p} is not inside the run folder {self.out}") from None
+        if keep:
+            self._keep.add(rel)
+        if rel not in self._recorded:
+            self._recorded.append(rel)
+            if rel not in self.manifest["files"]:
+                self.manifest["files"].append(rel)
+                self._write()
+        return p
+
+    def __enter__(self) -> RunFolder:
+        return self
+
+    def __exit__(self, et: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+        if et is None or (isinstance(exc, SystemExit) and exc.code in (0, None)):
+            self.finish()
+        else:
+            self.abort(exc)
+
+    # -- the end
+
+    def finish(self) -> None:
+        """Success: the manifest says ``done`` and lists the run's files; the lock is released."""
+        if not self._begin_close():
+            return
+        try:
+            now, _ = _listing(self.out)
+            files = self._old_files + self._recorded + [f for f, st in now.items() if self._files.get(f) != st]
+            self._finalize("done", self._existing(files))
+        finally:
+            self._release()
+
+    def abort(self, exc: BaseException | None = None) -> None:
+        """Failure: remove what the run wrote (not its ``keep`` files); the lock is released."""
+        if not self._begin_close():
+            return
+        try:
+            now, dirs = _listing(self.out)
+            for f, st in now.items():
+                new = f not in self._files
+                if (new or (self.mode != "resume" and self._files[f] != st)) and not self._kept(f):
+                    with contextlib.suppress(OSError):
+                        (self.out / f).unlink()
+            _prune_dirs(self.out, dirs - self._dirs)
+            kept = self._existing([f for f in now if self._kept(f)])
+            if kept or self._had_manifest:
+                status = "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed"
+                self.manifest["error"] = f"{type(exc).__name__}: {exc}".splitlines()[0] if exc else status
+                with contextlib.suppress(UserError):
+                    self._finalize(status, self._existing(self._old_files + kept))
+            else:
+                with contextlib.suppress(OSError):
+                    (self.out / MANIFEST).unlink()
+        finally:
+            self._release()
+            for d in self._created:  # out first, then the parents the claim made
+                try:
+                    d.rmdir()
+                except OSError:
+                    break
+
+    # -- helpers
+
+    def _begin_close(self) -> bool:
+        if self._closed or os.getpid() != self._pid:  # closed already, or a forked child unwinding
+            return False
+        self._closed = True
+        return True
+
+    def _kept(self, rel: str) -> bool:
+        return any(rel == k or rel.startswith(k + "/") for k in self._keep)
+
+    def _existing(self, rels: list[str]) -> list[str]:
+        """``rels`` that exist, folders expanded to their files, in order, without repeats."""
+        out: dict[str, None] = {}
+        for rel in rels:
+            p = self.out / rel
+            if p.is_dir() and not p.is_symlink():
+                for f in sorted(_listing(p)[0]):
+                    out[f"{rel}/{f}"] = None
+            elif p.is_file() or p.is_symlink():
+                out[rel] = None
+        return list(out)
+
+    def _finalize(self, status: str, files: list[str]) -> None:
+        self.manifest.update(status=status, finished=_now(), files=files)
+        self._write()
+
+    def _write(self) -> None:
+        io.write_json(self.out / MANIFEST, self.manifest)
+
+    def _release(self) -> None:
+        if self._fd is None:
+            return
+        with contextlib.suppress(OSError):
+            (self.out / LOCK).unlink()  # while still holding it: see _lock_flock's inode check
+        with contextlib.suppress(OSError):
+            os.close(self._fd)
+        self._fd = None
+
+
+def claim(out: str | os.PathLike, *, command: str, overwrite: bool = False, resume: bool = False) -> RunFolder:
+    """Claim ``out`` for one run of ``command`` (see the module docstring); a ``UserError`` if it can't be."""
+    out = io.check_writable(Path(out))
+    if out.exists() and not out.is_dir():
+        raise UserError("not a folder", source=str(out))
+    created: list[Path] = []
+    anc = out
+    while not anc.exists() and anc != anc.parent:
+        created.append(anc)
+        anc = anc.parent
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"cannot write here ({exc.strerror})", source=str(out)) from exc
+
+    info = json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "command": command}).encode()
+    fd: int | None = None
+    try:
+        fd = (_lock_flock if fcntl is not None else _lock_excl)(out / LOCK, info)
+    except _Held as held:
+        h = held.holder
+        who = ", ".join(f"{k} {h[k]}" for k in ("pid", "command") if h.get(k) is not None)
+        host = f" on {h['host']}" if h.get("host") not in (None, socket.gethostname()) else ""
+        hint = f"; if it is no longer running, delete {out / LOCK}" if h.get("stale_hint") else ""
+        raise UserError(f"another compressor run{f' ({who}{host})' if who else ''} holds this folder{hint}",
+                        source=str(out)) from None
+    except OSError as exc:  # a file system without locks: carry on, unprotected
+        warnings.warn(f"{out}: cannot lock this folder ({exc.strerror}); concurrent runs into it are not "
+                      "prevented", stacklevel=2)
+
+    try:
+        mode = "resume" if resume else "overwrite" if overwrite else "fresh"
+        old = _read_manifest(out)
+        content = [e.name for e in os.scandir(out) if not _ours(e.name) and not (e.name == MANIFEST and old)]
+        earlier = f"an earlier {old.get('command')} run, {old.get('status')}; " if old else ""
+        if old is None and (out / MANIFEST).exists() and mode != "fresh":  # never replace someone else's file
+            raise UserError(f"holds a {MANIFEST} that is not a compressor run's; choose another --out",
+                            source=str(out))
+        if mode == "resume":
+            if old and old.get("command") != command:
+                raise UserError(f"holds a {old.get('command')} run, not a {command} run; choose another --out",
+                                source=str(out))
+        elif content and mode == "fresh":
+            raise UserError(f"not empty and not written by this run ({earlier}found: {_names(content)}); "
+                            "pass --overwrite to replace it or choose another --out", source=str(out))
+        elif mode == "overwrite":
+            _remove_run(out, old)
+            left = [e.name for e in os.scandir(out) if not _ours(e.name)]
+            if left:
+                warnings.warn(f"{out}: --overwrite leaves files no compressor run recorded here: {_names(left)}",
+                              stacklevel=2)
+        return RunFolder(out, command, mode, created, fd, old)
+    except BaseException:
+        if fd is not None:
+            with contextlib.suppress(OSError):
+                (out / LOCK).unlink()
+            os.close(fd)
+        for d in created:
+            try:
+                d.rmdir()
+            except OSError:
+                break
+        raise
+
+
+def _remove_run(out: Path, old: dict[str, Any] | None) -> None:
+    """Delete the files an old manifest lists (inside ``out`` only), folders they leave empty, and it."""
+    if old is None:
+        return
+    dirs: set[str] = set()
+    for rel in old.get("files") or []:
+        p = _inside(out, rel) if isinstance(rel, str) else None
+        if p is None or (p.is_dir() and not p.is_symlink()):
+            continue
+        with contextlib.suppress(OSError):
+            p.unlink()
+        parent = Path(rel).parent
+        while parent.as_posix() not in (".", ""):
+            dirs.add(parent.as_posix())
+            parent = parent.parent
+    _prune_dirs(out, dirs)
+    with contextlib.suppress(OSError):
+        (out / MANIFEST).unlink()
