@@ -114,3 +114,27 @@ def score_boxes(per_unit: Mapping[str, Sequence[float]], path: str | Path, title
     ax.grid(True, axis="y", alpha=0.3)
     fig.tight_layout()
     return save_png(fig, path)
+
+
+def recovery_curves(curves: Mapping[str, Sequence[tuple[float, float]]], path: str | Path, *,
+                    title: str = "") -> Path:
+    """Validation top-1 vs epochs done (fractions of an epoch), one line per run.
+
+    ``curves``: ``{label: [(epoch_frac, val_acc), ...]}``; the first point of a run at epoch 0 is
+    the accuracy it started from (e.g. right after pruning).
+    """
+    fig = _figure(7.0, 4.5)
+    ax = fig.add_subplot(1, 1, 1)
+    for i, (label, pts) in enumerate(curves.items()):
+        xs = [float(x) for x, _ in pts]
+        ys = [float(y) for _, y in pts]
+        ax.plot(xs, ys, marker="o", markersize=3, linewidth=1.2, color=f"C{i % 10}", label=str(label))
+    ax.set_xlabel("epochs (fractions of an epoch)")
+    ax.set_ylabel("validation top-1 (%)")
+    ax.set_title(title or "recovery curves: validation top-1 during training")
+    ax.grid(True, alpha=0.3)
+    if curves:
+        ax.legend(fontsize=7, loc="lower right")
+    ax.margins(x=0.03, y=0.08)
+    fig.tight_layout()
+    return save_png(fig, path)

@@ -12,10 +12,17 @@ Definitions used in every table:
 * latency: median wall time of one forward pass after warm-up, models of one group timed
   interleaved (``compressor.latency``); the thread count and backend settings are recorded.
   The spread is the interquartile range (IQR, q3 − q1) of the repeats.
+* Δtop-1 = model top-1 − baseline top-1 on the same test split (``top1_delta``): a drop is negative.
+* rates: how the rates were written (the rates file's name, and its ``rates:`` string when the
+  checkpoint recorded it); the resolved per-unit rates are in ``rates_per_unit`` (CSV/JSON).
+* BN re-estimated: only for a model that has BatchNorm layers, from the recorded recovery steps.
 * speedup = baseline latency / model latency; ``speedup/MACs`` = speedup ÷ (baseline MACs /
   model MACs): 1.0 means latency fell exactly as fast as the MAC count. A speedup whose IQR
   overlaps the baseline's is flagged (``speedup_<slot>_uncertain``; ``≈`` in the table): the
   measurement does not separate the two models.
+
+``curves``: recovery curves (validation top-1 vs epochs, from each run's ``metrics.jsonl``) of
+several train/finetune runs overlaid in one PNG, with a start/best/final table.
 """
 
 from __future__ import annotations
@@ -25,6 +32,7 @@ import glob
 import io as _io
 import json
 import logging
+import math
 import re
 import time
 import warnings
@@ -46,7 +54,7 @@ SWEEP_FILE = "sweep.json"
 
 @dataclass(frozen=True)
 class ReportConfig:
-    data: str | None = None  # None: the data each checkpoint was made on (provenance), else digits
+    data: str | None = None  # None: the data each checkpoint was made on (its data contract), else digits
     data_root: str | None = None
     device: str = "auto"  # evaluation device
     batch_size: int = 256
@@ -63,6 +71,7 @@ class Entry:
     scores: Path | None = None
     baseline_hint: Path | None = None  # e.g. the baseline a sweep recorded
     target: str | None = None  # e.g. a sweep point's budget ("macs 0.5, policy local")
+    rates_file: str | None = None  # the rates file a sweep point was made from (its copy is <point>/rates.yaml)
 
 
 def budget_label(budget: dict | None, policy: str | None = None) -> str | None:
@@ -108,7 +117,8 @@ def _from_folder(folder: Path) -> list[Entry]:
         for pt in doc.get("points", []):
             ck = folder / pt["name"] / "pruned.pt"
             if ck.is_file():
-                out.append(Entry(ck, _scores_near(ck), base, budget_label(pt.get("budget"), pt.get("policy"))))
+                out.append(Entry(ck, _scores_near(ck), base, budget_label(pt.get("budget"), pt.get("policy")),
+                                 pt.get("rates_file")))
         return out
     files = [p for p in sorted(folder.rglob("*.pt")) if p.name != "scores.pt" and not p.name.startswith(".")]
     found = [p for p in files if _is_checkpoint(p)]
@@ -147,6 +157,64 @@ def rate_string(rates: Sequence[float]) -> str:
         parts.append(f"[{float(rates[i])!r}]" + (f"*{j - i}" if j - i > 1 else ""))
         i = j
     return "+".join(parts)
+
+
+def rates_label(rates: Mapping[str, Any] | None, rates_file: str | None = None) -> str | None:
+    """How the rates were given: ``file.yaml``, ``file.yaml: [0.5]*13`` or the string alone; None when unknown.
+
+    The string is the checkpoint's ``rates["rates_string"]`` (the ``rates:`` value as written, when
+    it was a string); the file is ``rates_file`` (a sweep's original), else ``rates["source"]``
+    unless that is a placeholder such as ``<inline>`` or ``<sweep budget …>``.
+    """
+    rates = rates or {}
+    text = rates.get("rates_string") or (rates.get("extra") or {}).get("rates_string")
+    src = rates_file or rates.get("source")
+    name = Path(str(src)).name if src and not str(src).startswith("<") else None
+    text = str(text) if text else None
+    if name and text:
+        return f"{name}: {text}"
+    return name or text
+
+
+def has_batchnorm(net: nn.Module) -> bool:
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in net.modules())
+
+
+def recovery_steps(ck: Mapping[str, Any]) -> str | None:
+    """The recorded recovery after surgery (``"bn"``, ``"reconstruct+finetune"``, ``"none"``), else None.
+
+    A prune run records it in its metrics and provenance; a fine-tune carries the prune metrics
+    under ``metrics["prune"]`` and the source's provenance under ``provenance["source"]``.
+    """
+    m = ck.get("metrics") or {}
+    for cand in (m.get("recovery"), (m.get("prune") or {}).get("recovery") if isinstance(m.get("prune"), Mapping)
+                 else None, origin(ck, "recovery")):
+        if isinstance(cand, str):
+            return cand
+    return None
+
+
+def bn_reestimated(net: nn.Module, ck: Mapping[str, Any]) -> bool | None:
+    """Whether BN statistics were re-estimated after surgery: never for a model without BatchNorm
+    (SqueezeNet: a recorded ``True`` there is a no-op); else the recorded recovery steps, else the
+    provenance flag; None when nothing was recorded."""
+    if not has_batchnorm(net):
+        return False
+    steps = recovery_steps(ck)
+    if steps is not None:
+        return "bn" in steps.split("+")
+    flag = origin(ck, "bn_recalibrated")
+    return bool(flag) if flag is not None else None
+
+
+def compare_to_baseline(row: dict[str, Any], base: Mapping[str, Any], *, accuracy: bool = True) -> None:
+    """Add the reductions vs ``base`` to ``row``: params/MACs −%, and ``top1_delta`` = model − baseline
+    (a drop is negative) when both were evaluated on the same data."""
+    for k in ("params", "macs"):
+        row[f"{k}_reduction_pct"] = 100.0 * (1.0 - row[k] / base[k])
+    if accuracy and row.get("top1") is not None and base.get("top1") is not None \
+            and base.get("data") == row.get("data"):
+        row["top1_delta"] = row["top1"] - base["top1"]
 
 
 def pre_prune_cfg(net: nn.Module, plan: dict | None) -> list:
@@ -222,15 +290,20 @@ def _describe(item: _Loaded) -> dict[str, Any]:
     ck = item.ck
     rates = ck.get("rates") or {}
     target = rates.get("target")
+    per_unit = rate_string(list(rates["rates"].values())) if rates.get("rates") else None
+    pruned = item.role == "pruned"
     return {
         "name": item.name,
         "path": str(item.entry.path),
         "model": ck["model"],
         "role": item.role,
         "criterion": origin(ck, "criterion") if item.role == "pruned" else None,
-        "rates": rate_string(list(rates["rates"].values())) if rates.get("rates") else None,
+        "rates": (rates_label(rates, item.entry.rates_file) or per_unit) if rates else None,
+        "rates_per_unit": per_unit,
+        "rates_source": rates.get("source") if rates else None,
         "target": ", ".join(f"{k} {v:g}" for k, v in target.items()) if target else item.entry.target,
-        "bn_recalibrated": origin(ck, "bn_recalibrated") if item.role == "pruned" else None,
+        "has_bn": has_batchnorm(item.net),
+        "bn_recalibrated": bn_reestimated(item.net, ck) if pruned else None,
         "finetune_epochs": finetune_epochs(ck) if item.role == "pruned" else None,
         "file_bytes": item.entry.path.stat().st_size,
         "weights_bytes": sum(t.numel() * t.element_size() for t in ck["state_dict"].values() if torch.is_tensor(t)),
@@ -242,13 +315,18 @@ def _evaluate(item: _Loaded, cfg: ReportConfig, bundles: dict[tuple, Any]) -> di
     from compressor import data as data_mod
     from compressor.evaluate import evaluate, resolve_device
 
-    name = cfg.data or (item.ck.get("provenance") or {}).get("data") or "digits"
-    key = (name, cfg.data_root, item.net.input_size)
-    if key not in bundles:
-        bundles[key] = data_mod.load(name, cfg.data_root, input_size=item.net.input_size, seed=cfg.seed,
-                                     stats=data_mod.model_stats(item.net))
+    from compressor import contract
+
+    src = str(item.entry.path)
+    c = contract.of(item.net)
+    name, root = contract.resolve_source(c, cfg.data, cfg.data_root, item.ck.get("provenance"), src)
+    key = (name, root, item.net.input_size, c.to_dict().__repr__() if c else None)
+    if key not in bundles:  # one bundle per (data, root, size, contract)
+        bundles[key] = contract.load_data(item.net, name, root, seed=cfg.seed, source=src)[0]
     bundle = bundles[key]
-    data_mod.check_classes(bundle, item.net.num_classes, what="checkpoint", source=str(item.entry.path))
+    if c is not None:
+        contract.check(c, bundle, src)
+    data_mod.check_classes(bundle, item.net.num_classes, what="checkpoint", source=src)
     device = resolve_device(cfg.device)
     try:
         res = evaluate(item.net.to(device), data_mod.loader(bundle.test, cfg.batch_size, device=device), device,
@@ -322,10 +400,7 @@ def build(entries: Sequence[Entry], cfg: ReportConfig = ReportConfig()) -> tuple
     bl = _match(loaded, rows)
     for name, row in rows.items():
         base = rows.get(bl.of[name]) or bl.synthetic[bl.of[name]]
-        for k in ("params", "macs"):
-            row[f"{k}_reduction_pct"] = 100.0 * (1.0 - row[k] / base[k])
-        if cfg.evaluate and bl.of[name] in rows and base.get("data") == row.get("data"):
-            row["top1_drop"] = base["top1"] - row["top1"]
+        compare_to_baseline(row, base, accuracy=cfg.evaluate and bl.of[name] in rows)
     timings: dict[str, dict[str, lat.Timing]] = {}
     if cfg.latency is not None:
         timings = _time_groups(bl.groups, bl.sizes, cfg.latency)
@@ -374,7 +449,7 @@ def markdown(rows: Sequence[dict[str, Any]], meta: dict[str, Any]) -> str:
         # A budget's resolved per-layer rates are long: the table shows the budget, the CSV/JSON both.
         rt = r.get("target") or r.get("rates") or ("unpruned" if r["role"] == "baseline" else "–")
         cells = [r["model"], r["name"], r.get("criterion") or "–", rt, r.get("data", "–"), _f(r.get("top1")),
-                 _f(r.get("top5")), _f(r.get("top1_drop"), "{:+.2f}"),
+                 _f(r.get("top5")), _f(r.get("top1_delta"), "{:+.2f}"),
                  f"{_m(r['params'])} ({r['params_reduction_pct']:.1f}%)",
                  f"{_m(r['macs'])} ({r['macs_reduction_pct']:.1f}%)", f"{r['file_bytes'] / 1e6:.2f} ({r['weights_bytes'] / 1e6:.2f})"]
         for s in slots:
@@ -382,14 +457,17 @@ def markdown(rows: Sequence[dict[str, Any]], meta: dict[str, Any]) -> str:
                 cells.append("–")
                 continue
             flag = "≈" if r.get(f"speedup_{s}_uncertain") else ""
-            cells.append(f"{r[f'lat_{s}_ms']:.2f} ±{r.get(f'lat_{s}_iqr_ms', 0.0) / 2:.2f} "
+            iqr = r.get(f"lat_{s}_iqr_ms")
+            spread = f" ±{iqr / 2:.2f}" if iqr is not None else ""  # no spread recorded: none shown
+            cells.append(f"{r[f'lat_{s}_ms']:.2f}{spread} "
                          f"({flag}{r[f'speedup_{s}']:.2f}×, {r[f'speedup_per_mac_{s}']:.2f})")
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
     lc = meta.get("latency") or {}
     notes = [
         "",
         f"- Counted: {meta['counted']} (`compressor.counting`).",
-        "- Δtop-1 = baseline top-1 − model top-1, same test split; baselines are matched by the pre-pruning cfg.",
+        "- Δtop-1 = model top-1 − baseline top-1, same test split (a drop is negative); baselines are matched by "
+        "the pre-pruning cfg.",
     ]
     if lc:
         be = meta.get("backends") or {}
@@ -407,11 +485,30 @@ def markdown(rows: Sequence[dict[str, Any]], meta: dict[str, Any]) -> str:
     if syn:
         notes.append(f"- Baselines not in the inputs were rebuilt with random weights for counting/latency: "
                      f"{', '.join(syn)}.")
-    bn = {r.get("bn_recalibrated") for r in rows if r["role"] == "pruned"}
-    if bn - {None}:
-        notes.append(f"- BN statistics re-estimated after surgery: {', '.join(sorted(str(b) for b in bn))}.")
+    bn_note = _bn_note(rows)
+    if bn_note:
+        notes.append(bn_note)
     notes.append(f"- Generated {meta['time']} with torch {meta['torch']}.")
     return "\n".join(lines + notes) + "\n"
+
+
+def _bn_note(rows: Sequence[dict[str, Any]]) -> str | None:
+    """Which pruned models had their BN statistics re-estimated after surgery (none without BatchNorm)."""
+    pruned = [r for r in rows if r["role"] == "pruned"]
+    groups: dict[str, list[str]] = {"re-estimated": [], "not re-estimated": [], "no BatchNorm layers (nothing to "
+                                    "re-estimate)": [], "not recorded": []}
+    keys = list(groups)
+    for r in pruned:
+        k = keys[2] if r.get("has_bn") is False else keys[0] if r.get("bn_recalibrated") is True \
+            else keys[1] if r.get("bn_recalibrated") is False else keys[3]
+        groups[k].append(r["name"])
+    if not pruned or len(groups[keys[3]]) == len(pruned):
+        return None
+    parts = []
+    for k, names in groups.items():
+        if names:
+            parts.append(f"{k}: {'all pruned models' if len(names) == len(pruned) else ', '.join(names)}")
+    return "- BN statistics after surgery: " + "; ".join(parts) + "."
 
 
 def _csv(rows: Sequence[dict[str, Any]]) -> str:
@@ -478,3 +575,100 @@ def run_report(inputs: Sequence[str] | Sequence[Entry], out: str | Path, cfg: Re
     res["rows"] = rows
     res["markdown"] = markdown(rows, info["meta"])
     return res
+
+
+# ----------------------------------------------------------------------------- recovery curves
+METRICS_FILE = "metrics.jsonl"
+CURVES_PNG = "recovery_curves.png"
+
+
+def read_metrics(path: str | Path) -> list[dict[str, Any]]:
+    """The rows of a run's ``metrics.jsonl``; a missing file or a bad line is one ``UserError`` naming the file."""
+    p = Path(path)
+    src = str(p)
+    if not p.is_file():
+        raise UserError("no such file (not a train/finetune output folder?)", source=src)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UserError(f"cannot read ({getattr(exc, 'strerror', None) or type(exc).__name__})", source=src) from exc
+    rows = []
+    for i, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError as exc:
+            raise UserError(f"line {i} is not valid JSON ({getattr(exc, 'msg', exc)})", source=src) from None
+        if not isinstance(row, dict):
+            raise UserError(f"line {i} is not a JSON object", source=src)
+        for key in ("epoch_frac", "epoch", "val_acc"):
+            v = row.get(key)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)):
+                raise UserError(f"line {i}: {key} must be a finite number, got {str(v)[:40]!r}", source=src)
+        rows.append(row)
+    return rows
+
+
+def _curve_inputs(runs: Sequence[str]) -> list[Path]:
+    """Run folders (or their metrics.jsonl files), globs expanded, in the order given."""
+    out: list[Path] = []
+    for pattern in runs:
+        matches = sorted(glob.glob(pattern)) or [pattern]
+        for m in matches:
+            p = Path(m)
+            f = p if p.name == METRICS_FILE and not p.is_dir() else p / METRICS_FILE
+            if f not in out:
+                out.append(f)
+    return out
+
+
+def curve_summary(points: Sequence[tuple[float, float]]) -> dict[str, Any]:
+    """Start (the epoch-0 evaluation, None without one), best and final val top-1, and epochs done."""
+    start = next((y for x, y in points if x == 0), None)
+    return {"start_val": start, "best_val": max(y for _, y in points), "final_val": points[-1][1],
+            "epochs": max(x for x, _ in points)}
+
+
+def curves(runs: Sequence[str], out: str | Path, *, title: str = "") -> dict[str, Any]:
+    """Overlay the recovery curves of train/finetune runs in one PNG (one line per run).
+
+    ``runs``: output folders holding ``metrics.jsonl`` (or the files); label = the folder's name
+    (its parent's too when two share a name). ``out``: a ``.png`` path, else a folder for
+    ``recovery_curves.png``. Returns ``{"rows", "table", "png"}``.
+    """
+    from compressor.train import curve_points
+
+    files = _curve_inputs(runs)
+    if not files:
+        raise UserError("no run folders given", field="curves")
+    taken: set[str] = set()
+    data: dict[str, list[tuple[float, float]]] = {}
+    rows = []
+    for f in files:
+        pts = curve_points(read_metrics(f))
+        if not pts:
+            raise UserError("has no validation rows (val_acc): was the run trained without a validation split?",
+                            source=str(f))
+        run = f.parent
+        label = run.resolve().name or str(run)
+        if label in taken:
+            label = f"{run.resolve().parent.name}/{label}"
+        if label in taken:
+            label = str(run)
+        taken.add(label)
+        data[label] = pts
+        rows.append({"run": label, "path": str(f), **curve_summary(pts), "evaluations": len(pts)})
+    target = Path(out)
+    png = target if target.suffix.lower() == ".png" else target / CURVES_PNG
+    plots.recovery_curves(data, png, title=title)
+    return {"rows": rows, "table": curves_table(rows), "png": str(png)}
+
+
+def curves_table(rows: Sequence[Mapping[str, Any]]) -> str:
+    """Markdown: run, start val, best val, final val, epochs (val top-1 in %)."""
+    lines = ["| run | start val | best val | final val | epochs |", "|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['run']} | {_f(r['start_val'])} | {_f(r['best_val'])} | {_f(r['final_val'])} | "
+                     f"{r['epochs']:g} |")
+    return "\n".join(lines) + "\n"

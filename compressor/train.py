@@ -18,6 +18,13 @@ split is never looked at here.
   run (exit code 3) and keeps the previous files.
 * Multi-process (``torchrun``): DDP, a ``DistributedSampler`` per rank, metrics summed over
   ranks, files written by rank 0 only (see ``compressor.distributed``).
+* Recovery curve: the validation split is evaluated before the first step (``epoch_frac`` 0:
+  the accuracy the run starts from, e.g. right after pruning), every ``eval_every`` of an epoch
+  and at every epoch end. Each evaluation is one row of ``metrics.jsonl``; the epoch-end row is
+  the epoch's row (train loss/accuracy, img/s) with the same curve keys. ``recovery_curve.png``
+  plots them. Evaluations never touch the training RNG streams (``torch.random.fork_rng``), so
+  ``eval_every`` changes what is logged, never the weights. best.pt is selected at epoch ends
+  only: it is a copy of that epoch's last.pt, whose training state resumes at an epoch boundary.
 """
 
 from __future__ import annotations
@@ -29,7 +36,7 @@ import time
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -102,6 +109,7 @@ class TrainConfig:
     compile: bool = False
     deterministic: bool = False  # GPU: no cuDNN autotuning, no TF32
     val_batch_size: int = 256
+    eval_every: float = 1.0  # evaluate val every this fraction of an epoch, in (0, 1] (also at every epoch end)
 
     def __post_init__(self) -> None:
         """Every number finite and in range (a ``ValueError`` naming the field; callers add the file)."""
@@ -116,7 +124,8 @@ class TrainConfig:
             "lr": (0.0, False, math.inf, False), "momentum": (0.0, True, 1.0, False),
             "weight_decay": (0.0, True, math.inf, False), "gamma": (0.0, False, math.inf, False),
             "warmup_epochs": (0.0, True, math.inf, False), "label_smoothing": (0.0, True, 1.0, False),
-            "kd_temperature": (0.0, False, math.inf, False), "kd_alpha": (0.0, True, 1.0, True)}
+            "kd_temperature": (0.0, False, math.inf, False), "kd_alpha": (0.0, True, 1.0, True),
+            "eval_every": (0.0, False, 1.0, True)}
         for name, (lo, lo_in, hi, hi_in) in floats.items():
             v = getattr(self, name)
             ok = (not isinstance(v, bool) and isinstance(v, (int, float)) and math.isfinite(v)
@@ -204,7 +213,7 @@ def _read_train_state(resume: str | Path | Mapping[str, Any],
 def _check_resume_config(saved: Mapping[str, Any], cfg: TrainConfig, src: str) -> None:
     now = config_dict(cfg)
     changed = [f"{k} {saved[k]!r} -> {now[k]!r}" for k in now
-               if k not in ("epochs", "workers", "extra") and k in saved and saved[k] != now[k]]
+               if k not in ("epochs", "workers", "extra", "eval_every") and k in saved and saved[k] != now[k]]
     if changed:
         warnings.warn(f"{src}: resuming with changed settings ({', '.join(changed)}); the run will not repeat "
                       "an uninterrupted one", stacklevel=3)
@@ -234,14 +243,47 @@ def _save(out_dir: Path, names: list[str], model: nn.Module, row: dict, state: d
 
 # --- the loop ---------------------------------------------------------------------------
 
+def _val_metrics(model: nn.Module, val_loader, device: torch.device, ctx: dist_mod.DistContext) -> tuple[float, float]:
+    """(top-1 %, mean cross-entropy) on the validation split, summed over ranks; every rank must call it.
+
+    Leaves the model's mode and every RNG stream (torch CPU and this CUDA device) as they were.
+    """
+    if ctx.enabled:  # BN statistics as saved by rank 0
+        for b in model.buffers():
+            torch.distributed.broadcast(b, src=0)
+    devices = [device.index if device.index is not None else torch.cuda.current_device()] \
+        if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        r = evaluate(model, val_loader, device) if val_loader is not None and len(val_loader.dataset) else None
+    if not ctx.enabled and r is not None:
+        return float(r["top1"]), float(r["loss"])
+    n = int(r["n"]) if r else 0
+    correct, loss_sum = (round(r["top1"] * n / 100.0), r["loss"] * n) if r else (0, 0.0)
+    tot = dist_mod.all_reduce_sum(torch.tensor([correct, n, loss_sum], dtype=torch.float64, device=device), ctx)
+    seen = max(1.0, tot[1].item())
+    return 100.0 * tot[0].item() / seen, tot[2].item() / seen
+
+
 def _val_acc(model: nn.Module, val_loader, device: torch.device, ctx: dist_mod.DistContext) -> float:
-    correct = n = 0
-    if val_loader is not None and len(val_loader.dataset):
-        r = evaluate(model, val_loader, device)
-        n = int(r["n"])
-        correct = round(r["top1"] * n / 100.0)
-    tot = dist_mod.all_reduce_sum(torch.tensor([correct, n], dtype=torch.float64, device=device), ctx)
-    return 100.0 * tot[0].item() / max(1.0, tot[1].item())
+    return _val_metrics(model, val_loader, device, ctx)[0]
+
+
+def eval_steps(steps_per_epoch: int, eval_every: float) -> list[int]:
+    """Steps within an epoch (1-based counts of steps done) after which val is evaluated.
+
+    Every ``eval_every`` of the epoch, rounded to a whole step, and always the last step; e.g.
+    10 steps at 0.25: ``[2, 5, 8, 10]`` (2.5 and 7.5 round to even).
+    """
+    n = math.ceil(1.0 / eval_every - 1e-9)
+    marks = {min(steps_per_epoch, max(1, round(steps_per_epoch * k * eval_every))) for k in range(1, n)}
+    return sorted(marks | {steps_per_epoch})
+
+
+def curve_row(step: int, steps_per_epoch: int, epoch: int, steps_in_epoch: int, val: tuple[float, float],
+              lr: float) -> dict[str, Any]:
+    """One evaluation of the recovery curve: ``epoch_frac`` = epochs done (fractional), ``step`` = optimizer steps."""
+    return {"epoch_frac": round(epoch + steps_in_epoch / max(1, steps_per_epoch), 6), "step": int(step),
+            "val_acc": val[0], "val_loss": val[1], "lr": lr}
 
 
 def fit(model: nn.Module, data: DataBundle, cfg: TrainConfig, device: torch.device | str = "cpu",
@@ -249,9 +291,13 @@ def fit(model: nn.Module, data: DataBundle, cfg: TrainConfig, device: torch.devi
         teacher: nn.Module | None = None, out_dir: str | Path | None = None,
         resume: str | Path | Mapping[str, Any] | None = None, ckpt_meta: Mapping[str, Any] | None = None,
         ctx: dist_mod.DistContext | None = None, resume_source: str | None = None) -> list[dict[str, Any]]:
-    """Train ``model`` in place; return one metrics row per epoch (lr, train loss/acc, val acc, img/s).
+    """Train ``model`` in place; return one metrics row per epoch (lr, train loss/acc, val acc/loss, img/s).
 
-    ``out_dir``: write last.pt / best.pt / metrics.jsonl there (rank 0). ``resume``: a
+    ``out_dir``: write last.pt / best.pt / metrics.jsonl / recovery_curve.png there (rank 0).
+    metrics.jsonl holds every validation evaluation in order: the start (``epoch_frac`` 0),
+    every ``cfg.eval_every`` of an epoch (``epoch_frac``, ``step``, ``val_acc``, ``val_loss``,
+    ``lr`` = the rate of the next step) and the epoch rows (also ``epoch``, ``train_loss``,
+    ``train_acc``, ``img_per_s``; their ``lr`` is the epoch's first step's). ``resume``: a
     last.pt (path or loaded dict; ``resume_source`` names a dict in messages) to continue from.
     ``teacher``: distil from its logits.
     ``ckpt_meta``: ``rates``/``plan``/``prov``/``metrics`` to store in the checkpoints.
@@ -285,11 +331,25 @@ def fit(model: nn.Module, data: DataBundle, cfg: TrainConfig, device: torch.devi
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg, len(train_loader)))
 
     history: list[dict[str, Any]] = []
+    curve: list[dict[str, Any]] = []  # every evaluation, in order (what metrics.jsonl holds)
     start, best = 0, -math.inf
+    steps = len(train_loader)
     if resume is not None:
-        start, best, history = _restore(model, opt, sched, scaler, resume, resume_source, cfg, ctx, len(train_loader))
+        start, best, history, curve = _restore(model, opt, sched, scaler, resume, resume_source, cfg, ctx, steps)
+    elif has_val:  # where the curve starts: the accuracy before any step (e.g. right after pruning)
+        curve.append(curve_row(0, steps, 0, 0, _val_metrics(model, val_loader, device, ctx),
+                               opt.param_groups[0]["lr"]))
     out = Path(out_dir) if out_dir is not None and ctx.is_main else None
     meta = dict(ckpt_meta or {})
+    marks = eval_steps(steps, cfg.eval_every)[:-1] if has_val else []  # the last step: the epoch row
+
+    eval_s = [0.0]  # this epoch's mid-epoch evaluation time (not training throughput)
+
+    def mid_epoch_eval(epoch: int, done: int) -> None:  # every rank, at the same step
+        t = time.perf_counter()
+        curve.append(curve_row(sched.last_epoch, steps, epoch, done, _val_metrics(model, val_loader, device, ctx),
+                               opt.param_groups[0]["lr"]))
+        eval_s[0] += time.perf_counter() - t
 
     for epoch in range(start, cfg.epochs):
         s = epoch_seed(cfg.seed, epoch, ctx.rank)  # per-rank streams; the shuffle is (seed, epoch)
@@ -297,30 +357,32 @@ def fit(model: nn.Module, data: DataBundle, cfg: TrainConfig, device: torch.devi
         train_loader.generator.manual_seed(s)
         sampler.set_epoch(epoch)
         lr0 = opt.param_groups[0]["lr"]
+        eval_s[0] = 0.0
         t0 = time.perf_counter()
         stats = _train_epoch(net, teacher, train_loader, opt, sched, scaler, cfg, device, amp_dtype, use_amp, cl,
-                             ctx, epoch, out_dir, history, progress)
+                             ctx, epoch, out_dir, history, progress,
+                             evals=(marks, lambda done, e=epoch: mid_epoch_eval(e, done)))
         last = len(train_loader) - 1
         bad_w = nonfinite_tensors(model)  # the last step can break the weights after a finite loss
         if dist_mod.all_reduce_max(torch.tensor(int(bool(bad_w)), device=device), ctx).item():
             _raise_nonfinite(epoch, last, out_dir, history, weights=bad_w)
         if on_gpu:
             torch.cuda.synchronize(device)
-        elapsed = time.perf_counter() - t0
+        elapsed = time.perf_counter() - t0 - eval_s[0]
         tot = dist_mod.all_reduce_sum(stats, ctx).tolist()
         seen = max(1.0, tot[2])
         elapsed = dist_mod.all_reduce_max(torch.tensor(elapsed, device=device), ctx).item()
         row: dict[str, Any] = {"epoch": epoch + 1, "lr": lr0, "train_loss": tot[0] / seen,
                                "train_acc": 100.0 * tot[1] / seen, "img_per_s": tot[2] / max(elapsed, 1e-9)}
         if has_val:
-            if ctx.enabled:  # BN statistics as saved by rank 0
-                for b in model.buffers():
-                    torch.distributed.broadcast(b, src=0)
-            row["val_acc"] = _val_acc(model, val_loader, device, ctx)
+            val = _val_metrics(model, val_loader, device, ctx)
+            row["val_acc"], row["val_loss"] = val
+            row.update(curve_row(sched.last_epoch, steps, epoch, steps, val, lr0))
         improved = "val_acc" in row and row["val_acc"] > best
         if improved:
             best = row["val_acc"]
         history.append(row)
+        curve.append(row)
 
         def epoch_end() -> None:  # rank 0 only; every rank learns whether it failed (run_on_main)
             if out is not None:
@@ -328,14 +390,24 @@ def fit(model: nn.Module, data: DataBundle, cfg: TrainConfig, device: torch.devi
                          "scaler": scaler.state_dict() if scaler.is_enabled() else {},
                          "sampler": {"seed": cfg.seed, "epoch": epoch + 1, "world_size": ctx.world_size},
                          "best_val_acc": best,
-                         "history": [dict(r) for r in history], "config": config_dict(cfg),
-                         "steps_per_epoch": len(train_loader)}
+                         "history": [dict(r) for r in history], "curve": [dict(r) for r in curve],
+                         "config": config_dict(cfg), "steps_per_epoch": len(train_loader)}
                 _save(out, ["last.pt", "best.pt"] if improved else ["last.pt"], model, row, state, meta)
-                write_metrics(out / "metrics.jsonl", history)
+                write_metrics(out / "metrics.jsonl", curve)
             if log:
                 log(row)
 
         dist_mod.run_on_main(epoch_end, ctx)
+
+    def write_curve() -> None:
+        if out is not None and curve:
+            write_metrics(out / "metrics.jsonl", curve)  # also a run of 0 epochs: its start
+            from compressor import plots
+
+            plots.recovery_curves({out.name or "run": curve_points(curve)}, out / "recovery_curve.png",
+                                  title=f"{out.name}: validation top-1 during training")
+
+    dist_mod.run_on_main(write_curve, ctx)
     if cl:
         model.to(memory_format=torch.contiguous_format)
     return history
@@ -368,8 +440,11 @@ def _setup_precision(model: nn.Module, teacher: nn.Module | None, cfg: TrainConf
 
 def _restore(model: nn.Module, opt: torch.optim.Optimizer, sched: Any, scaler: Any,
              resume: str | Path | Mapping[str, Any], resume_source: str | None, cfg: TrainConfig,
-             ctx: dist_mod.DistContext, steps: int) -> tuple[int, float, list[dict[str, Any]]]:
-    """Load a last.pt's weights and training state; return (start epoch, best val acc, history)."""
+             ctx: dist_mod.DistContext, steps: int) -> tuple[int, float, list[dict[str, Any]], list[dict[str, Any]]]:
+    """Load a last.pt's weights and training state; return (start epoch, best val acc, history, curve).
+
+    A last.pt written before the curve was kept has only the epoch rows: they are its curve.
+    """
     obj, ts, src = _read_train_state(resume, resume_source)
     try:
         model.load_state_dict(obj["state_dict"])
@@ -383,17 +458,23 @@ def _restore(model: nn.Module, opt: torch.optim.Optimizer, sched: Any, scaler: A
     _check_resume_config(ts.get("config", {}), cfg, src)
     if ts.get("steps_per_epoch", steps) != steps:
         warnings.warn(f"{src}: steps per epoch changed ({ts['steps_per_epoch']} -> {steps})", stacklevel=3)
-    return int(ts["epoch"]), float(ts["best_val_acc"]), list(ts["history"])
+    history = list(ts["history"])
+    curve = list(ts["curve"]) if isinstance(ts.get("curve"), list) else list(history)
+    return int(ts["epoch"]), float(ts["best_val_acc"]), history, curve
 
 
 def _train_epoch(net: nn.Module, teacher: nn.Module | None, train_loader: DataLoader, opt: torch.optim.Optimizer,
                  sched: Any, scaler: Any, cfg: TrainConfig, device: torch.device, amp_dtype: torch.dtype,
                  use_amp: bool, cl: bool, ctx: dist_mod.DistContext, epoch: int, out_dir: str | Path | None,
-                 history: list, progress: bool) -> torch.Tensor:
+                 history: list, progress: bool,
+                 evals: tuple[Sequence[int], Callable[[int], None]] = ((), lambda done: None)) -> torch.Tensor:
     """One pass over the training loader; returns this rank's (loss sum, correct, images).
 
     A NaN/inf loss on any rank stops every rank (checked every step on CPU, every 32 on a GPU).
+    ``evals``: (step counts, callback): ``callback(steps done)`` after each of those steps
+    (the mid-epoch validation of the recovery curve).
     """
+    marks, on_eval = set(evals[0]), evals[1]
     check_every = 1 if device.type != "cuda" else 32  # host syncs: every step on CPU (free), rarely on GPU
     net.train()
     stats = torch.zeros(3, dtype=torch.float64, device=device)
@@ -427,6 +508,8 @@ def _train_epoch(net: nn.Module, teacher: nn.Module | None, train_loader: DataLo
         stats[0] += loss.detach() * y.numel()
         stats[1] += (out_logits.detach().argmax(1) == y).sum()
         stats[2] += y.numel()
+        if step + 1 in marks:
+            on_eval(step + 1)
     return stats
 
 
@@ -441,6 +524,20 @@ def _raise_nonfinite(epoch: int, step: int, out_dir: str | Path | None, history:
                                     f"{f' ({names})' if names else ''}; {kept}. {hint}", field="weights")
     raise NonFiniteLossError(f"training stopped: the loss became NaN/inf in epoch {epoch + 1} (by step {step + 1}); "
                              f"{kept}. {hint}", field="loss")
+
+
+def curve_points(rows: Sequence[Mapping[str, Any]]) -> list[tuple[float, float]]:
+    """``(epochs done, val top-1)`` of metrics rows that have a validation accuracy.
+
+    ``epoch_frac`` where the row has it, else ``epoch`` (a metrics.jsonl written before the curve
+    was kept: one row per epoch, no start point).
+    """
+    pts = []
+    for r in rows:
+        x = r.get("epoch_frac", r.get("epoch"))
+        if x is not None and r.get("val_acc") is not None:
+            pts.append((float(x), float(r["val_acc"])))
+    return pts
 
 
 def write_metrics(path: Path, history: list[dict[str, Any]]) -> None:

@@ -58,8 +58,11 @@ def test_rows_and_baseline_matching(runs, built):
     assert rows["base/baseline"]["role"] == "baseline" and rows["base/baseline"]["baseline"] == "(itself)"
     for name, crit, rates in (("half/pruned", "hrank", "[0.5]*13"), ("light/pruned", "l1", "[0.25]*7+[0.5]*6")):
         r = rows[name]
-        assert (r["role"], r["criterion"], r["rates"], r["baseline"]) == ("pruned", crit, rates, "base/baseline")
+        # the rates column names the rates file (half.yaml), not a re-expansion of the per-unit rates
+        assert r["rates"] == f"{name.split('/')[0]}.yaml" and r["rates_source"].endswith(r["rates"])
+        assert (r["role"], r["criterion"], r["rates_per_unit"], r["baseline"]) == ("pruned", crit, rates, "base/baseline")
         assert r["data"] == "digits" and r["bn_recalibrated"] is True and r["finetune_epochs"] == 0
+        assert r["has_bn"] is True
 
 
 def test_numbers_are_the_checkpoints_own(runs, built):
@@ -79,7 +82,7 @@ def test_numbers_are_the_checkpoints_own(runs, built):
         assert (r["params"], r["macs"], r["file_bytes"]) == (size["params"], size["macs"], os.path.getsize(r["path"]))
         assert r["macs_reduction_pct"] == pytest.approx(100 * (1 - r["macs"] / base["macs"]))
         assert r["params_reduction_pct"] == pytest.approx(100 * (1 - r["params"] / base["params"]))
-        assert r["top1_drop"] == pytest.approx(base["top1"] - r["top1"])
+        assert r["top1_delta"] == pytest.approx(r["top1"] - base["top1"])  # model - baseline: a drop is negative
     assert rows["half/pruned"]["macs"] < rows["light/pruned"]["macs"] < base["macs"]
 
 
@@ -110,7 +113,8 @@ def test_finetune_outputs_keep_how_they_were_pruned(runs, tmp_path, monkeypatch)
     best_epoch = torch.load(ft / "best.pt", weights_only=True)["metrics"]["epoch"]
     for name, epochs in (("half/pruned", 0), ("ft/last", 2), ("ft/best", best_epoch), ("ft2/last", 3)):
         r = rows[name]
-        assert (r["role"], r["criterion"], r["bn_recalibrated"], r["rates"]) == ("pruned", "hrank", True, "[0.5]*13"), name
+        assert (r["role"], r["criterion"], r["bn_recalibrated"], r["rates"]) == ("pruned", "hrank", True, "half.yaml"), name
+        assert r["rates_per_unit"] == "[0.5]*13", name
         assert r["finetune_epochs"] == epochs, name
     src = torch.load(pruned, weights_only=True)
     ck = torch.load(ft / "last.pt", weights_only=True)
@@ -248,3 +252,70 @@ def test_markdown_marks_overlapping_speedups():
     md = report.markdown([base, near, far], meta)
     lines = {ln.split(" | ")[1]: ln for ln in md.splitlines() if ln.startswith("| m |")}
     assert "(≈1.05×" in lines["p"] and "≈" not in lines["q"] and "2.00 ±0.20" in lines["b"]
+
+
+# --- §7 fixes: Δtop-1 sign, BN label, rates label, latency spread ----------------------------
+
+def _row(name, role, top1, **kw):
+    return {"model": "m", "name": name, "role": role, "params": 100, "macs": 1000, "file_bytes": 1,
+            "weights_bytes": 1, "data": "digits", "top1": top1, **kw}
+
+
+def test_top1_delta_is_model_minus_baseline():
+    base = _row("b", "baseline", 90.0)
+    worse, better = _row("p", "pruned", 85.5, macs=500), _row("q", "pruned", 91.25, macs=400)
+    for r in (base, worse, better):
+        report.compare_to_baseline(r, base)
+    assert worse["top1_delta"] == pytest.approx(-4.5) and better["top1_delta"] == pytest.approx(1.25)
+    assert base["top1_delta"] == 0.0 and worse["macs_reduction_pct"] == pytest.approx(50.0)
+    other = _row("o", "pruned", 50.0, data="cifar10")  # another test split: no delta
+    report.compare_to_baseline(other, base)
+    assert "top1_delta" not in other
+    md = report.markdown([base, worse, better], {"counted": "x", "time": "t", "torch": "v"})
+    cells = {ln.split(" | ")[1]: ln.split(" | ") for ln in md.splitlines() if ln.startswith("| m |")}
+    head = next(ln for ln in md.splitlines() if ln.startswith("| model |")).split(" | ")
+    col = head.index("Δtop-1")
+    assert (cells["p"][col], cells["q"][col], cells["b"][col]) == ("-4.50", "+1.25", "+0.00")
+    assert "Δtop-1 = model top-1 − baseline top-1" in md and "a drop is negative" in md
+
+
+def test_model_without_batchnorm_is_never_bn_reestimated(tmp_path):
+    """SqueezeNet has no BN: even a checkpoint that recorded bn_recalibrated=True is not labelled so."""
+    net = get_model("squeezenet1_1")
+    assert not report.has_batchnorm(net)
+    prov = checkpoint.provenance(data="digits", criterion="l1", bn_recalibrated=True, recovery="bn")
+    path = checkpoint.save(tmp_path / "sq" / "pruned.pt", net, plan={"units": {}}, metrics={"recovery": "bn"},
+                           rates={"rates": {}, "source": str(tmp_path / "sq50.yaml")}, prov=prov)
+    assert report.bn_reestimated(net, torch.load(path, weights_only=True)) is False
+    res = report.run_report([str(path)], tmp_path / "rep", report.ReportConfig(evaluate=False, latency=None,
+                                                                                plots=False))
+    (row,) = res["rows"]
+    assert row["role"] == "pruned" and row["has_bn"] is False and row["bn_recalibrated"] is False
+    note = next(ln for ln in res["markdown"].splitlines() if ln.startswith("- BN statistics"))
+    assert "no BatchNorm layers" in note and "re-estimated:" not in note.replace("not re-estimated:", "")
+    assert row["rates"] == "sq50.yaml"
+    # a BN model: the recorded recovery decides (a fine-tune carries it under metrics["prune"])
+    vgg = get_model("vgg16_bn", cfg=list(NARROW))
+    assert report.bn_reestimated(vgg, {"metrics": {"prune": {"recovery": "bn+finetune"}}}) is True
+    assert report.bn_reestimated(vgg, {"metrics": {"recovery": "reconstruct"},
+                                       "provenance": {"bn_recalibrated": True}}) is False
+    assert report.bn_reestimated(vgg, {"provenance": {"source": {"bn_recalibrated": True}}}) is True
+    assert report.bn_reestimated(vgg, {}) is None
+
+
+def test_rates_label_prefers_what_was_written():
+    assert report.rates_label({"source": "experiments/rates/chip58.yaml"}) == "chip58.yaml"
+    assert report.rates_label({"source": "r/x.yaml", "rates_string": "[0.21]*7+[0.75]*5"}) == \
+        "x.yaml: [0.21]*7+[0.75]*5"
+    assert report.rates_label({"source": "<inline>", "extra": {"rates_string": "[0.5]*13"}}) == "[0.5]*13"
+    assert report.rates_label({"source": "<sweep budget macs 0.5>"}) is None  # a budget: the target says it
+    assert report.rates_label({"source": "sw/pt/rates.yaml"}, "orig/light.yaml") == "light.yaml"
+
+
+def test_latency_cell_shows_spread_only_when_measured():
+    row = {"model": "m", "name": "b", "role": "baseline", "params": 10, "macs": 10, "params_reduction_pct": 0.0,
+           "macs_reduction_pct": 0.0, "file_bytes": 1, "weights_bytes": 1, "lat_cpu_b1_ms": 2.0,
+           "speedup_cpu_b1": 1.0, "speedup_per_mac_cpu_b1": 1.0}
+    meta = {"latency_slots": ["cpu_b1"], "counted": "x", "time": "t", "torch": "v"}
+    assert "| 2.00 (1.00×, 1.00) |" in report.markdown([row], meta)
+    assert "| 2.00 ±0.30 (1.00×, 1.00) |" in report.markdown([{**row, "lat_cpu_b1_iqr_ms": 0.6}], meta)

@@ -52,6 +52,11 @@ def same_weights(a: torch.nn.Module, b: torch.nn.Module) -> bool:
     return all(torch.equal(v, sb[k]) for k, v in a.state_dict().items())
 
 
+def epoch_rows(path: Path) -> list[dict]:
+    """The per-epoch rows of a metrics.jsonl (the others are the recovery curve's evaluations)."""
+    return [r for r in map(json.loads, path.read_text().splitlines()) if "epoch" in r]
+
+
 class Interrupt(Exception):
     pass
 
@@ -68,15 +73,19 @@ def test_resume_is_bit_identical(tmp_path):
 
     with pytest.raises(Interrupt):
         fit(tiny_model(), bundle, cfg, progress=False, out_dir=tmp_path / "cut", log=stop_after_first)
-    assert json.loads((tmp_path / "cut" / "metrics.jsonl").read_text())["epoch"] == 1
+    assert [r["epoch"] for r in epoch_rows(tmp_path / "cut" / "metrics.jsonl")] == [1]
     resumed = tiny_model(seed=123)  # different init: everything must come from last.pt
     h_res = fit(resumed, bundle, cfg, progress=False, out_dir=tmp_path / "cut", resume=tmp_path / "cut" / "last.pt")
     assert same_weights(whole, resumed)
     strip = [{k: v for k, v in r.items() if k != "img_per_s"} for r in h_whole]
     assert [{k: v for k, v in r.items() if k != "img_per_s"} for r in h_res] == strip
-    rows = [json.loads(ln) for ln in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()]
+    rows = epoch_rows(tmp_path / "cut" / "metrics.jsonl")
     assert [r["epoch"] for r in rows] == [1, 2]
-    assert {"epoch", "lr", "train_loss", "train_acc", "val_acc", "img_per_s"} <= set(rows[0])
+    assert {"epoch", "lr", "train_loss", "train_acc", "val_acc", "img_per_s", "epoch_frac", "step"} <= set(rows[0])
+    whole_curve = (tmp_path / "whole" / "metrics.jsonl").read_text().splitlines()
+    cut_curve = (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()
+    strip_l = lambda lines: [{k: v for k, v in json.loads(ln).items() if k != "img_per_s"} for ln in lines]  # noqa: E731
+    assert strip_l(cut_curve) == strip_l(whole_curve) and json.loads(cut_curve[0])["epoch_frac"] == 0
     # the checkpoint is plain data: optimizer, scheduler, scaler, sampler and epoch; no RNG state, because
     # every epoch re-seeds from (seed, epoch, rank), which is what this test checks (it fails without that)
     ts = torch.load(tmp_path / "cut" / "last.pt", weights_only=True)["extra"]["train_state"]
@@ -105,7 +114,7 @@ def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
         fit(model, tiny_bundle(), TrainConfig(epochs=3, batch_size=16), progress=False, out_dir=tmp_path, log=poison)
     net, ck = checkpoint.load(tmp_path / "last.pt", strict_finite=True)  # finite weights, epoch 1
     assert ck["extra"]["train_state"]["epoch"] == 1
-    assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 1
+    assert len(epoch_rows(tmp_path / "metrics.jsonl")) == 1
     assert issubclass(NonFiniteLossError, FloatingPointError)  # old callers caught this
 
 
@@ -153,7 +162,7 @@ def test_recipe_is_overridden_by_flags_and_resolved_config_is_saved(tmp_path, ti
     resolved = yaml.safe_load((out / "resolved_config.yaml").read_text())
     assert resolved["lr"] == 0.03 and resolved["batch_size"] == 16 and resolved["schedule"] == "constant"
     assert resolved["milestones"] == [5, 9] and resolved["epochs"] == 1 and resolved["momentum"] == 0.9
-    rows = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
+    rows = epoch_rows(out / "metrics.jsonl")
     assert len(rows) == 1 and rows[0]["lr"] == 0.03
     assert {"last.pt", "best.pt", "summary.json"} <= {p.name for p in out.iterdir()}
     assert "test top-1" in capsys.readouterr().out
@@ -168,7 +177,7 @@ def test_recipe_is_overridden_by_flags_and_resolved_config_is_saved(tmp_path, ti
         warnings.simplefilter("always")
         assert main(["finetune", "--resume", str(out / "last.pt"), "--epochs", "2", "--no-progress"]) == 0
     assert not [w for w in caught if "changed settings" in str(w.message)]
-    rows = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
+    rows = epoch_rows(out / "metrics.jsonl")
     assert [r["epoch"] for r in rows] == [1, 2] and rows[1]["lr"] == 0.03
     text = (out / "resolved_config.yaml").read_text()
     assert "changed options: epochs" in text
@@ -212,7 +221,7 @@ def test_cli_resume_alone_repeats_the_run_exactly(tmp_path, tiny_ckpt, monkeypat
     with pytest.raises(Stop):
         main([cmd, *flags, "--out", str(cut)])
     monkeypatch.setattr(train_cmd, "_fmt", fmt)
-    assert len((cut / "metrics.jsonl").read_text().splitlines()) == 1
+    assert len(epoch_rows(cut / "metrics.jsonl")) == 1
     resolved = (cut / "resolved_config.yaml").read_bytes()
 
     with warnings.catch_warnings(record=True) as caught:
