@@ -1,9 +1,10 @@
 """Checkpoints: plain data only, written atomically, read with ``weights_only=True``.
 
-Format (``format_version`` 1)::
+Format (``format_version`` 2; version 1 files, without ``builder_kwargs``/``shapes``/``data``, still load)::
 
     {"format": "compressor.checkpoint", "format_version": 1,
      "model": "vgg16_bn", "num_classes": 10, "cfg": [...],   # enough to rebuild the model
+     "data": {classes, input_size, channels, mean, std, resize, dataset, root} | None,  # compressor.contract
      "state_dict": {...},
      "rates": {...} | None, "plan": {...} | None,            # how it was pruned (plan JSON)
      "metrics": {...}, "provenance": {command, seed, versions, time, ...},
@@ -25,7 +26,7 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
-from compressor import io
+from compressor import contract, io
 from compressor.errors import UserError
 from compressor.models import get_model, list_models
 from compressor.models import external
@@ -102,6 +103,7 @@ def to_dict(model: nn.Module, *, rates: Mapping | None = None, plan: Mapping | N
         "cfg": list(cfg) if cfg is not None else None,
         "builder_kwargs": _plain_kwargs(model),
         "shapes": _shapes(model) if cfg is None else {},
+        "data": c.to_dict() if (c := contract.of(model)) is not None else None,
         "state_dict": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
         "rates": dict(rates) if rates is not None else None,
         "plan": dict(plan) if plan is not None else None,
@@ -270,6 +272,7 @@ def load(path: str | Path, *, model: str | None = None, num_classes: int | None 
         first = next((ln.strip() for ln in str(exc).splitlines()[1:] if ln.strip()), str(exc))
         raise UserError(f"weights do not fit {arch} with {what}: {first[:200]}", source=src, field="state_dict") from exc
     _restore_cp_rates(net, obj.get("plan"))
+    contract.attach(net, contract.from_checkpoint(obj, src))
     return net, obj
 
 
@@ -339,4 +342,5 @@ def load_into(path: str | Path, module: nn.Module, *, strict_finite: bool = Fals
     for attr in ("arch", "num_classes", "input_size"):
         if hasattr(module, attr) or attr in obj:
             setattr(net, attr, obj.get("model") if attr == "arch" else getattr(module, attr, obj.get(attr)))
+    contract.attach(net, contract.from_checkpoint(obj, src))
     return net, obj

@@ -7,10 +7,11 @@ A ``UserError`` becomes one line on stderr and exit code 2 (``--debug`` shows th
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import sys
 import warnings
-from typing import Sequence
+from typing import Iterator, Sequence
 
 from compressor.errors import UserError
 
@@ -38,6 +39,19 @@ def get_args_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@contextlib.contextmanager
+def _bars(show: bool) -> Iterator[None]:
+    """--no-progress hides every bar, also those of code that takes no progress flag (the
+    first-time check and decoding of an image folder)."""
+    from compressor import data
+
+    old, data.PROGRESS = data.PROGRESS, show
+    try:
+        yield
+    finally:
+        data.PROGRESS = old
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
@@ -45,7 +59,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         args = get_args_parser().parse_args(argv)
-        code = int(args._run(args) or 0)
+        with _bars(not getattr(args, "no_progress", False)):
+            code = int(args._run(args) or 0)
         sys.stdout.flush()  # a closed pipe shows up here, inside the handler, not at interpreter exit
         return code
     except UserError as exc:

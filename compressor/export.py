@@ -4,7 +4,9 @@ The graph takes ``input`` [N, 3, S, S] with a dynamic batch dimension N and retu
 The exported bytes are checked (``onnx.checker``), then run in onnxruntime on random inputs
 at two batch sizes (so the dynamic batch really works) and on real images; only when every
 output agrees with torch within ``atol`` is the file written (atomically). The model's arch,
-cfg and class count are stored as ONNX metadata, so the file says what it is.
+cfg, class count and data contract (classes, input size, normalisation, resize policy) are stored
+as ONNX metadata, so the file says what it is and ``eval x.onnx`` needs nothing else. The real
+images of the check are the model's own data (its contract), or digits when it has none.
 
 The TorchScript-based exporter (``dynamo=False``) is used: it needs no extra packages, and
 these models are plain feed-forward CNNs with no control flow.
@@ -23,7 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from compressor import io
+from compressor import contract, io
 from compressor.errors import UserError
 
 DEFAULT_OPSET = 17
@@ -81,7 +83,11 @@ def to_onnx_bytes(model: nn.Module, opset: int = DEFAULT_OPSET) -> bytes:
         model.train(was)
     proto = onnx.load_from_string(buf.getvalue())
     meta = {"arch": getattr(model, "arch", type(model).__name__), "num_classes": str(getattr(model, "num_classes", "")),
-            "cfg": json.dumps(list(getattr(model, "cfg", []))), "input_size": str(size), "producer": "compressor"}
+            "cfg": json.dumps(list(getattr(model, "cfg", None) or [])), "input_size": str(size), "producer": "compressor"}
+    data_c = contract.of(model)
+    if data_c is not None:  # what the inputs must be: classes, size, normalisation, resize policy
+        meta.update({"data_contract": json.dumps(data_c.to_dict()), "classes": json.dumps(list(data_c.classes)),
+                     "mean": json.dumps(list(data_c.mean)), "std": json.dumps(list(data_c.std))})
     for k, v in meta.items():
         entry = proto.metadata_props.add()
         entry.key, entry.value = k, str(v)
@@ -144,12 +150,25 @@ def compare(model: nn.Module, onnx_bytes: bytes, inputs: Sequence[tuple[str, tor
     return out
 
 
-def real_images(input_size: int, n: int = 64) -> torch.Tensor:
-    """The first ``n`` digits test images at the model's input size (real pixels, not noise)."""
+def real_images(model: nn.Module, n: int = 64) -> tuple[str, torch.Tensor]:
+    """The first ``n`` test images of the model's own data (its contract), preprocessed as it expects;
+    the digits set when the model has no contract or its data is not on this machine (said once)."""
+    import sys
+
     from compressor import data
 
-    test = data.load("digits", input_size=input_size).test
-    return torch.stack([test[i][0] for i in range(min(n, len(test)))])
+    name, test = "digits", None
+    if contract.of(model) is not None:
+        try:
+            bundle, c = contract.load_data(model)
+            test, name = bundle.test, c.dataset
+        except UserError as exc:
+            print(f"note: verifying on digits images: the checkpoint's data is not readable here ({exc})",
+                  file=sys.stderr)
+            name = "digits"
+    if test is None:
+        test = data.load("digits", input_size=int(model.input_size)).test
+    return name, torch.stack([test[i][0] for i in range(min(n, len(test)))])
 
 
 def export(model: nn.Module, path: str | Path | None, *, opset: int = DEFAULT_OPSET, atol: float = 1e-4,
@@ -169,7 +188,8 @@ def export(model: nn.Module, path: str | Path | None, *, opset: int = DEFAULT_OP
     g = torch.Generator().manual_seed(seed)
     inputs = [(f"random batch {b}", torch.randn(b, 3, size, size, generator=g)) for b in batch_sizes]
     if n_real:
-        inputs.append((f"digits test images ({n_real})", real_images(size, n_real)))
+        name, imgs = real_images(model, n_real)
+        inputs.append((f"{name} test images ({len(imgs)})", imgs))
     res = ExportResult(path=None, bytes=len(blob), opset=opset, atol=atol, checks=compare(model, blob, inputs))
     if path is not None and (res.ok or force):
         io.atomic_write(path, lambda fh: fh.write(blob))

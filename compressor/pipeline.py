@@ -11,14 +11,15 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import torch
 from torch import nn
 
-from compressor import checkpoint, counting, criteria, data as data_mod, io, latency, plots, policy, scores as scores_mod, surgery
+from compressor import (checkpoint, contract as contract_mod, counting, criteria, data as data_mod, io, latency, plots,
+                        policy, runfolder, scores as scores_mod, surgery)
 from compressor.errors import UserError
 from compressor.evaluate import evaluate, recalibrate_bn, resolve_device
 from compressor.models import external, get_model
@@ -37,7 +38,7 @@ class PruneJob:
     model: str
     rates: str
     checkpoint: str | None = None
-    data: str = "digits"
+    data: str | None = None           # None: the checkpoint's data contract, else the embedded digits
     data_root: str | None = None
     download: bool = False
     num_classes: int | None = None
@@ -63,13 +64,34 @@ class PruneJob:
     reconstruct_images: int = 512
     teacher: str | None = None        # "self" (the unpruned model) or a checkpoint, for fine-tuning KD
     round_to: int | None = None
+    eval_split: str = "test"          # where before/after accuracies are measured: test (report) or val
+    eval_n: int | None = None         # None: the whole split; else a fixed seed-0 subset of this many images
+    baseline_eval: str = "auto"       # auto: reuse a recorded matching result, else measure; measure; skip
+    mean: tuple[float, ...] | None = None  # normalisation override (a new contract, or one overriding the checkpoint's)
+    std: tuple[float, ...] | None = None
     device: str = "auto"
     out: str | None = None
+    overwrite: bool = False           # replace an earlier run's outputs in ``out``
+    claim: bool = True                # False: the caller holds ``out`` (a sweep point's folder)
     progress: bool = True
 
+    def __post_init__(self) -> None:
+        if self.eval_split not in EVAL_SPLITS:
+            raise UserError(f"must be one of {', '.join(EVAL_SPLITS)}, got {self.eval_split!r}", field="eval-split")
+        if self.baseline_eval not in BASELINE_EVAL:
+            raise UserError(f"must be one of {', '.join(BASELINE_EVAL)}, got {self.baseline_eval!r}",
+                            field="baseline-eval")
+        if self.eval_n is not None and (isinstance(self.eval_n, bool) or not isinstance(self.eval_n, int)
+                                        or self.eval_n < 1):
+            raise UserError(f"must be a positive integer, got {self.eval_n!r}", field="eval-n")
 
-def default_out(job: PruneJob) -> Path:
-    return Path("checkpoints") / f"{job.model}_{job.data}_{Path(job.rates).stem}"
+
+EVAL_SPLITS = ("test", "val")
+BASELINE_EVAL = ("auto", "measure", "skip")
+
+
+def default_out(job: PruneJob, data_name: str | None = None) -> Path:
+    return Path("checkpoints") / f"{job.model}_{data_name or job.data or 'digits'}_{Path(job.rates).stem}"
 
 
 def _load_rates(job: PruneJob, model: nn.Module) -> RateSpec:
@@ -122,7 +144,7 @@ def quick_baseline_config(model: nn.Module, job: PruneJob) -> TrainConfig:
 
 
 def _model_kwargs(job: PruneJob) -> dict[str, Any]:
-    return {"input_size": job.input_size} if (job.input_size and external.is_external(job.model)) else {}
+    return {"input_size": job.input_size} if job.input_size else {}
 
 
 def _set_input_size(model: nn.Module, job: PruneJob) -> nn.Module:
@@ -130,8 +152,8 @@ def _set_input_size(model: nn.Module, job: PruneJob) -> nn.Module:
         model.input_size = job.input_size
         model.builder_kwargs = {**getattr(model, "builder_kwargs", {}), "input_size": job.input_size}
     elif job.input_size and job.input_size != getattr(model, "input_size", job.input_size):
-        raise UserError(f"{job.model} is built for {model.input_size}-px inputs; --input-size applies to "
-                        "torchvision: and module: models", field="input-size")
+        raise UserError(f"{job.checkpoint or job.weights} holds a model for {model.input_size}-px inputs; "
+                        f"--input-size {job.input_size} applies to a model built here", field="input-size")
     if job.residual is not None:
         model.prune_residual = job.residual
     return model
@@ -165,15 +187,62 @@ def _load_scores(job: PruneJob, base: nn.Module | None) -> scores_mod.Scores | N
 
 
 def _baseline(job: PruneJob, base: nn.Module | None, bundle: Any, ncls: int,
-              device: torch.device) -> tuple[nn.Module, bool]:
+              device: torch.device, contract: Any) -> tuple[nn.Module, bool]:
     if base is not None:
-        return base.to(device).eval(), False
+        return contract_mod.attach(base.to(device).eval(), contract), False
     base = _set_input_size(get_model(job.model, num_classes=ncls, **_model_kwargs(job)), job)
     cfg = quick_baseline_config(base, job)
     log.info("no --checkpoint given: training a quick %d-epoch baseline on %s (lr %g, batch %d)",
-             cfg.epochs, job.data, cfg.lr, cfg.batch_size)
+             cfg.epochs, contract.dataset, cfg.lr, cfg.batch_size)
     fit(base, bundle, cfg, device, job.progress)
-    return base.to(device).eval(), True
+    return contract_mod.attach(base.to(device).eval(), contract), True
+
+
+def eval_subset(ds: Any, n: int | None) -> Any:
+    """The evaluation images: the whole split, or a fixed subset of ``n`` (seed 0, whatever ``--seed``,
+    so results stay comparable and reusable across runs)."""
+    if n is None or n >= len(ds):
+        return ds
+    import numpy as np
+    from torch.utils.data import Subset
+
+    return Subset(ds, sorted(np.random.default_rng(0).permutation(len(ds))[:n].tolist()))
+
+
+def eval_key(job: PruneJob, contract: Any, n_images: int) -> dict[str, Any]:
+    """What an accuracy was measured on: split, image count and the data contract."""
+    return {"split": job.eval_split, "n": int(n_images), "data": contract.to_dict()}
+
+
+def recorded_eval(ck: Mapping[str, Any], key: Mapping[str, Any]) -> dict[str, Any] | None:
+    """A result the checkpoint records for exactly this split, count and contract, if any.
+
+    Prune outputs list theirs in ``metrics["evaluations"]``; a training run's best.pt has the
+    whole test split in ``metrics["test"]`` (measured on the contract the file carries).
+    """
+    m = ck.get("metrics") or {}
+    for rec in m.get("evaluations") or []:
+        if isinstance(rec, Mapping) and {k: rec.get(k) for k in key} == dict(key) and isinstance(rec.get("result"), Mapping):
+            return dict(rec["result"])
+    test = m.get("test")
+    if (key["split"] == "test" and isinstance(test, Mapping) and test.get("n") == key["n"]
+            and ck.get("data") == key["data"] and isinstance(test.get("top1"), (int, float))):
+        return dict(test)
+    return None
+
+
+def _measure_baseline(job: PruneJob, base: nn.Module, ck: Mapping[str, Any], key: Mapping[str, Any],
+                      loader: Any, device: torch.device, trained_here: bool) -> dict[str, Any] | None:
+    if job.baseline_eval == "skip":
+        log.info("baseline accuracy not measured (--baseline-eval skip)")
+        return None
+    if job.baseline_eval == "auto" and not trained_here:
+        got = recorded_eval(ck, key)
+        if got is not None:
+            log.info("baseline top-1 %.2f%% on %s (%d images): recorded in the checkpoint, not re-measured "
+                     "(--baseline-eval measure re-measures)", got["top1"], key["split"], key["n"])
+            return {**got, "reused": True}
+    return evaluate(base, loader, device, job.progress, "eval baseline")
 
 
 def _rank(job: PruneJob, base: nn.Module, bundle: Any, device: torch.device,
@@ -240,23 +309,28 @@ def run_prune(job: PruneJob) -> dict[str, Any]:
     spec = _load_rates(job, probe)
     policy.policy_config(spec)  # check the policy keys before any work
     policy.precheck(spec, str(device))
-    if base is not None:
-        trained_on = (ck.get("provenance") or {}).get("data")
-        if trained_on and trained_on != job.data:
-            log.warning("warning: %s was trained on %s but ranking and evaluation use --data %s",
-                        job.checkpoint, trained_on, job.data)
-    size = probe.input_size if isinstance(probe.input_size, int) else int(probe.input_size[0])
-    bundle = data_mod.load(job.data, job.data_root, input_size=size, seed=job.seed, download=job.download,
-                           stats=data_mod.model_stats(probe))
+    bundle, contract = contract_mod.load_data(
+        base, job.data, job.data_root, input_size=probe.input_size, seed=job.seed, download=job.download,
+        mean=job.mean, std=job.std, recorded=ck.get("provenance"), source=job.checkpoint or job.weights)
+    job = replace(job, data=contract.dataset)  # what was resolved, for the records below
     ncls = base.num_classes if base is not None else (job.num_classes or bundle.num_classes)
     data_mod.check_classes(bundle, ncls, field="data")
     pre_scores = _load_scores(job, base)
-    out = io.check_writable(Path(job.out) if job.out else default_out(job))
+    out = io.check_writable(Path(job.out) if job.out else default_out(job, contract.dataset))
+    if not job.claim:
+        return _prune_into(job, out, device, base, ck, bundle, contract, spec, ncls, pre_scores)
+    with runfolder.claim(out, command="prune", overwrite=job.overwrite):  # a failed run leaves nothing
+        return _prune_into(job, out, device, base, ck, bundle, contract, spec, ncls, pre_scores)
 
+
+def _prune_into(job: PruneJob, out: Path, device: torch.device, base: nn.Module | None, ck: Mapping[str, Any],
+                bundle: Any, contract: Any, spec: RateSpec, ncls: int, pre_scores: Any) -> dict[str, Any]:
     # 2. Baseline.
-    test_loader = data_mod.loader(bundle.test, 256, device=device)
-    base, baseline_trained = _baseline(job, base, bundle, ncls, device)
-    acc_before = evaluate(base, test_loader, device, job.progress, "eval baseline")
+    eval_ds = eval_subset(bundle.test if job.eval_split == "test" else bundle.val, job.eval_n)
+    test_loader = data_mod.loader(eval_ds, 256, device=device)
+    key = eval_key(job, contract, len(eval_ds))
+    base, baseline_trained = _baseline(job, base, bundle, ncls, device, contract)
+    acc_before = _measure_baseline(job, base, ck, key, test_loader, device, baseline_trained)
 
     # 3. Scores, 4. plan and surgery.
     units = units_of(base)
@@ -267,10 +341,11 @@ def run_prune(job: PruneJob) -> dict[str, Any]:
                           counter=sizer.count, widths=widths, device=str(device))
     log.info(policy.describe(spec))
     plan = make_plan(sc.for_criterion(job.criterion), spec, widths, tiebreak=sc.tiebreak, model=job.model)
-    pruned = surgery.apply(base, plan, method=job.surgery)
+    pruned = contract_mod.attach(surgery.apply(base, plan, method=job.surgery), contract)
     acc_pruned_raw = evaluate(pruned, test_loader, device, job.progress, "eval pruned")
     metrics: dict[str, Any] = {"baseline_test": acc_before, "pruned_test_no_finetune": acc_pruned_raw,
-                               "policy": spec.extra.get("resolved")}
+                               "policy": spec.extra.get("resolved"),
+                               "eval": {"split": key["split"], "n": key["n"]}}
     lat_check = latency.verify_spec(base, pruned, spec)
     if lat_check is not None:
         log.info(lat_check["line"])
@@ -282,22 +357,36 @@ def run_prune(job: PruneJob) -> dict[str, Any]:
     size_before, size_after = counting.count(base), counting.count(pruned)
     metrics["size_before"], metrics["size_after"] = size_before, size_after
     metrics["finetune_history"] = history
+    metrics["evaluations"] = [{**key, "result": _final_accuracy(metrics)}]
 
     # 6. Outputs (atomic writes).
     return _write_outputs(job, out, base, pruned, plan, spec, sc, metrics, baseline_trained, acc_before, units)
 
 
+def _final_accuracy(metrics: Mapping[str, Any]) -> Any:
+    """The pruned model's accuracy after the last recovery step it had."""
+    for k in ("finetuned_test", "pruned_test_bn_recalibrated", "pruned_test_reconstructed", "pruned_test_no_finetune"):
+        if metrics.get(k) is not None:
+            return metrics[k]
+    return None
+
+
 def _write_outputs(job: PruneJob, out: Path, base: nn.Module, pruned: nn.Module, plan: Any, spec: RateSpec,
                    sc: scores_mod.Scores, metrics: dict[str, Any], baseline_trained: bool, acc_before: Any,
                    units: list) -> dict[str, Any]:
-    prov = checkpoint.provenance(seed=job.seed, data=job.data, criterion=job.criterion,
+    data_c = contract_mod.of(pruned)
+    prov = checkpoint.provenance(seed=job.seed, data=data_c.dataset if data_c else job.data,
+                                 data_root=data_c.root if data_c else job.data_root, criterion=job.criterion,
                                  n_images=sc.meta.get("n_images"), baseline_trained_here=baseline_trained,
                                  bn_recalibrated="bn" in metrics["recovery"].split("+"),
                                  recovery=metrics["recovery"])
     paths = {}
     device = next(base.parameters()).device
     if baseline_trained:
-        paths["baseline"] = checkpoint.save(out / "baseline.pt", base.cpu(), metrics={"test": acc_before}, prov=prov)
+        bm: dict[str, Any] = {"evaluations": [{**metrics["evaluations"][0], "result": acc_before}]}
+        if metrics["eval"]["split"] == "test" and job.eval_n is None:
+            bm["test"] = acc_before
+        paths["baseline"] = checkpoint.save(out / "baseline.pt", base.cpu(), metrics=bm, prov=prov)
         base.to(device)
     if not job.scores:  # computed or imported here: keep them with the run
         paths["scores"] = sc.save(out / "scores.pt")

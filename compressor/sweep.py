@@ -32,7 +32,8 @@ import yaml
 from torch import nn
 
 from compressor.pruning.graph import units as units_of
-from compressor import checkpoint, criteria, data as data_mod, io, pipeline, report, scores as scores_mod
+from compressor import (checkpoint, contract as contract_mod, criteria, data as data_mod, io, pipeline, report,
+                        runfolder, scores as scores_mod)
 from compressor.errors import UserError
 from compressor.evaluate import resolve_device
 from compressor.models import finetune_lr
@@ -51,7 +52,7 @@ class SweepJob:
     out: str
     budgets: tuple[tuple[str, float], ...] = ()  # (("macs", 0.5), ...): fraction kept
     rates: tuple[str, ...] = ()  # rates files
-    data: str = "digits"
+    data: str | None = None  # None: the baseline checkpoint's data contract, else digits
     data_root: str | None = None
     criterion: str = "hrank"
     n_images: int = 768
@@ -150,8 +151,7 @@ def _scores(job: SweepJob, base: nn.Module, out: Path, device,
         sc.for_criterion(job.criterion)
         log.info("reusing scores %s", path)
         return sc
-    bundle = bundle or data_mod.load(job.data, job.data_root, input_size=base.input_size, seed=job.seed,
-                                     stats=data_mod.model_stats(base))
+    bundle = bundle or _load_data(job, base)
     calib = data_mod.calibration_subset(bundle.train_eval, job.n_images, job.seed)
     sc = scores_mod.compute(base.to(device), data_mod.loader(calib, 128, device=device), [job.criterion],
                             n_images=job.n_images, seed=job.seed, device=device, progress=job.progress,
@@ -159,6 +159,13 @@ def _scores(job: SweepJob, base: nn.Module, out: Path, device,
     base.cpu()
     sc.save(path)
     return sc
+
+
+def _load_data(job: SweepJob, base: nn.Module) -> data_mod.DataBundle:
+    """The sweep's data, checked against the baseline's contract (or class count), which it then carries."""
+    bundle, made = contract_mod.load_data(base, job.data, job.data_root, seed=job.seed, source=job.checkpoint)
+    contract_mod.attach(base, made)
+    return bundle
 
 
 def _write_rates(folder: Path, pt: dict[str, Any], base: nn.Module, sc: scores_mod.Scores, job: SweepJob,
@@ -184,12 +191,31 @@ def _write_rates(folder: Path, pt: dict[str, Any], base: nn.Module, sc: scores_m
 
 
 def run_sweep(job: SweepJob, on_point: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
-    """Rank once, prune + fine-tune each point not yet done, then write the report."""
-    device = resolve_device(job.device)
+    """Rank once, prune + fine-tune each point not yet done, then write the report.
+
+    The sweep folder is claimed as a resumable run (``compressor.runfolder``): a concurrent sweep
+    on it is refused, and an interrupted one keeps its finished points, scores and state.
+    """
     out = Path(job.out)
+    io.check_writable(out)
+    with runfolder.claim(out, command="sweep", resume=True) as run:
+        try:
+            return _sweep_into(job, out, run, on_point)
+        except BaseException:
+            for name in ("scores.pt", "sweep.json"):
+                if (out / name).is_file():
+                    run.record(out / name, keep=True)
+            raise
+
+
+def _sweep_into(job: SweepJob, out: Path, run: Any,
+                on_point: Callable[[dict[str, Any]], None] | None) -> dict[str, Any]:
+    device = resolve_device(job.device)
     base, ck = checkpoint.load(job.checkpoint, model=job.model)
     if job.model_lr:
         job = replace(job, finetune=replace(job.finetune, lr=finetune_lr(base.arch)), model_lr=False)
+    name, root = contract_mod.resolve_source(contract_mod.of(base), job.data, job.data_root, ck.get("provenance"))
+    job = replace(job, data=name, data_root=root)  # the checkpoint's data unless --data says otherwise
     if ck.get("plan"):
         log.warning("%s is itself pruned; the sweep treats it as the baseline", job.checkpoint)
     units = [u.name for u in units_of(base)]
@@ -200,9 +226,7 @@ def run_sweep(job: SweepJob, on_point: Callable[[dict[str, Any]], None] | None =
     criteria.get(job.criterion)
     bundle = None
     if not (out / "scores.pt").is_file():  # data is needed to rank; compare class counts before writing
-        bundle = data_mod.load(job.data, job.data_root, input_size=base.input_size, seed=job.seed,
-                               stats=data_mod.model_stats(base))
-        data_mod.check_classes(bundle, base.num_classes, source=job.checkpoint)
+        bundle = _load_data(job, base)
         data_mod.calibration_subset(bundle.train_eval, job.n_images, job.seed)
     checksum = scores_mod.model_checksum(base)
     state_path = out / "sweep.json"
@@ -228,13 +252,16 @@ def run_sweep(job: SweepJob, on_point: Callable[[dict[str, Any]], None] | None =
             continue
         t0 = time.perf_counter()
         log.info("point %s: pruning and fine-tuning (%d epochs)", pt["name"], job.finetune.epochs)
-        rates_path = _write_rates(folder, pt, base, sc, job, units)
-        res = pipeline.run_prune(pipeline.PruneJob(
-            model=base.arch, rates=str(rates_path), checkpoint=job.checkpoint, data=job.data, data_root=job.data_root,
-            num_classes=base.num_classes, criterion=job.criterion, scores=str(out / "scores.pt"), seed=job.seed,
-            rounding=job.rounding, surgery=job.surgery, bn_recalibrate=job.bn_recalibrate, finetune=job.finetune,
-            weights=None, teacher=job.teacher, reconstruct=job.reconstruct,
-            device=job.device, out=str(folder), progress=job.progress))
+        with runfolder.claim(folder, command="sweep point", overwrite=True):  # a failed point leaves nothing
+            rates_path = _write_rates(folder, pt, base, sc, job, units)
+            res = pipeline.run_prune(pipeline.PruneJob(
+                model=base.arch, rates=str(rates_path), checkpoint=job.checkpoint, data=job.data,
+                data_root=job.data_root, num_classes=base.num_classes, criterion=job.criterion,
+                scores=str(out / "scores.pt"), seed=job.seed, rounding=job.rounding, surgery=job.surgery,
+                bn_recalibrate=job.bn_recalibrate, finetune=job.finetune, weights=None, teacher=job.teacher,
+                reconstruct=job.reconstruct, device=job.device, out=str(folder), claim=False, progress=job.progress))
+        if run is not None:
+            run.record(folder, keep=True)
         m = res["metrics"]
         pt.update(status="done", seconds=round(time.perf_counter() - t0, 1),
                   achieved={**pt.get("achieved", {}),

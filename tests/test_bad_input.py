@@ -39,6 +39,7 @@ def _private_data_cache(tmp_path, monkeypatch):
     d = list(data.cifar.__defaults__)
     d[3] = tmp_path / "cache"  # (input_size, val_size, seed, cache, download)
     monkeypatch.setattr(data.cifar, "__defaults__", tuple(d))
+    monkeypatch.setattr(data, "DEFAULT_CACHE", tmp_path / "cache")
 
 
 class _RunsCode:
@@ -332,13 +333,13 @@ def test_checkpoint_of_another_model_or_class_count(tmp_path, files, capsys):
         (["prune", "--model", "vgg16_bn", "--rates", rates, "--checkpoint", files["tiny"], "--num-classes", "100",
           "--out", tmp_path / "o"], f"{files['tiny']}: num_classes: checkpoint has 10 classes, 100 were asked for"),
         (["prune", "--model", "vgg16_bn", "--rates", rates, "--checkpoint", files["tiny100"], "--out", tmp_path / "o"],
-         "data: the data has 10 classes, the model 100"),
+         f"{files['tiny100']}: num_classes: the data has 10 classes, the checkpoint 100"),
         (["eval", "--checkpoint", files["tiny100"]],
          f"{files['tiny100']}: num_classes: the data has 10 classes, the checkpoint 100"),
         (["finetune", "--checkpoint", files["tiny100"], "--out", tmp_path / "o"],
-         f"{files['tiny100']}: num_classes: the data has 10 classes, the model 100"),
+         f"{files['tiny100']}: num_classes: the data has 10 classes, the checkpoint 100"),
         (["sensitivity", "--model", "vgg16_bn", "--checkpoint", files["tiny100"], "--out", tmp_path / "o"],
-         "data: the data has 10 classes, the model 100"),
+         f"{files['tiny100']}: num_classes: the data has 10 classes, the checkpoint 100"),
         (["eval", "--checkpoint", files["bad_cfg"]], f"{files['bad_cfg']}: state_dict: weights do not fit vgg16_bn"),
     ]
     for argv, words in cases:

@@ -169,16 +169,22 @@ def test_scores_of_another_criterion_or_checkpoint_are_refused(tmp_path, tiny_ck
     assert not (tmp_path / "o1").exists() and not (tmp_path / "o2").exists()
 
 
-def test_prune_warns_when_data_differs_from_training_data(tmp_path, caplog):
+def test_prune_follows_or_notes_the_data_a_legacy_checkpoint_records(tmp_path, capsys):
+    """A file with no data contract but a provenance naming its data: that data is the default
+    (an error naming the missing root here), and an explicit --data says what it overrides."""
     from compressor.models import get_model
 
     torch.manual_seed(0)
     ck = checkpoint.save(tmp_path / "c.pt", get_model("vgg16_bn", cfg=list(TINY_VGG)),
                          prov=checkpoint.provenance(data="cifar10"))
-    with caplog.at_level("WARNING", logger="compressor"):
-        assert main(["prune", "--model", "vgg16_bn", "--rates", str(rates_file(tmp_path)), "--checkpoint", str(ck),
-                     "--criterion", "l1", "--out", str(tmp_path / "o"), "--no-progress"]) == 0
-    assert "trained on cifar10 but ranking and evaluation use --data digits" in caplog.text
+    args = ["prune", "--model", "vgg16_bn", "--rates", str(rates_file(tmp_path)), "--checkpoint", str(ck),
+            "--criterion", "l1", "--no-progress"]
+    assert main(args + ["--out", str(tmp_path / "o1")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"error: {ck}: data-root: was made on cifar10 but records no data root; pass --data-root (or --data)"]
+    assert not (tmp_path / "o1").exists()
+    assert main(args + ["--data", "digits", "--out", str(tmp_path / "o2")]) == 0
+    assert "note: --data digits overrides the checkpoint's data (cifar10)" in capsys.readouterr().err
 
 
 def test_a_closed_pipe_gives_no_traceback(monkeypatch, tmp_path):

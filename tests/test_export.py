@@ -63,7 +63,7 @@ def test_graph_has_dynamic_batch_and_metadata(tmp_path):
     meta = {p.key: p.value for p in proto.metadata_props}
     assert meta["arch"] == "vgg16_bn" and json.loads(meta["cfg"]) == model.cfg and meta["num_classes"] == "10"
     # The file alone reproduces torch on real images, at a batch size never used while exporting.
-    x = real_images(32, 33)
+    x = real_images(model, 33)[1]
     sess = ort.InferenceSession(str(tmp_path / "v.onnx"), providers=["CPUExecutionProvider"])
     with torch.no_grad():
         ref = model(x).numpy()

@@ -205,9 +205,9 @@ def test_cli_prune_on_a_full_disk_leaves_previous_outputs(tmp_path, tiny_ckpt, c
     rates.write_text('rates: "[0.5]*13"\n')
     _disk_full_after_write(monkeypatch)
     code = main(["prune", "--model", "vgg16_bn", "--rates", str(rates), "--checkpoint", str(tiny_ckpt),
-                 "--n-images", "16", "--out", str(out), "--device", "cpu", "--no-progress"])
+                 "--n-images", "16", "--out", str(out), "--device", "cpu", "--no-progress", "--overwrite"])
     err = capsys.readouterr().err.strip().splitlines()
-    assert code == 2 and len(err) == 1 and "No space left on device" in err[0] and str(out) in err[0]
+    assert code == 2 and len(err) == 1 and "No space left on device" in err[0] and str(out) in err[0], err
     assert {p.name: p.read_bytes() for p in out.iterdir()} == old  # untouched, and no temp files
 
 
@@ -217,21 +217,21 @@ def test_cli_finetune_disk_fills_mid_run_leaves_previous_checkpoints(tmp_path, t
     calls = {"n": 0}
     real_fsync = os.fsync
 
-    def fill_up_after_first_write(fd):  # resolved_config.yaml is written, then the disk is full
+    def fill_up_after_first_write(fd):  # manifest.json and resolved_config.yaml are written, then the disk is full
         calls["n"] += 1
-        if calls["n"] > 1:
+        if calls["n"] > 2:
             _enospc()
         real_fsync(fd)
 
     monkeypatch.setattr(os, "fsync", fill_up_after_first_write)
     code = main(["finetune", "--checkpoint", str(tiny_ckpt), "--epochs", "2", "--batch-size", "64",
-                 "--out", str(out), "--device", "cpu", "--no-progress"])
+                 "--out", str(out), "--device", "cpu", "--no-progress", "--overwrite"])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "No space left on device" in err[0] and "last.pt" in err[0], err
-    assert calls["n"] >= 2
+    assert calls["n"] >= 3
     now = {p.name: p.read_bytes() for p in out.iterdir()}
-    assert now.pop("resolved_config.yaml") != old.pop("resolved_config.yaml")  # the one write that succeeded
-    assert now == old  # previous last.pt and the rest untouched, no temp files
+    old.pop("resolved_config.yaml")  # rewritten by the failed run, so taken away with its other outputs
+    assert now == old  # previous last.pt and the rest untouched; no manifest, lock or temp files
 
 
 def test_cli_prune_unwritable_out_fails_before_any_work(tmp_path, tiny_ckpt, capsys, monkeypatch):

@@ -4,19 +4,30 @@ from __future__ import annotations
 
 import argparse
 
-from compressor.commands._options import OneLineParser, nonneg_int, seed_int
+from compressor.commands._options import OneLineParser, finite_float, nonneg_int, positive_float, seed_int
 
 
-def add_common(p: argparse.ArgumentParser, *, data: bool = True) -> None:
+def add_common(p: argparse.ArgumentParser, *, data: bool = True, stats: bool = True) -> None:
+    """--device/--seed/--no-progress; with ``data``, --data/--data-root/--download (default: the
+    checkpoint's data contract), and with ``stats`` too, --mean/--std."""
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
     p.add_argument("--seed", type=seed_int, default=0,
                    help="seed for data order, calibration subset and init (0 .. 2**32-1)")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     if data:
-        p.add_argument("--data", default="digits", help="digits (embedded, default), cifar10, cifar100, imagefolder")
+        p.add_argument("--data", default=None,
+                       help="digits, cifar10, cifar100, imagefolder (default: the checkpoint's data contract, "
+                            "else the embedded digits)")
         p.add_argument("--data-root", default=None,
-                       help="dataset folder: torchvision CIFAR root, an ImageFolder tree with train/ test/, or its .tar.gz")
+                       help="dataset folder: torchvision CIFAR root, an ImageFolder tree with train/ test/, or its .tar.gz "
+                            "(default: the checkpoint's, for its dataset)")
         p.add_argument("--download", action="store_true", help="let torchvision download CIFAR into --data-root (online only)")
+    if data and stats:
+        p.add_argument("--mean", type=finite_float, nargs="+", default=None, metavar="M",
+                       help="per-channel normalisation mean (default: the checkpoint's, else the dataset's or estimated "
+                            "from the training split)")
+        p.add_argument("--std", type=positive_float, nargs="+", default=None, metavar="S",
+                       help="per-channel normalisation std, with --mean")
 
 
 def new_parser(sub, name: str, help_text: str, examples: str) -> argparse.ArgumentParser:

@@ -93,6 +93,7 @@ class _Opset(Checked):
         return super().check(value, field=field, source=source)
 
 
+finite_float = Checked("finite_float", float)
 positive_float = Checked("positive_float", float, 0.0, lo_open=True)
 nonneg_float = Checked("nonneg_float", float, 0.0)
 unit_interval = Checked("unit_interval", float, 0.0, 1.0)

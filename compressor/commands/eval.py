@@ -12,12 +12,15 @@ from compressor.commands._options import positive_int
 EXAMPLES = """\
   python -m compressor eval --checkpoint checkpoints/vgg16_bn_digits_demo/pruned.pt
   python -m compressor eval --checkpoint pruned.pt --data cifar10 --data-root ../shared/data/cifar10-jpeg.tar.gz
+  python -m compressor eval --checkpoint pruned.onnx     # onnxruntime, on the data recorded in the file
+
+With no --data, the data (dataset, root, classes, normalisation) is the checkpoint's own.
 """
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
-    p = new_parser(sub, "eval", "evaluate a checkpoint on the test split", EXAMPLES)
-    p.add_argument("--checkpoint", required=True)
+    p = new_parser(sub, "eval", "evaluate a checkpoint (or an exported .onnx file) on the test split", EXAMPLES)
+    p.add_argument("--checkpoint", required=True, help="a checkpoint, or an .onnx file written by export")
     p.add_argument("--model", help="needed only for plain (HRank-format) state_dicts")
     p.add_argument("--batch-size", type=positive_int, default=256)
     p.add_argument("--json", action="store_true", help="print the result as JSON")
@@ -25,30 +28,36 @@ def add_parser(sub) -> argparse.ArgumentParser:
     return p
 
 
-def evaluate_checkpoint(path: str, data_name: str, data_root: str | None, device_name: str = "auto",
-                        model: str | None = None, batch_size: int = 256, seed: int = 0,
-                        progress: bool = False, download: bool = False) -> dict:
-    from compressor import checkpoint, counting, data
+def evaluate_checkpoint(path: str, args: argparse.Namespace) -> dict:
+    """Accuracy of a checkpoint or ONNX file on the test split of its own data (its contract),
+    unless ``--data``/``--data-root``/``--mean``/``--std`` say otherwise."""
+    from compressor import checkpoint, counting, onnx_model
+    from compressor.commands import _data
     from compressor.evaluate import evaluate, resolve_device
+    from compressor import data
 
-    device = resolve_device(device_name)
-    net, ck = checkpoint.load(path, model=model)
-    bundle = data.load(data_name, data_root, input_size=net.input_size, seed=seed, download=download,
-                       stats=data.model_stats(net))
-    data.check_classes(bundle, net.num_classes, what="checkpoint", source=path)
-    res = evaluate(net.to(device), data.loader(bundle.test, batch_size, device=device), device, progress, "eval")
-    res.update(counting.count(net.cpu()))
-    res.update({"checkpoint": path, "model": ck["model"], "data": data_name, "file_bytes": Path(path).stat().st_size})
+    if onnx_model.is_onnx(path):
+        net, ck, device = onnx_model.load(path), {}, resolve_device("cpu")
+    else:
+        device = resolve_device(args.device)
+        net, ck = checkpoint.load(path, model=args.model)
+    bundle = _data.load(args, net, ck=ck, source=path)
+    res = evaluate(net.to(device), data.loader(bundle.test, args.batch_size, device=device), device,
+                   not args.no_progress, "eval")
+    if ck:
+        res.update(counting.count(net.cpu()))
+    res.update({"checkpoint": path, "model": ck.get("model", getattr(net, "arch", "onnx")), "data": bundle.name,
+                "file_bytes": Path(path).stat().st_size, "runtime": "onnxruntime" if not ck else "torch"})
     return res
 
 
 def run(args: argparse.Namespace) -> int:
-    res = evaluate_checkpoint(args.checkpoint, args.data, args.data_root, args.device, args.model, args.batch_size,
-                              args.seed, not args.no_progress, args.download)
+    res = evaluate_checkpoint(args.checkpoint, args)
     if args.json:
         print(json.dumps(res, indent=2))
     else:
+        size = (f"  params {res['params'] / 1e6:.3f}M  MACs {res['macs'] / 1e6:.2f}M" if "params" in res else
+                f"  ({res['runtime']})")
         print(f"{res['model']} on {res['data']} test ({res['n']} images): top-1 {res['top1']:.2f}%  "
-              f"top-5 {res['top5']:.2f}%  loss {res['loss']:.4f}  params {res['params'] / 1e6:.3f}M  "
-              f"MACs {res['macs'] / 1e6:.2f}M  file {res['file_bytes'] / 1e6:.2f} MB")
+              f"top-5 {res['top5']:.2f}%  loss {res['loss']:.4f}{size}  file {res['file_bytes'] / 1e6:.2f} MB")
     return 0

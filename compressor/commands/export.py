@@ -24,7 +24,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--opset", type=opset_int, default=17,
                    help=f"ONNX opset (default 17; {OPSET_MIN} .. the newest torch writes)")
     p.add_argument("--atol", type=nonneg_float, default=1e-4, help="largest allowed |torch - onnxruntime| logit difference")
-    p.add_argument("--n-real", type=nonneg_int, default=64, help="digits test images used in the check (0: random only)")
+    p.add_argument("--n-real", type=nonneg_int, default=64, help="test images of the checkpoint's own data used in the check (0: random only)")
     p.add_argument("--force", action="store_true", help="write the file even if the check fails")
     p.add_argument("--seed", type=seed_int, default=0, help="seed of the random check inputs")
     p.add_argument("--json", action="store_true", help="print the result as JSON")

@@ -17,8 +17,10 @@ EXAMPLES = """\
   torchrun --nproc_per_node=4 -m compressor finetune --checkpoint pruned.pt --config experiments/recipes/hrankplus_cifar.yaml \\
       --data cifar10 --data-root DIR --batch-size 64      # 4 x 64 = the recipe's global batch of 256
 
-outputs (--out folder, default <checkpoint>_ft/): last.pt, best.pt (best validation accuracy),
-metrics.jsonl, resolved_config.yaml, summary.json (test accuracy, never used for selection).
+outputs (--out folder, default <checkpoint>_ft/): last.pt, best.pt (best validation accuracy at an epoch end),
+metrics.jsonl (every validation evaluation: before the first step, i.e. the pruned accuracy, and at every
+epoch end), recovery_curve.png (validation top-1 vs epochs), resolved_config.yaml, summary.json (test
+accuracy, never used for selection). Overlay several runs: python -m compressor report --curves DIR ... --out c.png
 """
 
 
@@ -41,7 +43,7 @@ def run(args: argparse.Namespace) -> int:
     args, net, ck = resolve_args(args)  # --resume: the run's own options under the flags typed
     if args.resume:
         out = io.check_writable(Path(args.out or Path(args.resume).parent))
-        return run_training(net, load_data(args, net.input_size, net), args, out, ck=ck)
+        return run_training(net, load_data(args, net.input_size, net, ck, args.resume), args, out, ck=ck)
     if not args.checkpoint:
         raise UserError("--checkpoint is required (as a flag or a recipe key) unless --resume is given",
                         field="checkpoint")
@@ -53,4 +55,5 @@ def run(args: argparse.Namespace) -> int:
         rec = model_recipe(net.arch)
         args.lr = float(rec["finetune_lr"])
         print(f"fine-tune lr {args.lr:g} ({rec['source']}; --lr overrides)")
-    return run_training(net, load_data(args, net.input_size, net), args, out, ck=ck, source=str(args.checkpoint))
+    return run_training(net, load_data(args, net.input_size, net, ck, str(args.checkpoint)), args, out, ck=ck,
+                        source=str(args.checkpoint))

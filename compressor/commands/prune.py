@@ -34,7 +34,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--weights", help="a plain state_dict for --model (torchvision, akamaster or HRank files)")
     p.add_argument("--pretrained", action="store_true", help="torchvision's published weights (needs the network)")
     p.add_argument("--input-size", type=positive_int, default=None,
-                   help="input size for torchvision:/module: models (default 224, or the builder's)")
+                   help="input size of a model built here (torchvision:/module: models, and CIFAR variants with "
+                        "global pooling, e.g. 64); default: the model's or the checkpoint's")
     p.add_argument("--residual", action=argparse.BooleanOptionalAction, default=None,
                    help="prune residual groups (shared index sets); default: the model's (on for CIFAR ResNets)")
     p.add_argument("--reconstruct", action="store_true",
@@ -65,7 +66,16 @@ def add_parser(sub) -> argparse.ArgumentParser:
                    help="fine-tuning learning rate (default: the model's, 0.01; SqueezeNet 0.002)")
     p.add_argument("--batch-size", type=positive_int, default=128)
     p.add_argument("--num-classes", type=int, default=None)
+    p.add_argument("--eval-split", choices=("test", "val"), default="test",
+                   help="split the before/after accuracies are measured on (default test; val for quick checks)")
+    p.add_argument("--eval-n", type=positive_int, default=None,
+                   help="evaluate on a fixed subset of N images of that split (default: all)")
+    p.add_argument("--baseline-eval", choices=("auto", "measure", "skip"), default="auto",
+                   help="auto: reuse the checkpoint's recorded accuracy when split, count and data contract match, "
+                        "else measure (default); measure: always; skip: never")
     p.add_argument("--out", help="output folder (default checkpoints/<model>_<data>_<rates>)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an earlier run's outputs in --out (a folder with other files is refused)")
     add_common(p)
     return p
 
@@ -101,14 +111,20 @@ def run(args: argparse.Namespace) -> int:
         bn_recalibrate=not args.no_bn_recalibrate, baseline_epochs=args.baseline_epochs,
         finetune=finetune, weights=args.weights, pretrained=args.pretrained, input_size=args.input_size,
         residual=args.residual, reconstruct=args.reconstruct, reconstruct_images=args.reconstruct_images,
-        teacher=args.teacher, round_to=args.round_to,
-        device=args.device, out=args.out, progress=not args.no_progress,
+        teacher=args.teacher, round_to=args.round_to, eval_split=args.eval_split, eval_n=args.eval_n,
+        baseline_eval=args.baseline_eval, mean=tuple(args.mean) if args.mean else None,
+        std=tuple(args.std) if args.std else None,
+        device=args.device, out=args.out, overwrite=args.overwrite, progress=not args.no_progress,
     )
     result = run_prune(job)
     m = result["metrics"]
     print(result["table"])
     print()
-    line = f"top-1 on test: baseline {m['baseline_test']['top1']:.2f}%, pruned {m['pruned_test_no_finetune']['top1']:.2f}%"
+    ev = m["eval"]
+    base_acc = m["baseline_test"]
+    before = "not measured" if base_acc is None else f"{base_acc['top1']:.2f}%" + (" (recorded)" if base_acc.get("reused") else "")
+    line = (f"top-1 on {ev['split']} ({ev['n']} images): baseline {before}, "
+            f"pruned {m['pruned_test_no_finetune']['top1']:.2f}%")
     if "pruned_test_reconstructed" in m:
         line += f", reconstructed {m['pruned_test_reconstructed']['top1']:.2f}%"
     if "pruned_test_bn_recalibrated" in m:

@@ -49,6 +49,7 @@ def criterion_names(text: str) -> list[str]:
 def run(args: argparse.Namespace) -> int:
     """Works under ``torchrun`` too: each process ranks a shard, the sums are all-reduced."""
     from compressor import checkpoint, data, distributed, io, scores
+    from compressor.commands import _data
 
     names = criterion_names(args.criterion)
     out = Path(args.out or f"checkpoints/{args.model}_scores.pt")
@@ -57,15 +58,13 @@ def run(args: argparse.Namespace) -> int:
     device = ctx.device
     ok = False
     try:
-        model, _ = checkpoint.load(args.checkpoint, model=args.model)
-        bundle = data.load(args.data, args.data_root, input_size=model.input_size, seed=args.seed,
-                           stats=data.model_stats(model),
-                           download=args.download)
+        model, ck = checkpoint.load(args.checkpoint, model=args.model)
+        bundle = _data.load(args, model, ck=ck, source=args.checkpoint)
         calib = data.calibration_subset(bundle.train_eval, args.n_images, args.seed)
         sc = distributed.compute_scores(
             model.to(device), calib, names, batch_size=args.batch_size, seed=args.seed, compat=args.hrank_compat,
             device=device, options={"rtol": args.rank_rtol, "atol": args.rank_atol}, progress=not args.no_progress,
-            extra_meta={"data": args.data, "augmentation": "none", "checkpoint": args.checkpoint}, ctx=ctx)
+            extra_meta={"data": bundle.name, "augmentation": "none", "checkpoint": args.checkpoint}, ctx=ctx)
 
         def write() -> None:  # rank 0; the other ranks learn whether it failed
             sc.save(out)

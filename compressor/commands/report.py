@@ -19,6 +19,8 @@ EXAMPLES = """\
       --data-root ../shared/data/cifar10-jpeg.tar.gz --repeats 20 --out reports/all
   # sizes and latency only (no evaluation), 1 CPU thread
   python -m compressor report base.pt pruned.pt --no-eval --threads 1 --out reports/fast
+  # recovery curves of fine-tune runs overlaid (each folder's metrics.jsonl; label = folder name)
+  python -m compressor report --curves ft_lr0.01 ft_lr0.002 ft_kd --out reports/curves.png
 """
 
 
@@ -48,23 +50,30 @@ def latency_config(args: argparse.Namespace) -> LatencyConfig | None:
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p = new_parser(sub, "report", "compare checkpoints: accuracy, params/MACs, file size, latency, plots", EXAMPLES)
-    p.add_argument("inputs", nargs="+", help="checkpoints, prune run folders or sweep folders (globs allowed)")
-    p.add_argument("--out", required=True, help="output folder for report.md/.csv/.json and PNGs")
+    p.add_argument("inputs", nargs="*", help="checkpoints, prune run folders or sweep folders (globs allowed)")
+    p.add_argument("--curves", nargs="+", metavar="RUN_DIR", default=None,
+                   help="instead: overlay the recovery curves (metrics.jsonl) of these train/finetune output "
+                        "folders in one PNG and print start/best/final validation top-1")
+    p.add_argument("--out", required=True,
+                   help="output folder for report.md/.csv/.json and PNGs (--curves: a .png file, or a folder "
+                        "for recovery_curves.png)")
     p.add_argument("--batch-size", type=positive_int, default=256, help="evaluation batch size")
     p.add_argument("--no-eval", action="store_true", help="skip evaluation (no accuracy columns or accuracy plots)")
     p.add_argument("--no-plots", action="store_true", help="write the tables only")
     add_latency_args(p)
-    add_common(p)
-    # --data defaults to each checkpoint's own data (its provenance), not digits.
-    p.set_defaults(data=None)
-    for action in p._actions:
-        if action.dest == "data":
-            action.help = "evaluate on this data (default: the data each checkpoint was made on, else digits)"
+    add_common(p, stats=False)  # each checkpoint is evaluated with its own contract's normalisation
     return p
 
 
 def run(args: argparse.Namespace) -> int:
+    from compressor.errors import UserError
     from compressor.report import ReportConfig, run_report
+
+    if args.curves:
+        return run_curves(args)
+    if not args.inputs:
+        raise UserError("give checkpoints, prune run folders or sweep folders (or --curves RUN_DIR ...)",
+                        field="inputs")
 
     cfg = ReportConfig(data=args.data, data_root=args.data_root, device=args.device, batch_size=args.batch_size,
                        seed=args.seed, evaluate=not args.no_eval, latency=latency_config(args),
@@ -72,4 +81,17 @@ def run(args: argparse.Namespace) -> int:
     res = run_report(args.inputs, args.out, cfg)
     print(res["markdown"])
     print(f"written to {args.out}: " + ", ".join(list(res["paths"].values()) + res["plots"]))
+    return 0
+
+
+def run_curves(args: argparse.Namespace) -> int:
+    from compressor.errors import UserError
+    from compressor.report import curves
+
+    if args.inputs:
+        raise UserError(f"--curves overlays run folders; checkpoints given as well ({args.inputs[0]} ...): "
+                        "report them in a separate call", field="curves")
+    res = curves(args.curves, args.out)
+    print(res["table"], end="")
+    print(f"written to {res['png']}")
     return 0

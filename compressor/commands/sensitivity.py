@@ -81,15 +81,16 @@ def run(args: argparse.Namespace) -> int:
     from compressor import criteria
 
     criteria.get(args.criterion)
-    model, _ = checkpoint.load(args.checkpoint, model=args.model)
+    model, ck = checkpoint.load(args.checkpoint, model=args.model)
     model = model.to(device).eval()
     units = [u.name for u in model.prunable_units()]
     layers = [x.strip() for x in args.layers.split(",")] if args.layers else None
     for name in layers or []:
         if name not in units:
             raise UserError(f"unknown layer {name!r}; valid: {', '.join(units)}", field="layers")
-    bundle = data.load(args.data, args.data_root, input_size=model.input_size, seed=args.seed,
-                       stats=data.model_stats(model))
+    from compressor.commands import _data
+
+    bundle = _data.load(args, model, ck=ck, source=args.checkpoint)
     data.check_classes(bundle, model.num_classes, field="data")
     if not 0 < args.n_eval <= len(bundle.val):
         raise UserError(f"--n-eval must be in [1, {len(bundle.val)}] (size of the val split)", field="n-eval")
@@ -108,7 +109,7 @@ def run(args: argparse.Namespace) -> int:
                           units=layers, device=device, recal_loader=recal, recal_images=max(1, args.bn_recalibrate),
                           progress=not args.no_progress)
     result.meta.update({"model": args.model, "checkpoint": args.checkpoint, "criterion": args.criterion,
-                        "n_eval": args.n_eval, "eval_split": "val", "seed": args.seed, "data": args.data})
+                        "n_eval": args.n_eval, "eval_split": "val", "seed": args.seed, "data": bundle.name})
     spec, info = sens.suggest(result, model, args.tolerance, target=target, min_keep=args.min_keep)
     header = (f"suggested by: python -m compressor sensitivity --model {args.model} --criterion {args.criterion} "
               f"--tolerance {args.tolerance}" + (f" --target {args.target}" if args.target else ""))

@@ -51,7 +51,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--no-report", action="store_true", help="prune only; run `report` on the folder later")
     p.add_argument("--no-plots", action="store_true")
     add_latency_args(p)
-    add_common(p)
+    add_common(p, stats=False)  # the baseline's contract gives the normalisation
     return p
 
 

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import time
 import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping
 
 from compressor.commands import add_common, new_parser
-from compressor.commands._options import (check_layer, nonneg_float, nonneg_int, positive_float, positive_int,
+from compressor.commands._options import (Checked, check_layer, nonneg_float, nonneg_int, positive_float, positive_int,
                                           unit_interval, unit_interval_open)
 
 if TYPE_CHECKING:
@@ -24,9 +25,17 @@ EXAMPLES = """\
   python -m compressor train --resume checkpoints/vgg16_cifar10/last.pt   # continue exactly, with the run's own options
   torchrun --nproc_per_node=4 -m compressor train --model mobilenet_v2 --data cifar10 --data-root DIR --epochs 30
 
-outputs (--out folder): last.pt (every epoch), best.pt (best validation accuracy; the test
+Per-model defaults (e.g. SqueezeNet: lr 0.01, 1 warm-up epoch) come from the `train:` entries of
+compressor/recipes/models.yaml; a run prints the recipe it used. --config and flags override them.
+The data contract (classes, input size, normalisation, resize policy) is recorded in every
+checkpoint; later commands read their data from it.
+
+outputs (--out folder; refused if it holds another run's files, unless --overwrite): last.pt (every epoch), best.pt (best validation accuracy; the test
 split is only evaluated), metrics.jsonl, resolved_config.yaml, summary.json.
 """
+
+
+EPOCH_FRACTION = Checked("epoch_fraction", float, 0.0, 1.0, lo_open=True)  # (0, 1]
 
 
 def add_train_args(p: argparse.ArgumentParser, lr: float) -> None:
@@ -34,6 +43,8 @@ def add_train_args(p: argparse.ArgumentParser, lr: float) -> None:
     B = argparse.BooleanOptionalAction
     p.add_argument("--config", metavar="YAML", help="recipe file (experiments/recipes/*.yaml); flags override it")
     p.add_argument("--out", default=None, help="output folder")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the outputs of an earlier run in --out (a folder with other files is refused)")
     p.add_argument("--resume", metavar="LAST_PT",
                    help="continue a run from its last.pt (model, optimizer, schedule, epoch) with the run's own options; "
                         "flags typed with it override them")
@@ -56,6 +67,9 @@ def add_train_args(p: argparse.ArgumentParser, lr: float) -> None:
     p.add_argument("--channels-last", action=B, default=True, help="channels_last memory format on GPU")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--workers", type=nonneg_int, default=0, help="DataLoader worker processes")
+    p.add_argument("--eval-every", type=EPOCH_FRACTION, default=1.0, metavar="FRACTION",
+                   help="evaluate the validation split every this fraction of an epoch, in (0, 1] (also before the "
+                        "first step and at every epoch end): metrics.jsonl rows and recovery_curve.png")
     p.add_argument("--val-size", type=nonneg_int, default=None,
                    help="images held out from train for selection (default: 10%% digits, 5000 CIFAR)")
 
@@ -66,6 +80,9 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p = new_parser(sub, "train", "train a baseline model", EXAMPLES)
     p.add_argument("--model", default=None, help="registered model name (required unless --resume)")
     p.add_argument("--num-classes", type=int, default=None)
+    p.add_argument("--input-size", type=positive_int, default=None,
+                   help="train at N px (models with global pooling, e.g. the CIFAR MobileNets/SqueezeNets/ResNets at "
+                        "64); recorded in the checkpoint; default: the model's own")
     add_train_args(p, lr=0.05)
     add_common(p)
     return recipe.defer_defaults(p)
@@ -82,7 +99,7 @@ def train_config(args: argparse.Namespace) -> TrainConfig:
             milestones=tuple(args.milestones or ()), gamma=args.gamma, warmup_epochs=args.warmup_epochs,
             label_smoothing=args.label_smoothing, seed=args.seed, workers=args.workers, amp=args.amp,
             channels_last=args.channels_last, kd_temperature=args.kd_temperature, kd_alpha=args.kd_alpha,
-            compile=args.compile)
+            compile=args.compile, eval_every=args.eval_every)
     except ValueError as exc:
         raise UserError(str(exc), source=args.config) from exc
 
@@ -93,11 +110,12 @@ def _fmt(r: dict[str, Any], epochs: int) -> str:
             f"train {r['train_acc']:.2f}%{val} ({r['img_per_s']:.0f} img/s)")
 
 
-def load_data(args: argparse.Namespace, input_size: int, model: nn.Module | None = None) -> DataBundle:
-    from compressor import data
+def load_data(args: argparse.Namespace, input_size: Any, model: nn.Module, ck: Mapping[str, Any] | None = None,
+              source: str | None = None, probe: bool = False) -> DataBundle:
+    """The run's data: the typed options, else the model's data contract (which it then carries)."""
+    from compressor.commands import _data
 
-    return data.load(args.data, args.data_root, input_size=input_size, val_size=args.val_size, seed=args.seed,
-                     download=args.download, stats=data.model_stats(model) if model is not None else None)
+    return _data.load(args, model, ck=ck, source=source, input_size=input_size, val_size=args.val_size, probe=probe)
 
 
 def load_teacher(path: str, student_arch: str) -> nn.Module:
@@ -156,6 +174,8 @@ def resolve_args(args: argparse.Namespace) -> tuple[argparse.Namespace, nn.Modul
         check_layer(recipe.read(args.config), actions, str(args.config))  # YAML numbers skip argparse's types
     first = recipe.resolve(args)
     if not first.resume:
+        if getattr(first, "model", None) and not hasattr(first, "checkpoint"):  # train, not finetune
+            return _with_model_recipe(args, first.model), None, None
         return first, None, None
     src = str(first.resume)
     net, ck = checkpoint.load(src, model=getattr(first, "model", None))
@@ -171,6 +191,21 @@ def resolve_args(args: argparse.Namespace) -> tuple[argparse.Namespace, nn.Modul
         warnings.warn(f"{src}: resuming with changed settings ({', '.join(changed)}); the run will not repeat "
                       "an uninterrupted one", stacklevel=2)
     return resolved, net, ck
+
+
+def _with_model_recipe(args: argparse.Namespace, arch: str) -> argparse.Namespace:
+    """defaults < the model's ``train:`` values (recipes/models.yaml) < --config < flags; says which."""
+    from compressor import recipe
+
+    rec = recipe.model_recipe(arch)
+    values = dict(rec.get("train") or {})
+    resolved = recipe.resolve(args, saved=values, saved_source=rec["source"])
+    given = set(vars(args)) | set(recipe.read(args.config) if getattr(args, "config", None) else {})
+    used = {k: v for k, v in values.items() if k not in given}
+    if used:
+        print(f"train recipe {rec['source']}: " + ", ".join(f"{k} {v}" for k, v in used.items())
+              + " (--config or flags override)")
+    return resolved
 
 
 def _plain(v: Any) -> Any:
@@ -246,8 +281,7 @@ def run_training(net: nn.Module, bundle: DataBundle, args: argparse.Namespace, o
     ``ck``: the checkpoint ``net`` came from: the ``--resume`` last.pt (its carried provenance,
     metrics and training state are kept) or, with ``source`` its path, a checkpoint to fine-tune.
     """
-    from compressor import checkpoint, data, distributed
-    from compressor.train import config_dict, fit
+    from compressor import distributed
 
     ck = ck or {}
     if args.resume:
@@ -261,28 +295,77 @@ def run_training(net: nn.Module, bundle: DataBundle, args: argparse.Namespace, o
     else:
         src_rec, carried, recipe_used = None, {}, args.config
     ctx = distributed.init(args.device)
-    ok = False
+    ok, rc = False, 0
     try:
-        device = ctx.device
-        data.check_classes(bundle, net.num_classes, source=source or args.resume)
-        teacher = load_teacher(args.teacher, net.arch) if args.teacher else None
-        cfg = train_config(args)
-        extra = {"resumed_from": str(args.resume)} if args.resume else {}
-        prov = checkpoint.provenance(seed=args.seed, data=args.data,
-                                     data_root=str(args.data_root) if args.data_root is not None else None,
-                                     val_size=args.val_size, train=config_dict(cfg), recipe=recipe_used,
-                                     processes=ctx.world_size, teacher=args.teacher, source=src_rec, **extra)
-        distributed.run_on_main(lambda: write_resolved(out, args, header=f"resolved options of: {prov['command']}"),
-                                ctx)  # rank 0 writes; a failure there stops every rank, at once
-        meta = {"rates": ck.get("rates"), "plan": ck.get("plan"), "prov": prov, "metrics": carried}
-        history = fit(net, bundle, cfg, device, progress=not args.no_progress and ctx.is_main,
-                      log=lambda r: print(_fmt(r, cfg.epochs), flush=True), teacher=teacher, out_dir=out,
-                      resume=ck if args.resume else None, resume_source=args.resume, ckpt_meta=meta, ctx=ctx)
-        rc = distributed.run_on_main(lambda: _report(net, bundle, out, history, device), ctx)
+        with _claim(out, args, ctx) as run:
+            started = time.time_ns()
+            try:
+                rc = _train_and_report(net, bundle, args, out, ck, src_rec, carried, recipe_used, source, ctx)
+            except BaseException:
+                _keep_resume_point(run, out, started)
+                raise
         ok = True
-        return int(rc or 0)
+        return rc
     finally:
         distributed.shutdown(barrier=ok)  # unwinding from an error: the peers stopped at the same point
+
+
+def _claim(out: Path, args: argparse.Namespace, ctx: Any) -> Any:
+    """The run folder, claimed by the process that writes (``compressor.runfolder``): a foreign
+    non-empty ``--out`` is refused unless ``--overwrite``/``--resume``, a concurrent run too."""
+    import contextlib
+
+    from compressor import runfolder
+
+    if not ctx.is_main:
+        return contextlib.nullcontext()
+    command = "finetune" if hasattr(args, "checkpoint") else "train"
+    return runfolder.claim(out, command=command, overwrite=bool(getattr(args, "overwrite", False)),
+                           resume=bool(args.resume))
+
+
+def _keep_resume_point(run: Any, out: Path, started_ns: int) -> None:
+    """An interrupted run keeps what ``--resume`` needs once it wrote a last.pt; before that it leaves nothing."""
+    from compressor.errors import UserError
+
+    last = out / "last.pt"
+    if run is None or not last.exists() or last.stat().st_mtime_ns < started_ns:
+        return
+    for name in ("last.pt", "best.pt", "metrics.jsonl", RESOLVED):
+        if (out / name).exists():
+            try:
+                run.record(out / name, keep=True)
+            except UserError:  # the manifest cannot be rewritten (a full disk): the run's own error is the news
+                return
+
+
+def _train_and_report(net: nn.Module, bundle: DataBundle, args: argparse.Namespace, out: Path,
+                      ck: Mapping[str, Any], src_rec: Any, carried: dict[str, Any], recipe_used: Any,
+                      source: str | None, ctx: Any) -> int:
+    """Fit, then (rank 0) the test report."""
+    from compressor import checkpoint, contract, data, distributed
+    from compressor.train import config_dict, fit
+
+    device = ctx.device
+    data.check_classes(bundle, net.num_classes, source=source or args.resume)
+    teacher = load_teacher(args.teacher, net.arch) if args.teacher else None
+    cfg = train_config(args)
+    extra = {"resumed_from": str(args.resume)} if args.resume else {}
+    dc = contract.of(net)
+    if dc is not None and args.data is None:  # resolved from the contract: the records say what was used
+        args.data, args.data_root = dc.dataset, args.data_root if args.data_root is not None else dc.root
+    prov = checkpoint.provenance(seed=args.seed, data=dc.dataset if dc else args.data,
+                                 data_root=dc.root if dc else args.data_root,
+                                 val_size=args.val_size, train=config_dict(cfg), recipe=recipe_used,
+                                 processes=ctx.world_size, teacher=args.teacher, source=src_rec, **extra)
+    distributed.run_on_main(lambda: write_resolved(out, args, header=f"resolved options of: {prov['command']}"),
+                            ctx)  # rank 0 writes; a failure there stops every rank, at once
+    meta = {"rates": ck.get("rates"), "plan": ck.get("plan"), "prov": prov, "metrics": carried}
+    history = fit(net, bundle, cfg, device, progress=not args.no_progress and ctx.is_main,
+                  log=lambda r: print(_fmt(r, cfg.epochs), flush=True), teacher=teacher, out_dir=out,
+                  resume=ck if args.resume else None, resume_source=args.resume, ckpt_meta=meta, ctx=ctx)
+    rc = distributed.run_on_main(lambda: _report(net, bundle, out, history, device), ctx)
+    return int(rc or 0)
 
 
 def _report(net: nn.Module, bundle: DataBundle, out: Path, history: list[dict[str, Any]], device: Any) -> int:
@@ -313,19 +396,22 @@ def _report(net: nn.Module, bundle: DataBundle, out: Path, history: list[dict[st
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from compressor import io
+    from compressor import contract, io
     from compressor.errors import UserError
     from compressor.models import get_model
 
     args, net, ck = resolve_args(args)
     if args.resume:
         out = io.check_writable(Path(args.out or Path(args.resume).parent))
-        return run_training(net, load_data(args, net.input_size, net), args, out, ck=ck)
+        return run_training(net, load_data(args, net.input_size, net, ck, args.resume), args, out, ck=ck)
     if not args.model:
         raise UserError("--model is required (as a flag or a recipe key) unless --resume is given", field="model")
-    out = io.check_writable(Path(args.out or f"checkpoints/{args.model}_{args.data}"))
-    probe = get_model(args.model, num_classes=args.num_classes if args.num_classes is not None else 10)
-    bundle = load_data(args, probe.input_size, probe)
+    out = io.check_writable(Path(args.out or f"checkpoints/{args.model}_{args.data or 'digits'}"))
+    size = {"input_size": args.input_size} if getattr(args, "input_size", None) else {}
+    probe = get_model(args.model, num_classes=args.num_classes if args.num_classes is not None else 10, **size)
+    bundle = load_data(args, probe.input_size, probe, probe=True)
     torch.manual_seed(args.seed)  # the initial weights are a function of --seed too
-    net = get_model(args.model, num_classes=args.num_classes if args.num_classes is not None else bundle.num_classes)
+    net = get_model(args.model, num_classes=args.num_classes if args.num_classes is not None else bundle.num_classes,
+                    **size)
+    contract.attach(net, contract.of(probe))  # the data contract this run sets
     return run_training(net, bundle, args, out)

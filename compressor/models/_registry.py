@@ -45,13 +45,45 @@ def get_model(name: str, num_classes: int | None = None, cfg: list | None = None
             f"unknown model {name!r}{suggest(name, _MODELS)}; valid: {', '.join(list_models())}",
             field="model",
         )
+    input_size = kwargs.pop("input_size", None)
     if num_classes is not None:
         if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
             raise UserError(f"num_classes must be a positive integer, got {num_classes!r}", field="num_classes")
         kwargs["num_classes"] = num_classes
     model = _MODELS[name](cfg=cfg, **kwargs)
     model.arch = name
+    if input_size is not None and input_size != model.input_size:
+        _resize_input(model, name, input_size)
     return model
+
+
+def _resize_input(model: nn.Module, name: str, size: object) -> None:
+    """Another input size, for an architecture whose classifier does not depend on it (global pooling).
+
+    Checked by one forward at that size (free on the meta device); a model that cannot take it
+    (HRank's VGG flattens a fixed 1x1 map) is a one-line error.
+    """
+    import torch
+
+    if isinstance(size, (tuple, list)) and len(size) == 2 and size[0] == size[1]:
+        size = size[0]
+    if isinstance(size, bool) or not isinstance(size, int) or not 8 <= size <= 4096:
+        raise UserError(f"input size must be an integer in [8, 4096], got {size!r}", field="input-size")
+    p = next(model.parameters())
+    was = model.training
+    try:
+        with torch.no_grad():
+            out = model.eval()(torch.zeros(1, 3, size, size, device=p.device, dtype=p.dtype))
+        ok = tuple(out.shape) == (1, int(model.num_classes))
+    except RuntimeError:
+        ok = False
+    finally:
+        model.train(was)
+    if not ok:
+        raise UserError(f"{name} is built for {model.input_size}-px inputs and cannot take {size} px "
+                        "(its classifier needs a fixed feature-map size)", field="input-size")
+    model.input_size = size
+    model.builder_kwargs = {**(getattr(model, "builder_kwargs", None) or {}), "input_size": size}
 
 
 def finetune_lr(name: str) -> float:
