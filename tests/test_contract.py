@@ -216,3 +216,24 @@ def test_a_new_user_trains_squeezenet_on_an_image_folder_with_the_defaults(tmp_p
     assert "train recipe models.yaml:squeezenet: lr 0.02, warmup_epochs 1" in capsys.readouterr().out
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["best"]["test"]["top1"] >= 50.0  # 4 classes: chance is 25%
+
+
+def test_eval_save_imports_a_plain_file_once(trained, tmp_path, capsys):
+    """A plain state_dict (HRank/akamaster style) has no contract; eval --save gives it one, with the
+    accuracy it measured, which prune then reuses instead of measuring again."""
+    root, best = trained
+    net, _ = checkpoint.load(best)
+    plain = tmp_path / "plain.pt"
+    torch.save(net.state_dict(), plain)
+    imported = tmp_path / "imported.pt"
+    assert main(["eval", "--checkpoint", str(plain), "--model", "squeezenet1_1", "--data", "imagefolder",
+                 "--data-root", str(root), "--save", str(imported), "--json", "--no-progress"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    ck = torch.load(imported, weights_only=True)
+    assert ck["data"] == _contract(best) and ck["metrics"]["test"]["top1"] == res["top1"]
+    rates = tmp_path / "r.yaml"
+    rates.write_text("default: 0.25\n")
+    assert main(["prune", "--checkpoint", str(imported), "--rates", str(rates), "--criterion", "l1", "--n-images", "32",
+                 "--out", str(tmp_path / "p"), "--no-progress"]) == 0
+    m = json.loads((tmp_path / "p" / "summary.json").read_text())
+    assert m["baseline_test"]["reused"] is True and m["baseline_test"]["top1"] == res["top1"]

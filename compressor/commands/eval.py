@@ -13,6 +13,8 @@ EXAMPLES = """\
   python -m compressor eval --checkpoint checkpoints/vgg16_bn_digits_demo/pruned.pt
   python -m compressor eval --checkpoint pruned.pt --data cifar10 --data-root ../shared/data/cifar10-jpeg.tar.gz
   python -m compressor eval --checkpoint pruned.onnx     # onnxruntime, on the data recorded in the file
+  python -m compressor eval --checkpoint ../shared/data/pretrained/vgg16_bn_cifar10_jpeg.pt --model vgg16_bn \
+      --data cifar10 --data-root ../shared/data/cifar10-jpeg.tar.gz --save checkpoints/vgg16_cifar10.pt  # import once
 
 With no --data, the data (dataset, root, classes, normalisation) is the checkpoint's own.
 """
@@ -24,6 +26,10 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--model", help="needed only for plain (HRank-format) state_dicts")
     p.add_argument("--batch-size", type=positive_int, default=256)
     p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.add_argument("--save", metavar="PT",
+                   help="also write the model as a compressor checkpoint carrying this data contract and the measured "
+                        "test accuracy (imports a plain HRank/akamaster/torchvision file once; prune then reuses "
+                        "the accuracy instead of re-measuring it)")
     add_common(p)
     return p
 
@@ -46,9 +52,27 @@ def evaluate_checkpoint(path: str, args: argparse.Namespace) -> dict:
                    not args.no_progress, "eval")
     if ck:
         res.update(counting.count(net.cpu()))
+    measured = dict(res)
     res.update({"checkpoint": path, "model": ck.get("model", getattr(net, "arch", "onnx")), "data": bundle.name,
                 "file_bytes": Path(path).stat().st_size, "runtime": "onnxruntime" if not ck else "torch"})
+    if getattr(args, "save", None):
+        res["saved"] = str(_save(net, ck, measured, path, args.save))
     return res
+
+
+def _save(net, ck: dict, measured: dict, path: str, dest: str) -> Path:
+    """The evaluated model as a compressor checkpoint: its contract, and the test result under ``metrics["test"]``."""
+    from compressor import checkpoint, contract
+    from compressor.errors import UserError
+
+    if not ck:
+        raise UserError("--save needs a checkpoint, not an .onnx file", field="save")
+    c = contract.of(net)
+    prov = checkpoint.provenance(imported_from=path, data=c.dataset if c else None, data_root=c.root if c else None,
+                                 source=(ck.get("provenance") or {}).get("source"))
+    metrics = {**{k: v for k, v in (ck.get("metrics") or {}).items() if k not in ("test", "evaluations")},
+               "test": measured}
+    return checkpoint.save(dest, net.cpu(), rates=ck.get("rates"), plan=ck.get("plan"), metrics=metrics, prov=prov)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -60,4 +84,6 @@ def run(args: argparse.Namespace) -> int:
                 f"  ({res['runtime']})")
         print(f"{res['model']} on {res['data']} test ({res['n']} images): top-1 {res['top1']:.2f}%  "
               f"top-5 {res['top5']:.2f}%  loss {res['loss']:.4f}{size}  file {res['file_bytes'] / 1e6:.2f} MB")
+        if "saved" in res:
+            print(f"saved with its data contract and test accuracy: {res['saved']}")
     return 0
