@@ -257,8 +257,11 @@ def _rank(job: PruneJob, base: nn.Module, bundle: Any, device: torch.device,
 
 
 def _recover(job: PruneJob, base: nn.Module, pruned: nn.Module, plan: Any, bundle: Any, device: torch.device,
-             test_loader: Any, metrics: dict[str, Any]) -> list[dict[str, Any]]:
-    """Reconstruction, BN re-estimation and fine-tuning, each measured on the way."""
+             test_loader: Any, metrics: dict[str, Any], out: Path) -> list[dict[str, Any]]:
+    """Reconstruction, BN re-estimation and fine-tuning, each measured on the way.
+
+    A fine-tune runs in ``out/finetune/`` (its metrics.jsonl, recovery_curve.png, last.pt and
+    best.pt, selected on val); the pruned model keeps the last epoch's weights."""
     recovery = []
     if job.reconstruct:
         from compressor.reconstruct import reconstruct
@@ -280,7 +283,8 @@ def _recover(job: PruneJob, base: nn.Module, pruned: nn.Module, plan: Any, bundl
     history: list[dict[str, Any]] = []
     if job.finetune.epochs > 0:
         teacher = _teacher(job, base, device)
-        history = fit(pruned, bundle, job.finetune, device, job.progress, teacher=teacher)
+        history = fit(pruned, bundle, job.finetune, device, job.progress, teacher=teacher, out_dir=out / "finetune",
+                      ckpt_meta={"plan": plan.to_json(), "metrics": {}})
         metrics["finetuned_test"] = evaluate(pruned, test_loader, device, job.progress, "eval fine-tuned")
         recovery.append("finetune" + ("+kd" if teacher is not None else ""))
         if teacher is not None:
@@ -352,7 +356,7 @@ def _prune_into(job: PruneJob, out: Path, device: torch.device, base: nn.Module 
         metrics["latency_check"] = lat_check
 
     # 5. Recovery (the last fine-tuning epoch is reported; the test split never selects anything).
-    history = _recover(job, base, pruned, plan, bundle, device, test_loader, metrics)
+    history = _recover(job, base, pruned, plan, bundle, device, test_loader, metrics, out)
     check_finite(pruned, what="the pruned model")
     size_before, size_after = counting.count(base), counting.count(pruned)
     metrics["size_before"], metrics["size_after"] = size_before, size_after
@@ -399,4 +403,6 @@ def _write_outputs(job: PruneJob, out: Path, base: nn.Module, pruned: nn.Module,
     paths["widths_plot"] = plots.widths(names, [u.width for u in units], [len(plan.kept(n)) for n in names],
                                         out / "widths.png", title=f"{job.model}: channels kept ({job.criterion})")
     paths["summary"] = io.write_json(out / "summary.json", json.loads(json.dumps(metrics, default=str)))
+    if (out / "finetune" / "recovery_curve.png").is_file():
+        paths["curve"] = out / "finetune" / "recovery_curve.png"
     return {"metrics": metrics, "table": table, "paths": {k: str(v) for k, v in paths.items()}, "out": str(out)}

@@ -101,6 +101,7 @@ unit_interval_open = Checked("unit_interval_open", float, 0.0, 1.0, hi_open=True
 positive_int = Checked("positive_int", int, 1)
 nonneg_int = Checked("nonneg_int", int, 0)
 seed_int = Checked("seed_int", int, 0, SEED_MAX)
+EPOCH_FRACTION = Checked("epoch_fraction", float, 0.0, 1.0, lo_open=True)  # (0, 1]: how often to evaluate
 OPSET_MIN = 7  # the oldest opset onnxruntime runs the exported BatchNormalization with (= export.MIN_OPSET)
 opset_int = _Opset("opset_int", int, OPSET_MIN)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from compressor.commands import add_common, new_parser
-from compressor.commands._options import nonneg_float, nonneg_int, positive_float, positive_int
+from compressor.commands._options import EPOCH_FRACTION, nonneg_float, nonneg_int, positive_float, positive_int
 
 EXAMPLES = """\
   # the main job on the embedded digits data (trains a quick baseline first)
@@ -61,7 +61,11 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--no-bn-recalibrate", action="store_true", help="skip BN statistics re-estimation after surgery")
     p.add_argument("--baseline-epochs", type=nonneg_int, default=None,
                    help="epochs for the quick baseline when no --checkpoint (default: the model's quick recipe)")
-    p.add_argument("--finetune-epochs", type=nonneg_int, default=0, help="fine-tuning epochs after pruning (default 0)")
+    p.add_argument("--finetune-epochs", type=nonneg_int, default=0,
+                   help="fine-tuning epochs after pruning (default 0); the run goes to <out>/finetune/ with its "
+                        "recovery curve")
+    p.add_argument("--eval-every", type=EPOCH_FRACTION, default=1.0, metavar="FRACTION",
+                   help="fine-tune: validation accuracy every this fraction of an epoch (the recovery curve)")
     p.add_argument("--lr", type=positive_float, default=None,
                    help="fine-tuning learning rate (default: the model's, 0.01; SqueezeNet 0.002)")
     p.add_argument("--batch-size", type=positive_int, default=128)
@@ -99,7 +103,8 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"must be >= 0, got {args.baseline_epochs}", field="baseline-epochs")
     try:
         lr = args.lr if args.lr is not None else finetune_lr(args.model)
-        finetune = TrainConfig(epochs=args.finetune_epochs, lr=lr, batch_size=args.batch_size, seed=args.seed)
+        finetune = TrainConfig(epochs=args.finetune_epochs, lr=lr, batch_size=args.batch_size, seed=args.seed,
+                               eval_every=args.eval_every)
     except ValueError as exc:
         raise UserError(str(exc), field="finetune-epochs/lr/batch-size") from exc
     job = PruneJob(

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping
 
 from compressor.commands import add_common, new_parser
-from compressor.commands._options import (Checked, check_layer, nonneg_float, nonneg_int, positive_float, positive_int,
+from compressor.commands._options import (EPOCH_FRACTION, check_layer, nonneg_float, nonneg_int, positive_float, positive_int,
                                           unit_interval, unit_interval_open)
 
 if TYPE_CHECKING:
@@ -33,9 +33,6 @@ checkpoint; later commands read their data from it.
 outputs (--out folder; refused if it holds another run's files, unless --overwrite): last.pt (every epoch), best.pt (best validation accuracy; the test
 split is only evaluated), metrics.jsonl, resolved_config.yaml, summary.json.
 """
-
-
-EPOCH_FRACTION = Checked("epoch_fraction", float, 0.0, 1.0, lo_open=True)  # (0, 1]
 
 
 def add_train_args(p: argparse.ArgumentParser, lr: float) -> None:
