@@ -31,7 +31,9 @@ def timed(argv: list[str]) -> float:
     t = time.perf_counter()
     subprocess.run([sys.executable, "-m", "compressor", *argv, "--no-progress"], check=True, cwd=ROOT,
                    stdout=subprocess.DEVNULL)
-    return time.perf_counter() - t
+    dt = time.perf_counter() - t
+    print(f"  {dt:6.1f} s  {' '.join(argv[:1])} ...{' '.join(argv[-4:])}", flush=True)
+    return dt
 
 
 def main() -> int:

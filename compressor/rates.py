@@ -221,6 +221,8 @@ class RateSpec:
             out["round_to"] = self.round_to
         if self.latency_options:
             out["latency_options"] = dict(self.latency_options)
+        if self.extra.get("rates_string"):  # the published list as written (HRankPlus ResNet layout), for reports
+            out["rates_string"] = str(self.extra["rates_string"])[:200]
         return out
 
     def replace(self, **changes: Any) -> RateSpec:

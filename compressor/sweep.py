@@ -280,7 +280,7 @@ def _sweep_into(job: SweepJob, out: Path, run: Any,
         rcfg = replace(job.report, data=job.data, data_root=job.data_root)
         entries = [report.Entry(Path(job.checkpoint))]
         entries += [report.Entry(out / p["name"] / "pruned.pt", out / "scores.pt", Path(job.checkpoint),
-                                 report.budget_label(p.get("budget"), p.get("policy")))
+                                 report.budget_label(p.get("budget"), p.get("policy")), p.get("rates_file"))
                     for p in state["points"] if (out / p["name"] / "pruned.pt").is_file()]
         result["report"] = report.run_report(entries, rep_out, rcfg)
         io.write_json(rep_out / "sweep_settings.json", state)

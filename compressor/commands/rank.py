@@ -17,7 +17,7 @@ EXAMPLES = """\
 
 def add_parser(sub) -> argparse.ArgumentParser:
     p = new_parser(sub, "rank", "score filters (one forward pass for all activation criteria)", EXAMPLES)
-    p.add_argument("--model", required=True)
+    p.add_argument("--model", default=None, help="needed only for plain (HRank-format) state_dicts")
     p.add_argument("--checkpoint", required=True, help="trained model (compressor or HRank format)")
     p.add_argument("--criterion", default="hrank", help="one or more, comma-separated (default hrank)")
     p.add_argument("--n-images", type=positive_int, default=768)
@@ -52,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
     from compressor.commands import _data
 
     names = criterion_names(args.criterion)
-    out = Path(args.out or f"checkpoints/{args.model}_scores.pt")
+    out = Path(args.out or f"checkpoints/{args.model or Path(args.checkpoint).stem}_scores.pt")
     io.check_writable(out.parent)  # fail before the pass, not after it
     ctx = distributed.init(args.device)
     device = ctx.device

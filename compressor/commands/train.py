@@ -35,6 +35,18 @@ split is only evaluated), metrics.jsonl, resolved_config.yaml, summary.json.
 """
 
 
+def _recipe_lines() -> str:
+    """The per-model ``train:`` defaults in use, for --help."""
+    import yaml
+
+    from compressor.recipe import MODEL_RECIPES
+
+    table = yaml.safe_load(MODEL_RECIPES.read_text())
+    rows = [f"  {name:<14} " + ", ".join(f"{k} {v}" for k, v in (entry.get("train") or {}).items())
+            for name, entry in table.items() if isinstance(entry, dict) and entry.get("train")]
+    return f"\nper-model defaults in use ({MODEL_RECIPES.name}, matched by name prefix):\n" + "\n".join(rows) + "\n"
+
+
 def add_train_args(p: argparse.ArgumentParser, lr: float) -> None:
     """Options shared by ``train`` and ``finetune``; every one can also be a recipe key."""
     B = argparse.BooleanOptionalAction
@@ -74,7 +86,7 @@ def add_train_args(p: argparse.ArgumentParser, lr: float) -> None:
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     from compressor import recipe
 
-    p = new_parser(sub, "train", "train a baseline model", EXAMPLES)
+    p = new_parser(sub, "train", "train a baseline model", EXAMPLES + _recipe_lines())
     p.add_argument("--model", default=None, help="registered model name (required unless --resume)")
     p.add_argument("--num-classes", type=int, default=None)
     p.add_argument("--input-size", type=positive_int, default=None,
