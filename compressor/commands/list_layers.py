@@ -17,21 +17,21 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p = new_parser(sub, "list-layers", "list registered models, or a model's prunable layers and rank points", EXAMPLES)
     p.add_argument("name", nargs="?", help="model name (same as --model)")
     p.add_argument("--model", help="registered name, torchvision:<name> or package.module:builder")
-    p.add_argument("--input-size", type=int, default=None, help="input size for torchvision:/module: models")
+    p.add_argument("--input-size", type=int, default=None, help="input size (torchvision:/module: models, and registered models with global pooling)")
     p.add_argument("--residual", action=argparse.BooleanOptionalAction, default=None,
                    help="list residual groups as prunable (default: the model's)")
     return p
 
 
 def run(args: argparse.Namespace) -> int:
-    from compressor.models import external, get_model, list_models
+    from compressor.models import get_model, list_models
     from compressor.pruning import graph
 
     name = args.model or args.name
     if not name:
         print("\n".join(list_models()))
         return 0
-    kw = {"input_size": args.input_size} if args.input_size and external.is_external(name) else {}
+    kw = {"input_size": args.input_size} if args.input_size else {}
     m = get_model(name, **kw)
     if args.residual is not None:
         m.prune_residual = args.residual
