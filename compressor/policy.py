@@ -590,46 +590,67 @@ def resolve(spec: RateSpec, model: nn.Module | None, scores: Mapping[str, torch.
                                          cache=latency_cache, overhead_ms=latency_overhead_ms)
     def solve(tgt: Mapping[str, float]) -> dict[str, int]:
         if cfg.name == "local":
-            if target:
-                counts, alpha = solve_local(size, widths, spec.rates, tgt, cfg, spec.rounding)
-                info["scale"] = alpha
-                info["profile"] = "uniform" if not any(v > 0 for v in spec.rates.values()) else "rates file"
-            else:
-                counts = spec.keep_counts(widths)
-                if cfg.bounds_given:
-                    counts = {u: cfg.clamp(widths[u], k) for u, k in counts.items()}
-        else:
-            if scores is None:
-                raise UserError("policy global needs scores (it ranks channels across layers)", field="policy")
-            info["normalize"] = cfg.normalize
-            order = global_order(scores, widths, cfg, tiebreak)
-            skipped = [u for u in widths if u not in order.start]
-            if skipped:
-                info["unscored_units_kept_whole"] = skipped
-                log.info("policy global: %d unit(s) without scores are kept whole", len(skipped))
-            scored_total = sum(widths[u] for u in order.start)
-            mandatory = sum(widths[u] - order.start[u] for u in order.start)
-            if target:
-                counts, n = solve_global(size, order, tgt, cfg, widths)
-            else:
-                rate = sum(spec.rates[u] * widths[u] for u in order.start) / max(1, scored_total)
-                want = round(rate * scored_total)
-                n = want - mandatory
-                if not 0 <= n <= len(order.sequence):
-                    lo = mandatory / scored_total
-                    hi = (mandatory + len(order.sequence)) / scored_total
-                    raise UserError(f"global rate {rate:.4f} is outside what min_keep={cfg.min_keep} and "
-                                    f"max_keep={cfg.max_keep} allow ({lo:.4f} … {hi:.4f})", source=spec.source,
-                                    field="rates")
-                counts = _rounded(order, widths, cfg, n)
-                info["global_rate_asked"] = rate
-            counts = {u: counts.get(u, w) for u, w in widths.items()}
-            info["global_rate"] = sum(widths[u] - counts[u] for u in order.start) / max(1, scored_total)
-        return counts
+            return _local_counts(spec, cfg, size, widths, tgt, bool(target), info)
+        return _global_counts(spec, cfg, size, widths, scores, tiebreak, tgt, bool(target), info)
 
     counts = solve(target)
     if "latency" in target and latency_refine and latency_timer is None and model is not None and hasattr(model, "cfg"):
         counts = _refine_latency(size, model, counts, target, cfg, solve, info, latency_refine)
+    _record_achieved(info, size, counts, widths, target, cfg)
+    if cfg.name == "local" and not target and not cfg.bounds_given:  # keep the file's own rates on record
+        return RateSpec(rates=dict(spec.rates), rounding=spec.rounding, source=spec.source, target=spec.target,
+                        extra={**spec.extra, "resolved": info}, round_to=spec.round_to,
+                        latency_options=spec.latency_options)
+    return _exact_spec(spec, widths, counts, info)
+
+
+def _local_counts(spec: RateSpec, cfg: Any, size: SizeCounter, widths: Mapping[str, int],
+                  tgt: Mapping[str, float], has_target: bool, info: dict[str, Any]) -> dict[str, int]:
+    """Per-layer rates as given, or (with a budget) scaled uniformly until the budget is met."""
+    if has_target:
+        counts, alpha = solve_local(size, widths, spec.rates, tgt, cfg, spec.rounding)
+        info["scale"] = alpha
+        info["profile"] = "uniform" if not any(v > 0 for v in spec.rates.values()) else "rates file"
+        return counts
+    counts = spec.keep_counts(widths)
+    return {u: cfg.clamp(widths[u], k) for u, k in counts.items()} if cfg.bounds_given else counts
+
+
+def _global_counts(spec: RateSpec, cfg: Any, size: SizeCounter, widths: Mapping[str, int],
+                   scores: Mapping[str, torch.Tensor] | None, tiebreak: Mapping[str, torch.Tensor] | None,
+                   tgt: Mapping[str, float], has_target: bool, info: dict[str, Any]) -> dict[str, int]:
+    """Channels ranked across layers; the budget (or the file's mean rate) decides how many go."""
+    if scores is None:
+        raise UserError("policy global needs scores (it ranks channels across layers)", field="policy")
+    info["normalize"] = cfg.normalize
+    order = global_order(scores, widths, cfg, tiebreak)
+    skipped = [u for u in widths if u not in order.start]
+    if skipped:
+        info["unscored_units_kept_whole"] = skipped
+        log.info("policy global: %d unit(s) without scores are kept whole", len(skipped))
+    scored_total = sum(widths[u] for u in order.start)
+    mandatory = sum(widths[u] - order.start[u] for u in order.start)
+    if has_target:
+        counts, _ = solve_global(size, order, tgt, cfg, widths)
+    else:
+        rate = sum(spec.rates[u] * widths[u] for u in order.start) / max(1, scored_total)
+        n = round(rate * scored_total) - mandatory
+        if not 0 <= n <= len(order.sequence):
+            lo = mandatory / scored_total
+            hi = (mandatory + len(order.sequence)) / scored_total
+            raise UserError(f"global rate {rate:.4f} is outside what min_keep={cfg.min_keep} and "
+                            f"max_keep={cfg.max_keep} allow ({lo:.4f} … {hi:.4f})", source=spec.source,
+                            field="rates")
+        counts = _rounded(order, widths, cfg, n)
+        info["global_rate_asked"] = rate
+    counts = {u: counts.get(u, w) for u, w in widths.items()}
+    info["global_rate"] = sum(widths[u] - counts[u] for u in order.start) / max(1, scored_total)
+    return counts
+
+
+def _record_achieved(info: dict[str, Any], size: SizeCounter, counts: Mapping[str, int],
+                     widths: Mapping[str, int], target: Mapping[str, float], cfg: Any) -> None:
+    """What the resolved counts give: fractions kept, sizes, predicted/measured latency, whether met."""
     info["achieved"] = size.fractions(counts)
     info["size"] = dict(size(counts))
     info["base_size"] = dict(size.base)
@@ -641,11 +662,6 @@ def resolve(spec: RateSpec, model: nn.Module | None, scores: Mapping[str, torch.
             info["achieved"]["latency"] = info["latency"]["measured_fraction"]
     if target:
         info["met"] = abs(_ratio(info["achieved"], target) - 1.0) <= cfg.tolerance
-    if cfg.name == "local" and not target and not cfg.bounds_given:  # keep the file's own rates on record
-        return RateSpec(rates=dict(spec.rates), rounding=spec.rounding, source=spec.source, target=spec.target,
-                        extra={**spec.extra, "resolved": info}, round_to=spec.round_to,
-                        latency_options=spec.latency_options)
-    return _exact_spec(spec, widths, counts, info)
 
 
 def describe(spec: RateSpec) -> str:
