@@ -17,7 +17,7 @@ install: $(STAMP)
 
 demo: $(STAMP)
 	$(PY) -m compressor prune --model vgg16_bn --rates experiments/vgg16_bn_digits/demo.yaml \
-		--reconstruct --out checkpoints/demo
+		--reconstruct --out checkpoints/demo --overwrite
 
 test: $(STAMP)
 	$(PY) -m pytest -p no:cacheprovider
