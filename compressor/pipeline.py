@@ -190,6 +190,7 @@ def _baseline(job: PruneJob, base: nn.Module | None, bundle: Any, ncls: int,
               device: torch.device, contract: Any) -> tuple[nn.Module, bool]:
     if base is not None:
         return contract_mod.attach(base.to(device).eval(), contract), False
+    torch.manual_seed(job.seed)  # the quick baseline's initial weights are a function of --seed, nothing else
     base = _set_input_size(get_model(job.model, num_classes=ncls, **_model_kwargs(job)), job)
     cfg = quick_baseline_config(base, job)
     log.info("no --checkpoint given: training a quick %d-epoch baseline on %s (lr %g, batch %d)",
