@@ -39,9 +39,13 @@ def evaluate_checkpoint(path: str, args: argparse.Namespace) -> dict:
     unless ``--data``/``--data-root``/``--mean``/``--std`` say otherwise."""
     from compressor import checkpoint, counting, onnx_model
     from compressor.commands import _data
-    from compressor.evaluate import evaluate, resolve_device
     from compressor import data
+    from compressor.evaluate import evaluate, resolve_device
 
+    if getattr(args, "save", None):
+        from compressor import io
+
+        io.check_writable(Path(args.save).parent)  # before the evaluation, not after it
     if onnx_model.is_onnx(path):
         net, ck, device = onnx_model.load(path), {}, resolve_device("cpu")
     else:
