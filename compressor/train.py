@@ -305,40 +305,19 @@ def fit(model: nn.Module, data: DataBundle, cfg: TrainConfig, device: torch.devi
     """
     device = torch.device(device)
     ctx = ctx or dist_mod.current(device)
-    on_gpu = device.type == "cuda"
     torch.manual_seed(cfg.seed)
     cl, amp_dtype, use_amp, scaler = _setup_precision(model, teacher, cfg, device)
 
-    sampler = DistributedSampler(data.train, num_replicas=ctx.world_size, rank=ctx.rank, shuffle=True,
-                                 seed=cfg.seed, drop_last=ctx.enabled)
-    # Workers are re-created every epoch (not persistent) and seeded from the loader's generator,
-    # which is re-seeded per (seed, epoch, rank): augmentation repeats exactly after a resume.
-    train_loader = DataLoader(data.train, batch_size=cfg.batch_size, sampler=sampler, num_workers=cfg.workers,
-                              generator=torch.Generator().manual_seed(cfg.seed), pin_memory=on_gpu,
-                              drop_last=len(sampler) > cfg.batch_size)
+    sampler, train_loader, val_loader = _loaders(data, cfg, ctx, device)
     has_val = len(data.val) > 0  # the same on every rank: they all join the val reduction
-    val_part = dist_mod.shard_strided(data.val, ctx)
-    val_loader = loader(val_part, cfg.val_batch_size, workers=cfg.workers, device=device) if len(val_part) else None
-    if len(train_loader) == 0:
-        raise UserError(f"the training split of {data.name} is empty", field="data")
-
-    net: nn.Module = model
-    if ctx.enabled:
-        net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if on_gpu else None)
-    if cfg.compile:
-        net = torch.compile(net)
+    net = _wrapped(model, cfg, ctx, device)
     opt = make_optimizer(model, cfg)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg, len(train_loader)))
 
-    history: list[dict[str, Any]] = []
-    curve: list[dict[str, Any]] = []  # every evaluation, in order (what metrics.jsonl holds)
-    start, best = 0, -math.inf
     steps = len(train_loader)
-    if resume is not None:
-        start, best, history, curve = _restore(model, opt, sched, scaler, resume, resume_source, cfg, ctx, steps)
-    elif has_val:  # where the curve starts: the accuracy before any step (e.g. right after pruning)
-        curve.append(curve_row(0, steps, 0, 0, _val_metrics(model, val_loader, device, ctx),
-                               opt.param_groups[0]["lr"]))
+    # history: the epoch rows; curve: every evaluation, in order (what metrics.jsonl holds)
+    start, best, history, curve = _begin(model, opt, sched, scaler, resume, resume_source, cfg, ctx, steps,
+                                         val_loader, has_val, device)
     out = Path(out_dir) if out_dir is not None and ctx.is_main else None
     meta = dict(ckpt_meta or {})
     marks = eval_steps(steps, cfg.eval_every)[:-1] if has_val else []  # the last step: the epoch row
@@ -352,28 +331,15 @@ def fit(model: nn.Module, data: DataBundle, cfg: TrainConfig, device: torch.devi
         eval_s[0] += time.perf_counter() - t
 
     for epoch in range(start, cfg.epochs):
-        s = epoch_seed(cfg.seed, epoch, ctx.rank)  # per-rank streams; the shuffle is (seed, epoch)
-        seed_all(s)
-        train_loader.generator.manual_seed(s)
-        sampler.set_epoch(epoch)
+        _seed_epoch(cfg, epoch, ctx, train_loader, sampler)
         lr0 = opt.param_groups[0]["lr"]
         eval_s[0] = 0.0
         t0 = time.perf_counter()
         stats = _train_epoch(net, teacher, train_loader, opt, sched, scaler, cfg, device, amp_dtype, use_amp, cl,
                              ctx, epoch, out_dir, history, progress,
                              evals=(marks, lambda done, e=epoch: mid_epoch_eval(e, done)))
-        last = len(train_loader) - 1
-        bad_w = nonfinite_tensors(model)  # the last step can break the weights after a finite loss
-        if dist_mod.all_reduce_max(torch.tensor(int(bool(bad_w)), device=device), ctx).item():
-            _raise_nonfinite(epoch, last, out_dir, history, weights=bad_w)
-        if on_gpu:
-            torch.cuda.synchronize(device)
-        elapsed = time.perf_counter() - t0 - eval_s[0]
-        tot = dist_mod.all_reduce_sum(stats, ctx).tolist()
-        seen = max(1.0, tot[2])
-        elapsed = dist_mod.all_reduce_max(torch.tensor(elapsed, device=device), ctx).item()
-        row: dict[str, Any] = {"epoch": epoch + 1, "lr": lr0, "train_loss": tot[0] / seen,
-                               "train_acc": 100.0 * tot[1] / seen, "img_per_s": tot[2] / max(elapsed, 1e-9)}
+        _check_weights(model, epoch, steps - 1, out_dir, history, ctx, device)
+        row = _epoch_row(stats, time.perf_counter() - t0 - eval_s[0], epoch, lr0, ctx, device)
         if has_val:
             val = _val_metrics(model, val_loader, device, ctx)
             row["val_acc"], row["val_loss"] = val
@@ -386,12 +352,7 @@ def fit(model: nn.Module, data: DataBundle, cfg: TrainConfig, device: torch.devi
 
         def epoch_end() -> None:  # rank 0 only; every rank learns whether it failed (run_on_main)
             if out is not None:
-                state = {"epoch": epoch + 1, "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                         "scaler": scaler.state_dict() if scaler.is_enabled() else {},
-                         "sampler": {"seed": cfg.seed, "epoch": epoch + 1, "world_size": ctx.world_size},
-                         "best_val_acc": best,
-                         "history": [dict(r) for r in history], "curve": [dict(r) for r in curve],
-                         "config": config_dict(cfg), "steps_per_epoch": len(train_loader)}
+                state = _train_state(epoch, opt, sched, scaler, cfg, ctx, best, history, curve, steps)
                 _save(out, ["last.pt", "best.pt"] if improved else ["last.pt"], model, row, state, meta)
                 write_metrics(out / "metrics.jsonl", curve)
             if log:
@@ -399,18 +360,100 @@ def fit(model: nn.Module, data: DataBundle, cfg: TrainConfig, device: torch.devi
 
         dist_mod.run_on_main(epoch_end, ctx)
 
-    def write_curve() -> None:
-        if out is not None and curve:
-            write_metrics(out / "metrics.jsonl", curve)  # also a run of 0 epochs: its start
-            from compressor import plots
-
-            plots.recovery_curves({out.name or "run": curve_points(curve)}, out / "recovery_curve.png",
-                                  title=f"{out.name}: validation top-1 during training")
-
-    dist_mod.run_on_main(write_curve, ctx)
+    dist_mod.run_on_main(lambda: _write_curve(out, curve), ctx)
     if cl:
         model.to(memory_format=torch.contiguous_format)
     return history
+
+
+def _begin(model: nn.Module, opt: torch.optim.Optimizer, sched: Any, scaler: Any, resume: Any,
+           resume_source: str | None, cfg: TrainConfig, ctx: dist_mod.DistContext, steps: int,
+           val_loader: DataLoader | None, has_val: bool, device: torch.device) -> tuple[int, float, list, list]:
+    """(first epoch, best val, history, curve): a resumed run's own, or a fresh start whose curve
+    begins with the accuracy before any step (e.g. right after pruning); every rank joins that evaluation."""
+    if resume is not None:
+        return _restore(model, opt, sched, scaler, resume, resume_source, cfg, ctx, steps)
+    if not has_val:
+        return 0, -math.inf, [], []
+    return 0, -math.inf, [], [curve_row(0, steps, 0, 0, _val_metrics(model, val_loader, device, ctx),
+                                        opt.param_groups[0]["lr"])]
+
+
+def _seed_epoch(cfg: TrainConfig, epoch: int, ctx: dist_mod.DistContext, train_loader: DataLoader,
+                sampler: DistributedSampler) -> None:
+    """Per-rank random streams for the epoch; the shuffle is a function of (seed, epoch)."""
+    s = epoch_seed(cfg.seed, epoch, ctx.rank)
+    seed_all(s)
+    train_loader.generator.manual_seed(s)
+    sampler.set_epoch(epoch)
+
+
+def _check_weights(model: nn.Module, epoch: int, last_step: int, out_dir: str | Path | None,
+                   history: list[dict[str, Any]], ctx: dist_mod.DistContext, device: torch.device) -> None:
+    """The last step can break the weights after a finite loss: every rank stops together if any is broken."""
+    bad_w = nonfinite_tensors(model)
+    if dist_mod.all_reduce_max(torch.tensor(int(bool(bad_w)), device=device), ctx).item():
+        _raise_nonfinite(epoch, last_step, out_dir, history, weights=bad_w)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _loaders(data: DataBundle, cfg: TrainConfig, ctx: dist_mod.DistContext,
+             device: torch.device) -> tuple[DistributedSampler, DataLoader, DataLoader | None]:
+    """The training sampler and loader (this rank's shard) and this rank's validation loader."""
+    sampler = DistributedSampler(data.train, num_replicas=ctx.world_size, rank=ctx.rank, shuffle=True,
+                                 seed=cfg.seed, drop_last=ctx.enabled)
+    # Workers are re-created every epoch (not persistent) and seeded from the loader's generator,
+    # which is re-seeded per (seed, epoch, rank): augmentation repeats exactly after a resume.
+    train_loader = DataLoader(data.train, batch_size=cfg.batch_size, sampler=sampler, num_workers=cfg.workers,
+                              generator=torch.Generator().manual_seed(cfg.seed), pin_memory=device.type == "cuda",
+                              drop_last=len(sampler) > cfg.batch_size)
+    val_part = dist_mod.shard_strided(data.val, ctx)
+    val_loader = loader(val_part, cfg.val_batch_size, workers=cfg.workers, device=device) if len(val_part) else None
+    if len(train_loader) == 0:
+        raise UserError(f"the training split of {data.name} is empty", field="data")
+    return sampler, train_loader, val_loader
+
+
+def _wrapped(model: nn.Module, cfg: TrainConfig, ctx: dist_mod.DistContext, device: torch.device) -> nn.Module:
+    """What the steps run: DDP across processes, ``torch.compile`` when asked; ``model`` keeps the weights."""
+    net: nn.Module = model
+    if ctx.enabled:
+        net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if cfg.compile:
+        net = torch.compile(net)
+    return net
+
+
+def _epoch_row(stats: torch.Tensor, elapsed: float, epoch: int, lr0: float, ctx: dist_mod.DistContext,
+               device: torch.device) -> dict[str, Any]:
+    """An epoch's training metrics, reduced over ranks (loss and accuracy per image; the slowest rank's time)."""
+    tot = dist_mod.all_reduce_sum(stats, ctx).tolist()
+    seen = max(1.0, tot[2])
+    elapsed = dist_mod.all_reduce_max(torch.tensor(elapsed, device=device), ctx).item()
+    return {"epoch": epoch + 1, "lr": lr0, "train_loss": tot[0] / seen, "train_acc": 100.0 * tot[1] / seen,
+            "img_per_s": tot[2] / max(elapsed, 1e-9)}
+
+
+def _train_state(epoch: int, opt: torch.optim.Optimizer, sched: Any, scaler: Any, cfg: TrainConfig,
+                 ctx: dist_mod.DistContext, best: float, history: list, curve: list, steps: int) -> dict[str, Any]:
+    """What last.pt needs for ``--resume`` to repeat an uninterrupted run (plain data)."""
+    return {"epoch": epoch + 1, "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+            "scaler": scaler.state_dict() if scaler.is_enabled() else {},
+            "sampler": {"seed": cfg.seed, "epoch": epoch + 1, "world_size": ctx.world_size},
+            "best_val_acc": best, "history": [dict(r) for r in history], "curve": [dict(r) for r in curve],
+            "config": config_dict(cfg), "steps_per_epoch": steps}
+
+
+def _write_curve(out: Path | None, curve: list[dict[str, Any]]) -> None:
+    """metrics.jsonl (also a run of 0 epochs: its start) and recovery_curve.png (rank 0)."""
+    if out is None or not curve:
+        return
+    write_metrics(out / "metrics.jsonl", curve)
+    from compressor import plots
+
+    plots.recovery_curves({out.name or "run": curve_points(curve)}, out / "recovery_curve.png",
+                          title=f"{out.name}: validation top-1 during training")
 
 
 
