@@ -121,9 +121,13 @@ def test_data_that_breaks_the_contract_is_one_line(trained, tmp_path, capsys):
 
 def test_normalisation_override_says_what_it_overrides(trained, capsys):
     _, best = trained
+    assert main(["eval", "--checkpoint", str(best), "--json", "--no-progress"]) == 0
+    own = json.loads(capsys.readouterr().out)
     assert main(["eval", "--checkpoint", str(best), "--mean", "0.5", "0.5", "0.5", "--std", "0.25", "0.25", "0.25",
                  "--json", "--no-progress"]) == 0
-    assert "--mean/--std override the checkpoint's normalisation" in capsys.readouterr().err
+    cap = capsys.readouterr()
+    assert "--mean/--std override the checkpoint's normalisation" in cap.err
+    assert json.loads(cap.out)["loss"] != pytest.approx(own["loss"], rel=1e-6)  # the override is applied
     assert main(["eval", "--checkpoint", str(best), "--mean", "0.5", "0.5", "0.5"]) == 2
     assert "give --mean and --std together" in capsys.readouterr().err
 
