@@ -28,7 +28,7 @@ from torch.utils.data import TensorDataset
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from compressor.data import DataBundle  # noqa: E402
-from compressor.evaluate import resolve_device  # noqa: E402
+from compressor.evaluation import resolve_device  # noqa: E402
 from compressor.models import get_model, list_models  # noqa: E402
 from compressor.train import TrainConfig, fit, make_optimizer  # noqa: E402
 

@@ -66,7 +66,7 @@ def init(device_name: str = "auto", timeout_s: float = 1800) -> DistContext:
 
     ``auto``/``cuda`` under torchrun means ``cuda:LOCAL_RANK``. Calling it twice is harmless.
     """
-    from compressor.evaluate import resolve_device
+    from compressor.evaluation import resolve_device
 
     world = env_world_size()
     device = resolve_device(device_name)

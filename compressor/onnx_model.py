@@ -43,7 +43,7 @@ class OnnxModule(nn.Module):
 
 def load(path: str | Path) -> OnnxModule:
     """Open an ONNX file for evaluation; an unreadable file or bad metadata is one line."""
-    from compressor.export import _require_onnx, _why
+    from compressor.onnx_export import _require_onnx, _why
 
     src = str(path)
     p = Path(path)

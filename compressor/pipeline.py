@@ -21,7 +21,7 @@ from torch import nn
 from compressor import (checkpoint, contract as contract_mod, counting, criteria, data as data_mod, io, latency, plots,
                         policy, runfolder, scores as scores_mod, surgery)
 from compressor.errors import UserError
-from compressor.evaluate import evaluate, recalibrate_bn, resolve_device
+from compressor.evaluation import evaluate, recalibrate_bn, resolve_device
 from compressor.models import external, get_model
 from compressor.plan import make_plan
 from compressor.pruning import graph

@@ -35,7 +35,7 @@ from compressor.pruning.graph import units as units_of
 from compressor import (checkpoint, contract as contract_mod, criteria, data as data_mod, io, pipeline, report,
                         runfolder, scores as scores_mod)
 from compressor.errors import UserError
-from compressor.evaluate import resolve_device
+from compressor.evaluation import resolve_device
 from compressor.models import finetune_lr
 from compressor.rates import RateSpec, load_rates
 from compressor.train import TrainConfig, config_dict

@@ -49,7 +49,7 @@ from tqdm.auto import tqdm
 from compressor import distributed as dist_mod
 from compressor.data import DataBundle, loader
 from compressor.errors import UserError
-from compressor.evaluate import evaluate
+from compressor.evaluation import evaluate
 
 SCHEDULES = ("cosine", "multistep", "onecycle", "constant")
 

@@ -13,7 +13,7 @@ ort = pytest.importorskip("onnxruntime")
 
 from compressor.pruning.graph import units as units_of
 from compressor import checkpoint, surgery  # noqa: E402
-from compressor.export import export, real_images  # noqa: E402
+from compressor.onnx_export import export, real_images  # noqa: E402
 from compressor.models import get_model, list_models  # noqa: E402
 from compressor.plan import make_plan  # noqa: E402
 from compressor.rates import RateSpec  # noqa: E402

@@ -22,7 +22,8 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from compressor import checkpoint, criteria, data, distributed, evaluate, io, train
+from compressor import checkpoint, criteria, data, distributed, io, train
+from compressor import evaluation as evaluate
 from compressor.cli import main
 from compressor.commands import _options as opt
 from compressor.errors import UserError
@@ -416,7 +417,7 @@ def test_export_onnxruntime_refusal_is_one_line(tmp_path, ckpt, capsys, monkeypa
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU: on CPU the device cannot change")
 def test_export_compare_keeps_the_model_on_its_device():
     pytest.importorskip("onnxruntime")
-    from compressor import export
+    from compressor import onnx_export as export
 
     model = tiny_model().cuda()
     blob = export.to_onnx_bytes(model)

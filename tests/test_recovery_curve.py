@@ -14,7 +14,7 @@ import torch
 from compressor import data, report
 from compressor.cli import main
 from compressor.errors import UserError
-from compressor.evaluate import evaluate
+from compressor.evaluation import evaluate
 from compressor.train import TrainConfig, eval_steps, fit
 from tests.test_train import epoch_rows, same_weights, tiny_bundle, tiny_model
 

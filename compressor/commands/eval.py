@@ -40,7 +40,7 @@ def evaluate_checkpoint(path: str, args: argparse.Namespace) -> dict:
     from compressor import checkpoint, counting, onnx_model
     from compressor.commands import _data
     from compressor import data
-    from compressor.evaluate import evaluate, resolve_device
+    from compressor.evaluation import evaluate, resolve_device
 
     if getattr(args, "save", None):
         from compressor import io

@@ -33,7 +33,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     from compressor import checkpoint, io
-    from compressor.export import export
+    from compressor.onnx_export import export
 
     net, _ = checkpoint.load(args.checkpoint, model=args.model)
     out = Path(args.out) if args.out else Path(args.checkpoint).with_suffix(".onnx")

@@ -380,7 +380,7 @@ def _train_and_report(net: nn.Module, bundle: DataBundle, args: argparse.Namespa
 def _report(net: nn.Module, bundle: DataBundle, out: Path, history: list[dict[str, Any]], device: Any) -> int:
     """Test accuracy of best.pt (selected on val) and of the last epoch; never used to select."""
     from compressor import checkpoint, data, io
-    from compressor.evaluate import evaluate
+    from compressor.evaluation import evaluate
 
     test_loader = data.loader(bundle.test, 256, device=device)
     summary: dict[str, Any] = {"epochs": len(history), "last": {"val_acc": history[-1].get("val_acc") if history else None}}

@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from compressor import checkpoint, criteria, data, policy, surgery  # noqa: E402
-from compressor.evaluate import evaluate, recalibrate_bn  # noqa: E402
+from compressor.evaluation import evaluate, recalibrate_bn  # noqa: E402
 from compressor.plan import make_plan  # noqa: E402
 from compressor.rates import RateSpec, load_rates, resolve_rates  # noqa: E402
 

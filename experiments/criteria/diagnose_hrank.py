@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from compressor import checkpoint, data, io, scores as scores_mod, surgery  # noqa: E402
-from compressor.evaluate import evaluate, recalibrate_bn  # noqa: E402
+from compressor.evaluation import evaluate, recalibrate_bn  # noqa: E402
 from compressor.plan import Plan, make_plan, rank_order  # noqa: E402
 from compressor.rates import RateSpec, resolve_rates  # noqa: E402
 

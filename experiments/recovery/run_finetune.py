@@ -30,7 +30,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from compressor import io  # noqa: E402
-from compressor.evaluate import evaluate, recalibrate_bn  # noqa: E402
+from compressor.evaluation import evaluate, recalibrate_bn  # noqa: E402
 from compressor.reconstruct import reconstruct  # noqa: E402
 from compressor.train import TrainConfig, loss_fn  # noqa: E402
 from run_vgg import OUT, Runner, machine  # noqa: E402

@@ -30,7 +30,7 @@ run_vgg = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(run_vgg)  # Runner: data, baseline, l1 scores and the CHIP rates, as in the main table
 
 from compressor import data, io  # noqa: E402
-from compressor.evaluate import evaluate  # noqa: E402
+from compressor.evaluation import evaluate  # noqa: E402
 from compressor.reconstruct import reconstruct  # noqa: E402
 
 

@@ -36,7 +36,7 @@ sys.path.insert(0, str(ROOT))
 
 from compressor import checkpoint, data, io, scores as scores_mod, surgery  # noqa: E402
 from compressor.counting import count  # noqa: E402
-from compressor.evaluate import evaluate, recalibrate_bn  # noqa: E402
+from compressor.evaluation import evaluate, recalibrate_bn  # noqa: E402
 from compressor.plan import make_plan  # noqa: E402
 from compressor.rates import RateSpec, resolve_rates  # noqa: E402
 from compressor.reconstruct import reconstruct  # noqa: E402
