@@ -1,17 +1,29 @@
-"""The Python API: rank, prune, save and load any CNN in a few calls (the CLI calls these).
+"""The Python API, and the one orchestration: the CLI's commands call these.
 
->>> import compressor
->>> scores = compressor.rank(model, calib_loader, criteria=["hrank", "l1"])      # one pass
->>> small, info = compressor.prune(model, example, rates={"target": {"macs": 0.5}}, scores=scores)
->>> compressor.save(small, "pruned.pt"); small2 = compressor.load("pruned.pt")
+A notebook flow on any CNN (a registered one, a torchvision classifier or your own module)::
 
-``model`` is any ``nn.Module`` (a registered one, a torchvision classifier or the user's own);
-it is never changed. The units are found by the dependency graph
-(``compressor.pruning.graph``). ``example`` fixes the input shape the graph is traced with.
+    >>> import torch, compressor
+    >>> from torchvision.models import resnet18
+    >>> model = resnet18(num_classes=10).eval()
+    >>> example = torch.randn(1, 3, 32, 32)
+    >>> batches = [(torch.randn(16, 3, 32, 32), torch.randint(0, 10, (16,))) for _ in range(4)]
+    >>> scores = compressor.rank(model, batches, criteria=["hrank", "l1"], example_inputs=example, progress=False)
+    >>> small, info = compressor.prune(model, example, rates={"target": {"macs": 0.5}}, scores=scores)
+    >>> small, rec = compressor.recover(small, batches, original=model, progress=False)    # least squares
+    >>> compressor.evaluate(small, batches)["top1"]                                          # doctest: +SKIP
+    >>> compressor.count(small)["macs"] < compressor.count(model, example)["macs"]
+    True
+    >>> _ = compressor.save(small, "pruned.pt")
+    >>> again = compressor.load("pruned.pt", model=resnet18(num_classes=10))
+
+``model`` is never changed, attributes included: what the engine needs to know about it lives
+in a ``ModelRecord`` beside it (``compressor.record``). Every function here takes plain
+``nn.Module``s and plain iterables of ``(images, labels)`` batches.
 """
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
@@ -19,20 +31,26 @@ from typing import Any, Iterable, Mapping, Sequence
 import torch
 from torch import nn
 
-from compressor import checkpoint, counting, policy, surgery
+from compressor import checkpoint, counting, latency, policy, surgery
 from compressor import scores as scores_mod
 from compressor.errors import UserError
 from compressor.plan import Plan, make_plan
 from compressor.pruning import graph
 from compressor.pruning.size import SizeModel
-from compressor.rates import RateSpec, load_rates, resolve_rates, spec_from_doc
+from compressor.rates import RateSpec, load_rates, parse_rate_string, read_yaml, resolve_rates, spec_from_doc
+from compressor.record import ModelRecord, record_of, view
 
 WEIGHT_ONLY = ("l1", "l2", "bn_scale", "fpgm", "random")
+RECOVERY_METHODS = ("reconstruct", "bn", "finetune")
 
 
 @dataclass(frozen=True)
 class PruneInfo:
-    """What ``prune`` did: the plan, the resolved rates, sizes before/after, the achieved budget."""
+    """What ``prune`` did: the plan, the resolved rates, sizes before/after, the achieved budget.
+
+    ``latency_check`` holds the latency measured on the result when the budget was a latency
+    one (predicted and measured fractions), else None.
+    """
 
     plan: Plan
     rates: RateSpec
@@ -40,105 +58,172 @@ class PruneInfo:
     size_after: dict[str, int]
     criterion: str
     kept: dict[str, float] = field(default_factory=dict)  # fraction of MACs / params kept
+    latency_check: dict[str, Any] | None = None
 
     def summary(self) -> str:
         b, a = self.size_before, self.size_after
-        return (f"{self.criterion}: MACs {b['macs'] / 1e6:.2f}M -> {a['macs'] / 1e6:.2f}M "
+        line = (f"{self.criterion}: MACs {b['macs'] / 1e6:.2f}M -> {a['macs'] / 1e6:.2f}M "
                 f"({100 * a['macs'] / b['macs']:.1f}% kept), params {b['params'] / 1e6:.3f}M -> "
                 f"{a['params'] / 1e6:.3f}M ({100 * a['params'] / b['params']:.1f}% kept)")
+        if self.latency_check:
+            line += f"; {self.latency_check['line']}"
+        return line
 
 
-def _prepare(model: nn.Module, example: torch.Tensor | None, ignored: Sequence[nn.Module | str] | None,
-             residual: bool | None) -> None:
-    """Give a user's model what the engine reads, without touching its weights or structure."""
-    if example is not None:
-        if not torch.is_tensor(example) or example.ndim != 4:
-            raise UserError("example inputs must be one [N, C, H, W] tensor", field="example_inputs")
-        model.input_size = (int(example.shape[2]), int(example.shape[3]))
-        model.in_channels = int(example.shape[1])
-    elif getattr(model, "input_size", None) is None:
-        raise UserError("pass example inputs (the model has no input_size)", field="example_inputs")
-    if not hasattr(model, "arch"):
-        model.arch = type(model).__name__
-    if not hasattr(model, "num_classes"):
-        out = [m for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d))][-1]
-        model.num_classes = int(out.out_features if isinstance(out, nn.Linear) else out.out_channels)
-    if ignored:
-        names = {m: n for n, m in model.named_modules()}
-        extra = [n if isinstance(n, str) else names[n] for n in ignored]
-        model.__dict__.pop("_compressor_ignored", None)  # the defaults again, then the caller's on top
-        base = [names[m] for m in graph.protected_layers(model)]
-        model._compressor_ignored = tuple(dict.fromkeys(base + extra))
-    if residual is not None:
-        model.prune_residual = bool(residual)
+def _device_of(model: nn.Module) -> torch.device:
+    p = next(model.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")
 
+
+def _check_device(device: torch.device | str | None) -> torch.device | None:
+    if device is None:
+        return None
+    from compressor.evaluation import resolve_device
+
+    try:
+        return resolve_device(str(device))
+    except UserError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - a malformed device string is the caller's
+        raise UserError(f"unknown device {device!r}", field="device") from exc
+
+
+def _first_images(batches: Iterable) -> torch.Tensor:
+    first = next(iter(batches), None)
+    if first is None:
+        raise UserError("the batches are empty", field="loader")
+    return first[0] if isinstance(first, (list, tuple)) else first
+
+
+# ---------------------------------------------------------------- rank
 
 def rank(model: nn.Module, loader: Iterable, criteria: Sequence[str] = ("hrank",), *, n_images: int | None = None,
          seed: int = 0, device: torch.device | str | None = None, example_inputs: torch.Tensor | None = None,
-         residual: bool | None = None, progress: bool = True, **options: Any) -> scores_mod.Scores:
-    """Score every unit by each criterion; activation criteria share one forward pass."""
+         residual: bool | None = None, ignored_layers: Sequence[nn.Module | str] | None = None,
+         compat: bool = False, progress: bool = True, extra_meta: Mapping[str, Any] | None = None,
+         **options: Any) -> scores_mod.Scores:
+    """Score every unit by each criterion; the activation criteria share one forward pass.
+
+    ``loader``: batches of images, or of ``(images, labels)`` (gradient criteria need labels).
+    ``options`` go to the criteria (``rtol``/``atol`` for hrank, ``seed`` for random).
+
+    >>> scores = compressor.rank(model, batches, ["hrank", "l1"], example_inputs=torch.randn(1, 3, 32, 32))
+    >>> scores.for_criterion("hrank")["layer1.0.conv1"].shape          # doctest: +SKIP
+    """
+    dev = _check_device(device)
     batches = list(loader) if n_images is None else loader
     if n_images is None:
         n_images = sum((b[0] if isinstance(b, (list, tuple)) else b).shape[0] for b in batches)
     if example_inputs is None and getattr(model, "input_size", None) is None:
-        first = next(iter(batches))
-        example_inputs = (first[0] if isinstance(first, (list, tuple)) else first)[:1]
-    _prepare(model, example_inputs, None, residual)
-    dev = device or (next(model.parameters()).device)
-    return scores_mod.compute(model, batches, list(criteria), n_images=int(n_images), seed=seed, device=dev,
-                              options=options, progress=progress)
+        example_inputs = _first_images(batches)[:1]
+    rec = record_of(model, example_inputs, ignored_layers, residual)
+    v = view(model, rec)
+    return scores_mod.compute(v, batches, list(criteria), n_images=int(n_images), seed=seed,
+                              device=dev or _device_of(model), options=options, progress=progress,
+                              compat=compat, extra_meta=dict(extra_meta or {}))
 
 
-def _spec(rates: Any, names: Sequence[str], model: nn.Module) -> RateSpec:
+# ---------------------------------------------------------------- prune
+
+def rates_spec(rates: Any, model: nn.Module, *, rounding: str | None = None, round_to: int | None = None) -> RateSpec:
+    """``rates`` as a ``RateSpec`` for ``model``'s units.
+
+    Takes a ``rates.yaml`` path, a rates-file-like dict, a ``{layer: rate}`` mapping, a list in
+    unit order, a string in HRank's grammar, or a ``RateSpec``. A list in the model's published
+    layout (HRankPlus/CHIP's ResNet lists, via the model's ``hrankplus_rates``) is accepted too.
+    """
+    names = [u.name for u in graph.units(model)]
+    arch, short = getattr(model, "arch", None), getattr(model, "short_rate_list", None)
     if isinstance(rates, RateSpec):
-        return rates
-    if isinstance(rates, (str, Path)) and Path(rates).suffix in (".yaml", ".yml"):
-        return load_rates(rates, names, model_name=getattr(model, "arch", None),
-                          short_list=getattr(model, "short_rate_list", None))
-    if isinstance(rates, Mapping) and ({"target", "rates", "default", "policy", "round_to"} & set(rates)):
-        return spec_from_doc(dict(rates), names, model_name=getattr(model, "arch", None),
-                             short_list=getattr(model, "short_rate_list", None))
-    return RateSpec(rates=resolve_rates(rates, names, source="<rates>"), source="<rates>")
+        spec = rates
+    elif isinstance(rates, (str, Path)) and Path(rates).suffix in (".yaml", ".yml"):
+        try:
+            spec = load_rates(rates, names, model_name=arch, short_list=short)
+        except UserError as exc:
+            if exc.field:  # a layer the graph found but will not prune says why
+                d = graph.discovery(model)
+                for name in (exc.field, exc.field.strip("'")):
+                    if name in d.refused or name in d.skipped:
+                        graph.check_prunable(model, [name])
+            spec = _layout_rates(read_yaml(rates), str(rates), model, names)
+            if spec is None:
+                raise
+    elif isinstance(rates, Mapping) and ({"target", "rates", "default", "policy", "round_to", "rounding"} & set(rates)):
+        spec = spec_from_doc(dict(rates), names, model_name=arch, short_list=short)
+    else:
+        spec = RateSpec(rates=resolve_rates(rates, names, source="<rates>"), source="<rates>")
+    changes: dict[str, Any] = {}
+    if rounding:
+        changes["rounding"] = rounding
+    if round_to:
+        changes["round_to"] = round_to
+    return spec.replace(**changes) if changes else spec
+
+
+def _layout_rates(doc: Any, source: str, model: nn.Module, names: list[str]) -> RateSpec | None:
+    """A rate list in the model's published layout (HRankPlus/CHIP ResNet lists), if it is one."""
+    if not hasattr(model, "hrankplus_rates"):
+        return None
+    raw = doc.get("rates") if isinstance(doc, dict) else None
+    if isinstance(raw, str):
+        raw = parse_rate_string(raw, source)
+    if not isinstance(raw, list):
+        return None
+    mapping = model.hrankplus_rates(raw)
+    spec = spec_from_doc({**doc, "rates": {n: float(mapping.get(n, 0.0)) for n in names}}, names, source=source,
+                         model_name=getattr(model, "arch", None))
+    return spec.replace(extra={**spec.extra, "layout": "hrankplus", "rates_string": str(doc.get("rates"))[:200]})
 
 
 def prune(model: nn.Module, example_inputs: torch.Tensor | None = None, rates: Any = None, *,
           scores: scores_mod.Scores | Mapping[str, torch.Tensor] | None = None, criterion: str | None = None,
           ignored_layers: Sequence[nn.Module | str] | None = None, residual: bool | None = None,
-          seed: int = 0, verify: bool = True) -> tuple[nn.Module, PruneInfo]:
+          rounding: str | None = None, round_to: int | None = None, seed: int = 0, verify: bool = True,
+          method: str = "torch_pruning", device: torch.device | str | None = None) -> tuple[nn.Module, PruneInfo]:
     """A new, physically smaller model at ``rates``; ``model`` is left untouched.
 
-    ``rates``: a ``rates.yaml`` path, a rates-file-like dict (``{"target": {"macs": 0.5}}``,
-    ``{"rates": "[0.3]*4", "default": 0}``), a ``{layer: rate}`` mapping, a list in unit order,
-    a string in HRank's grammar, or a ``RateSpec``. ``scores``: from ``rank`` (its first
-    criterion, or ``criterion``), or a ``{layer: Tensor}`` mapping; without scores a weight
-    criterion (``criterion``, default ``l1``) is computed here.
+    ``rates``: see ``rates_spec``; a budget is ``{"target": {"macs": 0.5}}`` (or ``params``, or
+    ``{"latency": 0.7, "batch_size": 8, "threads": 1}``: measured, then checked on the result).
+    ``scores``: from ``rank`` (its first criterion, or ``criterion``), or a ``{layer: Tensor}``
+    mapping; without scores a weight criterion (``criterion``, default ``l1``) is computed here.
+    Scores from ``rank`` are checked against this model's weights (a checksum).
+
+    >>> small, info = compressor.prune(model, torch.randn(1, 3, 32, 32), {"target": {"macs": 0.5}})
+    >>> print(info.summary())                                            # doctest: +SKIP
     """
     if rates is None:
         raise UserError("prune needs rates (a rates.yaml, a dict, a list or a target)", field="rates")
-    _prepare(model, example_inputs, ignored_layers, residual)
-    units = graph.units(model)
+    dev = _check_device(device) or _device_of(model)
+    v = view(model, record_of(model, example_inputs, ignored_layers, residual))
+    units = graph.units(v)
     if not units:
-        d = graph.discovery(model)
-        why = "; ".join(f"{k}: {v}" for k, v in list({**d.refused, **d.skipped}.items())[:3])
+        d = graph.discovery(v)
+        why = "; ".join(f"{k}: {r}" for k, r in list({**d.refused, **d.skipped}.items())[:3])
         raise UserError(f"the model has no prunable unit{' (' + why + ')' if why else ''}", field="model")
-    names = [u.name for u in units]
     widths = {u.name: u.width for u in units}
-    spec = _spec(rates, names, model)
-    per_unit, tiebreak, crit = _scores_for(model, scores, criterion, seed)
-    found = graph.discovery(model)
-    sizer = SizeModel(model, found)
-    spec = policy.resolve(spec, model, per_unit, tiebreak=tiebreak, counter=sizer.count, widths=widths)
-    plan = make_plan(per_unit, spec, widths, tiebreak=tiebreak, model=getattr(model, "arch", ""))
-    small = surgery.apply(model, plan, verify=verify)
-    before, after = counting.count(model), counting.count(small)
+    spec = rates_spec(rates, v, rounding=rounding, round_to=round_to)
+    policy.policy_config(spec)
+    policy.precheck(spec, str(dev))
+    per_unit, tiebreak, crit = _scores_for(v, scores, criterion, seed)
+    sizer = SizeModel(v, graph.discovery(v))
+    spec = policy.resolve(spec, v, per_unit, tiebreak=tiebreak, counter=sizer.count, widths=widths, device=str(dev))
+    plan = make_plan(per_unit, spec, widths, tiebreak=tiebreak, model=getattr(v, "arch", ""))
+    small = surgery.apply(v, plan, method=method, verify=verify)
+    from compressor.train import check_finite
+
+    check_finite(small, what="the pruned model")
+    lat = latency.verify_spec(v, small, spec)
+    before, after = counting.count(v), counting.count(small)
     kept = {k: after[k] / before[k] for k in ("macs", "params")}
-    return small, PruneInfo(plan=plan, rates=spec, size_before=before, size_after=after, criterion=crit, kept=kept)
+    return small, PruneInfo(plan=plan, rates=spec, size_before=before, size_after=after, criterion=crit, kept=kept,
+                            latency_check=lat)
 
 
 def _scores_for(model: nn.Module, scores: Any, criterion: str | None,
                 seed: int) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor] | None, str]:
     if isinstance(scores, scores_mod.Scores):
         crit = criterion or next(iter(scores.scores))
+        scores.check_model(model)
         return scores.for_criterion(crit), scores.tiebreak or None, crit
     if isinstance(scores, Mapping):
         return dict(scores), None, criterion or "given"
@@ -150,10 +235,222 @@ def _scores_for(model: nn.Module, scores: Any, criterion: str | None,
     return sc.for_criterion(crit), None, crit
 
 
+# ---------------------------------------------------------------- recover
+
+@dataclass
+class RecoveryReport:
+    """What ``recover`` did, step by step (``steps``: e.g. ``["reconstruct"]`` or ``["bn", "finetune+kd"]``)."""
+
+    steps: list[str] = field(default_factory=list)
+    reconstruct: Any = None          # compressor.reconstruct.ReconstructReport
+    bn_images: int = 0
+    history: list[dict[str, Any]] = field(default_factory=list)  # fine-tune epoch rows
+
+    @property
+    def label(self) -> str:
+        return "+".join(self.steps) or "none"
+
+
+def _as_dataset(data: Any, what: str) -> torch.utils.data.Dataset:
+    """A Dataset from a Dataset, a DataLoader, or an iterable of (images, labels) batches."""
+    from torch.utils.data import DataLoader, Dataset, TensorDataset
+
+    if isinstance(data, Dataset):
+        return data
+    if isinstance(data, DataLoader):
+        return data.dataset
+    xs, ys = [], []
+    for b in data:
+        if not isinstance(b, (list, tuple)) or len(b) < 2:
+            raise UserError("batches must be (images, labels) pairs", field=what)
+        xs.append(b[0])
+        ys.append(b[1])
+    if not xs:
+        raise UserError("no batches given", field=what)
+    return TensorDataset(torch.cat(xs), torch.cat(ys))
+
+
+def _has_bn(model: nn.Module) -> bool:
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+
+
+def recover(pruned: nn.Module, data: Any, *, original: nn.Module | None = None, reconstruct: bool | None = None,
+            bn: bool | None = None, epochs: int = 0, teacher: nn.Module | None = None, val_data: Any = None,
+            plan: Plan | None = None, images: int = 512, lr: float = 0.01, batch_size: int = 128,
+            train_config: Any = None, seed: int = 0, device: torch.device | str | None = None,
+            out_dir: str | Path | None = None, in_place: bool = False,
+            progress: bool = True) -> tuple[nn.Module, RecoveryReport]:
+    """Recover a pruned model's accuracy: reconstruction, BN re-estimation, fine-tuning.
+
+    - ``reconstruct`` (default: on when ``original`` is given): every layer that reads pruned
+      channels is refit by least squares so its output on ``images`` calibration images matches
+      ``original``'s (``plan`` names the kept channels; without it they are read off the weights).
+    - ``bn`` (default: on when there is no reconstruction and the model has BatchNorm): the BN
+      running statistics are re-estimated on ``images`` images, no labels, no gradient.
+    - ``epochs`` > 0: fine-tune on ``data`` (SGD, cosine, ``lr``, or a full ``train_config``),
+      distilled from ``teacher`` if given; ``val_data`` selects nothing, it only draws the curve
+      (``out_dir`` gets last.pt, best.pt, metrics.jsonl and recovery_curve.png).
+
+    ``data``: a Dataset, a DataLoader or an iterable of ``(images, labels)`` batches from the
+    training split (calibration draws a seeded subset of it). Returns a new model (``pruned`` is
+    untouched unless ``in_place``) and a ``RecoveryReport``.
+
+    >>> small, rep = compressor.recover(small, train_batches, original=model)
+    >>> rep.label
+    'reconstruct'
+    """
+    from compressor import data as data_mod
+    from compressor.evaluation import recalibrate_bn
+
+    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 0:
+        raise UserError(f"must be an integer >= 0, got {epochs!r}", field="epochs")
+    if isinstance(images, bool) or not isinstance(images, int) or images < 1:
+        raise UserError(f"must be a positive integer, got {images!r}", field="images")
+    do_rec = (original is not None) if reconstruct is None else bool(reconstruct)
+    if do_rec and original is None:
+        raise UserError("reconstruction needs the unpruned model: pass original=", field="original")
+    dev = _check_device(device) or _device_of(pruned)
+    model = pruned if in_place else copy.deepcopy(pruned)
+    model.to(dev)
+    ds = _as_dataset(data, "data")
+    calib = data_mod.calibration_subset(ds, min(images, len(ds)), seed + 2)
+    report = RecoveryReport()
+    if do_rec:
+        from compressor.reconstruct import reconstruct as refit
+
+        keep = plan.keep if plan is not None else None
+        report.reconstruct = refit(original.to(dev), model, data_mod.loader(calib, 64, device=dev), keep=keep,
+                                   seed=seed, device=dev, bn="keep", progress=progress)
+        report.steps.append("reconstruct")
+    do_bn = (not do_rec and _has_bn(model)) if bn is None else (bool(bn) and _has_bn(model))
+    if do_bn:
+        recal = data_mod.calibration_subset(ds, min(images, len(ds)), seed + 1)
+        report.bn_images = recalibrate_bn(model, data_mod.loader(recal, 128, device=dev), dev, max_images=images)
+        report.steps.append("bn")
+    if epochs > 0:
+        report.history = _finetune(model, ds, val_data, epochs, teacher, lr, batch_size, train_config, seed, dev,
+                                   out_dir, plan, progress)
+        report.steps.append("finetune" + ("+kd" if teacher is not None else ""))
+    from compressor.train import check_finite
+
+    check_finite(model, what="the recovered model")
+    return model, report
+
+
+def _finetune(model: nn.Module, ds: Any, val_data: Any, epochs: int, teacher: nn.Module | None, lr: float,
+              batch_size: int, train_config: Any, seed: int, dev: torch.device, out_dir: Any, plan: Plan | None,
+              progress: bool) -> list[dict[str, Any]]:
+    from dataclasses import replace
+
+    from compressor.data import DataBundle
+    from compressor.train import TrainConfig, fit
+
+    if train_config is None:
+        try:
+            cfg = TrainConfig(epochs=epochs, lr=lr, batch_size=batch_size, seed=seed)
+        except ValueError as exc:
+            raise UserError(str(exc), field="epochs/lr/batch_size") from exc
+    else:
+        cfg = replace(train_config, epochs=epochs)
+    val = _as_dataset(val_data, "val_data") if val_data is not None else torch.utils.data.Subset(ds, [])
+    ncls = int(getattr(model, "num_classes", 0) or 0)
+    size = getattr(model, "input_size", None) or 32
+    bundle = DataBundle(name="user", train=ds, train_eval=ds, val=val, test=val, num_classes=ncls,
+                        input_size=size if isinstance(size, int) else int(size[0]))
+    if teacher is not None:  # training freezes and moves its teacher: the caller's model stays as it was
+        teacher = copy.deepcopy(teacher).to(dev).eval()
+    meta = {"plan": plan.to_json(), "metrics": {}} if plan is not None else None
+    return fit(model, bundle, cfg, dev, progress, teacher=teacher, out_dir=out_dir, ckpt_meta=meta)
+
+
+# ---------------------------------------------------------------- measure
+
+def evaluate(model: nn.Module, loader: Iterable, *, device: torch.device | str | None = None,
+             progress: bool = False) -> dict[str, float]:
+    """Top-1 / top-5 accuracy (%), mean cross-entropy and image count on ``(images, labels)`` batches.
+
+    >>> compressor.evaluate(small, test_batches)                          # doctest: +SKIP
+    {'top1': 91.2, 'top5': 99.6, 'loss': 0.31, 'n': 10000}
+    """
+    from compressor.evaluation import evaluate as _evaluate
+
+    dev = _check_device(device) or _device_of(model)
+    try:
+        return _evaluate(model, loader, dev, progress)
+    except ValueError as exc:
+        raise UserError(str(exc), field="loader") from exc
+
+
+def count(model: nn.Module, example_inputs: torch.Tensor | int | tuple[int, int] | None = None) -> dict[str, int]:
+    """MACs (Conv2d and Linear multiply-accumulates) and params of one image, on the model as it is.
+
+    ``example_inputs``: a tensor or an input size, needed when the model records none.
+
+    >>> compressor.count(model, torch.randn(1, 3, 32, 32))               # doctest: +SKIP
+    {'macs': 556651520, 'params': 11181642}
+    """
+    if torch.is_tensor(example_inputs):
+        size: Any = (int(example_inputs.shape[2]), int(example_inputs.shape[3]))
+        chans = int(example_inputs.shape[1])
+    else:
+        size, chans = example_inputs, int(getattr(model, "in_channels", 3))
+    if size is None and getattr(model, "input_size", None) is None:
+        raise UserError("pass example_inputs or an input size: the model records no input size",
+                        field="example_inputs")
+    if size is None:
+        return counting.count(model)
+    ex = torch.zeros(1, chans, *((size, size) if isinstance(size, int) else size))
+    return counting.count(view(model, record_of(model, ex)))
+
+
+def sensitivity(model: nn.Module, eval_loader: Iterable, *, scores: scores_mod.Scores | Mapping[str, torch.Tensor]
+                | None = None, criterion: str | None = None, rates: Sequence[float] | None = None,
+                units: Sequence[str] | None = None, example_inputs: torch.Tensor | None = None,
+                recal_loader: Iterable | None = None, device: torch.device | str | None = None,
+                progress: bool = False) -> Any:
+    """Each unit pruned alone at each rate: the top-1 drop (``sensitivity.SensitivityResult``).
+
+    >>> res = compressor.sensitivity(model, val_batches, rates=[0.25, 0.5])  # doctest: +SKIP
+    >>> res.rows[0]["drop"]                                                   # doctest: +SKIP
+    """
+    from compressor import sensitivity as sens
+
+    dev = _check_device(device) or _device_of(model)
+    if example_inputs is None and getattr(model, "input_size", None) is None:
+        example_inputs = _first_images(eval_loader)[:1]
+    v = view(model, record_of(model, example_inputs))
+    per_unit, tiebreak, _ = _scores_for(v, scores, criterion, 0)
+    kw: dict[str, Any] = {"rates": list(rates)} if rates is not None else {}
+    return sens.analyze(v, per_unit, eval_loader, tiebreak=tiebreak, units=units, device=dev,
+                        recal_loader=recal_loader, progress=progress, **kw)
+
+
+# ---------------------------------------------------------------- files
+
+def export(model: nn.Module, path: str | Path, *, example_inputs: torch.Tensor | None = None, opset: int | None = None,
+           atol: float = 1e-4, n_real: int = 0, force: bool = False) -> Any:
+    """ONNX with a dynamic batch, verified against onnxruntime before ``path`` is written.
+
+    ``n_real`` test images of the model's own data (its contract) join the random checks.
+    Returns ``export.ExportResult`` (``ok``, ``checks``, ``bytes``); a failed check writes nothing.
+
+    >>> res = compressor.export(small, "small.onnx"); res.ok              # doctest: +SKIP
+    True
+    """
+    from compressor import onnx_export as export_mod
+
+    v = view(model, record_of(model, example_inputs))
+    kw: dict[str, Any] = {"opset": opset} if opset is not None else {}
+    return export_mod.export(v, path, atol=atol, n_real=n_real, force=force, **kw)
+
+
 def save(model: nn.Module, path: str | Path, **fields: Any) -> Path:
-    """Write a pruned (or any) model as a plain-data checkpoint (``checkpoint.save``)."""
+    """Write a pruned (or any) model as a plain-data checkpoint (``checkpoint.save``).
+
+    >>> compressor.save(small, "pruned.pt")                               # doctest: +SKIP
+    """
     if not hasattr(model, "arch"):
-        raise UserError("save needs a model built by get_model or passed through prune/rank "
+        raise UserError("save needs a model built by get_model or returned by prune/recover "
                         "(it must know its architecture reference)", field="model")
     return checkpoint.save(path, model, **fields)
 
@@ -164,7 +461,32 @@ def load(path: str | Path, model: str | nn.Module | None = None, **kwargs: Any) 
     ``model``: nothing for registered and ``torchvision:`` models; the ``module:builder`` the
     file was built from (user code is imported only when named here); or an instance of the
     user's unpruned ``nn.Module``, which the file's shapes then narrow.
+
+    >>> small = compressor.load("pruned.pt", model=MyNet())               # doctest: +SKIP
     """
     if isinstance(model, nn.Module):
-        return checkpoint.load_into(path, model, **kwargs)[0]
-    return checkpoint.load(path, model=model, **kwargs)[0]
+        net, obj = checkpoint.load_into(path, model, **kwargs)
+        size = (obj.get("data") or {}).get("input_size") if isinstance(obj.get("data"), dict) else None
+        if getattr(net, "input_size", None) is None and size:
+            net.input_size = int(size[0]) if size[0] == size[1] else tuple(size)
+        return net
+    try:
+        return checkpoint.load(path, model=model, **kwargs)[0]
+    except UserError as exc:
+        if "unknown model" in str(exc) and model is None:
+            where = ": ".join(p for p in (exc.source, exc.field) if p)
+            msg = str(exc)[len(where) + 2:] if where else str(exc)
+            raise UserError(f"{msg}; a model of your own class loads with compressor.load(path, model=MyNet(...))",
+                            source=exc.source, field=exc.field) from exc
+        raise
+
+
+def list_models() -> list[str]:
+    """The registered model names (``torchvision:<name>`` and ``package.module:builder`` work too)."""
+    from compressor.models import list_models as _list
+
+    return _list()
+
+
+__all__ = ["ModelRecord", "PruneInfo", "RecoveryReport", "count", "evaluate", "export", "list_models", "load",
+           "prune", "rank", "rates_spec", "recover", "save", "sensitivity"]

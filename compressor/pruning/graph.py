@@ -167,12 +167,20 @@ def protected_layers(model: nn.Module, example: torch.Tensor | None = None,
 
 
 def build_graph(model: nn.Module, example: torch.Tensor) -> tp.DependencyGraph:
-    """torch-pruning's graph, traced in eval mode (a train-mode trace would update BN statistics)."""
+    """torch-pruning's graph, traced in eval mode (a train-mode trace would update BN statistics).
+
+    The tracer follows autograd, so a frozen model (``requires_grad_(False)``, as for inference or
+    a distillation teacher) is traced with gradients switched on and its flags restored after.
+    """
     was = model.training
+    frozen = [p for p in model.parameters() if not p.requires_grad]
     model.eval()
     try:
-        return tp.DependencyGraph().build_dependency(model, example_inputs=example,
-                                                     customized_pruners=customized_pruners(), verbose=False)
+        for p in frozen:
+            p.requires_grad_(True)
+        with torch.enable_grad():
+            return tp.DependencyGraph().build_dependency(model, example_inputs=example,
+                                                         customized_pruners=customized_pruners(), verbose=False)
     except Exception as exc:  # noqa: BLE001 - whatever the tracer trips on, the model is refused in one line
         import traceback
 
@@ -181,6 +189,8 @@ def build_graph(model: nn.Module, example: torch.Tensor) -> tp.DependencyGraph:
         raise UserError(f"the dependency graph cannot handle this model: torch-pruning failed in {where} with "
                         f"{type(exc).__name__}{hint}; it is refused rather than pruned wrongly", field="model") from exc
     finally:
+        for p in frozen:
+            p.requires_grad_(False)
         model.train(was)
 
 

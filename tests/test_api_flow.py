@@ -1,0 +1,150 @@
+"""The notebook flow through public names only, on a user's own CNN (residual add, concat, SE).
+
+rank -> prune to 50% MACs -> recover by reconstruction -> evaluate -> count -> export -> save
+-> load, and the model passed in is unchanged (``vars()`` and state_dict) at every step.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import compressor
+from tests.conftest import one_thread
+
+
+class SE(nn.Module):
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.fc1 = nn.Conv2d(c, c // 4, 1)
+        self.fc2 = nn.Conv2d(c // 4, c, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.sigmoid(self.fc2(F.relu(self.fc1(x.mean((2, 3), keepdim=True)))))
+
+
+def _cbr(i: int, o: int, k: int = 3, s: int = 1, relu: bool = True) -> nn.Sequential:
+    layers = [nn.Conv2d(i, o, k, s, k // 2, bias=False), nn.BatchNorm2d(o)]
+    return nn.Sequential(*layers, nn.ReLU()) if relu else nn.Sequential(*layers)
+
+
+class MyNet(nn.Module):
+    """A user's own CNN: a residual add, a concat of two branches, an SE block, a Linear head."""
+
+    def __init__(self, num_classes: int = 10) -> None:
+        super().__init__()
+        self.stem = _cbr(3, 16)
+        self.block = nn.Sequential(_cbr(16, 24), _cbr(24, 16, relu=False))
+        self.left, self.right = _cbr(16, 24, s=2), _cbr(16, 8, k=1, s=2)
+        self.se = SE(32)
+        self.head = _cbr(32, 48)
+        self.fc = nn.Linear(48, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        x = F.relu(x + self.block(x))
+        x = self.se(torch.cat([self.left(x), self.right(x)], 1))
+        return self.fc(self.head(x).mean((2, 3)))
+
+
+def _snapshot(m: nn.Module) -> tuple[dict, dict]:
+    attrs = {name: sorted(vars(mod)) for name, mod in m.named_modules()}
+    return attrs, {k: v.clone() for k, v in m.state_dict().items()}
+
+
+def _assert_unchanged(m: nn.Module, snap: tuple[dict, dict]) -> None:
+    attrs, sd = _snapshot(m)
+    assert attrs == snap[0]
+    assert sd.keys() == snap[1].keys()
+    for k in sd:
+        assert torch.equal(sd[k], snap[1][k]), k
+
+
+@pytest.fixture(scope="module")
+def trained():
+    """MyNet trained for a few epochs on the embedded digits (the test owns its data loading)."""
+    from compressor import data
+    from compressor.train import TrainConfig, fit
+
+    with one_thread():
+        bundle = data.load("digits")
+        torch.manual_seed(0)
+        net = MyNet(bundle.num_classes)
+        fit(net, bundle, TrainConfig(epochs=3, lr=0.05, batch_size=64, amp=False, channels_last=False), "cpu",
+            progress=False)
+        train = [(x, y) for x, y in data.loader(bundle.train_eval, 128)]
+        test = [(x, y) for x, y in data.loader(bundle.test, 256)]
+    return net.eval(), train, test
+
+
+def test_notebook_flow_on_a_users_cnn_with_public_names_only(trained, tmp_path) -> None:
+    net, train, test = trained
+    snap = _snapshot(net)
+    example = torch.randn(1, 3, 32, 32)
+    with one_thread():
+        base_acc = compressor.evaluate(net, test)["top1"]
+        scores = compressor.rank(net, train[:2], ["hrank", "l1"], example_inputs=example, progress=False)
+        _assert_unchanged(net, snap)
+        small, info = compressor.prune(net, example, {"target": {"macs": 0.5}, "policy": "global"}, scores=scores,
+                                       residual=True)
+        _assert_unchanged(net, snap)
+        assert abs(info.kept["macs"] - 0.5) <= 0.01, info.summary()
+        assert compressor.count(small) == info.size_after
+        assert info.size_after["macs"] == compressor.count(small)["macs"] < compressor.count(net, example)["macs"]
+        raw = compressor.evaluate(small, test)["top1"]
+        fixed, rep = compressor.recover(small, train, original=net, plan=info.plan, progress=False)
+        _assert_unchanged(net, snap)
+        assert rep.steps == ["reconstruct"] and rep.reconstruct.layers
+        rec_acc = compressor.evaluate(fixed, test)["top1"]
+        # the least-squares refit pulls the cut network back towards the original
+        assert rec_acc > raw and rec_acc > base_acc - 15, (base_acc, raw, rec_acc)
+        res = compressor.export(fixed, tmp_path / "small.onnx")
+        assert res.ok and (tmp_path / "small.onnx").stat().st_size == res.bytes
+        path = compressor.save(fixed, tmp_path / "small.pt")
+        again = compressor.load(path, model=MyNet(10))
+        x = torch.randn(4, 3, 32, 32)
+        with torch.no_grad():
+            assert torch.equal(again.eval()(x), fixed.eval()(x))
+        _assert_unchanged(net, snap)
+
+
+def test_recover_bn_and_finetune_leave_the_input_alone(trained) -> None:
+    net, train, test = trained
+    example = torch.randn(1, 3, 32, 32)
+    teacher_snap = _snapshot(net)
+    with one_thread():
+        small, _ = compressor.prune(net, example, {"block.0.0": 0.5, "head.0": 0.5}, criterion="l1")
+        snap = _snapshot(small)
+        bn_only, rep = compressor.recover(small, train, progress=False)
+        assert rep.steps == ["bn"] and rep.bn_images == 512
+        tuned, rep2 = compressor.recover(small, train[:4], reconstruct=False, bn=False, epochs=1, teacher=net,
+                                         lr=0.01, progress=False)
+        assert rep2.steps == ["finetune+kd"] and len(rep2.history) == 1
+        _assert_unchanged(small, snap)
+        _assert_unchanged(net, teacher_snap)
+        assert all(p.requires_grad for p in net.parameters())  # the teacher is frozen on a copy
+        assert not torch.equal(tuned.fc.weight, small.fc.weight)
+        assert compressor.evaluate(bn_only, test)["n"] == len(test[0][1]) * (len(test) - 1) + len(test[-1][1])
+
+
+def test_public_errors_are_one_line_user_errors(trained, tmp_path) -> None:
+    net, train, _ = trained
+    example = torch.randn(1, 3, 32, 32)
+    from compressor.errors import UserError
+
+    with pytest.raises(UserError, match="ignored_layers"):
+        compressor.prune(net, example, {"block.0.0": 0.5, "head.0": 0.5}, ignored_layers=["nope"])
+    with pytest.raises(UserError, match="example"):
+        compressor.count(MyNet())
+    with pytest.raises(UserError, match="device"):
+        compressor.rank(net, train[:1], ["l1"], example_inputs=example, device="tpu")
+    with pytest.raises(UserError, match="original"):
+        compressor.recover(net, train, reconstruct=True)
+    small, _ = compressor.prune(net, example, {"block.0.0": 0.5, "head.0": 0.5}, criterion="l1")
+    p = compressor.save(small, tmp_path / "s.pt")
+    with pytest.raises(UserError, match=r"model=MyNet"):
+        compressor.load(p)
