@@ -292,7 +292,8 @@ def recover(pruned: nn.Module, data: Any, *, original: nn.Module | None = None, 
       (``out_dir`` gets last.pt, best.pt, metrics.jsonl and recovery_curve.png).
 
     ``data``: a Dataset, a DataLoader or an iterable of ``(images, labels)`` batches from the
-    training split (calibration draws a seeded subset of it). Returns a new model (``pruned`` is
+    training split (calibration draws a seeded subset of it), or a ``compressor.data.DataBundle``
+    (its augmented ``train`` split trains, ``train_eval`` calibrates, ``val`` draws the curve). Returns a new model (``pruned`` is
     untouched unless ``in_place``) and a ``RecoveryReport``.
 
     >>> small, rep = compressor.recover(small, train_batches, original=model)
@@ -312,7 +313,8 @@ def recover(pruned: nn.Module, data: Any, *, original: nn.Module | None = None, 
     dev = _check_device(device) or _device_of(pruned)
     model = pruned if in_place else copy.deepcopy(pruned)
     model.to(dev)
-    ds = _as_dataset(data, "data")
+    bundle = data if isinstance(data, data_mod.DataBundle) else None
+    ds = bundle.train_eval if bundle is not None else _as_dataset(data, "data")
     calib = data_mod.calibration_subset(ds, min(images, len(ds)), seed + 2)
     report = RecoveryReport()
     if do_rec:
@@ -328,8 +330,8 @@ def recover(pruned: nn.Module, data: Any, *, original: nn.Module | None = None, 
         report.bn_images = recalibrate_bn(model, data_mod.loader(recal, 128, device=dev), dev, max_images=images)
         report.steps.append("bn")
     if epochs > 0:
-        report.history = _finetune(model, ds, val_data, epochs, teacher, lr, batch_size, train_config, seed, dev,
-                                   out_dir, plan, progress)
+        report.history = _finetune(model, bundle or ds, val_data, epochs, teacher, lr, batch_size, train_config,
+                                   seed, dev, out_dir, plan, progress)
         report.steps.append("finetune" + ("+kd" if teacher is not None else ""))
     from compressor.train import check_finite
 
@@ -352,11 +354,14 @@ def _finetune(model: nn.Module, ds: Any, val_data: Any, epochs: int, teacher: nn
             raise UserError(str(exc), field="epochs/lr/batch_size") from exc
     else:
         cfg = replace(train_config, epochs=epochs)
-    val = _as_dataset(val_data, "val_data") if val_data is not None else torch.utils.data.Subset(ds, [])
-    ncls = int(getattr(model, "num_classes", 0) or 0)
-    size = getattr(model, "input_size", None) or 32
-    bundle = DataBundle(name="user", train=ds, train_eval=ds, val=val, test=val, num_classes=ncls,
-                        input_size=size if isinstance(size, int) else int(size[0]))
+    if isinstance(ds, DataBundle):
+        bundle = ds
+    else:
+        val = _as_dataset(val_data, "val_data") if val_data is not None else torch.utils.data.Subset(ds, [])
+        ncls = int(getattr(model, "num_classes", 0) or 0)
+        size = getattr(model, "input_size", None) or 32
+        bundle = DataBundle(name="user", train=ds, train_eval=ds, val=val, test=val, num_classes=ncls,
+                            input_size=size if isinstance(size, int) else int(size[0]))
     if teacher is not None:  # training freezes and moves its teacher: the caller's model stays as it was
         teacher = copy.deepcopy(teacher).to(dev).eval()
     meta = {"plan": plan.to_json(), "metrics": {}} if plan is not None else None

@@ -1,10 +1,10 @@
-"""The prune job: baseline -> scores -> plan -> surgery -> recovery -> evaluation -> outputs.
+"""The prune job around the API: files, data, baseline, evaluation budget and outputs.
 
-The CLI's ``prune`` is a thin wrapper over ``run_prune``, itself a list of named steps.
-Every input is validated before anything is written, so a bad rates file or checkpoint
-leaves no half-made output folder. Nothing here knows a model family: the units come from
-the dependency graph, sizes from ``SizeModel``, and model-specific rate layouts from the
-model itself (``hrankplus_rates``).
+The pruning itself is the public API's (``api.rank`` -> ``api.prune`` -> ``api.recover``); this
+module adds what a command-line run needs around it: loading the checkpoint and the data its
+contract names, a quick baseline when there is none, the evaluation budget (split, subset,
+recorded baselines), the run folder, and the files written. Every input is validated before
+anything is written, so a bad rates file or checkpoint leaves no half-made output folder.
 """
 
 from __future__ import annotations
@@ -18,17 +18,14 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
-from compressor import (checkpoint, contract as contract_mod, counting, criteria, data as data_mod, io, latency, plots,
-                        policy, runfolder, scores as scores_mod, surgery)
+from compressor import api, checkpoint, contract as contract_mod, criteria, data as data_mod, io, plots, policy, runfolder
+from compressor import counting, scores as scores_mod
 from compressor.errors import UserError
-from compressor.evaluation import evaluate, recalibrate_bn, resolve_device
+from compressor.evaluation import evaluate, resolve_device
 from compressor.models import external, get_model
-from compressor.plan import make_plan
-from compressor.pruning import graph
 from compressor.pruning.graph import units as units_of
-from compressor.pruning.size import SizeModel
-from compressor.rates import RateSpec, load_rates, parse_rate_string, read_yaml, spec_from_doc
-from compressor.train import TrainConfig, check_finite, fit
+from compressor.rates import RateSpec
+from compressor.train import TrainConfig, fit
 
 log = logging.getLogger("compressor")
 
@@ -95,42 +92,7 @@ def default_out(job: PruneJob, data_name: str | None = None) -> Path:
 
 
 def _load_rates(job: PruneJob, model: nn.Module) -> RateSpec:
-    names = [u.name for u in units_of(model)]
-    try:
-        spec = load_rates(job.rates, names, model_name=job.model,
-                          short_list=getattr(model, "short_rate_list", None))
-    except UserError as exc:
-        if exc.field:  # a layer the graph found but will not prune says why
-            d = graph.discovery(model)
-            for name in (exc.field, exc.field.strip("'")):
-                if name in d.refused or name in d.skipped:
-                    graph.check_prunable(model, [name])
-        spec = _layout_rates(job, model)
-        if spec is None:
-            raise
-    changes: dict[str, Any] = {}
-    if job.rounding:
-        changes["rounding"] = job.rounding
-    if job.round_to:
-        changes["round_to"] = job.round_to
-    return spec.replace(**changes) if changes else spec
-
-
-def _layout_rates(job: PruneJob, model: nn.Module) -> RateSpec | None:
-    """A rate list in the model's published layout (HRankPlus/CHIP ResNet lists), if it is one."""
-    if not hasattr(model, "hrankplus_rates"):
-        return None
-    doc = read_yaml(job.rates)
-    raw = doc.get("rates") if isinstance(doc, dict) else None
-    if isinstance(raw, str):
-        raw = parse_rate_string(raw, job.rates)
-    if not isinstance(raw, list):
-        return None
-    mapping = model.hrankplus_rates(raw)
-    names = [u.name for u in units_of(model)]
-    spec = spec_from_doc({**doc, "rates": {n: float(mapping.get(n, 0.0)) for n in names}}, names, source=job.rates,
-                         model_name=job.model)
-    return spec.replace(extra={**spec.extra, "layout": "hrankplus", "rates_string": str(doc.get("rates"))[:200]})
+    return api.rates_spec(job.rates, model, rounding=job.rounding, round_to=job.round_to)
 
 
 def quick_baseline_config(model: nn.Module, job: PruneJob) -> TrainConfig:
@@ -251,43 +213,41 @@ def _rank(job: PruneJob, base: nn.Module, bundle: Any, device: torch.device,
     if pre is not None:
         return pre
     calib = data_mod.calibration_subset(bundle.train_eval, job.n_images, job.seed)
-    return scores_mod.compute(base, data_mod.loader(calib, job.calib_batch, device=device), [job.criterion],
-                              n_images=job.n_images, seed=job.seed, compat=job.hrank_compat, device=device,
-                              options={"rtol": job.rank_rtol, "atol": job.rank_atol}, progress=job.progress,
-                              extra_meta={"data": job.data, "augmentation": "none"})
+    return api.rank(base, data_mod.loader(calib, job.calib_batch, device=device), [job.criterion],
+                    n_images=job.n_images, seed=job.seed, compat=job.hrank_compat, device=device,
+                    rtol=job.rank_rtol, atol=job.rank_atol, progress=job.progress,
+                    extra_meta={"data": job.data, "augmentation": "none"})
 
 
 def _recover(job: PruneJob, base: nn.Module, pruned: nn.Module, plan: Any, bundle: Any, device: torch.device,
              test_loader: Any, metrics: dict[str, Any], out: Path) -> list[dict[str, Any]]:
-    """Reconstruction, BN re-estimation and fine-tuning, each measured on the way.
+    """Reconstruction, BN re-estimation and fine-tuning (``api.recover``, one step at a time, each measured).
 
     A fine-tune runs in ``out/finetune/`` (its metrics.jsonl, recovery_curve.png, last.pt and
     best.pt, selected on val); the pruned model keeps the last epoch's weights."""
     recovery = []
+    common = {"plan": plan, "seed": job.seed, "device": device, "in_place": True, "progress": job.progress}
     if job.reconstruct:
-        from compressor.reconstruct import reconstruct
-
-        calib = data_mod.calibration_subset(bundle.train_eval, min(job.reconstruct_images, len(bundle.train_eval)),
-                                            job.seed + 2)
-        rep = reconstruct(base, pruned, data_mod.loader(calib, 64, device=device), keep=plan.keep, seed=job.seed,
-                          device=device, bn="keep", progress=job.progress)
-        metrics["reconstruct"] = rep.to_dict() if hasattr(rep, "to_dict") else str(rep)
+        _, rep = api.recover(pruned, bundle, original=base, reconstruct=True, bn=False,
+                             images=job.reconstruct_images, **common)
+        metrics["reconstruct"] = rep.reconstruct.to_dict()
         metrics["pruned_test_reconstructed"] = evaluate(pruned, test_loader, device, job.progress, "eval reconstructed")
-        recovery.append("reconstruct")
-    has_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in pruned.modules())
-    if job.bn_recalibrate and has_bn and not job.reconstruct:
-        recal = data_mod.loader(data_mod.calibration_subset(bundle.train_eval, min(512, len(bundle.train_eval)),
-                                                            job.seed + 1), 128, device=device)
-        metrics["bn_recalibrated_images"] = recalibrate_bn(pruned, recal, device)
-        metrics["pruned_test_bn_recalibrated"] = evaluate(pruned, test_loader, device, job.progress, "eval pruned+BN")
-        recovery.append("bn")
+        recovery += rep.steps
+    if job.bn_recalibrate and not job.reconstruct:
+        _, rep = api.recover(pruned, bundle, reconstruct=False, bn=True, images=512, **common)
+        if rep.steps:
+            metrics["bn_recalibrated_images"] = rep.bn_images
+            metrics["pruned_test_bn_recalibrated"] = evaluate(pruned, test_loader, device, job.progress,
+                                                              "eval pruned+BN")
+            recovery += rep.steps
     history: list[dict[str, Any]] = []
     if job.finetune.epochs > 0:
         teacher = _teacher(job, base, device)
-        history = fit(pruned, bundle, job.finetune, device, job.progress, teacher=teacher, out_dir=out / "finetune",
-                      ckpt_meta={"plan": plan.to_json(), "metrics": {}})
+        _, rep = api.recover(pruned, bundle, reconstruct=False, bn=False, epochs=job.finetune.epochs,
+                             teacher=teacher, train_config=job.finetune, out_dir=out / "finetune", **common)
+        history = rep.history
         metrics["finetuned_test"] = evaluate(pruned, test_loader, device, job.progress, "eval fine-tuned")
-        recovery.append("finetune" + ("+kd" if teacher is not None else ""))
+        recovery += rep.steps
         if teacher is not None:
             metrics["distillation"] = {"teacher": job.teacher, "temperature": job.finetune.kd_temperature,
                                        "alpha": job.finetune.kd_alpha}
@@ -340,25 +300,21 @@ def _prune_into(job: PruneJob, out: Path, device: torch.device, base: nn.Module 
     # 3. Scores, 4. plan and surgery.
     units = units_of(base)
     sc = _rank(job, base, bundle, device, pre_scores)
-    widths = {u.name: u.width for u in units}
-    sizer = SizeModel(base, graph.discovery(base))
-    spec = policy.resolve(spec, base, sc.for_criterion(job.criterion), tiebreak=sc.tiebreak,
-                          counter=sizer.count, widths=widths, device=str(device))
+    pruned, info = api.prune(base, rates=spec, scores=sc, criterion=job.criterion, method=job.surgery,
+                             seed=job.seed, device=device)
+    spec, plan = info.rates, info.plan
     log.info(policy.describe(spec))
-    plan = make_plan(sc.for_criterion(job.criterion), spec, widths, tiebreak=sc.tiebreak, model=job.model)
-    pruned = contract_mod.attach(surgery.apply(base, plan, method=job.surgery), contract)
+    pruned = contract_mod.attach(pruned, contract)
     acc_pruned_raw = evaluate(pruned, test_loader, device, job.progress, "eval pruned")
     metrics: dict[str, Any] = {"baseline_test": acc_before, "pruned_test_no_finetune": acc_pruned_raw,
                                "policy": spec.extra.get("resolved"),
                                "eval": {"split": key["split"], "n": key["n"]}}
-    lat_check = latency.verify_spec(base, pruned, spec)
-    if lat_check is not None:
-        log.info(lat_check["line"])
-        metrics["latency_check"] = lat_check
+    if info.latency_check is not None:
+        log.info(info.latency_check["line"])
+        metrics["latency_check"] = info.latency_check
 
     # 5. Recovery (the last fine-tuning epoch is reported; the test split never selects anything).
     history = _recover(job, base, pruned, plan, bundle, device, test_loader, metrics, out)
-    check_finite(pruned, what="the pruned model")
     size_before, size_after = counting.count(base), counting.count(pruned)
     metrics["size_before"], metrics["size_after"] = size_before, size_after
     metrics["finetune_history"] = history

@@ -201,12 +201,12 @@ def test_run_folders_do_not_mix(trained, tmp_path, capsys, monkeypatch):
     assert len(err) == 1 and "not empty and not written by this run" in err[0] and "notes.txt" in err[0]
     assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
     # A run that fails after its folder was claimed leaves nothing behind.
-    from compressor import pipeline
+    from compressor import surgery
 
     def broken(*a, **k):
         raise UserError("surgery exploded", field="test")
 
-    monkeypatch.setattr(pipeline.surgery, "apply", broken)
+    monkeypatch.setattr(surgery, "apply", broken)
     fresh = tmp_path / "fresh"
     assert main(args[:-3] + ["--out", str(fresh), "--no-progress"]) == 2
     assert "surgery exploded" in capsys.readouterr().err and not fresh.exists()
