@@ -1,10 +1,13 @@
 """Accuracy/size/latency tradeoff reports over checkpoints and run folders.
 
-One row per checkpoint. Each pruned model is compared with *its* baseline: an unpruned
-checkpoint in the inputs whose cfg equals the pre-pruning cfg recorded in the pruned model's
-plan (same folder preferred, then the baseline a sweep recorded). When no such checkpoint is
-given, the pre-pruning model is rebuilt from the plan's widths (random weights: good for
-counting and latency, not for accuracy), or from the architecture's default cfg without a plan.
+One row per checkpoint, for any model the engine prunes (registered families, CIFAR ResNets,
+``torchvision:<name>``, ``package.module:builder``). Each pruned model is compared with *its*
+baseline: an unpruned checkpoint in the inputs of the same architecture reference, builder
+arguments and class count whose unit widths (found by the dependency-graph engine) equal the
+widths recorded in the pruned model's plan (same folder preferred, then the baseline a sweep
+recorded); see ``compressor.report_baseline``. When no such checkpoint is given, the model before
+pruning is rebuilt from the architecture reference and the plan (random weights: good for
+counting and latency, not for accuracy).
 
 Definitions used in every table:
 
@@ -21,19 +24,15 @@ Definitions used in every table:
   overlaps the baseline's is flagged (``speedup_<slot>_uncertain``; ``≈`` in the table): the
   measurement does not separate the two models.
 
-``curves``: recovery curves (validation top-1 vs epochs, from each run's ``metrics.jsonl``) of
-several train/finetune runs overlaid in one PNG, with a start/best/final table.
+Tables are rendered in ``compressor.report_render``; ``curves`` (recovery curves of several
+train/finetune runs overlaid, ``compressor.report_curves``) is re-exported here.
 """
 
 from __future__ import annotations
 
-import csv
 import glob
-import io as _io
 import json
 import logging
-import math
-import re
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -43,9 +42,13 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch import nn
 
-from compressor import checkpoint, counting, io, latency as lat, plots
+from compressor import checkpoint, counting, io, latency as lat, plots, report_baseline as rb
 from compressor.errors import UserError
-from compressor.models import get_model
+from compressor.report_curves import CURVES_PNG, METRICS_FILE, curve_summary, curves, curves_table, read_metrics
+from compressor.report_render import _csv, _safe, markdown
+
+__all__ = ["CURVES_PNG", "METRICS_FILE", "Entry", "ReportConfig", "build", "collect", "curve_summary", "curves",
+           "curves_table", "markdown", "read_metrics", "run_report", "write"]
 
 log = logging.getLogger("compressor")
 
@@ -63,6 +66,7 @@ class ReportConfig:
     latency: lat.LatencyConfig | None = field(default_factory=lat.LatencyConfig)
     plots: bool = True
     progress: bool = False
+    models: tuple[str, ...] = ()  # user-code references (module:builder) whose checkpoints may be loaded
 
 
 @dataclass
@@ -217,17 +221,6 @@ def compare_to_baseline(row: dict[str, Any], base: Mapping[str, Any], *, accurac
         row["top1_delta"] = row["top1"] - base["top1"]
 
 
-def pre_prune_cfg(net: nn.Module, plan: dict | None) -> list:
-    """The cfg the model had before pruning, from the widths its plan recorded."""
-    cfg = list(net.cfg)
-    units = (plan or {}).get("units", {})
-    for u in net.prunable_units():
-        if u.name in units:
-            for i in u.cfg_index:
-                cfg[i] = int(units[u.name]["width"])
-    return cfg
-
-
 def _label(p: Path, taken: set[str]) -> str:
     name = f"{p.parent.name}/{p.stem}" if p.parent.name else p.stem
     if name in taken:
@@ -243,24 +236,42 @@ class _Loaded:
     net: nn.Module
     ck: dict[str, Any]
     role: str
-    key: tuple  # (arch, num_classes, cfg): what this model is, for baseline matching
-    pre_key: tuple  # the same for the model it was pruned from
+    ident: rb.Identity  # (model reference, builder_kwargs, num_classes): which architecture this is
+    pre: dict[str, int]  # a pruned model's unit widths before pruning (its plan's), else {}
+    _widths: dict[str, int] | None = None
+
+    def widths(self) -> dict[str, int]:
+        """This model's own unit widths (the engine's discovery; computed once, for baselines)."""
+        if self._widths is None:
+            self._widths = rb.unit_widths(self.net)
+        return self._widths
 
 
-def _load(entries: Sequence[Entry]) -> list[_Loaded]:
+def _reference_in(path: Path) -> Any:
+    """The ``model`` field of a checkpoint, from its header (tensors memory-mapped, not read)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=True).get("model")
+    except Exception:  # noqa: BLE001 - checkpoint.load gives the one-line error
+        return None
+
+
+def _load(entries: Sequence[Entry], allow: Sequence[str] = ()) -> list[_Loaded]:
+    """Load each checkpoint; user code (``module:builder``) only when named in ``allow`` (``--model``)."""
     taken: set[str] = set()
     out = []
     for e in entries:
-        net, ck = checkpoint.load(e.path)
+        ref = _reference_in(e.path)
+        net, ck = checkpoint.load(e.path, model=ref if ref in allow else None)
         role = "pruned" if ck.get("plan") else "baseline"
-        key = (ck["model"], int(net.num_classes), tuple(net.cfg))
-        pre = (ck["model"], int(net.num_classes), tuple(pre_prune_cfg(net, ck.get("plan"))))
-        out.append(_Loaded(e, _label(e.path, taken), net, ck, role, key, pre))
+        out.append(_Loaded(e, _label(e.path, taken), net, ck, role, rb.identity(ck), rb.pre_prune_widths(ck)))
     return out
 
 
 def _pick_baseline(item: _Loaded, loaded: Sequence[_Loaded]) -> _Loaded | None:
-    cands = [b for b in loaded if b.role == "baseline" and b.key == item.pre_key]
+    cands = [b for b in loaded
+             if b.role == "baseline" and b.ident == item.ident and rb.matches(b.widths(), item.pre)]
     if not cands:
         return None
     same_dir = [b for b in cands if b.entry.path.parent.resolve() == item.entry.path.parent.resolve()]
@@ -313,7 +324,7 @@ def _describe(item: _Loaded) -> dict[str, Any]:
 def _evaluate(item: _Loaded, cfg: ReportConfig, bundles: dict[tuple, Any]) -> dict[str, Any]:
     """Test accuracy of the loaded model (as ``eval`` computes it); one data bundle per (data, root, size)."""
     from compressor import data as data_mod
-    from compressor.evaluate import evaluate, resolve_device
+    from compressor.evaluation import evaluate, resolve_device
 
     from compressor import contract
 
@@ -353,42 +364,74 @@ def _time_groups(groups: dict[str, dict[str, nn.Module]], sizes: dict[str, int],
 class _Baselines:
     """Which model each row is compared with, and the groups timed together."""
 
-    of: dict[str, str] = field(default_factory=dict)  # row name -> baseline name
+    of: dict[str, str | None] = field(default_factory=dict)  # row name -> baseline name (None: none)
     groups: dict[str, dict[str, nn.Module]] = field(default_factory=dict)  # baseline name -> models
     synthetic: dict[str, dict[str, int]] = field(default_factory=dict)  # rebuilt baselines' counts
-    sizes: dict[str, int] = field(default_factory=dict)
+    sizes: dict[str, Any] = field(default_factory=dict)
+
+
+def _rebuilt_baseline(item: _Loaded, rebuilt: dict[tuple, tuple[str | None, Any]],
+                      bl: _Baselines) -> tuple[str | None, Any]:
+    """``(name, None)`` of the unpruned model rebuilt for ``item`` (random weights), shared by pruned
+    models of the same architecture and pre-pruning widths; ``(None, reason)`` if it cannot be rebuilt."""
+    key = (item.ident, tuple(sorted(item.pre.items())))
+    if key not in rebuilt:
+        arch = item.ident[0]
+        k = sum(kk[0][0] == arch for kk in rebuilt) + 1
+        sname = f"{arch} rebuilt from plan widths" + (f" #{k}" if k > 1 else "")
+        try:
+            snet = rb.rebuild_unpruned(item.net, item.ck)
+            bl.synthetic[sname] = counting.count(snet)
+        except (UserError, RuntimeError, ValueError) as exc:
+            log.warning("%s: its baseline is not in the inputs and cannot be rebuilt (%s)", item.entry.path, exc)
+            rebuilt[key] = (None, str(exc).split("\n")[0][:160])
+        else:
+            bl.sizes[sname] = snet.input_size
+            bl.groups.setdefault(sname, {})[sname] = snet
+            rebuilt[key] = (sname, snet)
+    name, net_or_why = rebuilt[key]
+    return (name, None) if name is not None else (None, net_or_why)
 
 
 def _match(loaded: Sequence[_Loaded], rows: dict[str, dict[str, Any]]) -> _Baselines:
     bl = _Baselines(sizes={item.name: item.net.input_size for item in loaded})
-    rebuilt: dict[tuple, tuple[str, nn.Module]] = {}
+    rebuilt: dict[tuple, tuple[str | None, Any]] = {}
     for item in loaded:
         row = rows[item.name]
         match = item if item.role == "baseline" else _pick_baseline(item, loaded)
         if match is not None:
-            bname, bnet = match.name, match.net
+            bname: str | None = match.name
+            bl.groups.setdefault(match.name, {})[match.name] = match.net
             row["baseline"] = "(itself)" if match is item else match.name
         else:
-            if item.pre_key not in rebuilt:
-                arch, ncls, pre_cfg = item.pre_key
-                k = sum(key[0] == arch for key in rebuilt) + 1
-                sname = f"{arch} rebuilt from {'plan widths' if item.ck.get('plan') else 'default cfg'}"
-                sname += f" #{k}" if k > 1 else ""
-                snet = get_model(arch, num_classes=ncls, cfg=list(pre_cfg))
-                rebuilt[item.pre_key] = (sname, snet)
-                bl.sizes[sname] = snet.input_size
-                bl.synthetic[sname] = counting.count(snet)
-            bname, bnet = rebuilt[item.pre_key]
-            row["baseline"] = f"{bname} (not in inputs: random weights)"
+            bname, why = _rebuilt_baseline(item, rebuilt, bl)
+            row["baseline"] = (f"{bname} (not in inputs: random weights)" if bname is not None
+                               else f"(none: not in the inputs and not rebuilt: {why})")
         bl.of[item.name] = bname
-        bl.groups.setdefault(bname, {})[bname] = bnet
-        bl.groups[bname][item.name] = item.net
+        bl.groups.setdefault(bname or item.name, {})[item.name] = item.net
     return bl
+
+
+def _latency_columns(rows: dict[str, dict[str, Any]], bl: _Baselines,
+                     timings: dict[str, dict[str, lat.Timing]]) -> None:
+    """Latency, spread and, against the row's baseline (when it has one), speedup and speedup per MAC."""
+    for name, row in rows.items():
+        bname = bl.of[name]
+        for slot, t in timings[name].items():
+            row[f"lat_{slot}_ms"] = t.median_ms
+            row[f"lat_{slot}_iqr_ms"] = t.iqr_ms
+            if bname is None:
+                continue
+            bt = timings[bname][slot]
+            bmacs = (rows.get(bname) or bl.synthetic[bname])["macs"]
+            row[f"speedup_{slot}"] = bt.median_ms / t.median_ms
+            row[f"speedup_{slot}_uncertain"] = bname != name and lat.overlaps(bt, t)
+            row[f"speedup_per_mac_{slot}"] = row[f"speedup_{slot}"] / (bmacs / row["macs"])
 
 
 def build(entries: Sequence[Entry], cfg: ReportConfig = ReportConfig()) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Rows (one per checkpoint) and report metadata."""
-    loaded = _load(entries)
+    loaded = _load(entries, cfg.models)
     rows: dict[str, dict[str, Any]] = {}
     bundles: dict[tuple, Any] = {}
     for item in loaded:
@@ -399,20 +442,13 @@ def build(entries: Sequence[Entry], cfg: ReportConfig = ReportConfig()) -> tuple
         rows[item.name] = row
     bl = _match(loaded, rows)
     for name, row in rows.items():
-        base = rows.get(bl.of[name]) or bl.synthetic[bl.of[name]]
-        compare_to_baseline(row, base, accuracy=cfg.evaluate and bl.of[name] in rows)
+        bname = bl.of[name]
+        if bname is not None:
+            compare_to_baseline(row, rows.get(bname) or bl.synthetic[bname], accuracy=cfg.evaluate and bname in rows)
     timings: dict[str, dict[str, lat.Timing]] = {}
     if cfg.latency is not None:
         timings = _time_groups(bl.groups, bl.sizes, cfg.latency)
-        for name, row in rows.items():
-            bt = timings[bl.of[name]]
-            bmacs = (rows.get(bl.of[name]) or bl.synthetic[bl.of[name]])["macs"]
-            for slot, t in timings[name].items():
-                row[f"lat_{slot}_ms"] = t.median_ms
-                row[f"lat_{slot}_iqr_ms"] = t.iqr_ms
-                row[f"speedup_{slot}"] = bt[slot].median_ms / t.median_ms
-                row[f"speedup_{slot}_uncertain"] = bl.of[name] != name and lat.overlaps(bt[slot], t)
-                row[f"speedup_per_mac_{slot}"] = row[f"speedup_{slot}"] / (bmacs / row["macs"])
+        _latency_columns(rows, bl, timings)
     order = sorted(rows.values(), key=lambda r: (r["model"], r["role"] != "baseline", -r["macs"], r["name"]))
     any_t = next(iter(timings.values()), {})
     meta = {
@@ -430,103 +466,6 @@ def build(entries: Sequence[Entry], cfg: ReportConfig = ReportConfig()) -> tuple
     return order, {"meta": meta, "loaded": loaded}
 
 
-# ----------------------------------------------------------------------------- outputs
-def _m(n: float) -> str:
-    return f"{n / 1e6:.3f}M" if n < 1e7 else f"{n / 1e6:.1f}M"
-
-
-def _f(v: Any, fmt: str = "{:.2f}") -> str:
-    return "–" if v is None else fmt.format(v)
-
-
-def markdown(rows: Sequence[dict[str, Any]], meta: dict[str, Any]) -> str:
-    slots = meta.get("latency_slots", [])
-    head = ["model", "name", "criterion", "rates / target", "data", "top-1", "top-5", "Δtop-1", "params (−%)",
-            "MACs (−%)", "file MB (weights)"]
-    head += [f"{s.replace('_b', ' b')} ms ±IQR/2 (×, ×/MACs)" for s in slots]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for r in rows:
-        # A budget's resolved per-layer rates are long: the table shows the budget, the CSV/JSON both.
-        rt = r.get("target") or r.get("rates") or ("unpruned" if r["role"] == "baseline" else "–")
-        cells = [r["model"], r["name"], r.get("criterion") or "–", rt, r.get("data", "–"), _f(r.get("top1")),
-                 _f(r.get("top5")), _f(r.get("top1_delta"), "{:+.2f}"),
-                 f"{_m(r['params'])} ({r['params_reduction_pct']:.1f}%)",
-                 f"{_m(r['macs'])} ({r['macs_reduction_pct']:.1f}%)", f"{r['file_bytes'] / 1e6:.2f} ({r['weights_bytes'] / 1e6:.2f})"]
-        for s in slots:
-            if f"lat_{s}_ms" not in r:
-                cells.append("–")
-                continue
-            flag = "≈" if r.get(f"speedup_{s}_uncertain") else ""
-            iqr = r.get(f"lat_{s}_iqr_ms")
-            spread = f" ±{iqr / 2:.2f}" if iqr is not None else ""  # no spread recorded: none shown
-            cells.append(f"{r[f'lat_{s}_ms']:.2f}{spread} "
-                         f"({flag}{r[f'speedup_{s}']:.2f}×, {r[f'speedup_per_mac_{s}']:.2f})")
-        lines.append("| " + " | ".join(str(c) for c in cells) + " |")
-    lc = meta.get("latency") or {}
-    notes = [
-        "",
-        f"- Counted: {meta['counted']} (`compressor.counting`).",
-        "- Δtop-1 = model top-1 − baseline top-1, same test split (a drop is negative); baselines are matched by "
-        "the pre-pruning cfg.",
-    ]
-    if lc:
-        be = meta.get("backends") or {}
-        notes.append(f"- Latency: median of {lc['repeats']} runs after {lc['warmup']} warm-up runs, random inputs, "
-                     f"models of one baseline group timed interleaved (ABAB…); ±IQR/2 = half the interquartile "
-                     f"range; CPU threads: {meta['cpu_threads']}; mkldnn "
-                     f"{'on' if be.get('mkldnn_enabled') else 'off'}; "
-                     f"{'channels_last' if lc.get('channels_last') else 'contiguous'} tensors"
-                     + (f"; CUDA: {meta['cuda']} (CUDA-event timing)" if meta.get("cuda") else "; no CUDA device")
-                     + ".")
-        notes.append("- ≈ marks a speedup whose IQR overlaps the baseline's: not separated by this measurement.")
-        notes.append("- × = speedup vs baseline; ×/MACs = speedup ÷ (baseline MACs / model MACs), 1.0 = latency "
-                     "falls as fast as MACs.")
-    syn = meta.get("synthetic_baselines") or {}
-    if syn:
-        notes.append(f"- Baselines not in the inputs were rebuilt with random weights for counting/latency: "
-                     f"{', '.join(syn)}.")
-    bn_note = _bn_note(rows)
-    if bn_note:
-        notes.append(bn_note)
-    notes.append(f"- Generated {meta['time']} with torch {meta['torch']}.")
-    return "\n".join(lines + notes) + "\n"
-
-
-def _bn_note(rows: Sequence[dict[str, Any]]) -> str | None:
-    """Which pruned models had their BN statistics re-estimated after surgery (none without BatchNorm)."""
-    pruned = [r for r in rows if r["role"] == "pruned"]
-    groups: dict[str, list[str]] = {"re-estimated": [], "not re-estimated": [], "no BatchNorm layers (nothing to "
-                                    "re-estimate)": [], "not recorded": []}
-    keys = list(groups)
-    for r in pruned:
-        k = keys[2] if r.get("has_bn") is False else keys[0] if r.get("bn_recalibrated") is True \
-            else keys[1] if r.get("bn_recalibrated") is False else keys[3]
-        groups[k].append(r["name"])
-    if not pruned or len(groups[keys[3]]) == len(pruned):
-        return None
-    parts = []
-    for k, names in groups.items():
-        if names:
-            parts.append(f"{k}: {'all pruned models' if len(names) == len(pruned) else ', '.join(names)}")
-    return "- BN statistics after surgery: " + "; ".join(parts) + "."
-
-
-def _csv(rows: Sequence[dict[str, Any]]) -> str:
-    keys: list[str] = []
-    for r in rows:
-        keys += [k for k in r if k not in keys]
-    buf = _io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=keys)
-    w.writeheader()
-    for r in rows:
-        w.writerow(r)
-    return buf.getvalue()
-
-
-def _safe(name: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("_")
-
-
 def write_plots(rows: Sequence[dict[str, Any]], loaded: Sequence[_Loaded], out: Path) -> list[Path]:
     from compressor.scores import Scores
 
@@ -536,10 +475,7 @@ def write_plots(rows: Sequence[dict[str, Any]], loaded: Sequence[_Loaded], out: 
     for item in loaded:
         if item.role != "pruned":
             continue
-        units = item.ck["plan"]["units"]
-        names = [u.name for u in item.net.prunable_units()]
-        after = [u.width for u in item.net.prunable_units()]
-        before = [int(units.get(n, {}).get("width", w)) for n, w in zip(names, after)]
+        names, before, after = rb.kept_widths(item.net, item.ck)
         paths.append(plots.widths(names, before, after, out / f"widths_{_safe(item.name)}.png",
                                   title=f"{item.name}: channels before → after"))
         sp = item.entry.scores
@@ -577,98 +513,3 @@ def run_report(inputs: Sequence[str] | Sequence[Entry], out: str | Path, cfg: Re
     return res
 
 
-# ----------------------------------------------------------------------------- recovery curves
-METRICS_FILE = "metrics.jsonl"
-CURVES_PNG = "recovery_curves.png"
-
-
-def read_metrics(path: str | Path) -> list[dict[str, Any]]:
-    """The rows of a run's ``metrics.jsonl``; a missing file or a bad line is one ``UserError`` naming the file."""
-    p = Path(path)
-    src = str(p)
-    if not p.is_file():
-        raise UserError("no such file (not a train/finetune output folder?)", source=src)
-    try:
-        text = p.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise UserError(f"cannot read ({getattr(exc, 'strerror', None) or type(exc).__name__})", source=src) from exc
-    rows = []
-    for i, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except ValueError as exc:
-            raise UserError(f"line {i} is not valid JSON ({getattr(exc, 'msg', exc)})", source=src) from None
-        if not isinstance(row, dict):
-            raise UserError(f"line {i} is not a JSON object", source=src)
-        for key in ("epoch_frac", "epoch", "val_acc"):
-            v = row.get(key)
-            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)):
-                raise UserError(f"line {i}: {key} must be a finite number, got {str(v)[:40]!r}", source=src)
-        rows.append(row)
-    return rows
-
-
-def _curve_inputs(runs: Sequence[str]) -> list[Path]:
-    """Run folders (or their metrics.jsonl files), globs expanded, in the order given."""
-    out: list[Path] = []
-    for pattern in runs:
-        matches = sorted(glob.glob(pattern)) or [pattern]
-        for m in matches:
-            p = Path(m)
-            f = p if p.name == METRICS_FILE and not p.is_dir() else p / METRICS_FILE
-            if f not in out:
-                out.append(f)
-    return out
-
-
-def curve_summary(points: Sequence[tuple[float, float]]) -> dict[str, Any]:
-    """Start (the epoch-0 evaluation, None without one), best and final val top-1, and epochs done."""
-    start = next((y for x, y in points if x == 0), None)
-    return {"start_val": start, "best_val": max(y for _, y in points), "final_val": points[-1][1],
-            "epochs": max(x for x, _ in points)}
-
-
-def curves(runs: Sequence[str], out: str | Path, *, title: str = "") -> dict[str, Any]:
-    """Overlay the recovery curves of train/finetune runs in one PNG (one line per run).
-
-    ``runs``: output folders holding ``metrics.jsonl`` (or the files); label = the folder's name
-    (its parent's too when two share a name). ``out``: a ``.png`` path, else a folder for
-    ``recovery_curves.png``. Returns ``{"rows", "table", "png"}``.
-    """
-    from compressor.train import curve_points
-
-    files = _curve_inputs(runs)
-    if not files:
-        raise UserError("no run folders given", field="curves")
-    taken: set[str] = set()
-    data: dict[str, list[tuple[float, float]]] = {}
-    rows = []
-    for f in files:
-        pts = curve_points(read_metrics(f))
-        if not pts:
-            raise UserError("has no validation rows (val_acc): was the run trained without a validation split?",
-                            source=str(f))
-        run = f.parent
-        label = run.resolve().name or str(run)
-        if label in taken:
-            label = f"{run.resolve().parent.name}/{label}"
-        if label in taken:
-            label = str(run)
-        taken.add(label)
-        data[label] = pts
-        rows.append({"run": label, "path": str(f), **curve_summary(pts), "evaluations": len(pts)})
-    target = Path(out)
-    png = target if target.suffix.lower() == ".png" else target / CURVES_PNG
-    plots.recovery_curves(data, png, title=title)
-    return {"rows": rows, "table": curves_table(rows), "png": str(png)}
-
-
-def curves_table(rows: Sequence[Mapping[str, Any]]) -> str:
-    """Markdown: run, start val, best val, final val, epochs (val top-1 in %)."""
-    lines = ["| run | start val | best val | final val | epochs |", "|---|---|---|---|---|"]
-    for r in rows:
-        lines.append(f"| {r['run']} | {_f(r['start_val'])} | {_f(r['best_val'])} | {_f(r['final_val'])} | "
-                     f"{r['epochs']:g} |")
-    return "\n".join(lines) + "\n"

@@ -1,8 +1,11 @@
 """Per-layer sensitivity: prune one layer alone at several rates, measure the accuracy drop.
 
-Each (layer, rate) point is a physically rebuilt model (``surgery.rebuild``: the same
-channels the prune job would cut, by the same criterion) evaluated *without fine-tuning*
-on a held-out subset (``bundle.val``), optionally after re-estimating BN statistics.
+Works on every model the engine prunes (registered families, CIFAR ResNets, ``torchvision:``
+and ``module:builder`` models): the layers are the dependency-graph engine's units
+(``compressor.pruning.graph.units``), each (layer, rate) point is a physically cut model
+(``surgery.apply``: the same channels the prune job would cut, by the same criterion),
+evaluated *without fine-tuning* on a held-out subset (``bundle.val``), optionally after
+re-estimating BN statistics, and sizes are the engine's exact count (``pruning.size.SizeModel``).
 
 The curves suggest per-layer rates. Without a budget, each layer gets the largest tested
 rate whose drop (and every smaller rate's drop) stays within a tolerance. With a budget
@@ -29,9 +32,11 @@ import yaml
 from torch import nn
 from tqdm.auto import tqdm
 
-from compressor.pruning.graph import units as units_of
 from compressor import io, surgery
-from compressor.evaluate import evaluate, recalibrate_bn
+from compressor.pruning import graph
+from compressor.pruning.graph import units as units_of
+from compressor.pruning.size import SizeModel
+from compressor.evaluation import evaluate, recalibrate_bn
 from compressor.plan import make_plan
 from compressor.policy import PolicyConfig, SizeCounter, solve_local
 from compressor.rates import RateSpec
@@ -64,6 +69,12 @@ def compute_scores(model: nn.Module, loader_with_labels: Iterable, criterion: st
     return sc.for_criterion(criterion), sc.tiebreak
 
 
+def size_counter(model: nn.Module) -> SizeCounter:
+    """Exact MACs/params at any keep counts of the model's units, from the engine's size model."""
+    size = SizeModel(model, graph.discovery(model))
+    return SizeCounter(counter=size.count, widths=dict(size.widths))
+
+
 def analyze(model: nn.Module, scores: Mapping[str, torch.Tensor], eval_loader: Iterable,
             rates: Sequence[float] = DEFAULT_RATES, *, tiebreak: Mapping[str, torch.Tensor] | None = None,
             units: Sequence[str] | None = None, device: torch.device | str = "cpu",
@@ -76,7 +87,7 @@ def analyze(model: nn.Module, scores: Mapping[str, torch.Tensor], eval_loader: I
     missing = [u for u in chosen if u not in widths]
     if missing:
         raise ValueError(f"unknown unit(s) {missing}")
-    counter = SizeCounter(model)
+    counter = size_counter(model)
     model = model.to(device).eval()
     base = evaluate(model, eval_loader, device)["top1"]
     rows: list[dict[str, Any]] = []
@@ -89,7 +100,7 @@ def analyze(model: nn.Module, scores: Mapping[str, torch.Tensor], eval_loader: I
             if (unit, kept) not in done:  # small layers: several rates keep the same channels
                 plan = make_plan({unit: scores[unit]}, spec, {unit: widths[unit]}, tiebreak=tiebreak,
                                  model=getattr(model, "arch", ""))
-                pruned = surgery.rebuild(model, plan).eval()
+                pruned = surgery.apply(model, plan, verify=False).eval()
                 if recal_loader is not None:
                     recalibrate_bn(pruned, recal_loader, device, max_images=recal_images)
                 done[(unit, kept)] = evaluate(pruned, eval_loader, device)["top1"]
@@ -219,7 +230,7 @@ def suggest(result: SensitivityResult, model: nn.Module, tolerance: float, *,
     profile = {u: 0.0 for u in widths}
     profile.update(tolerated_rates(result, tolerance))
     cfg = PolicyConfig(name="local", min_keep=min_keep, max_keep=max_keep)
-    counter = SizeCounter(model)
+    counter = size_counter(model)
     info: dict[str, Any] = {"tolerance_pp": tolerance, "tolerated": dict(profile)}
     if target:
         profile = greedy_profile(result, counter, target, tolerance)

@@ -67,7 +67,7 @@ def test_rows_and_baseline_matching(runs, built):
 
 def test_numbers_are_the_checkpoints_own(runs, built):
     """Recomputed here, independently of the report: load each file, evaluate on the digits test split."""
-    from compressor.evaluate import evaluate
+    from compressor.evaluation import evaluate
 
     _, rows = built
     base = rows["base/baseline"]
@@ -319,3 +319,69 @@ def test_latency_cell_shows_spread_only_when_measured():
     meta = {"latency_slots": ["cpu_b1"], "counted": "x", "time": "t", "torch": "v"}
     assert "| 2.00 (1.00×, 1.00) |" in report.markdown([row], meta)
     assert "| 2.00 ±0.30 (1.00×, 1.00) |" in report.markdown([{**row, "lat_cpu_b1_iqr_ms": 0.6}], meta)
+
+
+# --- issue 23: figure details --------------------------------------------------------------
+
+def test_tradeoff_labels_at_one_place_are_stacked_and_the_frontier_has_a_legend_line():
+    rows = [_row("base", "baseline", 90.0, macs=1000), _row("p1", "pruned", 80.0, macs=500),
+            _row("p2", "pruned", 80.0, macs=500), _row("p3", "pruned", 80.0, macs=500),
+            _row("q", "pruned", 70.0, macs=200)]
+    fig = plots.tradeoff_figure(rows, "macs")
+    ax = fig.axes[0]
+    offsets = {t.get_text(): t.xyann for t in ax.texts}
+    assert set(offsets) == {"base", "p1", "p2", "p3", "q"}
+    same_place = [offsets[n] for n in ("p1", "p2", "p3")]
+    assert len(set(same_place)) == 3  # one line apart, not printed over each other
+    assert offsets["q"] == offsets["base"] == offsets["p1"]  # alone: the usual offset
+    leg = ax.get_legend()
+    handle = dict(zip([t.get_text() for t in leg.get_texts()], leg.legend_handles))["Pareto frontier"]
+    assert handle.get_visible() and handle.get_linestyle() == "--" and handle.get_linewidth() >= 1.0
+    xs = handle.get_xdata()
+    assert handle.get_drawstyle() == "default" and xs[-1] - xs[0] >= 20  # a plain line 3 fonts long, not a step
+    (step,) = [ln for ln in ax.get_lines() if ln.get_linestyle() == "--"]
+    assert list(step.get_xdata()) == pytest.approx([0.0002, 0.0005, 0.001])  # q, p1, base: the frontier
+
+
+def test_curves_draw_the_recorded_baseline_as_a_reference_line(tmp_path, capsys):
+    from compressor.cli import main
+    from compressor.report_curves import baseline_label
+
+    run = tmp_path / "ft"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text('{"epoch_frac": 0, "val_acc": 40.0}\n{"epoch_frac": 1, "val_acc": 80.0}\n')
+    prune_metrics = {"baseline_test": {"top1": 91.5, "n": 360}, "eval": {"split": "test", "n": 360}}
+    torch.save({"format": checkpoint.CKPT_FORMAT, "metrics": {"prune": prune_metrics}}, run / "last.pt")
+    other = tmp_path / "train_only"  # a run whose checkpoint records no baseline: no line
+    other.mkdir()
+    (other / "metrics.jsonl").write_text('{"epoch_frac": 0, "val_acc": 10.0}\n{"epoch_frac": 1, "val_acc": 60.0}\n')
+    res = report.curves([str(run), str(other)], tmp_path / "c.png")
+    rows = {r["run"]: r for r in res["rows"]}
+    assert rows["ft"]["baseline"] == {"top1": 91.5, "split": "test", "n": 360, "source": str(run / "last.pt")}
+    assert rows["train_only"]["baseline"] is None
+    fig = plots.recovery_figure({"ft": [(0.0, 40.0), (1.0, 80.0)]},
+                                baselines={baseline_label(rows["ft"]["baseline"]): 91.5})
+    ax = fig.axes[0]
+    ref = [ln for ln in ax.get_lines() if ln.get_label().startswith("baseline")]
+    assert len(ref) == 1 and list(ref[0].get_ydata()) == [91.5, 91.5]
+    assert ref[0].get_label() == "baseline 91.50% (test, 360 images)"
+    assert main(["report", "--curves", str(run), "--out", str(tmp_path / "d.png")]) == 0
+    assert "ft: baseline 91.50% (test, 360 images), recorded in" in capsys.readouterr().out
+
+
+def test_a_baseline_that_cannot_be_rebuilt_is_said_not_invented(runs, tmp_path):
+    """A plan wider than the architecture (a hand-edited file): no baseline, no reductions, one note."""
+    ck = torch.load(runs["half"] / "pruned.pt", weights_only=True)
+    unit = next(iter(ck["plan"]["units"]))
+    ck["plan"]["units"][unit]["width"] = 4096
+    odd = tmp_path / "odd" / "pruned.pt"
+    odd.parent.mkdir()
+    torch.save(ck, odd)
+    res = report.run_report([str(odd)], tmp_path / "rep", report.ReportConfig(evaluate=False, latency=FAST,
+                                                                               plots=False))
+    (row,) = res["rows"]
+    assert row["baseline"].startswith("(none: not in the inputs and not rebuilt:")
+    assert "macs_reduction_pct" not in row and "speedup_cpu_b1" not in row and row["lat_cpu_b1_ms"] > 0
+    line = next(ln for ln in res["markdown"].splitlines() if ln.startswith("| vgg16_bn | odd/pruned |"))
+    assert f"{row['macs'] / 1e6:.3f}M (–)" in line
+    assert "- No baseline to compare with" in res["markdown"]

@@ -19,7 +19,12 @@ EXAMPLES = """\
       --data-root ../shared/data/cifar10-jpeg.tar.gz --repeats 20 --out reports/all
   # sizes and latency only (no evaluation), 1 CPU thread
   python -m compressor report base.pt pruned.pt --no-eval --threads 1 --out reports/fast
-  # recovery curves of fine-tune runs overlaid (each folder's metrics.jsonl; label = folder name)
+  # a CIFAR ResNet or torchvision prune run: its baseline.pt is matched by architecture and plan widths
+  python -m compressor report checkpoints/resnet20_run --out reports/r20
+  # checkpoints of your own model (package.module:builder): name the code to allow importing it
+  python -m compressor report runs/mynet --model mypkg.nets:small_cnn --out reports/mynet
+  # recovery curves of fine-tune runs overlaid (each folder's metrics.jsonl; label = folder name; the
+  # baseline's accuracy, when a run's checkpoint records it, is a horizontal reference line)
   python -m compressor report --curves ft_lr0.01 ft_lr0.002 ft_kd --out reports/curves.png
 """
 
@@ -60,6 +65,9 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=positive_int, default=256, help="evaluation batch size")
     p.add_argument("--no-eval", action="store_true", help="skip evaluation (no accuracy columns or accuracy plots)")
     p.add_argument("--no-plots", action="store_true", help="write the tables only")
+    p.add_argument("--model", action="append", default=[], metavar="MODULE:BUILDER",
+                   help="allow loading checkpoints built by this user code (package.module:builder; repeatable); "
+                        "registered and torchvision: models need nothing")
     add_latency_args(p)
     add_common(p, stats=False)  # each checkpoint is evaluated with its own contract's normalisation
     return p
@@ -77,7 +85,7 @@ def run(args: argparse.Namespace) -> int:
 
     cfg = ReportConfig(data=args.data, data_root=args.data_root, device=args.device, batch_size=args.batch_size,
                        seed=args.seed, evaluate=not args.no_eval, latency=latency_config(args),
-                       plots=not args.no_plots, progress=not args.no_progress)
+                       plots=not args.no_plots, progress=not args.no_progress, models=tuple(args.model))
     res = run_report(args.inputs, args.out, cfg)
     print(res["markdown"])
     print(f"written to {args.out}: " + ", ".join(list(res["paths"].values()) + res["plots"]))
@@ -86,12 +94,16 @@ def run(args: argparse.Namespace) -> int:
 
 def run_curves(args: argparse.Namespace) -> int:
     from compressor.errors import UserError
-    from compressor.report import curves
+    from compressor.report_curves import baseline_label, curves
 
     if args.inputs:
         raise UserError(f"--curves overlays run folders; checkpoints given as well ({args.inputs[0]} ...): "
                         "report them in a separate call", field="curves")
     res = curves(args.curves, args.out)
     print(res["table"], end="")
+    for r in res["rows"]:
+        if r.get("baseline"):
+            print(f"{r['run']}: {baseline_label(r['baseline'])}, recorded in {r['baseline']['source']} "
+                  "(drawn as a reference line)")
     print(f"written to {res['png']}")
     return 0

@@ -15,6 +15,8 @@ EXAMPLES = """\
   # a quick look at three layers, BN statistics re-estimated after each cut
   python -m compressor sensitivity --model vgg16_bn --checkpoint base.pt --layers features.conv0,features.conv10 \\
       --rates 0.25,0.5,0.75 --bn-recalibrate 256 --out sens/
+  # any model the engine prunes: a CIFAR ResNet, a torchvision classifier (the checkpoint names it)
+  python -m compressor sensitivity --checkpoint checkpoints/resnet20_run/baseline.pt --rates 0.3,0.6 --target macs=0.5
 """
 
 
@@ -36,6 +38,13 @@ def _target(text: str | None) -> dict[str, float] | None:
     return out
 
 
+def _safe(name: str) -> str:
+    """A model reference as a folder name (``torchvision:resnet18`` -> ``torchvision_resnet18``)."""
+    import re
+
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("_")
+
+
 def _rates(text: str) -> list[float]:
     from compressor.errors import UserError
 
@@ -52,8 +61,10 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p = new_parser(sub, "sensitivity",
                    "prune each layer alone at several rates and record the accuracy drop (no fine-tuning)",
                    EXAMPLES)
-    p.add_argument("--model", required=True)
-    p.add_argument("--checkpoint", required=True, help="trained model (compressor or HRank format)")
+    p.add_argument("--model", default=None,
+                   help="registered name, torchvision:<name> or package.module:builder; not needed with a "
+                        "--checkpoint that records it (a plain state_dict needs it)")
+    p.add_argument("--checkpoint", required=True, help="trained model (compressor, HRank or torchvision format)")
     p.add_argument("--criterion", default="l1", help="which filters go at each rate (default l1; any criterion)")
     p.add_argument("--rates", default="0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9", help="comma-separated rates to try")
     p.add_argument("--layers", default=None, help="comma-separated unit names (default: every prunable unit)")
@@ -71,10 +82,15 @@ def add_parser(sub) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
+    import importlib
+
     from compressor import checkpoint, data, io
-    from compressor import sensitivity as sens
     from compressor.errors import UserError
-    from compressor.evaluate import resolve_device
+    from compressor.evaluation import resolve_device
+    from compressor.pruning.graph import units as units_of
+
+    # the module by its full name (the package's attribute ``sensitivity`` is the API function)
+    sens = importlib.import_module("compressor.sensitivity")
 
     device = resolve_device(args.device)
     target, rates = _target(args.target), _rates(args.rates)
@@ -83,7 +99,8 @@ def run(args: argparse.Namespace) -> int:
     criteria.get(args.criterion)
     model, ck = checkpoint.load(args.checkpoint, model=args.model)
     model = model.to(device).eval()
-    units = [u.name for u in model.prunable_units()]
+    name = args.model or ck["model"]
+    units = [u.name for u in units_of(model)]  # the engine's units: any model, the rates-file keys
     layers = [x.strip() for x in args.layers.split(",")] if args.layers else None
     for name in layers or []:
         if name not in units:
@@ -94,7 +111,7 @@ def run(args: argparse.Namespace) -> int:
     data.check_classes(bundle, model.num_classes, field="data")
     if not 0 < args.n_eval <= len(bundle.val):
         raise UserError(f"--n-eval must be in [1, {len(bundle.val)}] (size of the val split)", field="n-eval")
-    out = io.check_writable(Path(args.out or f"checkpoints/{args.model}_sensitivity"))
+    out = io.check_writable(Path(args.out or f"checkpoints/{_safe(name)}_sensitivity"))
 
     calib = data.calibration_subset(bundle.train_eval, args.n_images, args.seed)
     scores, tiebreak = sens.compute_scores(model, data.loader(calib, args.batch_size, device=device), args.criterion,
@@ -108,16 +125,16 @@ def run(args: argparse.Namespace) -> int:
     result = sens.analyze(model, scores, data.loader(held_out, 256, device=device), rates, tiebreak=tiebreak,
                           units=layers, device=device, recal_loader=recal, recal_images=max(1, args.bn_recalibrate),
                           progress=not args.no_progress)
-    result.meta.update({"model": args.model, "checkpoint": args.checkpoint, "criterion": args.criterion,
+    result.meta.update({"model": name, "checkpoint": args.checkpoint, "criterion": args.criterion,
                         "n_eval": args.n_eval, "eval_split": "val", "seed": args.seed, "data": bundle.name})
     spec, info = sens.suggest(result, model, args.tolerance, target=target, min_keep=args.min_keep)
-    header = (f"suggested by: python -m compressor sensitivity --model {args.model} --criterion {args.criterion} "
+    header = (f"suggested by: python -m compressor sensitivity --model {name} --criterion {args.criterion} "
               f"--tolerance {args.tolerance}" + (f" --target {args.target}" if args.target else ""))
     paths = {
         "csv": sens.write_csv(result, out / "sensitivity.csv"),
         "plot": sens.plot(result, out / "sensitivity.png",
-                          f"{args.model}: per-layer sensitivity ({args.criterion}, {args.n_eval} val images)"),
-        "rates": io.write_text(out / "suggested_rates.yaml", sens.suggestion_yaml(spec, info, args.model, header)),
+                          f"{name}: per-layer sensitivity ({args.criterion}, {args.n_eval} val images)"),
+        "rates": io.write_text(out / "suggested_rates.yaml", sens.suggestion_yaml(spec, info, name, header)),
         "summary": io.write_json(out / "sensitivity.json", {"baseline_top1": result.baseline_top1, **result.meta,
                                                             "suggestion": {k: v for k, v in info.items()}}),
     }
