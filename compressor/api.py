@@ -418,7 +418,7 @@ def sensitivity(model: nn.Module, eval_loader: Iterable, *, scores: scores_mod.S
     >>> res = compressor.sensitivity(model, val_batches, rates=[0.25, 0.5])  # doctest: +SKIP
     >>> res.rows[0]["drop"]                                                   # doctest: +SKIP
     """
-    from compressor import sensitivity as sens
+    from compressor import sensitivity_scan as sens
 
     dev = _check_device(device) or _device_of(model)
     if example_inputs is None and getattr(model, "input_size", None) is None:

@@ -148,3 +148,22 @@ def test_public_errors_are_one_line_user_errors(trained, tmp_path) -> None:
     p = compressor.save(small, tmp_path / "s.pt")
     with pytest.raises(UserError, match=r"model=MyNet"):
         compressor.load(p)
+
+
+def test_sensitivity_through_the_api_and_public_names_stay_functions(trained) -> None:
+    import compressor.evaluation  # noqa: F401  the modules behind the functions do not shadow them
+    import compressor.onnx_export  # noqa: F401
+    import compressor.sensitivity_scan  # noqa: F401
+
+    assert all(callable(getattr(compressor, n)) for n in compressor.__all__ if n != "__version__")
+    net, _, test = trained
+    snap = _snapshot(net)
+    with one_thread():
+        res = compressor.sensitivity(net, test[:1], rates=[0.0, 0.5], criterion="l1",
+                                     example_inputs=torch.randn(1, 3, 32, 32))
+        base = compressor.evaluate(net, test[:1])["top1"]
+    _assert_unchanged(net, snap)
+    assert res.baseline_top1 == base
+    assert {r["unit"] for r in res.rows} == {"block.0.0", "se.fc1", "head.0"}
+    assert all(r["drop"] == 0 for r in res.rows if r["rate"] == 0.0)  # rate 0 cuts nothing
+    assert all(r["macs_kept"] < 1 for r in res.rows if r["rate"] == 0.5)

@@ -14,7 +14,7 @@ from compressor.criteria.weight import fpgm_distances
 from compressor.errors import UserError
 from compressor.models import PrunableUnit, get_model, list_models
 from compressor.plan import rank_order
-from compressor.sensitivity import compute_scores
+from compressor.sensitivity_scan import compute_scores
 
 # CIFAR models; of the depth-scaled ResNets one is enough here (ResNet-56/110 only add blocks)
 CIFAR_MODELS = [m for m in list_models() if not m.endswith("_imagenet") and m not in ("resnet56", "resnet110")]

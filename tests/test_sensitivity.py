@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import importlib
 
 import pytest
 import torch
@@ -15,7 +14,7 @@ from compressor.models import get_model
 from compressor.pruning.graph import units as units_of
 from compressor.rates import load_rates
 
-sens = importlib.import_module("compressor.sensitivity")  # the module (the package's attribute is the API function)
+from compressor import sensitivity_scan as sens
 
 TINY_VGG = [4, 4, "M", 8, 8, "M", 8, 8, 8, "M", 8, 8, 8, "M", 8, 8, 8, 8]
 

@@ -82,7 +82,6 @@ def add_parser(sub) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    import importlib
 
     from compressor import checkpoint, data, io
     from compressor.errors import UserError
@@ -90,7 +89,7 @@ def run(args: argparse.Namespace) -> int:
     from compressor.pruning.graph import units as units_of
 
     # the module by its full name (the package's attribute ``sensitivity`` is the API function)
-    sens = importlib.import_module("compressor.sensitivity")
+    from compressor import sensitivity_scan as sens
 
     device = resolve_device(args.device)
     target, rates = _target(args.target), _rates(args.rates)

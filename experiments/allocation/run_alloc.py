@@ -43,7 +43,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from compressor import checkpoint, data, io, policy, scores as scores_mod, surgery  # noqa: E402
-from compressor import sensitivity as sens  # noqa: E402
+from compressor import sensitivity_scan as sens  # noqa: E402
 from compressor.counting import count  # noqa: E402
 from compressor.evaluation import evaluate, recalibrate_bn  # noqa: E402
 from compressor.plan import make_plan  # noqa: E402
