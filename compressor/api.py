@@ -111,6 +111,7 @@ def rank(model: nn.Module, loader: Iterable, criteria: Sequence[str] = ("hrank",
     >>> scores.for_criterion("hrank")["layer1.0.conv1"].shape          # doctest: +SKIP
     """
     dev = _check_device(device)
+    options.setdefault("seed", seed)  # the random criterion follows the run's seed
     batches = list(loader) if n_images is None else loader
     if n_images is None:
         n_images = sum((b[0] if isinstance(b, (list, tuple)) else b).shape[0] for b in batches)
@@ -411,8 +412,8 @@ def count(model: nn.Module, example_inputs: torch.Tensor | int | tuple[int, int]
 def sensitivity(model: nn.Module, eval_loader: Iterable, *, scores: scores_mod.Scores | Mapping[str, torch.Tensor]
                 | None = None, criterion: str | None = None, rates: Sequence[float] | None = None,
                 units: Sequence[str] | None = None, example_inputs: torch.Tensor | None = None,
-                recal_loader: Iterable | None = None, device: torch.device | str | None = None,
-                progress: bool = False) -> Any:
+                recal_loader: Iterable | None = None, recal_images: int = 512,
+                device: torch.device | str | None = None, progress: bool = False) -> Any:
     """Each unit pruned alone at each rate: the top-1 drop (``sensitivity.SensitivityResult``).
 
     >>> res = compressor.sensitivity(model, val_batches, rates=[0.25, 0.5])  # doctest: +SKIP
@@ -427,7 +428,7 @@ def sensitivity(model: nn.Module, eval_loader: Iterable, *, scores: scores_mod.S
     per_unit, tiebreak, _ = _scores_for(v, scores, criterion, 0)
     kw: dict[str, Any] = {"rates": list(rates)} if rates is not None else {}
     return sens.analyze(v, per_unit, eval_loader, tiebreak=tiebreak, units=units, device=dev,
-                        recal_loader=recal_loader, progress=progress, **kw)
+                        recal_loader=recal_loader, recal_images=recal_images, progress=progress, **kw)
 
 
 # ---------------------------------------------------------------- files

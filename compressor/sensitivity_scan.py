@@ -75,6 +75,11 @@ def size_counter(model: nn.Module) -> SizeCounter:
     return SizeCounter(counter=size.count, widths=dict(size.widths))
 
 
+def unit_names(model: nn.Module) -> list[str]:
+    """The units a scan can cut, in the engine's order (the rates-file keys)."""
+    return [u.name for u in units_of(model)]
+
+
 def analyze(model: nn.Module, scores: Mapping[str, torch.Tensor], eval_loader: Iterable,
             rates: Sequence[float] = DEFAULT_RATES, *, tiebreak: Mapping[str, torch.Tensor] | None = None,
             units: Sequence[str] | None = None, device: torch.device | str = "cpu",

@@ -83,29 +83,24 @@ def add_parser(sub) -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
 
-    from compressor import checkpoint, data, io
+    import compressor
+    from compressor import checkpoint, criteria, data, io
+    from compressor import sensitivity_scan as sens
+    from compressor.commands import _data
     from compressor.errors import UserError
     from compressor.evaluation import resolve_device
-    from compressor.pruning.graph import units as units_of
-
-    # the module by its full name (the package's attribute ``sensitivity`` is the API function)
-    from compressor import sensitivity_scan as sens
 
     device = resolve_device(args.device)
     target, rates = _target(args.target), _rates(args.rates)
-    from compressor import criteria
-
     criteria.get(args.criterion)
     model, ck = checkpoint.load(args.checkpoint, model=args.model)
     model = model.to(device).eval()
     name = args.model or ck["model"]
-    units = [u.name for u in units_of(model)]  # the engine's units: any model, the rates-file keys
+    units = list(sens.unit_names(model))  # the engine's units: any model, the rates-file keys
     layers = [x.strip() for x in args.layers.split(",")] if args.layers else None
-    for name in layers or []:
-        if name not in units:
-            raise UserError(f"unknown layer {name!r}; valid: {', '.join(units)}", field="layers")
-    from compressor.commands import _data
-
+    for layer in layers or []:
+        if layer not in units:
+            raise UserError(f"unknown layer {layer!r}; valid: {', '.join(units)}", field="layers")
     bundle = _data.load(args, model, ck=ck, source=args.checkpoint)
     data.check_classes(bundle, model.num_classes, field="data")
     if not 0 < args.n_eval <= len(bundle.val):
@@ -113,17 +108,17 @@ def run(args: argparse.Namespace) -> int:
     out = io.check_writable(Path(args.out or f"checkpoints/{_safe(name)}_sensitivity"))
 
     calib = data.calibration_subset(bundle.train_eval, args.n_images, args.seed)
-    scores, tiebreak = sens.compute_scores(model, data.loader(calib, args.batch_size, device=device), args.criterion,
-                                           n_images=args.n_images, seed=args.seed, device=device,
-                                           progress=not args.no_progress)
+    scores = compressor.rank(model, data.loader(calib, args.batch_size, device=device), [args.criterion],
+                             n_images=args.n_images, seed=args.seed, device=device, progress=not args.no_progress)
     held_out = data.calibration_subset(bundle.val, args.n_eval, args.seed)
     recal = None
     if args.bn_recalibrate > 0:
         recal = data.loader(data.calibration_subset(bundle.train_eval, args.bn_recalibrate, args.seed + 1),
                             args.batch_size, device=device)
-    result = sens.analyze(model, scores, data.loader(held_out, 256, device=device), rates, tiebreak=tiebreak,
-                          units=layers, device=device, recal_loader=recal, recal_images=max(1, args.bn_recalibrate),
-                          progress=not args.no_progress)
+    result = compressor.sensitivity(model, data.loader(held_out, 256, device=device), scores=scores,
+                                    criterion=args.criterion, rates=rates, units=layers, device=device,
+                                    recal_loader=recal, recal_images=max(1, args.bn_recalibrate),
+                                    progress=not args.no_progress)
     result.meta.update({"model": name, "checkpoint": args.checkpoint, "criterion": args.criterion,
                         "n_eval": args.n_eval, "eval_split": "val", "seed": args.seed, "data": bundle.name})
     spec, info = sens.suggest(result, model, args.tolerance, target=target, min_keep=args.min_keep)
