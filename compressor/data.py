@@ -1,10 +1,11 @@
 """Datasets: the embedded digits set, CIFAR-10/100 and ImageFolder trees.
 
 Every bundle has train (augmented), train_eval (same images, no augmentation: calibration
-and BN re-estimation), val (held out from train: the only split used for selection) and
-test (only ever evaluated). Small image sets (CIFAR copies, and any ImageFolder whose images
-share one size of at most 96 px a side) are decoded once and cached as uint8 arrays, so a CPU
-epoch is not dominated by JPEG decoding; larger ImageFolder trees are decoded lazily. Trees are
+and BN re-estimation), val (the only split used for selection: an ImageFolder's val/ when it
+also has test/, else held out from train) and test (only ever evaluated: test/, or val/ when
+there is no test/; ``notes["test_split"]``/``["val_split"]`` name the folders). Small image
+sets (CIFAR copies, and any ImageFolder whose images share one size of at most 96 px a side)
+are decoded once and cached as uint8 arrays, so a CPU epoch is not dominated by JPEG decoding; larger ImageFolder trees are decoded lazily. Trees are
 scanned and every image header is checked before any work (``_scan_tree``, ``_check_headers``).
 """
 
@@ -123,11 +124,18 @@ def _resize_note(hw: Sequence[int], input_size: int, announce: bool) -> dict:
 
 
 def _bundle(name: str, tr_x, tr_y, te_x, te_y, classes, stats: Stats | None, input_size: int, val_size: int,
-            seed: int, augment: bool, *, stats_source: str = "given", announce: bool = True) -> DataBundle:
-    """In-memory splits; ``stats`` None: mean/std estimated from the training split (val hold-out excluded)."""
-    if not 0 <= val_size < len(tr_y):
-        raise UserError(f"val_size must be in [0, {len(tr_y)}), got {val_size}", field="val_size")
-    tr_idx, va_idx = _split(len(tr_y), val_size, seed)
+            seed: int, augment: bool, *, stats_source: str = "given", announce: bool = True,
+            va: tuple[np.ndarray, np.ndarray] | None = None) -> DataBundle:
+    """In-memory splits; ``stats`` None: mean/std estimated from the training split (val hold-out excluded).
+
+    ``va``: a separate validation set (a val/ folder's arrays); then nothing is held out of train
+    and ``val_size`` is ignored."""
+    if va is not None:
+        tr_idx, va_idx, val_size = np.arange(len(tr_y)), np.arange(0), len(va[1])
+    else:
+        if not 0 <= val_size < len(tr_y):
+            raise UserError(f"val_size must be in [0, {len(tr_y)}), got {val_size}", field="val_size")
+        tr_idx, va_idx = _split(len(tr_y), val_size, seed)
     if stats is None:
         stats, stats_source = _estimate_stats(tr_x, tr_idx), "estimated from train"
     mean, std = stats
@@ -139,7 +147,9 @@ def _bundle(name: str, tr_x, tr_y, te_x, te_y, classes, stats: Stats | None, inp
              "image_size": [int(tr_x.shape[1]), int(tr_x.shape[2])], "storage": "memory"}
     return DataBundle(
         name=name, train=Subset(full_train, tr_idx.tolist()), train_eval=Subset(full_eval, tr_idx.tolist()),
-        val=Subset(full_eval, va_idx.tolist()), test=ArrayDataset(te_x, te_y, mean, std, size=input_size),
+        val=(ArrayDataset(va[0], va[1], mean, std, size=input_size) if va is not None
+             else Subset(full_eval, va_idx.tolist())),
+        test=ArrayDataset(te_x, te_y, mean, std, size=input_size),
         num_classes=len(classes), input_size=input_size, classes=list(classes), notes=notes,
     )
 
@@ -580,7 +590,14 @@ class FileDataset(Dataset):
 
 def imagefolder(root: str | Path, input_size: int = 224, val_size: int | None = None, seed: int = 0, *,
                 cache: Path | None = None, stats: Stats | None = None) -> DataBundle:
-    """train/ and val/ (else test/) class-folder trees.
+    """train/ with test/ and/or val/ class-folder trees.
+
+    Which folder is which split: test/ is always the test split (only ever evaluated); val/, when
+    test/ is there too, is the validation (selection) split and nothing is held out of train/
+    (``val_size`` is ignored). With train/ and test/ only, val is ``val_size`` images held out of
+    train/. With train/ and val/ only (ImageNet's layout), val/ is the test split and val is
+    held out of train/. ``bundle.notes["test_split"]`` and ``["val_split"]`` say which folder each
+    came from ("val (held out of train)" for a hold-out).
 
     The tree is scanned by ``_scan_tree``'s rules (one class set in every split present, hidden
     entries ignored, symlinks kept inside the data) and every image header is checked first.
@@ -590,34 +607,43 @@ def imagefolder(root: str | Path, input_size: int = 224, val_size: int | None = 
     training split (without the val hold-out). Anything else is ImageNet-style, decoded lazily:
     RandomResizedCrop + flip for training; resize to ``input_size * 256/224``, centre crop for
     eval; ImageNet mean/std unless ``stats``. ``val_size``: the training images held out for
-    validation (default: a tenth of train/, at most 10,000).
+    validation when there is no separate val/ (default: a tenth of train/, at most 10,000).
     """
     rootp = Path(root)
     cache = DEFAULT_CACHE if cache is None else Path(cache)
     if not (rootp / "train").is_dir():
         raise UserError("expected a train/ folder (ImageFolder layout)", source=str(rootp))
-    test_name = "val" if (rootp / "val").is_dir() else "test"
-    if not (rootp / test_name).is_dir():
+    has_test, has_val = (rootp / "test").is_dir(), (rootp / "val").is_dir()
+    if not (has_test or has_val):
         raise UserError("expected a val/ or test/ folder next to train/", source=str(rootp))
-    splits = _scan_tree(rootp, ("train", test_name))
+    test_name = "test" if has_test else "val"
+    val_name = "val" if has_test and has_val else None
+    splits = _scan_tree(rootp, ("train", test_name) + ((val_name,) if val_name else ()))
     train, test = splits["train"], splits[test_name]
-    sizes = _check_headers(train, cache) | _check_headers(test, cache)
-    vs = min(10000, len(train.files) // 10) if val_size is None else val_size
-    if not 0 <= vs < len(train.files):
-        raise UserError(f"val_size must be in [0, {len(train.files)}), got {vs}", field="val_size")
+    val = splits[val_name] if val_name else None
+    sizes = _check_headers(train, cache) | _check_headers(test, cache) | (_check_headers(val, cache) if val else set())
+    if val is not None:
+        vs = len(val.files)
+    else:
+        vs = min(10000, len(train.files) // 10) if val_size is None else val_size
+        if not 0 <= vs < len(train.files):
+            raise UserError(f"val_size must be in [0, {len(train.files)}), got {vs}", field="val_size")
     if len(sizes) == 1 and max(next(iter(sizes))) <= SMALL_SIDE:
         hw = next(iter(sizes))
         tr_x, tr_y = _read_imagefolder_arrays(train, cache, hw)
         te_x, te_y = _read_imagefolder_arrays(test, cache, hw)
-        b = _bundle("imagefolder", tr_x, tr_y, te_x, te_y, train.classes, stats, input_size, vs, seed, augment=True)
+        va = _read_imagefolder_arrays(val, cache, hw) if val is not None else None
+        b = _bundle("imagefolder", tr_x, tr_y, te_x, te_y, train.classes, stats, input_size, vs, seed, augment=True,
+                    va=va)
     else:
-        b = _lazy_bundle(train, test, sizes, input_size, vs, seed, stats)
-    b.notes.update({"skipped": train.skipped + test.skipped, "test_split": test_name})
+        b = _lazy_bundle(train, test, sizes, input_size, vs, seed, stats, val=val)
+    b.notes.update({"skipped": train.skipped + test.skipped + (val.skipped if val else 0), "test_split": test_name,
+                    "val_split": f"{val_name}/" if val_name else "held out of train/"})
     return b
 
 
 def _lazy_bundle(train: _Split, test: _Split, sizes: set[tuple[int, int]], input_size: int, vs: int, seed: int,
-                 stats: Stats | None) -> DataBundle:
+                 stats: Stats | None, *, val: _Split | None = None) -> DataBundle:
     from torchvision import transforms as T
 
     mean, std = stats or (IMAGENET_MEAN, IMAGENET_STD)
@@ -629,14 +655,19 @@ def _lazy_bundle(train: _Split, test: _Split, sizes: set[tuple[int, int]], input
     samples = [(str(f), ci) for f, ci in train.files]
     tr_aug, tr_eval = FileDataset(samples, train.classes, train_tf), FileDataset(samples, train.classes, eval_tf)
     te = FileDataset([(str(f), ci) for f, ci in test.files], train.classes, eval_tf)
-    tr_idx, va_idx = _split(len(samples), vs, seed)
+    if val is not None:
+        tr_idx = np.arange(len(samples))
+        va_ds: Dataset = FileDataset([(str(f), ci) for f, ci in val.files], train.classes, eval_tf)
+    else:
+        tr_idx, va_idx = _split(len(samples), vs, seed)
+        va_ds = Subset(tr_eval, va_idx.tolist())
     hw = next(iter(sizes)) if len(sizes) == 1 else None
     notes = {"val_size": vs, "split_seed": seed, "train_size": len(tr_idx), "test_size": len(te),
              "normalisation": _norm_note(mean, std, "given" if stats else "imagenet default"),
              "resize": {"policy": "resize_center_crop", "resize": resize, "crop": input_size}, "channels": 3,
              "image_size": list(hw) if hw else None, "storage": "lazy"}
     return DataBundle("imagefolder", Subset(tr_aug, tr_idx.tolist()), Subset(tr_eval, tr_idx.tolist()),
-                      Subset(tr_eval, va_idx.tolist()), te, len(train.classes), input_size, list(train.classes), notes)
+                      va_ds, te, len(train.classes), input_size, list(train.classes), notes)
 
 
 def _check_stats(stats: Stats | None) -> Stats | None:

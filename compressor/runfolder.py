@@ -13,8 +13,16 @@ What a claim does, and the rules it keeps:
   process dies. A second run on the same folder fails at once with a one-line ``UserError``
   ("another compressor run (pid N, command X) holds this folder"). Where ``fcntl`` is missing
   (Windows) the lock file is created with ``O_CREAT | O_EXCL`` and holds the owner's pid; a
-  hard-killed run leaves it behind, and on POSIX one whose pid (on this host) is gone is taken
-  over, elsewhere the message says to delete it.
+  hard-killed run leaves it behind, and on POSIX one whose owner is gone is taken over (its pid
+  not alive on this host, or alive with another start time than recorded: a reused pid),
+  elsewhere the message says to delete it.
+* **A killed run is not a running one.** A manifest left ``"running"`` by a process that is gone
+  (same test as the lock's) is a *killed* run: a refusal says so ("an earlier train run, killed
+  (pid N is gone)"), and ``overwrite`` removes its outputs too, including the files a command
+  writes before it records them (``OWN_FILES``: train/finetune's ``resolved_config.yaml``,
+  ``metrics.jsonl``, ``last.pt``, ...) when they are no older than the run's start.
+* **Messages are one line.** A warning is a ``RunFolderWarning`` printed as one line,
+  ``warning: <folder>: ...``, without Python's category and source line.
 * **No mixing with other files.** A folder with content is refused unless ``overwrite`` or
   ``resume`` is given, naming what is in it. Our own bookkeeping does not count as content:
   the lock, ``manifest.json`` (when it is one of ours) and ``compressor.io``'s ``.*.tmp``
@@ -76,12 +84,58 @@ RUN_FORMAT = "compressor.run"
 MANIFEST = "manifest.json"
 LOCK = ".compressor.lock"
 SHOW = 5  # names listed in a refusal or a warning
+# Files a command writes into its folder before (or without) recording them: a killed run's are its own.
+_TRAIN_FILES = ("resolved_config.yaml", "metrics.jsonl", "summary.json", "last.pt", "best.pt", "recovery_curve.png")
+OWN_FILES: dict[str, tuple[str, ...]] = {"train": _TRAIN_FILES, "finetune": _TRAIN_FILES}
 
 _Stat = tuple[int, int, int, int]  # st_dev, st_ino, st_mtime_ns, st_size
 
 
 def _now() -> str:
     return datetime.now().astimezone().isoformat(timespec="seconds")
+
+
+class RunFolderWarning(UserWarning):
+    """A run folder's warning: shown as one line, ``warning: <folder>: ...`` (no category, no source line)."""
+
+
+def _one_line(message, category, filename, lineno, line=None) -> str:  # noqa: ANN001 - warnings' signature
+    return f"warning: {message}\n"
+
+
+def _warn(msg: str) -> None:
+    """``msg`` as a ``RunFolderWarning`` (so callers and tests can filter or catch it), printed as
+    one line: Python's own format (``file:line: UserWarning: ...`` and the source line) is swapped
+    out for this one warning only."""
+    saved = warnings.formatwarning
+    warnings.formatwarning = _one_line
+    try:
+        warnings.warn(msg, RunFolderWarning, stacklevel=3)
+    finally:
+        warnings.formatwarning = saved
+
+
+def _proc_start(pid: int) -> int | None:
+    """The start time of process ``pid`` (clock ticks since boot, from /proc), or None where unknown."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return int(stat[stat.rindex(")") + 2:].split()[19])  # field 22, counted after "pid (comm)"
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _owner_gone(doc: dict[str, Any]) -> bool:
+    """Whether the process a lock or manifest names is gone: on this host (POSIX), its pid is not
+    alive, or is alive with another start time than the one recorded (the pid was reused)."""
+    pid = doc.get("pid")
+    if os.name != "posix" or not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0:
+        return False
+    if doc.get("host") != socket.gethostname() or pid == os.getpid():
+        return False
+    if not io._pid_alive(pid):  # noqa: SLF001
+        return True
+    start, now = doc.get("pid_start"), _proc_start(pid)
+    return isinstance(start, int) and now is not None and now != start
 
 
 def _names(names: list[str]) -> str:
@@ -187,10 +241,7 @@ def _lock_excl(path: Path, info: bytes) -> int:
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         except FileExistsError:
             holder = _read_holder(path)
-            pid = holder.get("pid")
-            stale = (os.name == "posix" and isinstance(pid, int) and holder.get("host") == socket.gethostname()
-                     and pid != os.getpid() and not io._pid_alive(pid))  # noqa: SLF001
-            if not stale:
+            if not _owner_gone(holder):
                 raise _Held({**holder, "stale_hint": True}) from None
             with contextlib.suppress(OSError):
                 path.unlink()
@@ -219,8 +270,8 @@ class RunFolder:
         self._closed = False
         self.manifest: dict[str, Any] = {
             "format": RUN_FORMAT, "command": command, "argv": list(sys.argv), "pid": self._pid,
-            "host": socket.gethostname(), "started": _now(), "mode": mode, "status": "running",
-            "files": list(self._old_files)}
+            "pid_start": _proc_start(self._pid), "host": socket.gethostname(), "started": _now(), "mode": mode,
+            "status": "running", "files": list(self._old_files)}
         self._write()
 
     # -- use
@@ -351,7 +402,8 @@ def claim(out: str | os.PathLike, *, command: str, overwrite: bool = False, resu
     except OSError as exc:
         raise UserError(f"cannot write here ({exc.strerror})", source=str(out)) from exc
 
-    info = json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "command": command}).encode()
+    info = json.dumps({"pid": os.getpid(), "pid_start": _proc_start(os.getpid()), "host": socket.gethostname(),
+                       "command": command}).encode()
     fd: int | None = None
     try:
         fd = (_lock_flock if fcntl is not None else _lock_excl)(out / LOCK, info)
@@ -363,14 +415,15 @@ def claim(out: str | os.PathLike, *, command: str, overwrite: bool = False, resu
         raise UserError(f"another compressor run{f' ({who}{host})' if who else ''} holds this folder{hint}",
                         source=str(out)) from None
     except OSError as exc:  # a file system without locks: carry on, unprotected
-        warnings.warn(f"{out}: cannot lock this folder ({exc.strerror}); concurrent runs into it are not "
-                      "prevented", stacklevel=2)
+        _warn(f"{out}: cannot lock this folder ({exc.strerror}); concurrent runs into it are not prevented")
 
     try:
         mode = "resume" if resume else "overwrite" if overwrite else "fresh"
         old = _read_manifest(out)
         content = [e.name for e in os.scandir(out) if not _ours(e.name) and not (e.name == MANIFEST and old)]
-        earlier = f"an earlier {old.get('command')} run, {old.get('status')}; " if old else ""
+        killed = old is not None and old.get("status") == "running" and _owner_gone(old)
+        status = f"killed (pid {old.get('pid')} is gone)" if killed else old.get("status") if old else None
+        earlier = f"an earlier {old.get('command')} run, {status}; " if old else ""
         if old is None and (out / MANIFEST).exists() and mode != "fresh":  # never replace someone else's file
             raise UserError(f"holds a {MANIFEST} that is not a compressor run's; choose another --out",
                             source=str(out))
@@ -379,14 +432,16 @@ def claim(out: str | os.PathLike, *, command: str, overwrite: bool = False, resu
                 raise UserError(f"holds a {old.get('command')} run, not a {command} run; choose another --out",
                                 source=str(out))
         elif content and mode == "fresh":
+            how = (f"pass --resume {out / 'last.pt'} to continue it, "
+                   if old and old.get("status") != "done" and old.get("command") in OWN_FILES
+                   and (out / "last.pt").is_file() else "pass ")
             raise UserError(f"not empty and not written by this run ({earlier}found: {_names(content)}); "
-                            "pass --overwrite to replace it or choose another --out", source=str(out))
+                            f"{how}--overwrite to replace it or choose another --out", source=str(out))
         elif mode == "overwrite":
             _remove_run(out, old)
             left = [e.name for e in os.scandir(out) if not _ours(e.name)]
             if left:
-                warnings.warn(f"{out}: --overwrite leaves files no compressor run recorded here: {_names(left)}",
-                              stacklevel=2)
+                _warn(f"{out}: --overwrite leaves files no compressor run recorded here: {_names(left)}")
         return RunFolder(out, command, mode, created, fd, old)
     except BaseException:
         if fd is not None:
@@ -417,5 +472,23 @@ def _remove_run(out: Path, old: dict[str, Any] | None) -> None:
             dirs.add(parent.as_posix())
             parent = parent.parent
     _prune_dirs(out, dirs)
+    _remove_unrecorded_own(out, old)
     with contextlib.suppress(OSError):
         (out / MANIFEST).unlink()
+
+
+def _remove_unrecorded_own(out: Path, old: dict[str, Any]) -> None:
+    """A run that did not finish (killed, failed) may not have recorded all it wrote: its command's
+    ``OWN_FILES`` in ``out`` that are plain files no older than the run's start are its too."""
+    if old.get("status") == "done":
+        return
+    try:
+        started = datetime.fromisoformat(str(old.get("started"))).timestamp() - 1.0  # ISO seconds: round down
+    except ValueError:
+        return
+    for name in OWN_FILES.get(str(old.get("command")), ()):
+        p = out / name
+        with contextlib.suppress(OSError):
+            st = os.lstat(p)
+            if p.is_file() and not p.is_symlink() and st.st_mtime >= started:
+                p.unlink()

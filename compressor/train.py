@@ -6,10 +6,12 @@ split is never looked at here.
 * GPU: AMP (bf16 where supported, else fp16 with a GradScaler), channels_last, pinned
   non-blocking copies, optional ``torch.compile``; host syncs only every few steps.
   CPU: the same loop in fp32.
-* Resumable: with ``out_dir`` every epoch writes ``last.pt`` (and ``best.pt`` at the best
-  validation accuracy) atomically, with optimizer, scheduler and scaler state, the epoch and
-  the sampler's (seed, epoch, processes) in the checkpoint's ``extra["train_state"]`` as plain
-  data. No RNG state is saved, because none is carried across epochs: each epoch re-seeds
+* Resumable: with ``out_dir`` every epoch writes ``last.pt`` atomically, with optimizer,
+  scheduler and scaler state, the epoch and the sampler's (seed, epoch, processes) in the
+  checkpoint's ``extra["train_state"]`` as plain data; ``best.pt`` (at the best validation
+  accuracy) is weights only: the same model, metrics and plain record (epoch, history, curve,
+  config), without optimizer/scheduler/scaler state, so it is about the model's size and is not
+  a resume point. No RNG state is saved, because none is carried across epochs: each epoch re-seeds
   torch/numpy/python and the loader's generator from (seed, epoch, rank) and the shuffle is
   (seed, epoch), so a resumed run repeats an uninterrupted one exactly on CPU (also with
   DataLoader workers, which are seeded from that generator).
@@ -24,7 +26,7 @@ split is never looked at here.
   the epoch's row (train loss/accuracy, img/s) with the same curve keys. ``recovery_curve.png``
   plots them. Evaluations never touch the training RNG streams (``torch.random.fork_rng``), so
   ``eval_every`` changes what is logged, never the weights. best.pt is selected at epoch ends
-  only: it is a copy of that epoch's last.pt, whose training state resumes at an epoch boundary.
+  only: that epoch's last.pt without its optimizer, scheduler and scaler state.
 """
 
 from __future__ import annotations
@@ -227,18 +229,21 @@ def _check_sampler(saved: Mapping[str, Any] | None, ctx: dist_mod.DistContext, s
                       "the data order differs, so it will not repeat an uninterrupted run", stacklevel=3)
 
 
-def _save(out_dir: Path, names: list[str], model: nn.Module, row: dict, state: dict, meta: Mapping[str, Any]) -> None:
-    """Serialize the checkpoint once to ``names[0]``; the other names get a byte copy (each write atomic)."""
-    import shutil
+RESUME_ONLY = ("optimizer", "scheduler", "scaler")  # train_state that only last.pt carries
 
-    from compressor import checkpoint, io
+
+def _save(out_dir: Path, names: list[str], model: nn.Module, row: dict, state: dict, meta: Mapping[str, Any]) -> None:
+    """``names[0]`` (last.pt) gets the model and the whole training state (what ``--resume`` needs);
+    the other names (best.pt) are weights only: the model and its metadata, with the training
+    state's plain record (epoch, history, curve, config) but no optimizer, scheduler or scaler
+    state (which would double the file). Each write is atomic."""
+    from compressor import checkpoint
 
     metrics = {**dict(meta.get("metrics") or {}), **{k: v for k, v in row.items()}}
-    first = checkpoint.save(out_dir / names[0], model, rates=meta.get("rates"), plan=meta.get("plan"),
-                            metrics=metrics, prov=meta.get("prov"), extra={"train_state": state})
-    for name in names[1:]:
-        with open(first, "rb") as src:
-            io.atomic_write(out_dir / name, lambda fh: shutil.copyfileobj(src, fh, 1 << 20))
+    light = {k: v for k, v in state.items() if k not in RESUME_ONLY}
+    for i, name in enumerate(names):
+        checkpoint.save(out_dir / name, model, rates=meta.get("rates"), plan=meta.get("plan"), metrics=metrics,
+                        prov=meta.get("prov"), extra={"train_state": state if i == 0 else light})
 
 
 # --- the loop ---------------------------------------------------------------------------

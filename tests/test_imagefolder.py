@@ -326,3 +326,66 @@ def test_cache_key_is_the_content_not_the_path_and_size(tmp_path):
     os.utime(f, ns=(mtime + 2 * 10**9, mtime + 2 * 10**9))  # touched, same bytes: a new key too
     _load(root, tmp_path, val_size=0)
     assert len(set(cache.glob("*.npz")) - first) == 2
+
+
+# --------------------------------------------------------------------------- which folder is which split (issue 23)
+def _three_splits(root: Path, size: int = 16) -> dict[str, list[np.ndarray]]:
+    """train/ 5, val/ 2, test/ 3 images per class (different images, distinguishable counts)."""
+    made = {}
+    for split, n, seed in (("train", 5, 1), ("val", 2, 2), ("test", 3, 3)):
+        made.update(_tree(root, n=n, size=size, splits=(split,), seed=seed))
+    return made
+
+
+def test_test_folder_is_the_test_split_and_val_folder_the_val_split(tmp_path):
+    root = tmp_path / "d"
+    made = _three_splits(root)
+    b = _load(root, tmp_path, val_size=3)  # val/ is there: nothing is held out of train/, val_size is moot
+    assert len(b.train) == len(b.train_eval) == 10 and len(b.val) == 4 and len(b.test) == 6
+    assert b.notes["test_split"] == "test" and b.notes["val_split"] == "val/"
+    assert b.notes["train_size"] == 10 and b.notes["val_size"] == 4 and b.notes["test_size"] == 6
+    hwc = lambda ds, i: ds.images[i].permute(1, 2, 0).numpy()  # noqa: E731 - the stored uint8 image
+    assert all((hwc(b.test, i) == made["test"][i]).all() for i in range(6))
+    assert all((hwc(b.val, i) == made["val"][i]).all() for i in range(4))
+    assert [b.val[i][1] for i in range(4)] == [0, 0, 1, 1] and [b.test[i][1] for i in range(6)] == [0, 0, 0, 1, 1, 1]
+    # without val/: val is held out of train/, the test split is still test/
+    import shutil
+
+    shutil.rmtree(root / "val")
+    b = _load(root, tmp_path, val_size=2)
+    assert len(b.train) == 8 and len(b.val) == 2 and len(b.test) == 6
+    assert b.notes["test_split"] == "test" and b.notes["val_split"] == "held out of train/"
+    assert all((hwc(b.test, i) == made["test"][i]).all() for i in range(6))
+
+
+def test_three_splits_lazy(tmp_path):
+    root = tmp_path / "d"
+    _three_splits(root, size=100)
+    b = _load(root, tmp_path, input_size=32)
+    assert b.notes["storage"] == "lazy" and b.notes["test_split"] == "test" and b.notes["val_split"] == "val/"
+    assert len(b.train) == 10 and len(b.val) == 4 and len(b.test) == 6
+    assert all("/test/" in p for p, _ in b.test.samples) and all("/val/" in p for p, _ in b.val.samples)
+
+
+def test_train_and_eval_name_the_test_folder_they_measured(tmp_path, monkeypatch, capsys):
+    """The CLI: train/ val/ test/: the test line is test/'s images, val/ is the selection split."""
+    import json
+
+    from compressor.cli import main
+
+    monkeypatch.setattr(data, "DEFAULT_CACHE", tmp_path / "cache")
+    root = tmp_path / "d"
+    _three_splits(root)
+    out = tmp_path / "run"
+    assert main(["train", "--model", "squeezenet1_1", "--data", "imagefolder", "--data-root", str(root), "--epochs",
+                 "1", "--batch-size", "16", "--out", str(out), "--no-progress", "--device", "cpu"]) == 0
+    printed = capsys.readouterr().out
+    assert "test top-1 [test/, 6 images]:" in printed
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["test_split"] == "test/" and summary["val_split"] == "val/" and summary["last"]["test"]["n"] == 6
+    assert main(["eval", "--checkpoint", str(out / "best.pt"), "--no-progress"]) == 0
+    line = capsys.readouterr().out
+    assert " test [test/] (6 images): top-1" in line, line
+    assert main(["eval", "--checkpoint", str(out / "best.pt"), "--no-progress", "--json"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["n"] == 6 and res["test_split"] == "test/"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 import textwrap
@@ -84,12 +85,14 @@ def test_overwrite_removes_recorded_outputs_not_foreign(tmp_path):
         io.write_text(run.record(out / "old.pt"), "old")
         io.write_text(run.record(out / "pts" / "p1.pt"), "old")
     (out / "notes.txt").write_text("user's")
-    with pytest.warns(UserWarning, match="notes.txt"):
+    with pytest.warns(runfolder.RunFolderWarning, match="notes.txt") as rec:
         with runfolder.claim(out, command="prune", overwrite=True) as run:
             assert not (out / "old.pt").exists() and not (out / "pts").exists()
             assert (out / "notes.txt").read_text() == "user's"
             assert manifest(out)["mode"] == "overwrite" and manifest(out)["status"] == "running"
             io.write_text(run.record(out / "new.pt"), "new")
+    assert [str(w.message) for w in rec] == [f"{out}: --overwrite leaves files no compressor run recorded here: "
+                                             "notes.txt"]
     assert manifest(out)["files"] == ["new.pt"]
     assert (out / "notes.txt").read_text() == "user's"
 
@@ -302,3 +305,107 @@ def test_kept_folder_and_clean_sys_exit(tmp_path):
         with runfolder.claim(out, command="sweep", resume=True):
             sys.exit(0)  # a clean exit is a success
     assert manifest(out)["status"] == "done"
+
+
+# --------------------------------------------------------------------------- issue 23: a run killed from outside
+def _dead_pid() -> int:
+    """The pid of a process that has exited (and been reaped)."""
+    p = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True,
+                       check=True)
+    return int(p.stdout)
+
+
+def _killed_train(out, pid: int) -> None:
+    """What a SIGKILLed ``train`` leaves: its lock file, a "running" manifest (nothing recorded yet)
+    and the files it wrote before recording them."""
+    out.mkdir(parents=True)
+    host = socket.gethostname()
+    (out / ".compressor.lock").write_text(json.dumps({"pid": pid, "host": host, "command": "train"}))
+    (out / "manifest.json").write_text(json.dumps({
+        "format": "compressor.run", "command": "train", "argv": ["compressor", "train"], "pid": pid, "host": host,
+        "started": runfolder._now(), "mode": "fresh", "status": "running", "files": []}))
+    for name in ("resolved_config.yaml", "metrics.jsonl", "last.pt", "best.pt"):
+        (out / name).write_text(name)
+
+
+@pytest.mark.parametrize("no_fcntl", [False, True])
+def test_a_dead_owners_lock_and_manifest_do_not_block(tmp_path, monkeypatch, no_fcntl):
+    if no_fcntl:
+        monkeypatch.setattr(runfolder, "fcntl", None)
+    out = tmp_path / "out"
+    out.mkdir()
+    pid = _dead_pid()
+    (out / ".compressor.lock").write_text(json.dumps({"pid": pid, "host": socket.gethostname(), "command": "train"}))
+    (out / "manifest.json").write_text(json.dumps({"format": "compressor.run", "command": "train", "pid": pid,
+                                                   "host": socket.gethostname(), "started": runfolder._now(),
+                                                   "status": "running", "files": []}))
+    with runfolder.claim(out, command="train") as run:  # killed before it wrote anything: the claim proceeds
+        assert manifest(out)["pid"] == os.getpid()
+        io.write_text(run.record(out / "last.pt"), "x")
+    assert manifest(out)["status"] == "done" and not (out / ".compressor.lock").exists()
+
+
+def test_a_reused_pid_is_not_the_owner(tmp_path, monkeypatch):
+    """A lock whose pid is alive but started at another time than recorded is stale (pid reuse)."""
+    monkeypatch.setattr(runfolder, "fcntl", None)
+    out = tmp_path / "out"
+    out.mkdir()
+    with subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"]) as p:
+        try:
+            start = runfolder._proc_start(p.pid)
+            if start is None:
+                pytest.skip("no /proc here: process start times are unknown")
+            holder = {"pid": p.pid, "host": socket.gethostname(), "command": "train"}
+            (out / ".compressor.lock").write_text(json.dumps({**holder, "pid_start": start}))
+            with pytest.raises(UserError, match=rf"another compressor run \(pid {p.pid}, command train\)"):
+                runfolder.claim(out, command="train")  # alive, same start: its owner
+            (out / ".compressor.lock").write_text(json.dumps({**holder, "pid_start": start - 1}))
+            with runfolder.claim(out, command="train"):  # alive, another start: a reused pid
+                pass
+        finally:
+            p.kill()
+
+
+def test_a_killed_train_run_is_named_killed_and_overwritten_cleanly(tmp_path):
+    out = tmp_path / "out"
+    _killed_train(out, _dead_pid())
+    with pytest.raises(UserError) as info:
+        runfolder.claim(out, command="train")
+    msg = str(info.value)
+    assert "an earlier train run, killed (pid" in msg and "running" not in msg and "\n" not in msg
+    assert f"--resume {out / 'last.pt'}" in msg and "--overwrite" in msg
+    (out / "notes.txt").write_text("user's")
+    with pytest.warns(runfolder.RunFolderWarning) as rec:
+        with runfolder.claim(out, command="train", overwrite=True):
+            # the killed run's own files are gone; only the user's file is left, and named
+            assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == ["manifest.json",
+                                                                                          "notes.txt"]
+    assert [str(w.message) for w in rec] == [f"{out}: --overwrite leaves files no compressor run recorded here: "
+                                             "notes.txt"]
+
+
+def test_overwrite_keeps_own_named_files_older_than_the_killed_run(tmp_path):
+    """``resolved_config.yaml`` from before the killed run started is not provably its: kept, named."""
+    out = tmp_path / "out"
+    _killed_train(out, _dead_pid())
+    old = out / "resolved_config.yaml"
+    os.utime(old, (old.stat().st_mtime - 3600, old.stat().st_mtime - 3600))
+    with pytest.warns(runfolder.RunFolderWarning, match="resolved_config.yaml"):
+        with runfolder.claim(out, command="train", overwrite=True):
+            assert old.exists() and not (out / "last.pt").exists()
+
+
+def test_overwrite_over_a_killed_train_through_the_cli(tmp_path):
+    """The CLI: ``train --overwrite`` over a SIGKILLed train's folder: no Python warning, nothing called foreign."""
+    out = tmp_path / "out"
+    _killed_train(out, _dead_pid())
+    (out / "notes.txt").write_text("user's")
+    r = subprocess.run([sys.executable, "-m", "compressor", "train", "--model", "squeezenet1_1", "--data", "digits",
+                        "--epochs", "0", "--out", str(out), "--overwrite", "--no-progress", "--device", "cpu"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "UserWarning" not in r.stderr and "warnings.warn" not in r.stderr
+    warned = [ln for ln in r.stderr.splitlines() if "no compressor run recorded" in ln]
+    assert warned == [f"warning: {out}: --overwrite leaves files no compressor run recorded here: notes.txt"]
+    assert "resolved_config.yaml" not in r.stderr and "foreign" not in r.stderr
+    assert manifest(out)["status"] == "done" and "resolved_config.yaml" in manifest(out)["files"]

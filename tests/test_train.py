@@ -325,3 +325,22 @@ def test_shipped_recipes_resolve(path):
         args = recipe.resolve(get_args_parser().parse_args([*cmd, "--config", str(path)]))
         cfg = train_config(args)
         assert cfg.epochs == yaml.safe_load(path.read_text())["epochs"]
+
+
+def test_best_pt_is_weights_only_and_last_pt_the_resume_point(tmp_path, capsys):
+    """Issue 23: best.pt carried the optimizer state (twice the model's size); now only last.pt does."""
+    model = tiny_model()
+    fit(model, tiny_bundle(), TrainConfig(epochs=1, batch_size=16), progress=False, out_dir=tmp_path)
+    best, last = tmp_path / "best.pt", tmp_path / "last.pt"
+    bts = torch.load(best, weights_only=True)["extra"]["train_state"]
+    lts = torch.load(last, weights_only=True)["extra"]["train_state"]
+    assert not {"optimizer", "scheduler", "scaler"} & set(bts)
+    assert lts["optimizer"]["state"] and {"optimizer", "scheduler", "scaler"} <= set(lts)
+    assert bts["epoch"] == lts["epoch"] == 1 and bts["history"] == lts["history"]  # the plain record stays
+    params = sum(p.numel() * p.element_size() for p in model.parameters())
+    assert best.stat().st_size < last.stat().st_size - params // 2  # no momentum buffers in best.pt
+    net, ck = checkpoint.load(best, strict_finite=True)
+    assert same_weights(net, model) and ck["metrics"]["val_acc"] == lts["history"][-1]["val_acc"]
+    # best.pt is not a resume point: refused in one line, pointing at last.pt
+    with pytest.raises(Exception, match="no training state to resume from.*last.pt"):
+        fit(tiny_model(), tiny_bundle(), TrainConfig(epochs=2, batch_size=16), progress=False, resume=best)

@@ -57,6 +57,8 @@ def evaluate_checkpoint(path: str, args: argparse.Namespace) -> dict:
     if ck:
         res.update(counting.count(net.cpu()))
     measured = dict(res)
+    if bundle.notes.get("test_split"):  # the folder the test figure came from (an ImageFolder's test/ or val/)
+        res["test_split"] = f"{bundle.notes['test_split']}/"
     res.update({"checkpoint": path, "model": ck.get("model", getattr(net, "arch", "onnx")), "data": bundle.name,
                 "file_bytes": Path(path).stat().st_size, "runtime": "onnxruntime" if not ck else "torch"})
     if getattr(args, "save", None):
@@ -86,7 +88,8 @@ def run(args: argparse.Namespace) -> int:
     else:
         size = (f"  params {res['params'] / 1e6:.3f}M  MACs {res['macs'] / 1e6:.2f}M" if "params" in res else
                 f"  ({res['runtime']})")
-        print(f"{res['model']} on {res['data']} test ({res['n']} images): top-1 {res['top1']:.2f}%  "
+        folder = f" [{res['test_split']}]" if res.get("test_split") else ""
+        print(f"{res['model']} on {res['data']} test{folder} ({res['n']} images): top-1 {res['top1']:.2f}%  "
               f"top-5 {res['top5']:.2f}%  loss {res['loss']:.4f}{size}  file {res['file_bytes'] / 1e6:.2f} MB")
         if "saved" in res:
             print(f"saved with its data contract and test accuracy: {res['saved']}")

@@ -392,8 +392,12 @@ def _report(net: nn.Module, bundle: DataBundle, out: Path, history: list[dict[st
                            "test": evaluate(bnet.to(device), test_loader, device)}
         obj["metrics"]["test"] = summary["best"]["test"]
         io.save_torch(best, obj)
+    where = {k: f"{bundle.notes[k]}/" if k == "test_split" else bundle.notes[k]
+             for k in ("test_split", "val_split") if bundle.notes.get(k)}  # an ImageFolder's folders
+    summary.update(where)
     io.write_json(out / "summary.json", summary)
-    line = f"test top-1: last epoch {summary['last']['test']['top1']:.2f}%"
+    folder = f" [{where['test_split']}, {summary['last']['test']['n']} images]" if where else ""
+    line = f"test top-1{folder}: last epoch {summary['last']['test']['top1']:.2f}%"
     if "best" in summary:
         line += (f", best.pt (epoch {summary['best']['epoch']}, val {summary['best']['val_acc']:.2f}%) "
                  f"{summary['best']['test']['top1']:.2f}%")
