@@ -57,6 +57,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     debug = "--debug" in argv
     argv = (["--debug"] if debug else []) + [a for a in argv if a != "--debug"]  # accepted anywhere on the line
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    shown = warnings.formatwarning
+    if not debug:  # a warning is one line for a user, as an error is: no category, no source line
+        warnings.formatwarning = _one_line_warning
     try:
         args = get_args_parser().parse_args(argv)
         with _bars(not getattr(args, "no_progress", False)):
@@ -78,4 +81,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.dup2(devnull, sys.stdout.fileno())
         return 141
     finally:
+        warnings.formatwarning = shown
         warnings.resetwarnings()
+
+
+def _one_line_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+                      line: str | None = None) -> str:
+    text = " ".join(str(message).split())
+    return text + "\n" if text.startswith("warning:") else f"warning: {text}\n"
