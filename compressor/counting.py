@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from compressor.pruning.graph import input_shape, units as units_of
+from compressor.pruning.size import layer_calls
 
 
 def _zeros(model: nn.Module, input_size: int | tuple[int, int] | None) -> torch.Tensor:
@@ -28,32 +29,17 @@ def _zeros(model: nn.Module, input_size: int | tuple[int, int] | None) -> torch.
 
 
 def count_macs(model: nn.Module, input_size: int | tuple[int, int] | None = None) -> int:
+    """Conv2d/Linear multiply-accumulates of one image, over every call (``size.layer_calls``' walk)."""
     total = 0
-
-    def conv_hook(mod: nn.Conv2d, _inp, out: torch.Tensor) -> None:
-        nonlocal total
-        kh, kw = mod.kernel_size
-        total += out[0].numel() * (mod.in_channels // mod.groups) * kh * kw
-
-    def linear_hook(mod: nn.Linear, _inp, out: torch.Tensor) -> None:
-        nonlocal total
-        total += mod.in_features * mod.out_features * (out[0].numel() // mod.out_features)
-
-    handles = []
-    try:
-        for m in model.modules():
-            if isinstance(m, nn.Conv2d):
-                handles.append(m.register_forward_hook(conv_hook))
-            elif isinstance(m, nn.Linear):
-                handles.append(m.register_forward_hook(linear_hook))
-        was_training = model.training
-        model.eval()
-        with torch.no_grad():
-            model(_zeros(model, input_size))
-        model.train(was_training)
-    finally:
-        for h in handles:
-            h.remove()
+    for c in layer_calls(model, _zeros(model, input_size)):
+        mod, out = c.module, c.out_shape
+        if not out:
+            continue
+        if isinstance(mod, nn.Conv2d):
+            kh, kw = mod.kernel_size
+            total += torch.Size(out[1:]).numel() * (mod.in_channels // mod.groups) * kh * kw
+        elif isinstance(mod, nn.Linear):
+            total += mod.in_features * mod.out_features * (torch.Size(out[1:]).numel() // mod.out_features)
     return total
 
 
@@ -63,24 +49,8 @@ def count_norm_ops(model: nn.Module, input_size: int | tuple[int, int] | None = 
     Not part of ``count``. Some published pruned-model figures include them (CHIP's and
     HRankPlus's ResNet-56 counts do), so comparing against those needs the sum.
     """
-    total = 0
-
-    def hook(_mod: nn.Module, _inp: object, out: torch.Tensor) -> None:
-        nonlocal total
-        total += 2 * out[0].numel()
-
-    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    handles = [m.register_forward_hook(hook) for m in norms]
-    was_training = model.training
-    try:
-        model.eval()
-        with torch.no_grad():
-            model(_zeros(model, input_size))
-    finally:
-        model.train(was_training)
-        for h in handles:
-            h.remove()
-    return total
+    return sum(2 * torch.Size(c.out_shape[1:]).numel() for c in layer_calls(model, _zeros(model, input_size))
+               if isinstance(c.module, nn.modules.batchnorm._BatchNorm) and c.out_shape)
 
 
 def count_params(model: nn.Module) -> int:

@@ -12,7 +12,9 @@ IQRs overlap are not a measured difference: ``overlaps`` says so and the report 
 of the model at widths it has never been built at. Each conv (with its BN and activation, as the model
 runs them) is timed alone at a grid of input × output widths and interpolated bilinearly; conv time is
 close to ``c_in · c_out``, which bilinear interpolation reproduces exactly, while the measured grid points
-capture what MACs miss (vector widths, memory-bound small layers). The model's latency is predicted as
+capture what MACs miss (vector widths, memory-bound small layers). Linear layers are timed the same way.
+Interpolation smooths the steps of CPU kernels that work on blocks of 8 or 16 channels; the solver's
+closed loop (``policy._refine_latency``) times the candidate models themselves. The model's latency is predicted as
 the sum over convs plus a measured constant for everything else (pooling, linear, adds). Timings are
 cached on disk (``$COMPRESSOR_CACHE`` or ``~/.cache/compressor``, then ``latency/``), keyed by device,
 thread count, torch version, batch size, memory format, the timer, and the layer's shape and input size.
@@ -74,13 +76,28 @@ class Timing:
     q3_ms: float = math.nan
     channels_last: bool = False
     backends: dict[str, Any] = field(default_factory=dict)
+    samples_ms: tuple[float, ...] = field(default=(), repr=False, compare=False)  # in timing order (not saved)
 
     @property
     def iqr_ms(self) -> float:
         return self.q3_ms - self.q1_ms
 
     def to_dict(self) -> dict:
-        return {**asdict(self), "iqr_ms": self.iqr_ms}
+        out = {**asdict(self), "iqr_ms": self.iqr_ms}
+        out.pop("samples_ms")
+        return out
+
+
+def paired_fraction(num: Timing, den: Timing) -> float:
+    """Median over rounds of ``num``'s time ÷ ``den``'s in the same round (models timed interleaved).
+
+    Two runs timed back to back share the machine's load, so on a shared machine the per-round ratio
+    is steadier than the ratio of two medians (which it equals on a quiet one). Without samples: the
+    ratio of the medians.
+    """
+    if num.samples_ms and len(num.samples_ms) == len(den.samples_ms):
+        return statistics.median(a / b for a, b in zip(num.samples_ms, den.samples_ms) if b > 0)
+    return num.median_ms / den.median_ms
 
 
 def overlaps(a: Timing, b: Timing) -> bool:
@@ -149,8 +166,8 @@ def threads_set(n: int | None) -> Iterator[int]:
 
 
 @torch.inference_mode()
-def compare(models: Mapping[str, nn.Module], input_size: int | Mapping[str, int], cfg: LatencyConfig = LatencyConfig(),
-            device: str = "cpu") -> dict[str, dict[int, Timing]]:
+def compare(models: Mapping[str, nn.Module], input_size: int | Sequence[int] | Mapping[str, Any],
+            cfg: LatencyConfig = LatencyConfig(), device: str = "cpu") -> dict[str, dict[int, Timing]]:
     """Time every model at every batch size on one device, interleaved; ``{name: {batch: Timing}}``.
 
     The caller's models themselves are used, not copies: each is moved to ``device`` in eval mode
@@ -168,7 +185,7 @@ def compare(models: Mapping[str, nn.Module], input_size: int | Mapping[str, int]
                 placed[n] = (m, m.training)
                 m.eval().to(device).to(memory_format=fmt)
             for batch in cfg.batch_sizes:
-                xs = {n: torch.randn(batch, 3, sizes[n], sizes[n], device=device).contiguous(memory_format=fmt)
+                xs = {n: input_for(models[n], sizes[n], batch, device).contiguous(memory_format=fmt)
                       for n in models}
                 for n, (m, _) in placed.items():
                     for _ in range(cfg.warmup):
@@ -182,14 +199,15 @@ def compare(models: Mapping[str, nn.Module], input_size: int | Mapping[str, int]
                     q1, med, q3 = quartiles(ts)
                     out[n][batch] = Timing(device=device, batch=batch, median_ms=med, min_ms=min(ts), max_ms=max(ts),
                                            repeats=cfg.repeats, warmup=cfg.warmup, threads=threads, q1_ms=q1,
-                                           q3_ms=q3, channels_last=cfg.channels_last, backends=backends)
+                                           q3_ms=q3, channels_last=cfg.channels_last, backends=backends,
+                                           samples_ms=tuple(ts))
         finally:
             for m, was in placed.values():
                 m.to("cpu").to(memory_format=torch.contiguous_format).train(was)
     return out
 
 
-def measure(model: nn.Module, input_size: int, cfg: LatencyConfig = LatencyConfig(),
+def measure(model: nn.Module, input_size: int | Sequence[int], cfg: LatencyConfig = LatencyConfig(),
             device: str = "cpu") -> dict[int, Timing]:
     """One model alone: ``{batch: Timing}``."""
     return compare({"m": model}, input_size, cfg, device)["m"]
@@ -207,10 +225,11 @@ class ConvShape:
     stride: tuple[int, int]
     padding: tuple[int, int]
     dilation: tuple[int, int]
-    hw: tuple[int, int]  # input height, width
+    hw: tuple[int, int]  # input height, width (a Linear: rows per sample, 1)
     bias: bool = False
     bn: bool = False
     act: str | None = None  # class name of the activation that follows, if any
+    linear: bool = False  # an nn.Linear (c_in → c_out features; kernel, stride, padding are 1/1/0)
 
     def __post_init__(self) -> None:
         if self.c_in < 1 or self.c_out < 1 or self.groups < 1 or self.c_in % self.groups or self.c_out % self.groups:
@@ -227,51 +246,39 @@ class ConvShape:
 
     def key(self) -> str:
         k, s, p, d = (f"{a}x{b}" for a, b in (self.kernel, self.stride, self.padding, self.dilation))
-        return (f"c{self.c_in}-{self.c_out}g{self.groups}k{k}s{s}p{p}d{d}hw{self.hw[0]}x{self.hw[1]}"
+        head = "fc" if self.linear else ""
+        return (f"{head}c{self.c_in}-{self.c_out}g{self.groups}k{k}s{s}p{p}d{d}hw{self.hw[0]}x{self.hw[1]}"
                 f"{'b' if self.bias else ''}{'+bn' if self.bn else ''}{'+' + self.act if self.act else ''}")
 
 
-_ACTS = (nn.ReLU, nn.ReLU6, nn.Hardswish, nn.SiLU, nn.GELU, nn.LeakyReLU, nn.Hardtanh, nn.Sigmoid)
+def _hw(input_size: int | Sequence[int]) -> tuple[int, int]:
+    return (input_size, input_size) if isinstance(input_size, int) else (int(input_size[0]), int(input_size[1]))
 
 
-def conv_shapes(model: nn.Module, input_size: int) -> dict[str, ConvShape]:
-    """Every Conv2d's shape in one forward pass (works on the ``meta`` device: no memory, no compute).
+def input_for(model: nn.Module, input_size: int | Sequence[int], batch: int = 1, device: Any = None) -> torch.Tensor:
+    """A random input of ``batch`` images for ``model`` (its ``in_channels``, default 3; int or (H, W) size)."""
+    h, w = _hw(input_size)
+    return torch.randn(batch, int(getattr(model, "in_channels", 3)), h, w, device=device)
 
-    The BN and activation that run right after a conv (in call order) are recorded with it.
+
+def conv_shapes(model: nn.Module, input_size: int | Sequence[int] | None = None) -> dict[str, ConvShape]:
+    """Every Conv2d's shape in one forward pass of the model as built (works on the ``meta`` device).
+
+    The BN and activation that run right after a conv (in call order) are recorded with it. The walk
+    is ``pruning.size.layer_calls``, the one ``SizeModel`` reads; for shapes at other widths without
+    building the model, use ``SizeModel.conv_shapes``.
     """
-    calls: list[tuple[str, nn.Module, tuple[int, ...]]] = []
-    handles = []
-    names = {m: n for n, m in model.named_modules()}
+    from compressor.pruning.size import conv_shape, layer_calls
 
-    def hook(mod: nn.Module, inp: tuple, _out: Any) -> None:
-        calls.append((names[mod], mod, tuple(inp[0].shape) if inp and torch.is_tensor(inp[0]) else ()))
-
-    try:
-        for m in model.modules():
-            if not list(m.children()):
-                handles.append(m.register_forward_hook(hook))
-        dev = next((p.device for p in model.parameters()), torch.device("cpu"))
-        was = model.training
-        model.eval()
-        with torch.no_grad():
-            model(torch.zeros(1, 3, input_size, input_size, device=dev))
-        model.train(was)
-    finally:
-        for h in handles:
-            h.remove()
+    dev = next((p.device for p in model.parameters()), torch.device("cpu"))
+    size = input_size if input_size is not None else getattr(model, "input_size")
+    h, w = _hw(size)
+    x = torch.zeros(1, int(getattr(model, "in_channels", 3)), h, w, device=dev)
+    calls = layer_calls(model, x)
     out: dict[str, ConvShape] = {}
-    for i, (name, mod, shape) in enumerate(calls):
-        if not isinstance(mod, nn.Conv2d) or name in out:
-            continue
-        nxt = [c[1] for c in calls[i + 1:i + 3]]
-        bn = bool(nxt) and isinstance(nxt[0], nn.BatchNorm2d)
-        after = nxt[1:] if bn else nxt[:1]
-        act = type(after[0]).__name__ if after and isinstance(after[0], _ACTS) else None
-        out[name] = ConvShape(c_in=mod.in_channels, c_out=mod.out_channels, groups=mod.groups,
-                              kernel=tuple(mod.kernel_size), stride=tuple(mod.stride),
-                              padding=tuple(mod.padding) if not isinstance(mod.padding, str) else (0, 0),
-                              dilation=tuple(mod.dilation), hw=(int(shape[2]), int(shape[3])),
-                              bias=mod.bias is not None, bn=bn, act=act)
+    for i, c in enumerate(calls):
+        if isinstance(c.module, nn.Conv2d) and c.name not in out and len(c.in_shape) == 4:
+            out[c.name] = conv_shape(c, calls, i)
     return out
 
 
@@ -299,7 +306,9 @@ Timer = Callable[[ConvShape, MeasureSettings], float]
 
 
 def block_for(shape: ConvShape) -> nn.Module:
-    """The conv (+BN, +activation) a shape describes, with random weights."""
+    """The conv (+BN, +activation) a shape describes, with random weights (a Linear alone)."""
+    if shape.linear:
+        return nn.Sequential(nn.Linear(shape.c_in, shape.c_out, bias=shape.bias)).eval()
     layers: list[nn.Module] = [nn.Conv2d(shape.c_in, shape.c_out, shape.kernel, shape.stride, shape.padding,
                                          shape.dilation, shape.groups, bias=shape.bias)]
     if shape.bn:
@@ -313,8 +322,13 @@ def block_for(shape: ConvShape) -> nn.Module:
 def torch_timer(shape: ConvShape, s: MeasureSettings) -> float:
     """Median milliseconds of the block at the settings' batch size (threads set by the caller)."""
     fmt = torch.channels_last if s.channels_last else torch.contiguous_format
-    block = block_for(shape).to(s.device).to(memory_format=fmt)
-    x = torch.randn(s.batch_size, shape.c_in, *shape.hw, device=s.device).contiguous(memory_format=fmt)
+    if shape.linear:
+        block = block_for(shape).to(s.device)
+        rows = (s.batch_size,) if shape.hw[0] <= 1 else (s.batch_size, shape.hw[0])
+        x = torch.randn(*rows, shape.c_in, device=s.device)
+    else:
+        block = block_for(shape).to(s.device).to(memory_format=fmt)
+        x = torch.randn(s.batch_size, shape.c_in, *shape.hw, device=s.device).contiguous(memory_format=fmt)
     for _ in range(s.warmup):
         block(x)
     _sync(s.device)
@@ -396,8 +410,8 @@ class _Grid:
 def _axis(full: int, varies: bool, step: int, grid: Sequence[float]) -> list[int]:
     if not varies:
         return [full]
-    vals = {max(step, step * round(f * full / step)) for f in grid}
-    return sorted(v for v in vals if v <= full) or [full]
+    vals = {min(full, max(step, step * round(f * full / step))) for f in grid}
+    return sorted(vals | {full})
 
 
 class LatencyTable:
@@ -471,29 +485,32 @@ class LatencyTable:
 
 # ============================================================================ verification
 def verify(base: nn.Module, pruned: nn.Module, predicted_fraction: float, settings: MeasureSettings,
-           input_size: int | None = None, repeats: int = 15, warmup: int = 3) -> dict[str, Any]:
+           input_size: int | Sequence[int] | None = None, repeats: int = 15, warmup: int = 3) -> dict[str, Any]:
     """Time the pruned model against its baseline (interleaved) and compare with the prediction.
 
     Call it after surgery; ``predicted_fraction`` is ``spec.extra["resolved"]["achieved"]["latency"]``
-    (``verify_spec`` reads it for you). Returns the figures and a one-line ``line`` to print. Copies
+    (``verify_spec`` reads it for you: the table's fraction, or with the real timer the solver's fit to
+    the candidates it timed). Returns the figures and a one-line ``line`` to print. Copies
     are timed, so the caller's models stay where they are (device, mode, memory format).
     """
     import copy
 
-    size = input_size or int(getattr(base, "input_size"))
+    size = input_size or getattr(base, "input_size")
     base, pruned = copy.deepcopy(base), copy.deepcopy(pruned)
     cfg = LatencyConfig(batch_sizes=(settings.batch_size,), warmup=warmup, repeats=repeats, threads=settings.threads,
                         cuda=False, channels_last=settings.channels_last)
     res = compare({"base": base, "pruned": pruned}, size, cfg, settings.device)
     tb, tp = res["base"][settings.batch_size], res["pruned"][settings.batch_size]
-    measured = tp.median_ms / tb.median_ms
+    measured = paired_fraction(tp, tb)
     out = {"predicted_fraction": predicted_fraction, "measured_fraction": measured,
+           "median_ratio": tp.median_ms / tb.median_ms,
            "relative_error": measured / predicted_fraction - 1.0 if predicted_fraction > 0 else math.nan,
            "base": tb.to_dict(), "pruned": tp.to_dict(), "iqr_overlap": overlaps(tb, tp), **asdict(settings)}
     out["line"] = (f"latency ({settings.device}, batch {settings.batch_size}, {tb.threads} thread(s)): predicted "
                    f"{predicted_fraction:.3f} of the baseline, measured {measured:.3f} "
-                   f"({tb.median_ms:.2f} → {tp.median_ms:.2f} ms, ±IQR/2 {tb.iqr_ms / 2:.2f}/{tp.iqr_ms / 2:.2f} ms; "
-                   f"error {out['relative_error']:+.1%})" + (" — IQRs overlap" if out["iqr_overlap"] else ""))
+                   f"(median per-round ratio; medians {tb.median_ms:.2f} → {tp.median_ms:.2f} ms, "
+                   f"±IQR/2 {tb.iqr_ms / 2:.2f}/{tp.iqr_ms / 2:.2f} ms; error {out['relative_error']:+.1%})"
+                   + (" — IQRs overlap" if out["iqr_overlap"] else ""))
     return out
 
 
@@ -506,8 +523,10 @@ def verify_spec(base: nn.Module, pruned: nn.Module, spec: Any, **kw: Any) -> dic
     s = MeasureSettings(batch_size=lat["batch_size"], threads=lat["threads"], device=lat["device"],
                         channels_last=bool(lat.get("channels_last", False)))
     ach = r["achieved"]
-    out = verify(base, pruned, ach.get("latency_predicted", ach["latency"]), s, **kw)
-    if "measured_fraction" in lat:
+    out = verify(base, pruned, ach["latency"], s, **kw)  # what the solver promised (table, or its timed fit)
+    if "latency_predicted" in ach:
+        out["table_fraction"] = ach["latency_predicted"]
         out["solver_measured_fraction"] = lat["measured_fraction"]
-        out["line"] += f"; the solver measured {lat['measured_fraction']:.3f} on a random-weight copy"
+        out["line"] += (f"; the prediction is the solver's fit to timed copies, the per-conv table alone said "
+                        f"{ach['latency_predicted']:.3f}")
     return out

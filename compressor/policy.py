@@ -36,10 +36,11 @@ first, skipping layers that reached ``min_keep``, so no layer is emptied. The gl
 is ``default`` or, for a per-layer list, its width-weighted mean (same number of channels
 removed). With a target, the number of channels removed is found by bisection.
 
-Sizes are counted exactly: the reduced cfg is built on PyTorch's ``meta`` device (no
-memory, no weights) and counted with ``counting.count``; the shapes, hence the counts, are
-those of ``surgery.rebuild`` (checked in the tests). A model not built from a cfg passes its
-own ``counter`` (keep counts per unit → ``{"macs", "params"}``) and ``widths`` to ``resolve``.
+Sizes are counted exactly, for any model, by the one size model ``pruning.size.SizeModel``
+(built from the dependency graph and one forward pass; arithmetic per candidate, no model
+built): its counts are those ``counting.count`` gives on the model surgery builds (checked in
+the tests). Callers that already have it pass it as ``counter``; any other callable
+``counter`` (keep counts per unit → ``{"macs", "params"}``) with ``widths`` replaces it for MACs/params.
 A target is met when the achieved fraction is within ``tolerance`` (relative, default 1%) of
 it; otherwise ``UserError`` says what the closest reachable figures are.
 
@@ -50,15 +51,19 @@ so one rounding per unit keeps them consistent.
 
 **latency**: the fraction of the model's latency kept, predicted from a measured per-conv table
 (``latency.LatencyTable``: measured once per machine/threads/batch, cached on disk) and solved
-like the size budgets. ``latency.verify_spec`` times the pruned model afterwards and prints
-predicted vs measured.
+like the size budgets. Each conv's (and Linear's) shape at any keep counts comes from the same
+``SizeModel`` (``SizeModel.conv_shapes``), so it works for every model the engine prunes. With the
+real timer the candidate is then cut (``surgery.cut``), timed against the model, and the target
+asked of the table corrected (``_refine_latency``). ``latency.verify_spec`` times the pruned model
+afterwards and prints predicted vs measured.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass
+import statistics
+from dataclasses import dataclass, replace
 from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
@@ -67,9 +72,9 @@ from torch import nn
 
 from compressor import counting, latency as lat
 from compressor.errors import UserError
-from compressor.models import get_model
-from compressor.models._spec import cfg_with_widths
-from compressor.plan import rank_order
+from compressor.plan import Plan, rank_order
+from compressor.pruning.graph import discovery, units as graph_units
+from compressor.pruning.size import SizeModel
 from compressor.rates import RateSpec, as_float, n_keep, round_keep, short
 
 log = logging.getLogger("compressor")
@@ -156,61 +161,77 @@ def policy_config(spec: RateSpec) -> PolicyConfig:
         raise UserError(str(exc), source=spec.source, field=exc.field) from None
 
 
-class SizeCounter:
-    """Exact MACs/params of the model at given keep counts, plus predicted latency when a table is set.
+def size_model(model: nn.Module) -> SizeModel:
+    """The engine's size model of ``model`` (its discovered units, one forward pass)."""
+    return SizeModel(model, discovery(model))
 
-    Default: the reduced cfg is built on ``meta`` and counted. ``counter``/``widths`` replace that
-    for models not built from a cfg: ``counter(keep)`` gets a keep count for *every* unit and returns
-    ``{"macs": int, "params": int}``.
+
+def _as_size_model(counter: Any) -> SizeModel | None:
+    """``counter`` itself when it is a ``SizeModel``, or the one its bound ``count`` belongs to."""
+    if isinstance(counter, SizeModel):
+        return counter
+    owner = getattr(counter, "__self__", None)
+    if isinstance(owner, SizeModel) and getattr(counter, "__name__", "") == "count":
+        return owner
+    return None
+
+
+class SizeCounter:
+    """Exact MACs/params of a model at given keep counts, its conv shapes there, and predicted latency
+    when a table is set: the policy's view of the one size model, ``pruning.size.SizeModel``.
+
+    ``counter`` is a ``SizeModel`` (or its bound ``count``), or for a caller with its own size model any
+    ``counter(keep) -> {"macs": int, "params": int}`` given a keep count for *every* unit (then ``widths``
+    are needed, and conv shapes, for a latency budget, come from the ``SizeModel`` of ``model``). Without
+    ``counter`` the ``SizeModel`` of ``model`` is built (any model: from its graph and one forward pass).
     """
 
     def __init__(self, model: nn.Module | None = None, *,
-                 counter: Callable[[Mapping[str, int]], Mapping[str, int]] | None = None,
+                 counter: SizeModel | Callable[[Mapping[str, int]], Mapping[str, int]] | None = None,
                  widths: Mapping[str, int] | None = None) -> None:
-        if counter is None and model is not None and not hasattr(model, "cfg"):
-            counter, found = engine_counter(model)
-            widths = widths if widths is not None else found
-        if counter is None and model is None:
-            raise ValueError("SizeCounter needs a model or a counter")
-        if counter is not None and widths is None and not hasattr(model, "prunable_units"):
-            raise ValueError("an injected counter needs widths")
+        sizer = _as_size_model(counter)
+        custom = None if sizer is not None else counter
+        if sizer is None and custom is None:
+            if model is None:
+                raise ValueError("SizeCounter needs a model or a counter")
+            sizer = size_model(model)
+        if widths is None:
+            if sizer is not None:
+                widths = sizer.widths
+            elif model is not None:
+                widths = unit_widths(model)
+            else:
+                raise ValueError("an injected counter needs widths")
         self.model = model
-        self.units = list(model.prunable_units()) if hasattr(model, "prunable_units") else []
-        self.widths = dict(widths) if widths is not None else unit_widths(model)
-        self._counter = counter
+        self.sizer = sizer
+        self.widths = dict(widths)
+        self._count = custom if custom is not None else sizer.count  # type: ignore[union-attr]
         self._cache: dict[tuple[int, ...], dict[str, int]] = {}
-        self._shapes: dict[tuple[int, ...], dict[str, lat.ConvShape]] = {}
         self.latency: lat.LatencyTable | None = None
         self.base = self({})
 
     def _key(self, keep: Mapping[str, int]) -> tuple[int, ...]:
         return tuple(int(keep.get(u, w)) for u, w in self.widths.items())
 
-    def cfg_for(self, keep: Mapping[str, int]) -> list:
-        return cfg_with_widths(self.model, keep)
-
-    def _meta_model(self, keep: Mapping[str, int]) -> nn.Module:
-        with torch.device("meta"):
-            return get_model(self.model.arch, num_classes=self.model.num_classes, cfg=self.cfg_for(keep))
-
     def __call__(self, keep: Mapping[str, int]) -> dict[str, int]:
         key = self._key(keep)
         if key not in self._cache:
-            if self._counter is not None:
-                got = self._counter(dict(zip(self.widths, key)))
-                self._cache[key] = {k: int(got[k]) for k in BUDGETS}
-            else:
-                self._cache[key] = counting.count(self._meta_model(keep), self.model.input_size)
+            got = self._count(dict(zip(self.widths, key)))
+            self._cache[key] = {k: int(got[k]) for k in BUDGETS}
         return self._cache[key]
 
+    @property
+    def has_shapes(self) -> bool:
+        return self.sizer is not None or self.model is not None
+
     def conv_shapes(self, keep: Mapping[str, int]) -> dict[str, lat.ConvShape]:
-        """Every conv's shape at ``keep`` (meta-device forward; cfg-built models only)."""
-        key = self._key(keep)
-        if key not in self._shapes:
-            if len(self._shapes) > 4096:
-                self._shapes.clear()
-            self._shapes[key] = lat.conv_shapes(self._meta_model(keep), self.model.input_size)
-        return self._shapes[key]
+        """Every conv's (and Linear's) shape at ``keep``, from the size model: no model is built."""
+        if self.sizer is None:
+            if self.model is None:
+                raise UserError("a latency budget needs the model's conv shapes at any widths: pass the model "
+                                "(or latency_shapes=) to policy.resolve", field="target.latency")
+            self.sizer = size_model(self.model)
+        return self.sizer.conv_shapes({**self.widths, **keep})
 
     def fractions(self, keep: Mapping[str, int]) -> dict[str, float]:
         c = self(keep)
@@ -221,22 +242,14 @@ class SizeCounter:
 
 
 def engine_counter(model: nn.Module) -> tuple[Callable[[Mapping[str, int]], Mapping[str, int]], dict[str, int]]:
-    """The any-CNN engine's size model, for a model that has no cfg to rebuild from."""
-    try:
-        from compressor.pruning.graph import discovery
-        from compressor.pruning.size import SizeModel
-    except ImportError as exc:  # pragma: no cover - the engine is part of the package
-        raise UserError(f"{type(model).__name__} is not built from a cfg; pass counter= and widths= "
-                        "(keep counts → MACs/params) to policy.resolve", field="model") from exc
-    size = SizeModel(model, discovery(model))
+    """``(count, widths)`` of the engine's size model of ``model``."""
+    size = size_model(model)
     return size.count, dict(size.widths)
 
 
 def unit_widths(model: nn.Module) -> dict[str, int]:
-    """``{unit: width}`` of a cfg-built model, else of the engine's discovered units."""
-    if hasattr(model, "prunable_units"):
-        return {u.name: u.width for u in model.prunable_units()}
-    return engine_counter(model)[1]
+    """``{unit: width}`` of the model's discovered units (the same for every model)."""
+    return {u.name: u.width for u in graph_units(model)}
 
 
 # ---------------------------------------------------------------- global ranking
@@ -333,6 +346,10 @@ def _one_step(counter: SizeCounter, cands: Sequence[dict[str, int]], target: Map
     return out
 
 
+class CoarseSteps(UserError):
+    """The target lies between two reachable configurations, both outside the tolerance."""
+
+
 def _pick(counter: SizeCounter, target: Mapping[str, float], cfg: PolicyConfig,
           candidates: Sequence[dict[str, int]], how: str) -> dict[str, int]:
     """The candidate within tolerance of the target, preferring one that does not exceed it.
@@ -352,8 +369,8 @@ def _pick(counter: SizeCounter, target: Mapping[str, float], cfg: PolicyConfig,
     if chosen is not None:
         return chosen
     figs = ", ".join(f"{k} " + " or ".join(f"{counter.fractions(c)[k]:.4f}" for c in candidates) for k in target)
-    raise UserError(f"cannot meet target {_fmt_target(target)} within {tol:.1%} with the {how}: the closest kept "
-                    f"fractions are {figs} ({_coarse_note(cfg)})", field="target")
+    raise CoarseSteps(f"cannot meet target {_fmt_target(target)} within {tol:.1%} with the {how}: the closest "
+                      f"kept fractions are {figs} ({_coarse_note(cfg)})", field="target")
 
 
 def _out_of_reach(counter: SizeCounter, keep: Mapping[str, int], target: Mapping[str, float],
@@ -403,8 +420,17 @@ def solve_local(counter: SizeCounter, widths: Mapping[str, int], profile: Mappin
             lo = mid
         else:
             hi = mid
-    chosen = _pick(counter, target, cfg, [counts(hi), counts(lo)], "rate profile")
-    return chosen, lo if chosen == counts(lo) else hi
+    c_hi, c_lo = counts(hi), counts(lo)
+    try:
+        chosen = _pick(counter, target, cfg, [c_hi, c_lo], "rate profile")
+    except CoarseSteps:  # several units cross a rounding step at the same α: walk between them one unit at a time
+        path = [c_lo]
+        for u in widths:
+            if c_hi[u] != c_lo[u]:
+                path.append({**path[-1], u: c_hi[u]})
+        j = next((i for i, c in enumerate(path) if _ratio(counter.fractions(c), target) <= 1.0), len(path) - 1)
+        chosen = _pick(counter, target, cfg, [path[j]] + ([path[j - 1]] if j > 0 else []), "rate profile")
+    return chosen, lo if chosen == c_lo else hi
 
 
 def _rounded(order: GlobalOrder, widths: Mapping[str, int], cfg: PolicyConfig, n: int) -> dict[str, int]:
@@ -481,9 +507,9 @@ def attach_latency(counter: SizeCounter, spec: RateSpec, model: nn.Module | None
     settings = lat.MeasureSettings(batch_size=int(opts.get("batch_size", 1)),
                                    threads=int(opts.get("threads", torch.get_num_threads())), device=dev)
     if shapes is None:
-        if counter._counter is not None or model is None or not hasattr(model, "cfg"):
-            raise UserError("a latency budget needs the model's conv shapes at any widths: pass shapes= for a "
-                            "model not built from a cfg", field="target.latency")
+        if not counter.has_shapes:
+            raise UserError("a latency budget needs the model's conv shapes at any widths: pass the model (or "
+                            "latency_shapes=) to policy.resolve", field="target.latency")
         shapes = counter.conv_shapes
     table = lat.LatencyTable(shapes, counter.widths, settings, timer=timer, cache=cache)
     if overhead_ms is not None:
@@ -495,7 +521,7 @@ def attach_latency(counter: SizeCounter, spec: RateSpec, model: nn.Module | None
         probe = copy.deepcopy(model)
         cfg = lat.LatencyConfig(batch_sizes=(settings.batch_size,), warmup=2, repeats=7, threads=settings.threads,
                                 cuda=False)
-        t = lat.measure(probe, int(model.input_size), cfg, dev)[settings.batch_size]
+        t = lat.measure(probe, model.input_size, cfg, dev)[settings.batch_size]
         table.fit_overhead(t.median_ms)
     counter.latency = table
     info = table.info()
@@ -505,54 +531,142 @@ def attach_latency(counter: SizeCounter, spec: RateSpec, model: nn.Module | None
     return info
 
 
+def shrunk(model: nn.Module, counts: Mapping[str, int]) -> nn.Module:
+    """A copy of ``model`` cut to ``counts`` (the first channels of each unit kept: only shapes matter)."""
+    from compressor import surgery
+
+    widths = unit_widths(model)
+    keep = {u: tuple(range(int(k))) for u, k in counts.items() if u in widths and int(k) < widths[u]}
+    return surgery.cut(model, Plan(keep=keep, widths=widths, model=str(getattr(model, "arch", ""))))[0]
+
+
 def measured_fraction(model: nn.Module, counts: Mapping[str, int], settings: lat.MeasureSettings,
-                      repeats: int = 7) -> float:
-    """Measured latency of ``model`` rebuilt at ``counts`` (random weights) ÷ the model's, timed interleaved."""
+                      repeats: int = 11, max_repeats: int = 55, rel_se: float = 0.01) -> float:
+    """Measured latency of ``model`` cut to ``counts`` ÷ the model's, on any model.
+
+    Both are timed interleaved, ``repeats`` rounds at a time, and the per-round ratios pooled (their
+    median: ``latency.paired_fraction``) until the standard error of the median is under ``rel_se`` of
+    it or ``max_repeats`` rounds are done: a loaded machine is timed longer, a quiet one is not.
+    """
     import copy
 
-    small = get_model(model.arch, num_classes=model.num_classes, cfg=cfg_with_widths(model, counts))
+    small = shrunk(model, counts)
+    base = copy.deepcopy(model)
     cfg = lat.LatencyConfig(batch_sizes=(settings.batch_size,), warmup=2, repeats=repeats, threads=settings.threads,
-                            cuda=False)
-    res = lat.compare({"base": copy.deepcopy(model), "cand": small}, int(model.input_size), cfg, settings.device)
-    return res["cand"][settings.batch_size].median_ms / res["base"][settings.batch_size].median_ms
+                            cuda=False, channels_last=settings.channels_last)
+    ratios: list[float] = []
+    while True:
+        res = lat.compare({"base": base, "cand": small}, model.input_size, cfg, settings.device)
+        tb, tc = res["base"][settings.batch_size], res["cand"][settings.batch_size]
+        ratios += [c / b for c, b in zip(tc.samples_ms, tb.samples_ms) if b > 0]
+        med = statistics.median(ratios)
+        se = 1.2533 * statistics.pstdev(ratios) / math.sqrt(len(ratios))  # of the median, as for a normal
+        if se <= rel_se * med or len(ratios) >= max_repeats:
+            return med
+        cfg = replace(cfg, warmup=0)
+
+
+def _curve(history: Sequence[Mapping[str, float]]) -> list[tuple[float, float]]:
+    """Measured fraction as a non-decreasing function of the table's, through the timed candidates and
+    the model itself (1, 1): points sorted by the table's fraction, neighbours that disagree in order
+    (a disturbed timing) pooled into their mean."""
+    blocks: list[list[float]] = []  # [sum p, sum m, n]
+    for p, m in sorted([(h["predicted"], h["measured"]) for h in history] + [(1.0, 1.0)]):
+        blocks.append([p, m, 1.0])
+        while len(blocks) > 1 and blocks[-2][1] / blocks[-2][2] > blocks[-1][1] / blocks[-1][2]:
+            last = blocks.pop()
+            blocks[-1] = [a + b for a, b in zip(blocks[-1], last)]
+    return [(sp / n, sm / n) for sp, sm, n in blocks]
+
+
+def _first_slope(curve: Sequence[tuple[float, float]]) -> float:
+    """Measured per predicted below the lowest point: its first segment's, kept within [0.5, 2] (a table is
+    not off by more than 2× in what pruning saves; a steeper or flatter segment is a disturbed timing)."""
+    (p0, m0), (p1, m1) = curve[0], curve[1]
+    return min(2.0, max(0.5, (m1 - m0) / (p1 - p0))) if p1 > p0 else 1.0
+
+
+def _measured_at(curve: Sequence[tuple[float, float]], p: float) -> float:
+    """The curve at the table's fraction ``p`` (linear between points, the first slope below them)."""
+    if len(curve) < 2 or p <= curve[0][0]:
+        return curve[0][1] - (curve[0][0] - p) * (_first_slope(curve) if len(curve) > 1 else 1.0)
+    for (p0, m0), (p1, m1) in zip(curve, curve[1:]):
+        if p <= p1:
+            return m0 + (m1 - m0) * (p - p0) / (p1 - p0) if p1 > p0 else m1
+    return curve[-1][1]
+
+
+def _table_at(curve: Sequence[tuple[float, float]], want: float) -> float:
+    """The table's fraction at which the curve reaches ``want`` (what to ask of the table)."""
+    if len(curve) < 2 or want <= curve[0][1]:
+        return curve[0][0] - (curve[0][1] - want) / (_first_slope(curve) if len(curve) > 1 else 1.0)
+    for (p0, m0), (p1, m1) in zip(curve, curve[1:]):
+        if want <= m1:
+            return p0 + (p1 - p0) * (want - m0) / (m1 - m0) if m1 > m0 else p0
+    return curve[-1][0]
+
+
+def _solve_widening(solve: Callable[..., dict[str, int]], target: Mapping[str, float],
+                    cfg: PolicyConfig) -> dict[str, int]:
+    """``solve`` within the tolerance, else (steps too coarse for it) within 3× then 10× of it.
+
+    For latency targets: a measured table is not smooth in the widths, and the figure judged in the
+    end is measured, not the table's; ``met`` in the record still says whether the tolerance held.
+    """
+    first: CoarseSteps | None = None
+    for widen in (1.0, 3.0, 10.0):
+        try:
+            return solve(target, replace(cfg, tolerance=min(0.5, cfg.tolerance * widen)))
+        except CoarseSteps as exc:
+            first = first or exc
+    raise first  # type: ignore[misc]
 
 
 def _refine_latency(size: SizeCounter, model: nn.Module, counts: dict[str, int], target: Mapping[str, float],
-                    cfg: PolicyConfig, solve: Callable[[Mapping[str, float]], dict[str, int]], info: dict,
+                    cfg: PolicyConfig, solve: Callable[..., dict[str, int]], info: dict,
                     rounds: int) -> dict[str, int]:
-    """Close the loop: time the candidate, correct the latency target by measured/predicted, re-solve.
+    """Close the loop: time candidates against the model, learn what the table's fractions measure, re-solve.
 
     A per-conv table timed in isolation misses what the whole network pays (cache traffic between
-    layers, allocation), so its fraction can be off by 10–20%. Each round scales the target asked of
-    the table by ``target / measured`` and keeps the best measured candidate.
+    layers, weights that no longer stay in cache, kernels that work on blocks of 8 or 16 channels) and
+    its constant part is one noisy timing, so its fraction can be off by 10–30%, and not by one factor
+    (narrow layers save little until whole channel blocks go). Every timed candidate is a point (the
+    table's fraction ``p``, the measured ``m``); with the model itself (1, 1) they make a non-decreasing
+    curve (``_curve``: a disturbed timing out of order is pooled with its neighbour, not selected),
+    which is inverted at the target (``_table_at``) to ask the table again. ``rounds + 1`` candidates
+    are timed and the counts solved after the last one are returned, with the curve's value at them
+    recorded as ``measured_fraction``: it rests on the timings, not on the table alone. Where the asked
+    fraction cannot be met within ``tolerance`` (coarse channel steps) it is solved within 3× then 10× of
+    it (``_solve_widening``), else the timed candidate the curve puts closest to the target is kept.
     """
     want = target["latency"]
+    table = size.latency
     asked = want
-    history = []
-    best = (math.inf, counts, math.nan)
-    for i in range(rounds + 1):
-        meas = measured_fraction(model, counts, size.latency.settings)
-        history.append({"asked_of_table": asked, "predicted": size.latency.fraction(counts), "measured": meas})
-        err = abs(meas / want - 1.0)
-        if err < best[0]:
-            best = (err, counts, meas)
-        if err <= cfg.tolerance or i == rounds:
-            break
-        asked = min(1.0, asked * want / meas)
+    history: list[dict[str, float]] = []
+    timed: list[dict[str, int]] = []
+    curve: list[tuple[float, float]] = [(1.0, 1.0)]
+    for _ in range(rounds + 1):
+        meas = measured_fraction(model, counts, table.settings)
+        timed.append(counts)
+        history.append({"asked_of_table": asked, "predicted": table.fraction(counts), "measured": meas})
+        curve = _curve(history)
+        asked = min(1.0, max(1e-3, _table_at(curve, want)))
         try:
-            counts = solve({**target, "latency": asked})
-        except UserError:
+            counts = _solve_widening(solve, {**target, "latency": asked}, cfg)
+        except UserError:  # keep the timed candidate the curve puts closest to the target
+            counts = min(timed, key=lambda c: abs(_measured_at(curve, table.fraction(c)) - want))
             break
+    est = _measured_at(curve, table.fraction(counts))
     info["latency"]["refine"] = history
-    info["latency"]["measured_fraction"] = best[2]
-    log.info("latency: measured %.4f of the baseline after %d re-solve(s) (target %.4f)", best[2], len(history) - 1,
-             want)
-    return best[1]
+    info["latency"]["measured_fraction"] = est
+    log.info("latency: %.4f of the baseline (target %.4f; the table alone says %.4f), from %d timed candidate(s)",
+             est, want, table.fraction(counts), len(history))
+    return counts
 
 
 def resolve(spec: RateSpec, model: nn.Module | None, scores: Mapping[str, torch.Tensor] | None = None, *,
             tiebreak: Mapping[str, torch.Tensor] | None = None,
-            counter: Callable[[Mapping[str, int]], Mapping[str, int]] | None = None,
+            counter: SizeModel | Callable[[Mapping[str, int]], Mapping[str, int]] | None = None,
             widths: Mapping[str, int] | None = None, device: str = "cpu",
             latency_timer: lat.Timer | None = None,
             latency_shapes: Callable[[Mapping[str, int]], Mapping[str, lat.ConvShape]] | None = None,
@@ -560,27 +674,25 @@ def resolve(spec: RateSpec, model: nn.Module | None, scores: Mapping[str, torch.
             latency_refine: int = 2) -> RateSpec:
     """Apply the rates file's policy and budget; return exact per-layer rates (see module doc).
 
-    ``counter``/``widths``: a size counter for models not built from a cfg (keep counts of every
-    unit → ``{"macs", "params"}``) and their unit widths; by default both come from ``model``.
-    ``device`` is the run's device (a latency budget's default); ``latency_*`` inject the timer, the
+    ``counter``: the model's ``SizeModel`` (or its bound ``count``), so it is not built twice; by
+    default it is built from ``model``. Any other callable (keep counts of every unit →
+    ``{"macs", "params"}``) is used for MACs/params as given, with its ``widths``; a latency budget
+    then takes the conv shapes from ``model``'s ``SizeModel``. ``widths``: the units' widths (default:
+    the size model's). ``device`` is the run's device (a latency budget's default); ``latency_*`` inject the timer, the
     conv shapes at any widths, the on-disk cache switch and the model's constant part (tests, engines).
     ``latency_refine``: with the real timer, up to this many re-solves after timing the candidate model
     itself (``_refine_latency``); 0 trusts the table alone.
     """
     cfg = policy_config(spec)
-    if widths is None and counter is None and model is not None and not hasattr(model, "cfg"):
-        counter, widths = engine_counter(model)
-    if widths is None:
-        if model is None:
-            raise ValueError("resolve needs a model or widths")
-        widths = unit_widths(model)
-    widths = dict(widths)
+    if counter is None and model is None:
+        raise ValueError("resolve needs a model or a counter")
+    size = SizeCounter(model, counter=counter, widths=widths)
+    widths = dict(size.widths)
     target = dict(spec.target or {})
     for k in target:
         if k not in TARGETS:
             raise UserError(f"unknown budget {short(k)}; valid: {', '.join(TARGETS)}", source=spec.source,
                             field="target")
-    size = SizeCounter(model, counter=counter, widths=widths)
     info: dict[str, Any] = {"policy": cfg.name, "min_keep": cfg.min_keep, "max_keep": cfg.max_keep,
                             "target": target or None, "tolerance": cfg.tolerance}
     if cfg.round_to > 1:
@@ -588,13 +700,13 @@ def resolve(spec: RateSpec, model: nn.Module | None, scores: Mapping[str, torch.
     if "latency" in target:
         info["latency"] = attach_latency(size, spec, model, device, timer=latency_timer, shapes=latency_shapes,
                                          cache=latency_cache, overhead_ms=latency_overhead_ms)
-    def solve(tgt: Mapping[str, float]) -> dict[str, int]:
-        if cfg.name == "local":
-            return _local_counts(spec, cfg, size, widths, tgt, bool(target), info)
-        return _global_counts(spec, cfg, size, widths, scores, tiebreak, tgt, bool(target), info)
+    def solve(tgt: Mapping[str, float], c: PolicyConfig = cfg) -> dict[str, int]:
+        if c.name == "local":
+            return _local_counts(spec, c, size, widths, tgt, bool(target), info)
+        return _global_counts(spec, c, size, widths, scores, tiebreak, tgt, bool(target), info)
 
-    counts = solve(target)
-    if "latency" in target and latency_refine and latency_timer is None and model is not None and hasattr(model, "cfg"):
+    counts = _solve_widening(solve, target, cfg) if "latency" in target else solve(target)
+    if "latency" in target and latency_refine and latency_timer is None and model is not None:
         counts = _refine_latency(size, model, counts, target, cfg, solve, info, latency_refine)
     _record_achieved(info, size, counts, widths, target, cfg)
     if cfg.name == "local" and not target and not cfg.bounds_given:  # keep the file's own rates on record
@@ -690,10 +802,10 @@ def describe(spec: RateSpec) -> str:
 
 def keep_counts_for(spec: RateSpec, model: nn.Module) -> dict[str, int]:
     """Keep counts of a (resolved) spec for ``model``'s units."""
-    return spec.keep_counts({u.name: u.width for u in model.prunable_units()})
+    return spec.keep_counts(unit_widths(model))
 
 
 def achieved(spec: RateSpec, model: nn.Module) -> dict[str, float]:
-    """Kept MACs/params fractions of ``spec`` on ``model`` (exact, meta-device count)."""
+    """Kept MACs/params fractions of ``spec`` on ``model`` (exact, from the size model)."""
     return SizeCounter(model).fractions(keep_counts_for(spec, model))
 

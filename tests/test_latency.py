@@ -25,11 +25,12 @@ def widths(m) -> dict[str, int]:
 
 
 def out_channels_cost(shape: lat.ConvShape, _s: lat.MeasureSettings) -> float:
-    """A stub with a known answer: a conv costs its output width in ms (nothing else costs)."""
-    return float(shape.c_out)
+    """A stub with a known answer: a conv costs its output width in ms (nothing else costs, Linear neither)."""
+    return 0.0 if shape.linear else float(shape.c_out)
 
 
 def macs_cost(shape: lat.ConvShape, _s: lat.MeasureSettings) -> float:
+    """Cost proportional to MACs (a Linear's too: kernel 1×1, ``hw[0]`` rows)."""
     kh, kw = shape.kernel
     return shape.c_in * shape.c_out // shape.groups * kh * kw * shape.hw[0] * shape.hw[1] / 1e6
 
