@@ -9,7 +9,9 @@ Temporary files are named ``.<name>.<pid>-<host>.<random>.tmp``. Only a hard kil
 power loss) leaves one behind; the next write into the same folder removes such stale
 temporaries of ours: those whose writer (the pid, on this host) is no longer running, and
 any of ours, from any host, not modified for an hour (``STALE_AFTER_S``). A live writer's
-file is never touched: it is either a running process here or being written to.
+file is never touched: it is either a running process here or being written to. Only a name
+with the writer's pid and host tag is ours: a user's ``.notes.ABCDEFGH.tmp`` (no pid, no tag)
+is never removed, however old.
 """
 
 from __future__ import annotations
@@ -35,8 +37,8 @@ def _umask() -> int:
 
 
 STALE_AFTER_S = 3600.0
-# .<name>.<pid>-<host tag>.<mkstemp's random part>.tmp, or the older .<name>.<random>.tmp
-_TMP = re.compile(r"^\..+?\.(?:(?P<pid>\d+)-(?P<host>[0-9a-f]{8})\.)?[A-Za-z0-9_]{8}\.tmp$")
+# .<name>.<pid>-<host tag>.<mkstemp's random part>.tmp: the pid and tag are what prove a temporary is ours
+_TMP = re.compile(r"^\..+?\.(?P<pid>\d+)-(?P<host>[0-9a-f]{8})\.[a-z0-9_]{8}\.tmp$")
 
 
 def _host_tag() -> str:

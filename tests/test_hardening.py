@@ -348,7 +348,7 @@ def test_disk_full_inside_torch_save_is_one_line_and_leaves_nothing(tmp_path, mo
     assert path.read_bytes() == good and sorted(p.name for p in tmp_path.iterdir()) == ["last.pt"]
 
 
-def test_stale_temporaries_of_ours_are_removed_on_the_next_write(tmp_path):
+def test_stale_temporaries_of_ours_are_removed_on_the_next_write_and_only_ours(tmp_path):
     host = io._host_tag()
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
@@ -357,18 +357,20 @@ def test_stale_temporaries_of_ours_are_removed_on_the_next_write(tmp_path):
         "live": f".best.pt.{os.getpid()}-{host}.ef56gh78.tmp",      # a running writer: kept
         "other_host": f".last.pt.{dead.pid}-00000000.ij90kl12.tmp",  # another machine's, fresh: kept
         "old_other_host": f".last.pt.1-00000000.mn34op56.tmp",      # another machine's, 2 h old: removed
-        "legacy_old": ".scores.pt.qr78st90.tmp",                    # the older naming, 2 h old: removed
+        "users_old": ".notes.ABCDEFGH.tmp",                         # no pid, no host tag: a user's, kept
+        "legacy_old": ".scores.pt.qr78st90.tmp",                    # the older naming: unprovable, kept
         "legacy_fresh": ".plan.json.uv12wx34.tmp",                  # the older naming, fresh: kept
         "not_ours": "notes.tmp",                                    # not our pattern: kept
     }
     for n in names.values():
         (tmp_path / n).write_bytes(b"partial")
     two_hours_ago = time.time() - 7200
-    for key in ("old_other_host", "legacy_old", "not_ours"):
+    for key in ("old_other_host", "users_old", "legacy_old", "not_ours"):
         os.utime(tmp_path / names[key], (two_hours_ago, two_hours_ago))
     io.write_text(tmp_path / "summary.json", "{}\n")
     left = {p.name for p in tmp_path.iterdir()}
-    assert left == {"summary.json"} | {names[k] for k in ("live", "other_host", "legacy_fresh", "not_ours")}
+    kept = ("live", "other_host", "users_old", "legacy_old", "legacy_fresh", "not_ours")
+    assert left == {"summary.json"} | {names[k] for k in kept}
 
 
 # --------------------------------------------------------------------------- 7: criteria, export
