@@ -51,6 +51,10 @@ def evaluate_checkpoint(path: str, args: argparse.Namespace) -> dict:
     else:
         device = resolve_device(args.device)
         net, ck = checkpoint.load(path, model=args.model)
+        if getattr(args, "save", None):  # a NaN/inf model is never written (exit 3), and refused before the evaluation
+            from compressor.train import check_finite
+
+            check_finite(net, source=path)
     bundle = _data.load(args, net, ck=ck, source=path)
     res = evaluate(net.to(device), data.loader(bundle.test, args.batch_size, device=device), device,
                    not args.no_progress, "eval")
