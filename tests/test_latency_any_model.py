@@ -169,3 +169,26 @@ def test_local_profile_walks_units_that_cross_a_step_together():
     for t in (0.33, 0.49, 0.55, 0.72):  # each failed before the walk (one α step moved several units)
         out = policy.resolve(RateSpec(rates={u: 0.0 for u in w}, target={"macs": t}), m, counter=sizer)
         assert out.extra["resolved"]["met"], t
+
+
+@pytest.mark.parametrize("name", ["vgg16_bn_quarter", "torchvision:resnet18"])
+def test_latency_budget_through_the_prune_command(name, tmp_path, capsys):
+    """The same budget from the CLI: the prune job runs compressor.prune and records the check on the result."""
+    import json
+
+    from compressor.cli import main
+
+    ck = compressor.save(build(name), tmp_path / "base.pt")
+    rates = tmp_path / "lat.yaml"
+    rates.write_text("target: {latency: 0.7, batch_size: 8, threads: 1}\n")
+    out = tmp_path / "run"
+    with one_thread():
+        rc = main(["prune", "--checkpoint", str(ck), "--rates", str(rates), "--criterion", "l1", "--eval-n", "40",
+                   "--n-images", "32", "--out", str(out), "--no-progress"])
+    assert rc == 0, capsys.readouterr().err
+    summary = json.loads((out / "summary.json").read_text())
+    check = summary["latency_check"]
+    assert 0 < check["measured_fraction"] < 0.95 and "latency" in check["line"]
+    achieved = summary["policy"]["achieved"]
+    assert abs(achieved["latency"] / 0.7 - 1) <= 0.15
+    assert summary["size_after"]["macs"] < summary["size_before"]["macs"]
