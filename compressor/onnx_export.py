@@ -63,6 +63,17 @@ def _require_onnx():
     return onnx, onnxruntime
 
 
+def _counts(model: nn.Module, size: int) -> dict[str, str]:
+    """The physical model's params and MACs (``compressor.counting``), for the file's metadata: a report row
+    of the file then needs no checkpoint. Empty if the model cannot be counted."""
+    try:
+        from compressor import counting
+
+        return {k: str(v) for k, v in counting.count(model, size).items()}
+    except Exception:  # noqa: BLE001 - counting is a convenience here; the export itself does not need it
+        return {}
+
+
 def to_onnx_bytes(model: nn.Module, opset: int = DEFAULT_OPSET) -> bytes:
     """Serialized ONNX model with a dynamic batch dimension and metadata; the model is not changed."""
     onnx, _ = _require_onnx()
@@ -79,11 +90,13 @@ def to_onnx_bytes(model: nn.Module, opset: int = DEFAULT_OPSET) -> bytes:
             torch.onnx.export(model, (dummy,), buf, dynamo=False, opset_version=opset,
                               input_names=["input"], output_names=["logits"],
                               dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}})
+        counts = _counts(model, size)  # still in eval mode: counting runs a forward pass
     finally:
         model.train(was)
     proto = onnx.load_from_string(buf.getvalue())
     meta = {"arch": getattr(model, "arch", type(model).__name__), "num_classes": str(getattr(model, "num_classes", "")),
             "cfg": json.dumps(list(getattr(model, "cfg", None) or [])), "input_size": str(size), "producer": "compressor"}
+    meta.update(counts)
     data_c = contract.of(model)
     if data_c is not None:  # what the inputs must be: classes, size, normalisation, resize policy
         meta.update({"data_contract": json.dumps(data_c.to_dict()), "classes": json.dumps(list(data_c.classes)),

@@ -35,14 +35,25 @@ class OnnxModule(nn.Module):
         self.arch = meta.get("arch", "onnx")
         self.num_classes = int(meta["num_classes"]) if meta.get("num_classes", "").isdigit() else None
         self.input_size = int(meta["input_size"]) if meta.get("input_size", "").isdigit() else 32
+        self.quantization: dict[str, Any] | None = None  # the int8 export's record (``onnx_int8``), else None
+        self.precision = meta.get("precision", "float32")
+
+    def info(self) -> dict[str, Any]:
+        """What the file says about itself: precision, params and MACs (None when not recorded), quantization."""
+        def num(key: str) -> int | None:
+            return int(self.meta[key]) if self.meta.get(key, "").isdigit() else None
+
+        return {"precision": self.precision, "params": num("params"), "macs": num("macs"),
+                "quantization": self.quantization}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.session.run(None, {self.input_name: x.detach().float().cpu().numpy()})[0]
         return torch.from_numpy(np.asarray(out, dtype=np.float32))
 
 
-def load(path: str | Path) -> OnnxModule:
-    """Open an ONNX file for evaluation; an unreadable file or bad metadata is one line."""
+def load(path: str | Path, threads: int | None = None) -> OnnxModule:
+    """Open an ONNX file for evaluation (float32 or int8 QDQ); an unreadable file or bad metadata is one line.
+    ``threads``: onnxruntime's intra-op threads (None: its default, one per physical core)."""
     from compressor.onnx_export import _require_onnx, _why
 
     src = str(path)
@@ -52,13 +63,24 @@ def load(path: str | Path) -> OnnxModule:
     onnx, ort = _require_onnx()
     try:
         proto = onnx.load(str(p), load_external_data=False)
-        session = ort.InferenceSession(p.read_bytes(), providers=["CPUExecutionProvider"])
+        opts = ort.SessionOptions()
+        if threads is not None:
+            opts.intra_op_num_threads = int(threads)
+        session = ort.InferenceSession(p.read_bytes(), opts, providers=["CPUExecutionProvider"])
     except Exception as exc:  # noqa: BLE001 - onnx/onnxruntime raise many types for a bad file
         raise UserError(f"not a readable ONNX model ({_why(exc)})", source=src) from exc
     meta = {e.key: e.value for e in proto.metadata_props}
     if any(len(v) > MAX_META_CHARS for v in meta.values()):
         raise UserError("metadata entry too large", source=src, field="metadata")
     module = OnnxModule(session, meta)
+    if "quantization" in meta:
+        try:
+            q = json.loads(meta["quantization"])
+        except json.JSONDecodeError as exc:
+            raise UserError(f"quantization metadata is not JSON ({exc.msg})", source=src, field="quantization") from exc
+        if not isinstance(q, dict):
+            raise UserError("quantization metadata must be a mapping", source=src, field="quantization")
+        module.quantization = q
     if "data_contract" in meta:
         try:
             doc = json.loads(meta["data_contract"])
