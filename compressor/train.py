@@ -269,10 +269,6 @@ def _val_metrics(model: nn.Module, val_loader, device: torch.device, ctx: dist_m
     return 100.0 * tot[0].item() / seen, tot[2].item() / seen
 
 
-def _val_acc(model: nn.Module, val_loader, device: torch.device, ctx: dist_mod.DistContext) -> float:
-    return _val_metrics(model, val_loader, device, ctx)[0]
-
-
 def eval_steps(steps_per_epoch: int, eval_every: float) -> list[int]:
     """Steps within an epoch (1-based counts of steps done) after which val is evaluated.
 

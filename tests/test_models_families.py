@@ -245,11 +245,37 @@ def test_hrank_scores_every_unit_at_activations(name: str) -> None:
     modules = dict(m.named_modules())
     for u in m.prunable_units():
         assert ranks[u.name].shape == (u.width,) and torch.isfinite(ranks[u.name]).all()
-        assert (ranks[u.name] >= 0).all()
         assert s.tiebreak[u.name].shape == (u.width,)
         # Rank points are activations (ReLU/ReLU6): never a linear-bottleneck (BN, no activation) output.
         for p in u.rank_points:
             assert isinstance(modules[p], (nn.ReLU, nn.ReLU6)), p
+
+
+@pytest.mark.parametrize("name", CIFAR)
+def test_hrank_of_a_dead_channel_is_zero_and_of_a_live_one_is_bounded_by_the_map(name: str) -> None:
+    """Known answers: a channel whose BN outputs 0 (gamma = beta = 0) has an all-zero map after the
+    activation, rank 0; every rank is at most the map's smaller side."""
+    import copy
+
+    from compressor.pruning import graph
+
+    m = copy.deepcopy(_model(name))
+    u = graph.units(m)[0]
+    norms = [m.get_submodule(mb.name) for mb in graph.discovery(m).members[u.name]  # depthwise followers' too
+             if mb.role == "out" and isinstance(m.get_submodule(mb.name), nn.BatchNorm2d)]
+    for layer in norms or [m.get_submodule(c) for c in u.convs]:  # no norm (SqueezeNet): the conv's row
+        layer.weight.data[1] = 0
+        layer.bias.data[1] = 0
+    sizes: dict[str, int] = {}
+    hooks = [m.get_submodule(p).register_forward_hook(
+        lambda mod, i, o, p=p: sizes.__setitem__(p, min(o.shape[-2:]))) for p in u.rank_points]
+    try:
+        ranks = scores_mod.compute(m, [_x(m)], ["hrank"], n_images=2, seed=0, progress=False).for_criterion("hrank")
+    finally:
+        for h in hooks:
+            h.remove()
+    assert ranks[u.name][1] == 0
+    assert (ranks[u.name] <= min(sizes.values())).all() and ranks[u.name].max() > 0
 
 
 def test_mobilenet_v2_never_ranks_linear_bottlenecks() -> None:
