@@ -7,7 +7,8 @@ import math
 import pytest
 import torch
 
-from compressor import criteria, latency as lat, policy, surgery
+from tests import oracles
+from compressor import criteria, latency as lat, policy
 from compressor.errors import UserError
 from compressor.models import get_model
 from compressor.plan import make_plan
@@ -118,7 +119,7 @@ def test_stub_timer_solver_finds_the_known_answer(pol):
     assert r["met"] and r["latency"]["batch_size"] == 64 and r["latency"]["threads"] == 1
     assert r["latency"]["device"] == "cpu" and r["latency"]["torch"] == torch.__version__
     # and the prediction is the stub's cost of the model surgery really builds
-    small = surgery.rebuild(m, make_plan(sc, out, widths(m)))
+    small = oracles.rebuild(m, make_plan(sc, out, widths(m)))
     built = sum(out_channels_cost(s, None) for s in lat.conv_shapes(small, 32).values())
     assert built / r["latency"]["predicted_full_ms"] == pytest.approx(r["achieved"]["latency"])
     assert "of predicted latency" in policy.describe(out)
@@ -173,7 +174,7 @@ def test_real_timer_and_verify_on_a_tiny_model():
     assert out.extra["resolved"]["achieved"]["latency"] == info["measured_fraction"]
     assert "of measured latency" in policy.describe(out)
     sc = criteria.get("random", seed=0).score(m, m.prunable_units(), None)
-    small = surgery.rebuild(m, make_plan(sc, out, w))
+    small = oracles.rebuild(m, make_plan(sc, out, w))
     v = lat.verify_spec(m, small, out, repeats=3, warmup=1)
     assert v is not None and v["measured_fraction"] > 0 and not math.isnan(v["relative_error"])
     assert "predicted" in v["line"] and "measured" in v["line"] and "\n" not in v["line"]

@@ -13,6 +13,7 @@ import pytest
 import torch
 from torch import nn
 
+from tests import oracles
 from compressor import checkpoint, counting, scores, surgery
 from compressor.criteria import get as get_criterion
 from compressor.criteria.hrank import batch_ranks
@@ -156,7 +157,7 @@ def test_torch_pruning_matches_rebuild(which: str) -> None:
     ref = {k: v.clone() for k, v in m.state_dict().items()}
     plan = _random_plan(m, 0.5, seed=3, units=set(GROUPS) if which == "groups" else None)
     a = surgery.apply(m, plan, method="torch_pruning", verify=False)
-    b = surgery.rebuild(m, plan)
+    b = oracles.rebuild(m, plan)
     _assert_same_state(a, b)
     assert a.cfg == b.cfg != m.cfg
     for g in _groups(m):  # every member conv of a group keeps the same channels
@@ -199,7 +200,7 @@ def test_counts_fall_as_the_group_rate_grows() -> None:
     counts = []
     for rate in (0.0, 0.3, 0.6):
         plan = make_plan(l1, RateSpec(rates={u: rate if u in GROUPS else 0.0 for u in _widths(m)}), _widths(m))
-        counts.append(counting.count(surgery.rebuild(m, plan)))
+        counts.append(counting.count(oracles.rebuild(m, plan)))
     assert counts[0] == counting.count(m)
     for a, b in zip(counts, counts[1:]):
         assert b["params"] < a["params"] and b["macs"] < a["macs"]
@@ -250,6 +251,6 @@ def test_example_rate_files(path: Path) -> None:
     spec = load_rates(path, list(_widths(full)), model_name=NAME)
     assert set(spec.rates) == set(_widths(full)) and any(spec.rates[g] > 0 for g in GROUPS)
     plan = make_plan(get_criterion("l1").score(full, full.prunable_units(), None), spec, _widths(full))
-    cfg = surgery.pruned_cfg(full, plan)
+    cfg = oracles.pruned_cfg(full, plan)
     assert get_model(NAME, cfg=cfg).cfg == cfg
     assert all(cfg[i] < full.cfg[i] for g in _groups(full) if spec.rates[g.name] > 0 for i in g.cfg_index)

@@ -13,6 +13,7 @@ import pytest
 import torch
 from torch import nn
 
+from tests import oracles
 from compressor import scores as scores_mod
 from compressor import surgery
 from compressor.counting import count
@@ -160,7 +161,7 @@ def test_pruning_dead_channels_keeps_logits(name: str) -> None:
     _kill(m, {u: [i for i in range(plan.widths[u]) if i not in k] for u, k in plan.keep.items()})
     before = _logits(m, x)
     assert before.abs().sum() > 0 and before.std() > 0
-    torch.testing.assert_close(_logits(surgery.rebuild(m, plan), x), before, atol=1e-5, rtol=0)
+    torch.testing.assert_close(_logits(oracles.rebuild(m, plan), x), before, atol=1e-5, rtol=0)
     torch.testing.assert_close(_logits(surgery.apply(m, plan), x), before, atol=1e-5, rtol=0)
 
 
@@ -171,7 +172,7 @@ def test_torch_pruning_matches_rebuild(name: str) -> None:
     plan = _random_plan(m, 0.5, seed=3)
     ref = {k: v.clone() for k, v in m.state_dict().items()}
     a = surgery.apply(m, plan, method="torch_pruning", verify=False)
-    b = surgery.rebuild(m, plan)
+    b = oracles.rebuild(m, plan)
     _assert_same_state(a, b)
     assert a.cfg == b.cfg != m.cfg
     assert torch.equal(_logits(a, x), _logits(b, x))
@@ -195,7 +196,7 @@ def test_torch_pruning_units_feeding_the_classifier(name: str) -> None:
 def test_checkpoint_round_trip(name: str) -> None:
     m = _model(name)
     x = _x(m)
-    pruned = surgery.rebuild(m, _random_plan(m, 0.4, seed=5))
+    pruned = oracles.rebuild(m, _random_plan(m, 0.4, seed=5))
     again = get_model(name, num_classes=pruned.num_classes, cfg=pruned.cfg)
     again.load_state_dict(pruned.state_dict())
     assert _widths(again) == _widths(pruned)
@@ -214,7 +215,7 @@ def test_mobilenet_v2_cfg_from_state_dict_reads_block_outputs() -> None:
 def test_classifier_width_unchanged(name: str) -> None:
     m = _model(name, num_classes=13)
     plan = _random_plan(m, 0.6, seed=6)
-    for p in (surgery.rebuild(m, plan), surgery.apply(m, plan)):
+    for p in (oracles.rebuild(m, plan), surgery.apply(m, plan)):
         layer = p.ignored_layers()[0]
         assert getattr(layer, "out_channels", getattr(layer, "out_features", None)) == 13
         assert _logits(p, _x(m)).shape == (2, 13)
@@ -227,7 +228,7 @@ def test_counts_fall_as_rates_grow(name: str) -> None:
     counts = []
     for rate in (0.0, 0.3, 0.6):
         plan = make_plan(l1, RateSpec(rates={u: rate for u in _widths(m)}), _widths(m))
-        counts.append(count(surgery.rebuild(m, plan)))
+        counts.append(count(oracles.rebuild(m, plan)))
     assert counts[0] == count(m)
     for a, b in zip(counts, counts[1:]):
         assert b["params"] < a["params"] and b["macs"] < a["macs"]
@@ -328,5 +329,5 @@ def test_example_rate_files(path: Path) -> None:
     assert set(spec.rates) == set(_widths(m)) and any(r > 0 for r in spec.rates.values())
     full = get_model(arch)
     plan = make_plan(get_criterion("l1").score(full, full.prunable_units(), None), spec, _widths(full))
-    cfg = surgery.pruned_cfg(full, plan)
+    cfg = oracles.pruned_cfg(full, plan)
     assert get_model(arch, cfg=cfg).cfg == cfg

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tests import oracles
 from compressor import surgery
 from compressor.models import get_model
 from compressor.plan import Plan
@@ -101,7 +102,7 @@ def _cifar_batches(n: int = 3, b: int = 8) -> list[torch.Tensor]:
 
 def test_error_never_increases_and_report_is_complete():
     base = _tiny_vgg()
-    pruned = surgery.apply(base, _half_plan(base), method="rebuild").eval()
+    pruned = oracles.rebuild(base, _half_plan(base)).eval()
     for ridge_to in ("current", "zero"):
         m = copy.deepcopy(pruned)
         rep = reconstruct(base, m, _cifar_batches(), positions=16, ridge=1e-2, ridge_to=ridge_to, progress=False)
@@ -116,7 +117,7 @@ def test_error_never_increases_and_report_is_complete():
 
 def test_first_layer_error_matches_a_direct_computation():
     base = _tiny_vgg()
-    pruned = surgery.apply(base, _half_plan(base), method="rebuild").eval()
+    pruned = oracles.rebuild(base, _half_plan(base)).eval()
     xs = _cifar_batches()
     rep = reconstruct(base, copy.deepcopy(pruned), xs, positions=10**6, ridge=1e-3, progress=False)
     f = rep.layers[0]
@@ -135,7 +136,7 @@ def test_first_layer_error_matches_a_direct_computation():
 
 def test_same_seed_same_weights_other_seed_differs():
     base = _tiny_vgg()
-    pruned = surgery.apply(base, _half_plan(base), method="rebuild").eval()
+    pruned = oracles.rebuild(base, _half_plan(base)).eval()
     outs = []
     for seed in (0, 0, 1):
         m = copy.deepcopy(pruned)
@@ -162,7 +163,7 @@ def test_depthwise_is_solved_per_group():
 
 def test_inputs_are_not_mutated_and_global_rng_untouched():
     base = _tiny_vgg().train()
-    pruned = surgery.apply(base, _half_plan(base), method="rebuild").train()
+    pruned = oracles.rebuild(base, _half_plan(base)).train()
     before = {k: v.clone() for k, v in base.state_dict().items()}
     pruned_bn = {k: v.clone() for k, v in pruned.state_dict().items() if "running" in k}
     xs = _cifar_batches()
@@ -179,7 +180,7 @@ def test_inputs_are_not_mutated_and_global_rng_untouched():
 
 def test_bn_recalibrate_changes_statistics():
     base = _tiny_vgg()
-    pruned = surgery.apply(base, _half_plan(base), method="rebuild").eval()
+    pruned = oracles.rebuild(base, _half_plan(base)).eval()
     rep = reconstruct(base, pruned, _cifar_batches(), positions=8, bn="recalibrate", progress=False)
     assert rep.bn_images == 24
     assert not torch.equal(pruned.features.norm1.running_mean, base.features.norm1.running_mean[
@@ -201,7 +202,8 @@ def test_registered_models_get_closer_to_the_original(name, method):
     torch.manual_seed(0)
     base = (get_model(name, cfg=QUARTER_VGG) if name == "vgg16_bn" else get_model(name)).eval()
     plan = _half_plan(base)
-    pruned = surgery.apply(base, plan, method=method).eval()
+    cut = (lambda: oracles.rebuild(base, plan)) if method == "rebuild" else (lambda: surgery.apply(base, plan))
+    pruned = cut().eval()
     xs = _batches(2, 8, base.input_size)
     # the inferred kept rows agree with the plan, for every refit layer
     given = keep_from_plan(base, plan)
@@ -211,12 +213,12 @@ def test_registered_models_get_closer_to_the_original(name, method):
     assert [f.error_after for f in rep_i.layers] == [f.error_after for f in rep.layers]
     assert any(f.kept_from == "inferred" for f in rep_i.layers)
     assert len(rep.layers) > 5 and all(f.error_after <= f.error_before for f in rep.layers)
-    assert _logit_error(base, pruned, xs) < _logit_error(base, surgery.apply(base, plan, method=method).eval(), xs)
+    assert _logit_error(base, pruned, xs) < _logit_error(base, cut().eval(), xs)
 
 
 def test_target_cache_budget_does_not_change_the_result():
     base = _tiny_vgg()
-    pruned = surgery.apply(base, _half_plan(base), method="rebuild").eval()
+    pruned = oracles.rebuild(base, _half_plan(base)).eval()
     a, b = copy.deepcopy(pruned), copy.deepcopy(pruned)
     rep_a = reconstruct(base, a, _cifar_batches(), positions=8, progress=False)
     rep_b = reconstruct(base, b, _cifar_batches(), positions=8, cache_mib=0, progress=False)

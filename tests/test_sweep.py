@@ -7,7 +7,8 @@ import json
 import pytest
 import torch
 
-from compressor import checkpoint, counting, pipeline, surgery, sweep
+from tests import oracles
+from compressor import checkpoint, counting, pipeline, sweep
 from compressor.errors import UserError
 from compressor.latency import LatencyConfig
 from compressor.models import get_model
@@ -51,7 +52,7 @@ def test_budget_becomes_exact_rates():
         for key, keep, policy in (("macs", 0.6, "local"), ("params", 0.3, "local"), ("macs", 0.4, "global")):
             spec = sweep.rates_for_budget(model, sc, "l1", key, keep, policy=policy, tolerance=0.1)
             plan = make_plan(sc.for_criterion("l1"), spec, widths, tiebreak=sc.tiebreak, model="vgg16_bn")
-            got = counting.count(get_model("vgg16_bn", cfg=surgery.pruned_cfg(model, plan)))
+            got = counting.count(get_model("vgg16_bn", cfg=oracles.pruned_cfg(model, plan)))
             info = spec.extra["resolved"]
             assert got[key] / base[key] == pytest.approx(info["achieved"][key])
             assert info["met"] and got[key] / base[key] <= keep * 1.1

@@ -57,7 +57,6 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--rank-rtol", type=nonneg_float, default=None, help="rank tolerance rtol (default eps32*max(H,W))")
     p.add_argument("--rank-atol", type=nonneg_float, default=0.0, help="rank tolerance atol (default 0)")
     p.add_argument("--rounding", choices=("keep_floor", "drop_floor"), help="override the rates file's rounding")
-    p.add_argument("--surgery", choices=("torch_pruning", "rebuild"), default="torch_pruning")
     p.add_argument("--no-bn-recalibrate", action="store_true", help="skip BN statistics re-estimation after surgery")
     p.add_argument("--baseline-epochs", type=nonneg_int, default=None,
                    help="epochs for the quick baseline when no --checkpoint (default: the model's quick recipe)")
@@ -112,7 +111,7 @@ def run(args: argparse.Namespace) -> int:
         download=args.download,
         num_classes=args.num_classes, criterion=args.criterion, scores=args.scores, import_hrank=args.import_hrank,
         n_images=args.n_images, seed=args.seed, hrank_compat=args.hrank_compat, rank_rtol=args.rank_rtol,
-        rank_atol=args.rank_atol, rounding=args.rounding, surgery=args.surgery,
+        rank_atol=args.rank_atol, rounding=args.rounding,
         bn_recalibrate=not args.no_bn_recalibrate, baseline_epochs=args.baseline_epochs,
         finetune=finetune, weights=args.weights, pretrained=args.pretrained, input_size=args.input_size,
         residual=args.residual, reconstruct=args.reconstruct, reconstruct_images=args.reconstruct_images,
