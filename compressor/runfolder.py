@@ -27,12 +27,18 @@ What a claim does, and the rules it keeps:
   ``resume`` is given, naming what is in it. Our own bookkeeping does not count as content:
   the lock, ``manifest.json`` (when it is one of ours) and ``compressor.io``'s ``.*.tmp``
   temporaries.
-* **Overwrite removes only what a run wrote.** With ``overwrite=True`` the files listed in the
-  old ``manifest.json`` (and the manifest) are deleted at claim time, and folders they leave
-  empty. Anything else (files of the user's, or of a run from before manifests) is left where it
-  is and named in one warning: a run never deletes a file it cannot prove it wrote. A
-  ``manifest.json`` that is not a compressor run's is refused whatever the flags (it would be
-  replaced).
+* **Overwrite replaces only what a run wrote, and only once the new run has succeeded.** With
+  ``overwrite=True`` the old run's files (those its ``manifest.json`` lists; for a run that did
+  not finish, also the files that appeared in the folder after its claim, from the listing its
+  manifest keeps in ``before``) and the manifest are moved aside at claim time into
+  ``out/.compressor.replaced/``, so the new run starts in a folder without them. On success that
+  folder is deleted; on failure (or, after a hard kill, at the next claim of the folder) the new
+  run's files go and the old run's files and manifest are moved back. A file of the old run
+  that this run takes as input (named on the command line, or in ``inputs``) stays in place and
+  is backed up by a hard link; it is never deleted. Anything else (files of the user's, or of a
+  run from before manifests) is left where it is and named in one warning: a run never deletes a
+  file it cannot prove it wrote. A ``manifest.json`` that is not a compressor run's is refused
+  whatever the flags (it would be replaced).
 * **Resume continues a run.** ``resume=True`` accepts a non-empty folder: one whose manifest
   names the same command (any status: done, failed, or a run killed while "running"), or one
   with no manifest (a folder from before manifests; the command checks its own state, as
@@ -40,7 +46,8 @@ What a claim does, and the rules it keeps:
   wins over ``overwrite``: nothing is deleted.
 * **The manifest.** ``out/manifest.json`` (written atomically) says which run owns the folder:
   ``{"format": "compressor.run", "command", "argv", "pid", "host", "started", "mode",
-  "status": "running", "files": []}``. ``run.record(path)`` registers an output (the manifest is
+  "status": "running", "files": [], "before": {...}}`` (``before``: the files in the folder at
+  claim, with their size and mtime, so a killed run's unrecorded files are known too). ``run.record(path)`` registers an output (the manifest is
   rewritten when the list grows, so even a SIGKILLed run's outputs are known to ``overwrite``).
   On success it becomes ``status: "done"`` with ``finished`` and ``files``: everything the run
   recorded or wrote (files created or rewritten in the folder, found by comparing a listing
@@ -64,6 +71,7 @@ import contextlib
 import errno
 import json
 import os
+import shutil
 import socket
 import sys
 import warnings
@@ -83,6 +91,7 @@ except ImportError:  # Windows: an O_EXCL lock file (see the module docstring)
 RUN_FORMAT = "compressor.run"
 MANIFEST = "manifest.json"
 LOCK = ".compressor.lock"
+REPLACED = ".compressor.replaced"  # the replaced run's files, until the run replacing them has finished
 SHOW = 5  # names listed in a refusal or a warning
 # Files a command writes into its folder before (or without) recording them: a killed run's are its own.
 _TRAIN_FILES = ("resolved_config.yaml", "metrics.jsonl", "summary.json", "last.pt", "best.pt", "recovery_curve.png")
@@ -154,7 +163,7 @@ def _read_manifest(out: Path) -> dict[str, Any] | None:
 
 
 def _ours(name: str) -> bool:
-    return name == LOCK or io._TMP.match(name) is not None  # noqa: SLF001 - io's own temp pattern
+    return name in (LOCK, REPLACED) or io._TMP.match(name) is not None  # noqa: SLF001 - io's own temp pattern
 
 
 def _listing(out: Path) -> tuple[dict[str, _Stat], set[str]]:
@@ -165,7 +174,9 @@ def _listing(out: Path) -> tuple[dict[str, _Stat], set[str]]:
     for root, dnames, fnames in os.walk(out):
         rel = Path(root).relative_to(out)
         for d in list(dnames):
-            if os.path.islink(os.path.join(root, d)):
+            if d == REPLACED:
+                dnames.remove(d)
+            elif os.path.islink(os.path.join(root, d)):
                 dnames.remove(d)
                 fnames.append(d)
             else:
@@ -265,13 +276,16 @@ class RunFolder:
         self._old_files = [f for f in (old or {}).get("files", []) if isinstance(f, str)] if mode == "resume" else []
         self._had_manifest = old is not None and mode == "resume"
         self._files, self._dirs = _listing(out)
+        self._inputs: set[str] = set()  # the replaced run's files kept in place as this run's inputs
         self._recorded: list[str] = []
         self._keep: set[str] = set()
         self._closed = False
         self.manifest: dict[str, Any] = {
             "format": RUN_FORMAT, "command": command, "argv": list(sys.argv), "pid": self._pid,
             "pid_start": _proc_start(self._pid), "host": socket.gethostname(), "started": _now(), "mode": mode,
-            "status": "running", "files": list(self._old_files)}
+            "status": "running", "files": list(self._old_files),
+            "before": (old or {}).get("before") if mode == "resume" and isinstance((old or {}).get("before"), dict)
+            else {f: [st[3], st[2]] for f, st in self._files.items()}}
         self._write()
 
     # -- use
@@ -315,6 +329,7 @@ class RunFolder:
             now, _ = _listing(self.out)
             files = self._old_files + self._recorded + [f for f, st in now.items() if self._files.get(f) != st]
             self._finalize("done", self._existing(files))
+            shutil.rmtree(self.out / REPLACED, ignore_errors=True)  # the replaced run's files: replaced now
         finally:
             self._release()
 
@@ -331,7 +346,15 @@ class RunFolder:
                         (self.out / f).unlink()
             _prune_dirs(self.out, dirs - self._dirs)
             kept = self._existing([f for f in now if self._kept(f)])
-            if kept or self._had_manifest:
+            if self.mode != "resume" and (self.out / REPLACED).is_dir():  # put the replaced run back
+                for f in kept:
+                    with contextlib.suppress(OSError):
+                        (self.out / f).unlink()
+                _prune_dirs(self.out, dirs - self._dirs)
+                with contextlib.suppress(OSError):
+                    (self.out / MANIFEST).unlink()
+                _restore(self.out)
+            elif kept or self._had_manifest:
                 status = "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed"
                 self.manifest["error"] = f"{type(exc).__name__}: {exc}".splitlines()[0] if exc else status
                 with contextlib.suppress(UserError):
@@ -387,8 +410,13 @@ class RunFolder:
         self._fd = None
 
 
-def claim(out: str | os.PathLike, *, command: str, overwrite: bool = False, resume: bool = False) -> RunFolder:
-    """Claim ``out`` for one run of ``command`` (see the module docstring); a ``UserError`` if it can't be."""
+def claim(out: str | os.PathLike, *, command: str, overwrite: bool = False, resume: bool = False,
+          inputs: tuple[str | os.PathLike, ...] | list[str | os.PathLike] = ()) -> RunFolder:
+    """Claim ``out`` for one run of ``command`` (see the module docstring); a ``UserError`` if it can't be.
+
+    ``inputs``: files this run reads (besides those named on the command line): if ``overwrite``
+    replaces an earlier run that wrote one of them, it stays in place and is never deleted.
+    """
     out = io.check_writable(Path(out))
     if out.exists() and not out.is_dir():
         raise UserError("not a folder", source=str(out))
@@ -419,6 +447,7 @@ def claim(out: str | os.PathLike, *, command: str, overwrite: bool = False, resu
 
     try:
         mode = "resume" if resume else "overwrite" if overwrite else "fresh"
+        _recover(out, command, mode)  # a replacement that did not finish: the earlier run comes back
         old = _read_manifest(out)
         content = [e.name for e in os.scandir(out) if not _ours(e.name) and not (e.name == MANIFEST and old)]
         killed = old is not None and old.get("status") == "running" and _owner_gone(old)
@@ -437,12 +466,15 @@ def claim(out: str | os.PathLike, *, command: str, overwrite: bool = False, resu
                    and (out / "last.pt").is_file() else "pass ")
             raise UserError(f"not empty and not written by this run ({earlier}found: {_names(content)}); "
                             f"{how}--overwrite to replace it or choose another --out", source=str(out))
-        elif mode == "overwrite":
-            _remove_run(out, old)
-            left = [e.name for e in os.scandir(out) if not _ours(e.name)]
+        kept_inputs: set[str] = set()
+        if mode == "overwrite":
+            kept_inputs = _set_aside(out, old, _input_rels(out, inputs))
+            left = [e.name for e in os.scandir(out) if not _ours(e.name) and e.name not in kept_inputs]
             if left:
                 _warn(f"{out}: --overwrite leaves files no compressor run recorded here: {_names(left)}")
-        return RunFolder(out, command, mode, created, fd, old)
+        run = RunFolder(out, command, mode, created, fd, old)
+        run._inputs = kept_inputs  # noqa: SLF001
+        return run
     except BaseException:
         if fd is not None:
             with contextlib.suppress(OSError):
@@ -456,39 +488,134 @@ def claim(out: str | os.PathLike, *, command: str, overwrite: bool = False, resu
         raise
 
 
-def _remove_run(out: Path, old: dict[str, Any] | None) -> None:
-    """Delete the files an old manifest lists (inside ``out`` only), folders they leave empty, and it."""
+def _input_rels(out: Path, inputs: Any) -> set[str]:
+    """The files inside ``out`` that this run reads: ``inputs``, and any command-line word naming one."""
+    rels: set[str] = set()
+    root = out.resolve()
+    for word in [*map(str, inputs), *sys.argv[1:]]:
+        for cand in {word, word.split("=", 1)[-1]}:
+            if not cand or cand.startswith("-"):
+                continue
+            with contextlib.suppress(OSError, ValueError):
+                p = Path(cand).resolve()
+                if p.is_file():
+                    rels.add(p.relative_to(root).as_posix())
+    return rels
+
+
+def _run_files(out: Path, old: dict[str, Any] | None) -> list[str]:
+    """The files (relative, inside ``out``, plain files or symlinks) an earlier run's manifest shows
+    to be that run's: those it lists, and for a run that did not finish, those that appeared (or
+    changed) after its claim according to its ``before`` listing, or (a manifest without one) its
+    command's ``OWN_FILES`` no older than its start."""
     if old is None:
-        return
-    dirs: set[str] = set()
+        return []
+    rels: dict[str, None] = {}
     for rel in old.get("files") or []:
         p = _inside(out, rel) if isinstance(rel, str) else None
-        if p is None or (p.is_dir() and not p.is_symlink()):
-            continue
-        with contextlib.suppress(OSError):
-            p.unlink()
+        if p is not None and (p.is_symlink() or p.is_file()):
+            rels[Path(rel).as_posix()] = None
+    if old.get("status") != "done":
+        try:
+            started = datetime.fromisoformat(str(old.get("started"))).timestamp() - 1.0  # ISO seconds: round down
+        except ValueError:
+            started = None
+        before = old.get("before")
+        if isinstance(before, dict) and started is not None:
+            for rel, st in _listing(out)[0].items():
+                was = before.get(rel)
+                if (was != [st[3], st[2]]) and st[2] / 1e9 >= started:
+                    rels[rel] = None
+        elif started is not None:
+            for name in OWN_FILES.get(str(old.get("command")), ()):
+                p = out / name
+                with contextlib.suppress(OSError):
+                    st = os.lstat(p)
+                    if p.is_file() and not p.is_symlink() and st.st_mtime >= started:
+                        rels[name] = None
+    return list(rels)
+
+
+def _set_aside(out: Path, old: dict[str, Any] | None, inputs: set[str]) -> set[str]:
+    """Move an earlier run's files and manifest into ``out/.compressor.replaced`` (its inputs, by a
+    hard link: they stay in place). The manifest goes last: until then ``_recover`` sees the
+    earlier run as the folder's owner and moves back what was set aside. Returns the inputs kept."""
+    if old is None:
+        return set()
+    bk = out / REPLACED
+    kept: set[str] = set()
+    dirs: set[str] = set()
+    for rel in _run_files(out, old):
+        src, dst = out / rel, bk / rel
+        try:
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            if rel in inputs:
+                try:
+                    os.link(src, dst, follow_symlinks=False)
+                except OSError:
+                    shutil.copy2(src, dst, follow_symlinks=False)
+                kept.add(rel.split("/")[0])
+            else:
+                os.replace(src, dst)
+        except OSError as exc:
+            _restore(out)
+            raise UserError(f"cannot set the earlier run's {rel} aside ({exc.strerror}); nothing was changed",
+                            source=str(out)) from exc
         parent = Path(rel).parent
         while parent.as_posix() not in (".", ""):
             dirs.add(parent.as_posix())
             parent = parent.parent
     _prune_dirs(out, dirs)
-    _remove_unrecorded_own(out, old)
-    with contextlib.suppress(OSError):
-        (out / MANIFEST).unlink()
+    with contextlib.suppress(FileNotFoundError):
+        bk.mkdir(exist_ok=True)
+        os.replace(out / MANIFEST, bk / MANIFEST)
+    return kept
 
 
-def _remove_unrecorded_own(out: Path, old: dict[str, Any]) -> None:
-    """A run that did not finish (killed, failed) may not have recorded all it wrote: its command's
-    ``OWN_FILES`` in ``out`` that are plain files no older than the run's start are its too."""
-    if old.get("status") == "done":
+def _restore(out: Path) -> None:
+    """Move the files in ``out/.compressor.replaced`` back (where nothing is in their place) and drop the folder."""
+    bk = out / REPLACED
+    if not bk.is_dir():
         return
-    try:
-        started = datetime.fromisoformat(str(old.get("started"))).timestamp() - 1.0  # ISO seconds: round down
-    except ValueError:
+    for root, _, fnames in os.walk(bk):
+        for f in fnames:
+            src = Path(root) / f
+            dst = out / src.relative_to(bk)
+            with contextlib.suppress(OSError):
+                if not (dst.exists() or dst.is_symlink()):
+                    dst.parent.mkdir(parents=True, exist_ok=True)
+                    os.replace(src, dst)
+    shutil.rmtree(bk, ignore_errors=True)
+
+
+def _recover(out: Path, command: str, mode: str) -> None:
+    """A ``.compressor.replaced`` folder at claim time (the lock is ours: no run is working here)
+    means a replacement that was hard-killed. If it finished (its manifest says done), the replaced
+    files go; if this claim resumes it, they wait for its end; otherwise its files go (those its
+    manifest shows) and the earlier run's come back."""
+    bk = out / REPLACED
+    if not bk.is_dir():
         return
-    for name in OWN_FILES.get(str(old.get("command")), ()):
-        p = out / name
+    cur = _read_manifest(out)
+    if not (bk / MANIFEST).exists():  # killed while setting the earlier run aside: it is still the owner
+        _restore(out)
+        return
+    if cur is not None and cur.get("status") == "done":
+        shutil.rmtree(bk, ignore_errors=True)
+        return
+    if mode == "resume" and cur is not None and cur.get("command") == command:
+        return
+    if cur is not None:
+        dirs: set[str] = set()
+        for rel in _run_files(out, cur):
+            with contextlib.suppress(OSError):
+                (out / rel).unlink()
+            parent = Path(rel).parent
+            while parent.as_posix() not in (".", ""):
+                dirs.add(parent.as_posix())
+                parent = parent.parent
+        _prune_dirs(out, dirs)
         with contextlib.suppress(OSError):
-            st = os.lstat(p)
-            if p.is_file() and not p.is_symlink() and st.st_mtime >= started:
-                p.unlink()
+            (out / MANIFEST).unlink()
+    _restore(out)
+    _warn(f"{out}: an unfinished --overwrite run was taken back; the run it replaced is restored")

@@ -68,3 +68,146 @@ def test_an_archive_that_is_not_a_data_folder_leaves_nothing_in_the_cache(tmp_pa
     assert code == 2, err
     assert "train/ and test/" in _error_line(err)
     assert not [f for f in _cache_files(tmp_path / "cache") if "notdata" in f], _cache_files(tmp_path / "cache")
+
+
+# --------------------------------------------------------------------------- --overwrite: nothing lost
+import json  # noqa: E402
+import signal  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+
+from compressor import io, runfolder  # noqa: E402
+from compressor.errors import UserError  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _tree_bytes(folder: Path) -> dict[str, bytes]:
+    """Every file under ``folder`` but our lock and the manifest's volatile fields."""
+    out = {}
+    for p in sorted(folder.rglob("*")):
+        rel = p.relative_to(folder).as_posix()
+        if p.is_file() and not rel.startswith(".compressor"):
+            out[rel] = p.read_bytes()
+    return out
+
+
+def _earlier_run(out: Path) -> dict[str, bytes]:
+    with runfolder.claim(out, command="prune") as run:
+        io.write_text(run.record(out / "pruned.pt"), "earlier pruned")
+        io.write_text(run.record(out / "finetune" / "best.pt"), "earlier best")
+        io.write_text(out / "summary.json", "{}\n")  # written, not recorded: found at the end
+    (out / "notes.txt").write_text("user's")
+    return _tree_bytes(out)
+
+
+def test_a_failed_overwrite_puts_the_earlier_run_back(tmp_path):
+    out = tmp_path / "out"
+    before = _earlier_run(out)
+    with pytest.warns(runfolder.RunFolderWarning, match="notes.txt"):
+        with pytest.raises(UserError, match="teacher"):
+            with runfolder.claim(out, command="prune", overwrite=True) as run:
+                assert not (out / "pruned.pt").exists() and not (out / "finetune").exists()  # a clean start
+                io.write_text(run.record(out / "pruned.pt"), "new pruned")
+                io.write_text(out / "finetune" / "last.pt", "new last")
+                raise UserError("not found", source="/nonexistent.pt", field="teacher")
+    assert _tree_bytes(out) == before
+    assert not (out / runfolder.REPLACED).exists()
+
+
+def test_a_finished_overwrite_replaces_the_earlier_run(tmp_path):
+    out = tmp_path / "out"
+    _earlier_run(out)
+    with pytest.warns(runfolder.RunFolderWarning, match="notes.txt"):
+        with runfolder.claim(out, command="prune", overwrite=True) as run:
+            io.write_text(run.record(out / "pruned.pt"), "new pruned")
+    assert sorted(_tree_bytes(out)) == ["manifest.json", "notes.txt", "pruned.pt"]
+    assert json.loads((out / "manifest.json").read_text())["files"] == ["pruned.pt"]
+    assert not (out / runfolder.REPLACED).exists()
+
+
+_KILLED_CHILD = """
+import os, signal, sys
+from pathlib import Path
+from compressor import io, runfolder
+out = Path(sys.argv[1])
+run = runfolder.claim(out, command="prune", overwrite=sys.argv[2] == "overwrite")
+io.write_text(run.record(out / "pruned.pt"), "killed run's pruned")
+io.write_text(out / "finetune" / "epoch_1.pt", "killed run's, never recorded")
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def _killed(out: Path, how: str) -> None:
+    r = subprocess.run([sys.executable, "-c", _KILLED_CHILD, str(out), how], cwd=ROOT, capture_output=True)
+    assert r.returncode == -signal.SIGKILL, r.stderr
+
+
+def test_a_hard_killed_overwrite_is_taken_back_at_the_next_claim(tmp_path):
+    out = tmp_path / "out"
+    before = _earlier_run(out)
+    _killed(out, "overwrite")
+    assert (out / runfolder.REPLACED).is_dir()  # the earlier run waits there
+    with pytest.warns(runfolder.RunFolderWarning, match="taken back"):
+        with pytest.raises(UserError, match="an earlier prune run, done"):
+            runfolder.claim(out, command="prune")  # a fresh claim: the earlier run is back, and refused
+    assert _tree_bytes(out) == before and not (out / runfolder.REPLACED).exists()
+
+
+def test_a_killed_runs_unrecorded_files_are_replaced_too(tmp_path):
+    """A run SIGKILLed during its fine-tune recorded nothing of finetune/: its listing at claim shows them."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("user's")
+    _killed(out, "overwrite")  # its manifest: "running", files [pruned.pt]; finetune/epoch_1.pt unrecorded
+    assert json.loads((out / "manifest.json").read_text())["files"] == ["pruned.pt"]
+    with pytest.warns(runfolder.RunFolderWarning, match="notes.txt") as rec:
+        with runfolder.claim(out, command="prune", overwrite=True) as run:
+            io.write_text(run.record(out / "pruned.pt"), "new")
+    assert not [w for w in rec if "epoch_1" in str(w.message)]
+    assert sorted(_tree_bytes(out)) == ["manifest.json", "notes.txt", "pruned.pt"]
+    assert (out / "pruned.pt").read_text() == "new"
+
+
+def test_an_input_of_the_new_run_stays_in_place_and_comes_back(tmp_path, monkeypatch):
+    out = tmp_path / "F"
+    with runfolder.claim(out, command="finetune") as run:
+        io.write_text(run.record(out / "best.pt"), "earlier best")
+        io.write_text(run.record(out / "last.pt"), "earlier last")
+    before = _tree_bytes(out)
+    monkeypatch.setattr(sys, "argv", ["compressor", "finetune", "--checkpoint", str(out / "best.pt")])
+    with pytest.raises(RuntimeError):
+        with runfolder.claim(out, command="finetune", overwrite=True) as run:
+            assert (out / "best.pt").read_text() == "earlier best" and not (out / "last.pt").exists()
+            io.write_text(run.record(out / "best.pt"), "diverged")
+            raise RuntimeError("NaN")
+    assert _tree_bytes(out) == before
+    with runfolder.claim(out, command="finetune", overwrite=True) as run:  # success, the input not rewritten: kept
+        io.write_text(run.record(out / "last.pt"), "new last")
+    assert (out / "best.pt").read_text() == "earlier best" and (out / "last.pt").read_text() == "new last"
+
+
+def test_a_kill_while_setting_aside_leaves_the_earlier_run_in_charge(tmp_path):
+    out = tmp_path / "out"
+    before = _earlier_run(out)
+    bk = out / runfolder.REPLACED
+    (bk / "finetune").mkdir(parents=True)
+    os.replace(out / "finetune" / "best.pt", bk / "finetune" / "best.pt")  # moved, the manifest not yet
+    with pytest.raises(UserError, match="an earlier prune run, done"):
+        runfolder.claim(out, command="prune")
+    assert _tree_bytes(out) == before and not bk.exists()
+
+
+def test_finetune_over_its_own_folder_that_diverges_keeps_its_input(tmp_path, files, capsys):  # noqa: F811
+    """``finetune --checkpoint F/best.pt --out F --overwrite --lr 1e30``: exit 3, F as it was (best.pt too)."""
+    out = tmp_path / "F"
+    common = ["--data", "digits", "--epochs", "1", "--batch-size", "64", "--no-progress", "--device", "cpu"]
+    code, err, _ = run(capsys, ["finetune", "--checkpoint", files["tiny"], "--out", out, *common])
+    assert code == 0, err
+    before = _tree_bytes(out)
+    assert "best.pt" in before
+    code, err, _ = run(capsys, ["finetune", "--checkpoint", out / "best.pt", "--out", out, "--overwrite",
+                                "--lr", "1e30", *common])
+    assert code == 3, err
+    assert "NaN/inf" in _error_line(err)
+    assert _tree_bytes(out) == before and not (out / runfolder.REPLACED).exists()
