@@ -42,6 +42,7 @@ from torch import nn
 
 from compressor.errors import UserError
 from compressor.models._spec import PrunableUnit
+from compressor.pruning.bounded import GraphTimeout, within
 
 #: grad_fn name -> activation name understood by ``activation_fn``
 _ACTIVATIONS = {
@@ -178,9 +179,11 @@ def build_graph(model: nn.Module, example: torch.Tensor) -> tp.DependencyGraph:
     try:
         for p in frozen:
             p.requires_grad_(True)
-        with torch.enable_grad():
+        with torch.enable_grad(), within(model, "tracing (build_dependency)"):
             return tp.DependencyGraph().build_dependency(model, example_inputs=example,
                                                          customized_pruners=customized_pruners(), verbose=False)
+    except (UserError, GraphTimeout):
+        raise
     except Exception as exc:  # noqa: BLE001 - whatever the tracer trips on, the model is refused in one line
         import traceback
 
@@ -282,6 +285,81 @@ def activation_fn(spec: str) -> Callable[[torch.Tensor], torch.Tensor]:
     return table[name]
 
 
+def _torch_base(mod: nn.Module) -> type | None:
+    """The first ``torch.nn`` class a norm module derives from, if its own class is not one."""
+    if type(mod).__module__.startswith("torch.nn"):
+        return None
+    for cls in type(mod).__mro__:
+        if cls.__module__.startswith("torch.nn") and issubclass(cls, _NORMS):
+            return cls
+    return None
+
+
+def norms_with_activation(model: nn.Module, example: torch.Tensor) -> set[str]:
+    """Norm modules that apply something after their norm (timm's ``BatchNormAct2d`` and kin).
+
+    Found by behaviour, not by name: a module that derives from a torch norm class but is not one
+    is run once on its real input (the example's forward, eval mode) and its output compared with
+    its torch base class's ``forward`` on the same input and parameters. Any difference (an
+    activation, a drop, a scale) makes its output the rank point and its unit plain: the
+    nonlinearity is inside the module. An ``Identity`` activation (timm's linear bottlenecks) gives
+    the same output, so such a unit stays linear.
+    """
+    bases = {n: b for n, m in model.named_modules() if isinstance(m, _NORMS) and (b := _torch_base(m)) is not None}
+    if not bases:
+        return set()
+    found: set[str] = set()
+    seen: set[str] = set()
+    handles = []
+
+    def make(name: str, base: type) -> Callable:
+        def hook(mod: nn.Module, inp: tuple, out: Any) -> None:
+            if name in seen or not inp or not torch.is_tensor(inp[0]) or not torch.is_tensor(out):
+                return
+            seen.add(name)
+            try:
+                ref = base.forward(mod, inp[0])
+            except Exception:  # noqa: BLE001 - a forward the base class cannot run: treat as different
+                found.add(name)
+                return
+            if ref.shape != out.shape or not torch.allclose(ref, out, rtol=1e-5, atol=1e-6):
+                found.add(name)
+        return hook
+
+    mods = dict(model.named_modules())
+    for n, b in bases.items():
+        handles.append(mods[n].register_forward_hook(make(n, b)))
+    was = model.training
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(example)
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was)
+    return found
+
+
+def _norm_after(node: Any) -> Any | None:
+    """The norm node that a conv's output feeds alone, if any.
+
+    A norm module that applies an activation inside (timm's ``BatchNormAct2d``) is traced as its
+    activation's op, so the batch-norm op itself shows up as an unnamed elementwise node between
+    the conv and the module: up to two such single-input, single-output ops are stepped over.
+    """
+    for _ in range(3):
+        nxt = list(node.outputs)
+        if len(nxt) != 1:
+            return None
+        node = nxt[0]
+        if isinstance(node.module, _NORMS):
+            return node
+        if not isinstance(node.module, tp.ops._ElementWiseOp) or len(node.inputs) != 1:
+            return None
+    return None
+
+
 def _is_depthwise_follower(conv: nn.Conv2d, in_group: bool) -> bool:
     return in_group and conv.groups > 1 and conv.groups == conv.in_channels == conv.out_channels
 
@@ -297,12 +375,15 @@ def discover(model: nn.Module, example: torch.Tensor | None = None, *,
     order = {n: i for i, n in enumerate(call_order(model, example))}
     names = {m: n for n, m in model.named_modules()}
     dg = build_graph(model, example)
+    act_norms = norms_with_activation(model, example)
     units: list[tuple[int, PrunableUnit]] = []
     kinds: dict[str, str] = {}
     members: dict[str, tuple[Member, ...]] = {}
     refused: dict[str, str] = {}
     skipped: dict[str, str] = {}
-    for group in dg.get_all_groups(ignored_layers=list(protected), root_module_types=[nn.Conv2d]):
+    with within(model, "grouping (get_all_groups)"):
+        groups = list(dg.get_all_groups(ignored_layers=list(protected), root_module_types=[nn.Conv2d]))
+    for group in groups:
         items = [(it.dep.target, it.dep.handler, len(it.idxs)) for it in group]
         out_mods, in_mods = {}, {}
         adds = False
@@ -343,15 +424,15 @@ def discover(model: nn.Module, example: torch.Tensor | None = None, *,
         points, acts, bns = [], [], []
         for conv in heads:
             node = dg.module2node[model.get_submodule(conv)]
-            nxt = list(node.outputs)
             point = conv
-            if len(nxt) == 1 and isinstance(nxt[0].module, _NORMS) and nxt[0].module in names:
-                point, node = names[nxt[0].module], nxt[0]
+            norm = _norm_after(node)
+            if norm is not None and norm.module in names:
+                point, node = names[norm.module], norm
                 bns.append(point)
             points.append(point)
             acts.append(_activation_of(node) if kind == "plain" else "")
-        if kind == "plain" and not acts[0]:
-            kind = "linear"
+        if kind == "plain" and not acts[0] and points[0] not in act_norms:
+            kind = "linear"  # (a norm with its activation inside is ranked on its own output: plain)
         unit = PrunableUnit(name=root, convs=tuple(heads), bns=tuple(bns), rank_points=tuple(points), cfg_index=(),
                             width=width, rank_acts=tuple(acts), kind=kind)
         kinds[root] = kind
