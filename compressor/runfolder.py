@@ -433,6 +433,7 @@ def claim(out: str | os.PathLike, *, command: str, overwrite: bool = False, resu
     info = json.dumps({"pid": os.getpid(), "pid_start": _proc_start(os.getpid()), "host": socket.gethostname(),
                        "command": command}).encode()
     fd: int | None = None
+    set_aside = False
     try:
         fd = (_lock_flock if fcntl is not None else _lock_excl)(out / LOCK, info)
     except _Held as held:
@@ -468,6 +469,7 @@ def claim(out: str | os.PathLike, *, command: str, overwrite: bool = False, resu
                             f"{how}--overwrite to replace it or choose another --out", source=str(out))
         kept_inputs: set[str] = set()
         if mode == "overwrite":
+            set_aside = True
             kept_inputs = _set_aside(out, old, _input_rels(out, inputs))
             left = [e.name for e in os.scandir(out) if not _ours(e.name) and e.name not in kept_inputs]
             if left:
@@ -476,6 +478,8 @@ def claim(out: str | os.PathLike, *, command: str, overwrite: bool = False, resu
         run._inputs = kept_inputs  # noqa: SLF001
         return run
     except BaseException:
+        if set_aside:  # the new run never started: the earlier one comes back (its manifest too)
+            _restore(out)
         if fd is not None:
             with contextlib.suppress(OSError):
                 (out / LOCK).unlink()
