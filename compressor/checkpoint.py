@@ -16,6 +16,7 @@ prefixed ``module.``) load too: the cfg is inferred from the conv weight shapes.
 
 from __future__ import annotations
 
+import os
 import platform
 import sys
 import time
@@ -344,3 +345,20 @@ def load_into(path: str | Path, module: nn.Module, *, strict_finite: bool = Fals
             setattr(net, attr, obj.get("model") if attr == "arch" else getattr(module, attr, obj.get(attr)))
     contract.attach(net, contract.from_checkpoint(obj, src))
     return net, obj
+
+
+def check_teacher(path: str | os.PathLike | None, *, field: str = "teacher") -> None:
+    """Validate a ``--teacher`` checkpoint before any work (``None`` and ``"self"`` need nothing):
+    a missing or unreadable file is a one-line ``UserError`` naming it and the field, not a
+    failure after ranking and surgery."""
+    if path is None or str(path) in ("", "self"):
+        return
+    p = Path(path)
+    if not p.is_file():
+        raise UserError("teacher checkpoint not found" if not p.exists() else "not a file", source=str(p), field=field)
+    try:
+        load(p)
+    except UserError as exc:
+        if exc.field is None:
+            raise UserError(str(exc).removeprefix(f"{p}: "), source=str(p), field=field) from exc
+        raise

@@ -281,6 +281,7 @@ def run_prune(job: PruneJob) -> dict[str, Any]:
     ncls = base.num_classes if base is not None else (job.num_classes or bundle.num_classes)
     data_mod.check_classes(bundle, ncls, field="data")
     pre_scores = _load_scores(job, base)
+    checkpoint.check_teacher(job.teacher if job.finetune.epochs > 0 else None)  # not after ranking and surgery
     out = io.check_writable(Path(job.out) if job.out else default_out(job, contract.dataset))
     if not job.claim:
         return _prune_into(job, out, device, base, ck, bundle, contract, spec, ncls, pre_scores)

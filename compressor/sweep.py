@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -190,6 +191,17 @@ def _write_rates(folder: Path, pt: dict[str, Any], base: nn.Module, sc: scores_m
     return dest
 
 
+def _refuse_foreign(out: Path) -> None:
+    """A sweep resumes its own folder (a sweep run's manifest, or a sweep.json from before manifests);
+    a folder of other files is refused: the sweep would write among them."""
+    if not out.is_dir() or runfolder._read_manifest(out) is not None or (out / "sweep.json").is_file():  # noqa: SLF001
+        return
+    content = [e.name for e in os.scandir(out) if not runfolder._ours(e.name)]  # noqa: SLF001
+    if content:
+        raise UserError(f"not empty and not a sweep's folder (found: {runfolder._names(content)}); "  # noqa: SLF001
+                        "choose another --out", source=str(out))
+
+
 def run_sweep(job: SweepJob, on_point: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
     """Rank once, prune + fine-tune each point not yet done, then write the report.
 
@@ -198,6 +210,7 @@ def run_sweep(job: SweepJob, on_point: Callable[[dict[str, Any]], None] | None =
     """
     out = Path(job.out)
     io.check_writable(out)
+    _refuse_foreign(out)
     with runfolder.claim(out, command="sweep", resume=True) as run:
         try:
             return _sweep_into(job, out, run, on_point)

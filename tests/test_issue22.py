@@ -211,3 +211,28 @@ def test_finetune_over_its_own_folder_that_diverges_keeps_its_input(tmp_path, fi
     assert code == 3, err
     assert "NaN/inf" in _error_line(err)
     assert _tree_bytes(out) == before and not (out / runfolder.REPLACED).exists()
+
+
+def test_sweep_refuses_a_folder_of_the_users_files(tmp_path, files, capsys):  # noqa: F811
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "thesis.tex").write_text("user's")
+    code, err, _ = run(capsys, ["sweep", "--checkpoint", files["tiny"], "--data", "digits", "--macs", "0.5",
+                                "--out", out, "--no-progress", "--device", "cpu"])
+    assert code == 2, err
+    line = _error_line(err)
+    assert str(out) in line and "thesis.tex" in line and "not a sweep's folder" in line, line
+    assert sorted(p.name for p in out.iterdir()) == ["thesis.tex"]
+
+
+def test_prune_overwrite_with_a_missing_teacher_is_refused_before_any_work(tmp_path, files, capsys):  # noqa: F811
+    out, rates = tmp_path / "D", tmp_path / "r.yaml"
+    rates.write_text('rates: "[0.5]*13"\n')
+    argv = ["prune", "--model", "vgg16_bn", "--checkpoint", files["tiny"], "--data", "digits", "--rates", rates, "--criterion", "l1",
+            "--n-images", "16", "--out", out, "--device", "cpu", "--no-progress"]
+    before = _earlier_run(out)  # an earlier prune run's folder
+    code, err, _ = run(capsys, argv + ["--overwrite", "--finetune-epochs", "1", "--teacher", "/nonexistent.pt"])
+    assert code == 2, err
+    line = _error_line(err)
+    assert "/nonexistent.pt: teacher: teacher checkpoint not found" in line, line
+    assert _tree_bytes(out) == before
