@@ -56,6 +56,8 @@ class PadShortcut(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x[:, :, :: self.stride, :: self.stride]
+        if x.is_meta:  # shapes only (a checkpoint's shape check, an input-size check): the gather's
+            return x.new_empty(x.shape[0], self.out_channels, x.shape[2], x.shape[3])  # index ops have no meta kernel
         # a gather from [x, 0]: output channel j reads input src[j], or the zero channel
         src = torch.full((self.out_channels,), self.in_channels, dtype=torch.long, device=x.device)
         used = self.dst >= 0
