@@ -310,11 +310,18 @@ def _scan_tree(root: Path, used: Sequence[str]) -> dict[str, _Split]:
       allowed tree. A symlinked folder is followed only if it resolves inside an allowed tree,
       not into (or above) the split being walked, and to no folder already walked in that split:
       so nothing outside the data is read, and a link to an ancestor never loops. A dangling
-      symlink is an error naming it.
+      symlink is an error naming it. A split linked to the file system's root, or to the data
+      folder or one of its ancestors (``test -> /``), is refused: its walk would read the host.
 
     ``used``: the splits whose emptiness is an error; every present split must have train/'s classes.
     """
     present = [n for n in ("train", "val", "test") if (root / n).is_dir()]
+    root_real = root.resolve()
+    for n in present:  # a split linked to /, to the data folder or above it would walk what is not data
+        real = (root / n).resolve()
+        if root_real.is_relative_to(real) or real == Path(real.anchor):
+            raise UserError(f"a symbolic link to {real}, which holds the data folder itself (or is the file "
+                            "system's root); refused: link a split to its own folder", source=str(root / n))
     roots = tuple(dict.fromkeys([root.resolve(), *((root / n).resolve() for n in present)]))
     splits = {n: _scan(root / n, roots) for n in present}
     for n in used:

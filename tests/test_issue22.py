@@ -236,3 +236,17 @@ def test_prune_overwrite_with_a_missing_teacher_is_refused_before_any_work(tmp_p
     line = _error_line(err)
     assert "/nonexistent.pt: teacher: teacher checkpoint not found" in line, line
     assert _tree_bytes(out) == before
+
+
+# --------------------------------------------------------------------------- path escapes
+@pytest.mark.parametrize("target", ["/", ".", ".."])
+def test_a_split_linked_to_the_host_or_above_the_data_is_refused(tmp_path, files, capsys, target):  # noqa: F811
+    from tests.test_bad_input import _tree
+
+    root = _tree(tmp_path / "data", splits=("train",))
+    (root / "test").symlink_to(target if target == "/" else Path(target), target_is_directory=True)
+    code, err, _ = run(capsys, ["eval", "--checkpoint", files["tiny"], "--data", "cifar10", "--data-root", root,
+                                "--no-progress"])
+    assert code == 2, err
+    line = _error_line(err)
+    assert f"{root / 'test'}: a symbolic link to" in line and "refused" in line, line
