@@ -73,7 +73,7 @@ from torch import nn
 from compressor import counting, latency as lat
 from compressor.errors import UserError
 from compressor.plan import Plan, rank_order
-from compressor.pruning.graph import discovery, units as graph_units
+from compressor.pruning.graph import discovery, residual_hint, units as graph_units
 from compressor.pruning.size import SizeModel
 from compressor.rates import RateSpec, as_float, n_keep, round_keep, short
 
@@ -378,7 +378,8 @@ def _out_of_reach(counter: SizeCounter, keep: Mapping[str, int], target: Mapping
     fr = counter.fractions(keep)
     return UserError(f"target {_fmt_target(target)} is out of reach: with every layer at min_keep={cfg.min_keep}"
                      + (f" (round_to {cfg.round_to})" if cfg.round_to > 1 else "") + " the model still keeps "
-                     + ", ".join(f"{k} {fr[k]:.4f}" for k in target) + " (the closest it can get)", field="target")
+                     + ", ".join(f"{k} {fr[k]:.4f}" for k in target) + " (the closest it can get)"
+                     + residual_hint(counter.model, target, cfg.min_keep), field="target")  # issue 24: names --residual
 
 
 def _bisect_int(lo: int, hi: int, ok: Callable[[int], bool]) -> int:

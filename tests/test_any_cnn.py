@@ -30,15 +30,11 @@ def _logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
         return model.eval()(x)
 
 
-def _keep(u, frac: float, g: torch.Generator) -> tuple[int, ...]:
-    """A random keep set that a unit accepts (per-group balanced for grouped units)."""
-    step = getattr(u, "step", 1) or 1
-    k = max(step, (int(u.width * (1 - frac)) // step) * step)
-    if step > 1 and getattr(u, "groups", 1) > 1:
-        per, size = k // u.groups, u.width // u.groups
-        return tuple(sorted(gi * size + int(i) for gi in range(u.groups)
-                            for i in torch.randperm(size, generator=g)[:per]))
-    return tuple(sorted(torch.randperm(u.width, generator=g)[:k].tolist()))
+def _keep(m: nn.Module, u, frac: float, g: torch.Generator) -> tuple[int, ...]:
+    """A random keep set that the unit accepts (the same number per group for grouped units)."""
+    groups = graph.keep_multiple(m, u.name)
+    k = max(groups, (int(u.width * (1 - frac)) // groups) * groups)
+    return graph.balanced_keep(torch.randperm(u.width, generator=g).tolist(), k, u.width, groups)
 
 
 def check_exact(m: nn.Module, *, kinds: set[str] | None = None, frac: float = 0.5) -> list:
@@ -51,7 +47,7 @@ def check_exact(m: nn.Module, *, kinds: set[str] | None = None, frac: float = 0.
     full = Plan(keep={u.name: tuple(range(u.width)) for u in units}, widths={u.name: u.width for u in units})
     assert torch.equal(_logits(surgery.apply(m, full), x), _logits(m, x))
     g = torch.Generator().manual_seed(1)
-    plan = Plan(keep={u.name: _keep(u, frac, g) for u in units}, widths={u.name: u.width for u in units})
+    plan = Plan(keep={u.name: _keep(m, u, frac, g) for u in units}, widths={u.name: u.width for u in units})
     dead = copy.deepcopy(m)
     found = graph.discovery(dead)
     for u in units:
@@ -160,3 +156,120 @@ def test_grouping_that_does_not_finish_is_refused_in_one_line(monkeypatch) -> No
         graph.discover(m)
     monkeypatch.delenv("COMPRESSOR_GRAPH_TIMEOUT")
     assert graph.discover(m).units  # no deadline left behind: the wrappers pass through again
+
+
+# ---------------------------------------------------------------- 2. grouped convs
+
+
+class _GroupedNet(nn.Module):
+    """A ResNeXt/RegNet-style bottleneck: 1x1 -> grouped 3x3 (groups=4) -> 1x1, plus a residual add."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem, self.bs = nn.Conv2d(3, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16)
+        self.a, self.ba = nn.Conv2d(16, 24, 1, bias=False), nn.BatchNorm2d(24)
+        self.b, self.bb = nn.Conv2d(24, 24, 3, padding=1, groups=4, bias=False), nn.BatchNorm2d(24)
+        self.c, self.bc = nn.Conv2d(24, 16, 1, bias=False), nn.BatchNorm2d(16)
+        self.d = nn.Conv2d(16, 32, 3, padding=1, groups=2)  # grouped, no BN, with bias, out != in
+        self.fc = nn.Linear(32, 5)
+        self.input_size = 16
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.bs(self.stem(x)))
+        y = torch.relu(self.ba(self.a(x)))
+        y = torch.relu(self.bb(self.b(y)))
+        x = torch.relu(x + self.bc(self.c(y)))
+        return self.fc(torch.relu(self.d(x)).mean((2, 3)))
+
+
+def test_grouped_conv_units_keep_groups_and_are_exact() -> None:
+    torch.manual_seed(0)
+    m = randomize_bn(_GroupedNet()).eval()
+    d = graph.discover(m)
+    assert d.groups == {"stem": 2, "a": 4, "b": 4, "d": 2} and not d.refused
+    assert d.skipped == {"stem": "residual", "a": "grouped", "b": "grouped", "d": "grouped"}
+    with pytest.raises(UserError, match="grouped unit, not pruned by default"):
+        graph.check_prunable(m, ["a"])
+    m.prune_grouped = True
+    assert [u.name for u in graph.units(m)] == ["a", "b", "d"]
+    with one_thread():
+        check_exact(m)
+    m.prune_residual = True  # the residual stem group is read by a grouped conv (d, groups=2)
+    with one_thread():
+        units = check_exact(m)
+    assert {u.name for u in units} == {"stem", "a", "b", "d"}
+    g = torch.Generator().manual_seed(3)
+    plan = Plan(keep={u.name: _keep(m, u, 0.5, g) for u in units}, widths={u.name: u.width for u in units})
+    pruned = surgery.apply(m, plan)
+    assert pruned.b.groups == 4 and pruned.b.in_channels == 12 and pruned.d.groups == 2
+    from compressor.pruning import shapes
+    from compressor.pruning.size import SizeModel
+    from compressor import counting
+
+    assert SizeModel(m, graph.discovery(m)).count({u: len(k) for u, k in plan.keep.items()}) == counting.count(pruned)
+    fresh = _GroupedNet()
+    shapes.shrink(fresh, shapes.changed_shapes(_GroupedNet(), pruned))
+    fresh.load_state_dict(pruned.state_dict())
+    x = _x(m)
+    assert torch.equal(_logits(fresh, x), _logits(pruned, x))
+
+
+def test_unbalanced_cut_of_a_grouped_conv_is_an_error_not_a_wrong_model() -> None:
+    torch.manual_seed(0)
+    m = randomize_bn(_GroupedNet()).eval()
+    m.prune_grouped = True
+    plan = Plan(keep={"a": tuple(range(12))}, widths={"a": 24})  # groups 0 and 1 whole, 2 and 3 empty
+    with pytest.raises(ValueError, match="same number of input channels in every group"):
+        surgery.cut(m, plan)
+    assert graph.balanced_keep(list(range(24))[::-1], 12, 24, 4) == (3, 4, 5, 9, 10, 11, 15, 16, 17, 21, 22, 23)
+
+
+@pytest.mark.parametrize("name", ["regnet_x_400mf", "resnext50_32x4d"])
+def test_torchvision_grouped_models_are_exact(name: str) -> None:
+    from compressor.models import get_model
+
+    with one_thread():
+        torch.manual_seed(0)
+        m = randomize_bn(get_model(f"torchvision:{name}", num_classes=10, input_size=32)).eval()
+        m.prune_grouped = True
+        d = graph.discovery(m)
+        assert d.groups and not d.refused
+        check_exact(m)
+
+
+# ---------------------------------------------------------------- 3. residual groups named when they would help
+
+
+class _ResNet(nn.Module):
+    """Most MACs sit in the residual width (stem and the blocks' last convs): only ``a`` is plain."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem, self.bs = nn.Conv2d(3, 64, 3, padding=1, bias=False), nn.BatchNorm2d(64)
+        self.c, self.bc = nn.Conv2d(64, 64, 3, padding=1, bias=False), nn.BatchNorm2d(64)
+        self.a, self.ba = nn.Conv2d(64, 8, 1, bias=False), nn.BatchNorm2d(8)
+        self.b, self.bb = nn.Conv2d(8, 64, 1, bias=False), nn.BatchNorm2d(64)
+        self.fc = nn.Linear(64, 5)
+        self.input_size = 16
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.bs(self.stem(x)))
+        x = torch.relu(x + self.bc(self.c(x)))
+        x = torch.relu(x + self.bb(self.b(torch.relu(self.ba(self.a(x))))))
+        return self.fc(x.mean((2, 3)))
+
+
+def test_out_of_reach_budget_names_residual_when_it_would_reach() -> None:
+    import compressor
+
+    torch.manual_seed(0)
+    m = randomize_bn(_ResNet()).eval()
+    with one_thread():
+        with pytest.raises(UserError, match=r"out of reach.*--residual, or residual=True in the API\) it is within "
+                                            r"reach") as e:
+            compressor.prune(m, rates={"target": {"macs": 0.5}})
+        assert "\n" not in str(e.value)
+        small, _ = compressor.prune(m, rates={"target": {"macs": 0.5}}, residual=True)
+        with pytest.raises(UserError, match="out of reach") as e:  # not even with residual groups: no hint
+            compressor.prune(m, rates={"target": {"macs": 0.001}})
+        assert "--residual" not in str(e.value)

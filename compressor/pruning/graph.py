@@ -32,6 +32,7 @@ Rules (each documented in the README, "Any CNN"):
 
 from __future__ import annotations
 
+import types
 import weakref
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
@@ -55,6 +56,10 @@ _ACTIVATIONS = {
     "EluBackward0": "elu", "EluBackward1": "elu",
     "SigmoidBackward0": "sigmoid", "SigmoidBackward1": "sigmoid",
 }
+#: units whose channels a grouped conv reads or makes are cut the same number per group; they are
+#: listed (``Discovery.groups``) but pruned only with ``grouped=True`` / ``model.prune_grouped`` until
+#: the policy rounds their counts to ``keep_multiple`` and the plan picks them with ``balanced_keep``
+GROUPED_BY_DEFAULT = False
 _NORMS = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm, nn.modules.instancenorm._InstanceNorm)
 
 # ---------------------------------------------------------------- custom channel ops
@@ -88,6 +93,77 @@ def channel_ops() -> Mapping[type, ChannelOp]:
 
 def customized_pruners() -> dict[type, tp.pruner.function.BasePruningFunc]:
     return {t: op.pruner for t, op in _CHANNEL_OPS.items()}
+
+
+# ---------------------------------------------------------------- grouped convs
+
+
+def _grouped_prune_in_channels(self: Any, layer: nn.Module, idxs: Sequence[int]) -> nn.Module:
+    """torch-pruning's conv input-channel cut, with a grouped conv's inputs cut group by group.
+
+    torch-pruning slices a grouped conv's input columns as if every group lost the same positions
+    (it keeps the first ``len(keep) // groups`` of them). Here each group keeps its own positions:
+    the cut must leave the same number of channels in every group (``groups`` is kept; the
+    discovered unit's ``Discovery.groups`` says so and ``balanced_keep`` picks such a set), and
+    output channel ``o`` of group ``k`` keeps the weight columns of group ``k``'s kept inputs.
+    Where every group loses the same positions this is exactly torch-pruning's result.
+    """
+    g = layer.groups
+    if g <= 1 or layer.transposed:
+        return _ORIGINAL_PRUNE_IN(layer, idxs)
+    size = layer.in_channels // g
+    drop = set(int(i) for i in idxs)
+    per_group = [[j for j in range(size) if k * size + j not in drop] for k in range(g)]
+    if len({len(p) for p in per_group}) != 1 or not per_group[0]:
+        raise ValueError(f"grouped conv (groups={g}): a cut must keep the same number of input channels "
+                         f"in every group, got {[len(p) for p in per_group]}")
+    out_per = layer.out_channels // g
+    cols = torch.tensor([per_group[o // out_per] for o in range(layer.out_channels)], dtype=torch.long,
+                        device=layer.weight.device)
+    w = layer.weight
+    layer.weight = nn.Parameter(torch.gather(w.detach(), 1, cols[:, :, None, None].expand(-1, -1, *w.shape[2:])),
+                                requires_grad=w.requires_grad)
+    layer.in_channels = len(per_group[0]) * g
+    return layer
+
+
+# torch-pruning compares handlers by identity (bound methods of its one shared ConvPruner), and
+# surgery roots its cuts at ``tp.prune_conv_out_channels``: so the shared instance gets the grouped
+# input cut as an instance attribute, once, rather than a graph getting a pruner of its own.
+_CONV_PRUNER = tp.pruner.function.PrunerBox[tp.ops.OPTYPE.CONV]
+if not getattr(_CONV_PRUNER, "_compressor_grouped", False):
+    _ORIGINAL_PRUNE_IN = _CONV_PRUNER.prune_in_channels
+    _CONV_PRUNER.prune_in_channels = types.MethodType(_grouped_prune_in_channels, _CONV_PRUNER)
+    _CONV_PRUNER._compressor_grouped = True
+else:  # a reload of this module: keep the first original
+    _ORIGINAL_PRUNE_IN = _CONV_PRUNER.prune_in_channels.__func__.__globals__["_ORIGINAL_PRUNE_IN"]
+
+
+def balanced_keep(order: Sequence[int], k: int, width: int, groups: int) -> tuple[int, ...]:
+    """The ``k`` channels to keep of a unit whose channels are read or made by a grouped conv.
+
+    ``order`` lists the unit's channels from most to least important; each of the ``groups``
+    contiguous blocks of ``width // groups`` channels keeps its ``k // groups`` best. ``k`` must be
+    a multiple of ``groups`` (``keep_multiple``). With ``groups`` 1 this is the top ``k``.
+    """
+    if groups <= 1:
+        return tuple(sorted(int(i) for i in list(order)[:k]))
+    if k % groups or width % groups:
+        raise ValueError(f"keeping {k} of {width} channels in {groups} equal groups is impossible")
+    size, per = width // groups, k // groups
+    taken = [0] * groups
+    keep = []
+    for i in order:
+        b = int(i) // size
+        if taken[b] < per:
+            taken[b] += 1
+            keep.append(int(i))
+    return tuple(sorted(keep))
+
+
+def keep_multiple(model: nn.Module, unit: str) -> int:
+    """Kept counts of ``unit`` must be a multiple of this (its grouped conv's ``groups``; else 1)."""
+    return int(discovery(model).groups.get(unit, 1))
 
 
 # ---------------------------------------------------------------- model contract
@@ -218,6 +294,9 @@ class Discovery:
     members: Mapping[str, tuple[Member, ...]]
     refused: Mapping[str, str] = field(default_factory=dict)
     skipped: Mapping[str, str] = field(default_factory=dict)
+    #: unit -> the ``groups`` of the grouped conv that reads or makes its channels: kept counts are
+    #: a multiple of it, the same number in each of its contiguous channel blocks (``balanced_keep``)
+    groups: Mapping[str, int] = field(default_factory=dict)
 
     def unit(self, name: str) -> PrunableUnit:
         for u in self.units:
@@ -360,17 +439,45 @@ def _norm_after(node: Any) -> Any | None:
     return None
 
 
+def _is_depthwise(conv: nn.Conv2d) -> bool:
+    return conv.groups > 1 and conv.groups == conv.in_channels == conv.out_channels
+
+
+def _grouped_refusal(model: nn.Module, grouped: Sequence[str], out_mods: Mapping[str, int],
+                     in_mods: Mapping[str, int], width: int) -> str:
+    """Why a unit touched by grouped convs cannot be cut group by group ('' if it can).
+
+    Its channels must be exactly the grouped conv's inputs (or outputs), one to one, and every
+    grouped conv it touches must split them into the same number of groups.
+    """
+    gs = {model.get_submodule(n).groups for n in grouped}
+    first = grouped[0]
+    g = model.get_submodule(first).groups
+    if len(gs) != 1:
+        return f"grouped convs with different groups ({sorted(gs)}) read these channels"
+    for n in grouped:
+        conv = model.get_submodule(n)
+        full = conv.out_channels if n in out_mods else conv.in_channels
+        if (out_mods.get(n) or in_mods.get(n)) != width or full != width or width % g:
+            return (f"grouped conv {n} (groups={g}) reads only part of these channels (a concat or slice before "
+                    "it); pruning would have to remove whole groups, which is not supported")
+        if n in out_mods and n in in_mods:
+            return f"grouped conv {n} (groups={g}) both reads and makes these channels"
+    return ""
+
+
 def _is_depthwise_follower(conv: nn.Conv2d, in_group: bool) -> bool:
     return in_group and conv.groups > 1 and conv.groups == conv.in_channels == conv.out_channels
 
 
 def discover(model: nn.Module, example: torch.Tensor | None = None, *,
              ignored: Sequence[nn.Module | str] = (), residual: bool | None = None,
-             linear: bool = False) -> Discovery:
+             linear: bool = False, grouped: bool | None = None) -> Discovery:
     """Find every prunable unit of ``model`` (the model is not changed)."""
     example = example if example is not None else example_input(model)
     if residual is None:
         residual = bool(getattr(model, "prune_residual", False))
+    grouped_ok = bool(getattr(model, "prune_grouped", GROUPED_BY_DEFAULT)) if grouped is None else grouped
     protected = protected_layers(model, example, ignored)
     order = {n: i for i, n in enumerate(call_order(model, example))}
     names = {m: n for n, m in model.named_modules()}
@@ -381,9 +488,10 @@ def discover(model: nn.Module, example: torch.Tensor | None = None, *,
     members: dict[str, tuple[Member, ...]] = {}
     refused: dict[str, str] = {}
     skipped: dict[str, str] = {}
+    groups: dict[str, int] = {}
     with within(model, "grouping (get_all_groups)"):
-        groups = list(dg.get_all_groups(ignored_layers=list(protected), root_module_types=[nn.Conv2d]))
-    for group in groups:
+        found = list(dg.get_all_groups(ignored_layers=list(protected), root_module_types=[nn.Conv2d]))
+    for group in found:
         items = [(it.dep.target, it.dep.handler, len(it.idxs)) for it in group]
         out_mods, in_mods = {}, {}
         adds = False
@@ -412,12 +520,14 @@ def discover(model: nn.Module, example: torch.Tensor | None = None, *,
                 refused.setdefault(n, refused[root])
             continue
         grouped = [n for n in (*out_mods, *in_mods) if isinstance(model.get_submodule(n), nn.Conv2d)
-                   and 1 < model.get_submodule(n).groups < model.get_submodule(n).in_channels]
-        if grouped:  # cutting single channels out of a grouped conv breaks its groups
-            g = model.get_submodule(grouped[0]).groups
-            refused[root] = (f"grouped conv {grouped[0]} (groups={g}) reads these channels; pruning would have "
-                             "to remove whole groups, which is not supported")
-            continue
+                   and 1 < model.get_submodule(n).groups and not _is_depthwise(model.get_submodule(n))]
+        g_unit = 1
+        if grouped:  # the same number of channels cut in every group: ``groups`` is kept
+            why = _grouped_refusal(model, grouped, out_mods, in_mods, width)
+            if why:
+                refused[root] = why
+                continue
+            g_unit = model.get_submodule(grouped[0]).groups
         producers = [n for n in convs if not _is_depthwise_follower(model.get_submodule(n), n in in_mods)]
         kind = "residual" if (adds and len(producers) > 1) else "plain"
         heads = producers if kind == "residual" else producers[:1]
@@ -436,14 +546,20 @@ def discover(model: nn.Module, example: torch.Tensor | None = None, *,
         unit = PrunableUnit(name=root, convs=tuple(heads), bns=tuple(bns), rank_points=tuple(points), cfg_index=(),
                             width=width, rank_acts=tuple(acts), kind=kind)
         kinds[root] = kind
+        if g_unit > 1:
+            groups[root] = g_unit
         members[root] = tuple(Member(n, "out", c) for n, c in out_mods.items()) + tuple(
             Member(n, "in", c) for n, c in in_mods.items())
         if (kind == "residual" and not residual) or (kind == "linear" and not linear):
             skipped[root] = kind
             continue
+        if g_unit > 1 and not grouped_ok:
+            skipped[root] = "grouped"
+            continue
         units.append((order.get(root, 1 << 30), unit))
     units.sort(key=lambda t: t[0])
-    return Discovery(units=tuple(u for _, u in units), kinds=kinds, members=members, refused=refused, skipped=skipped)
+    return Discovery(units=tuple(u for _, u in units), kinds=kinds, members=members, refused=refused, skipped=skipped,
+                     groups=groups)
 
 
 def out_width(mod: nn.Module) -> int | None:
@@ -468,6 +584,7 @@ _CACHE: "weakref.WeakKeyDictionary[nn.Module, tuple[tuple, Discovery]]" = weakre
 
 def _signature(model: nn.Module) -> tuple:
     return (getattr(model, "input_size", None), getattr(model, "prune_residual", None),
+            getattr(model, "prune_grouped", None),
             getattr(model, "_compressor_ignored", None),
             tuple((n, tuple(p.shape)) for n, p in model.named_parameters()))
 
@@ -509,5 +626,33 @@ def check_prunable(model: nn.Module, names: Sequence[str]) -> None:
         if n in d.refused:
             raise UserError(f"layer {n!r} cannot be pruned safely: {d.refused[n]}", field=n)
         if n in d.skipped:
+            how = {"residual": "--residual", "linear": "linear=True", "grouped": "model.prune_grouped = True"}
             raise UserError(f"layer {n!r} is a {d.skipped[n]} unit, not pruned by default "
-                            f"({'--residual' if d.skipped[n] == 'residual' else 'linear=True'} enables it)", field=n)
+                            f"({how.get(d.skipped[n], d.skipped[n])} enables it)", field=n)
+
+
+def residual_hint(model: nn.Module | None, target: Mapping[str, float], min_keep: float) -> str:
+    """For an out-of-reach budget: '' or a clause saying residual groups would reach it.
+
+    Said only when it is true: the model has residual groups that are off, and with them pruned to
+    ``min_keep`` as well every MACs/params target in ``target`` is met.
+    """
+    import math
+
+    from compressor.pruning.size import SizeModel
+
+    keys = [k for k in target if k in ("macs", "params")]
+    if model is None or not keys:
+        return ""
+    try:
+        if "residual" not in discovery(model).skipped.values():
+            return ""
+        wide = discover(model, residual=True)
+        sizer = SizeModel(model, wide)
+        base = sizer.count({})
+        low = sizer.count({u.name: max(1, math.ceil(min_keep * u.width - 1e-9)) for u in wide.units})
+    except UserError:
+        return ""
+    if all(base[k] and low[k] / base[k] <= float(target[k]) for k in keys):
+        return "; with residual groups pruned too (--residual, or residual=True in the API) it is within reach"
+    return ""
