@@ -315,6 +315,7 @@ def fit(model: nn.Module, data: DataBundle, cfg: TrainConfig, device: torch.devi
     opt = make_optimizer(model, cfg)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg, len(train_loader)))
 
+    stepper = _Stepper(net, teacher, opt, sched, scaler, cfg, device, amp_dtype, use_amp, cl, ctx)
     steps = len(train_loader)
     # history: the epoch rows; curve: every evaluation, in order (what metrics.jsonl holds)
     start, best, history, curve = _begin(model, opt, sched, scaler, resume, resume_source, cfg, ctx, steps,
@@ -336,8 +337,7 @@ def fit(model: nn.Module, data: DataBundle, cfg: TrainConfig, device: torch.devi
         lr0 = opt.param_groups[0]["lr"]
         eval_s[0] = 0.0
         t0 = time.perf_counter()
-        stats = _train_epoch(net, teacher, train_loader, opt, sched, scaler, cfg, device, amp_dtype, use_amp, cl,
-                             ctx, epoch, out_dir, history, progress,
+        stats = _train_epoch(stepper, train_loader, epoch, out_dir, history, progress,
                              evals=(marks, lambda done, e=epoch: mid_epoch_eval(e, done)))
         _check_weights(model, epoch, steps - 1, out_dir, history, ctx, device)
         row = _epoch_row(stats, time.perf_counter() - t0 - eval_s[0], epoch, lr0, ctx, device)
@@ -507,17 +507,35 @@ def _restore(model: nn.Module, opt: torch.optim.Optimizer, sched: Any, scaler: A
     return int(ts["epoch"]), float(ts["best_val_acc"]), history, curve
 
 
-def _train_epoch(net: nn.Module, teacher: nn.Module | None, train_loader: DataLoader, opt: torch.optim.Optimizer,
-                 sched: Any, scaler: Any, cfg: TrainConfig, device: torch.device, amp_dtype: torch.dtype,
-                 use_amp: bool, cl: bool, ctx: dist_mod.DistContext, epoch: int, out_dir: str | Path | None,
-                 history: list, progress: bool,
-                 evals: tuple[Sequence[int], Callable[[int], None]] = ((), lambda done: None)) -> torch.Tensor:
+@dataclass
+class _Stepper:
+    """What one optimisation step needs: the (wrapped) network, its teacher, the optimiser,
+    schedule and scaler, and the precision and process settings of the run."""
+
+    net: nn.Module
+    teacher: nn.Module | None
+    opt: torch.optim.Optimizer
+    sched: Any
+    scaler: Any
+    cfg: TrainConfig
+    device: torch.device
+    amp_dtype: torch.dtype
+    use_amp: bool
+    channels_last: bool
+    ctx: dist_mod.DistContext
+
+
+def _train_epoch(st: _Stepper, train_loader: DataLoader, epoch: int, out_dir: str | Path | None, history: list,
+                 progress: bool, evals: tuple[Sequence[int], Callable[[int], None]] = ((), lambda done: None),
+                 ) -> torch.Tensor:
     """One pass over the training loader; returns this rank's (loss sum, correct, images).
 
     A NaN/inf loss on any rank stops every rank (checked every step on CPU, every 32 on a GPU).
     ``evals``: (step counts, callback): ``callback(steps done)`` after each of those steps
     (the mid-epoch validation of the recovery curve).
     """
+    net, teacher, opt, sched, scaler, cfg, device = st.net, st.teacher, st.opt, st.sched, st.scaler, st.cfg, st.device
+    amp_dtype, use_amp, cl, ctx = st.amp_dtype, st.use_amp, st.channels_last, st.ctx
     marks, on_eval = set(evals[0]), evals[1]
     check_every = 1 if device.type != "cuda" else 32  # host syncs: every step on CPU (free), rarely on GPU
     net.train()
