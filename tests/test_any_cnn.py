@@ -273,3 +273,22 @@ def test_out_of_reach_budget_names_residual_when_it_would_reach() -> None:
         with pytest.raises(UserError, match="out of reach") as e:  # not even with residual groups: no hint
             compressor.prune(m, rates={"target": {"macs": 0.001}})
         assert "--residual" not in str(e.value)
+
+
+# ---------------------------------------------------------------- 5. a timm model source
+
+
+def test_timm_source_builds_without_weights_and_protects_the_classifier() -> None:
+    pytest.importorskip("timm")
+    from compressor.models import timm_source
+
+    with pytest.raises(UserError, match="unknown timm model 'resnet1'.*resnet18"):
+        timm_source.build("timm:resnet1")
+    m = timm_source.build("timm:resnet18", num_classes=7, input_size=32)
+    assert (m.arch, m.num_classes, m.input_size, m.in_channels) == ("timm:resnet18", 7, 32, 3)
+    assert timm_source.classifier_name(m) == "fc" and m._compressor_ignored == ("fc",)
+    cfg = timm_source.data_config(m)
+    assert cfg["input_size"] == (3, 224, 224) and len(cfg["mean"]) == 3 and 0 < cfg["crop_pct"] <= 1
+    assert timm_source.build("timm:resnet18").input_size == 224
+    with one_thread():
+        assert "fc" not in {u.name for u in graph.units(m)}
