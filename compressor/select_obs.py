@@ -1,0 +1,412 @@
+"""Reconstruction-aware channel selection (criterion ``obs``): keep what the least-squares refit needs.
+
+A score criterion ranks a unit's channels by themselves (l1, rank, ...); reconstruction then
+refits the consumers so their outputs match the unpruned network's. ``obs`` chooses the
+channels *by that refit's error*: it removes, one channel group at a time, the channel whose
+removal raises the consumers' least-squares error least, updating the solution as it goes
+(the optimal-brain-surgeon step on the consumers' normal equations).
+
+How (``select``):
+
+* **Units, in forward order**, on a working copy of the original in which every unit already
+  decided is *masked*: its removed channels' columns are zero in every consumer, and those
+  consumers carry their refit weights. A masked network computes exactly what the pruned and
+  refit network computes (a removed channel is computed but no longer read), so later units
+  are chosen on the inputs they will really see. ``original`` is never changed.
+* **Consumers** of a unit are every Conv2d/Linear whose input follows the unit, read off the
+  model's ``channel_map()`` (``Slot.inp``): a conv reading the unit's output, the Linear after a
+  flatten (``repeat`` columns per channel), the conv after a concat (the unit's slice), and for
+  a residual unit every conv or Linear that reads the shared channel space. A channel's
+  *group* is its columns in every consumer (k×k columns of a conv, ``repeat`` columns of a
+  Linear, its place in a concat). Depthwise followers are pruned with the unit (surgery does
+  that); the layers that read the depthwise output are the consumers.
+* **Statistics**, as ``compressor.reconstruct`` gathers them: per consumer, ``XᵀX`` and ``XᵀY``
+  over ``positions`` seeded, sampled output positions per image (im2col rows, plus a ones
+  column for the bias), ``X`` from the masked working network and ``Y`` the *original*
+  layer's outputs (pre-BN, all output channels). Products in float32 per chunk of rows,
+  summed and solved in float64.
+* **Removal.** Per consumer, ``H = XᵀX + λ·I`` (``λ = ridge × mean diag``, on the weights, as
+  reconstruction uses) and the refit solution ``W = H⁻¹(XᵀY + λ·W_current)``. Removing the
+  group ``G`` of a channel raises consumer ``c``'s error by ``tr(W_Gᵀ (H⁻¹_GG)⁻¹ W_G)``,
+  exactly, and the remaining weights' optimum is ``W − H⁻¹_{:,G} (H⁻¹_GG)⁻¹ W_G``. The cost of
+  a channel is the sum over consumers of that increase divided by the consumer's ``ΣY²``
+  (relative errors add, so a residual space's consumers count alike). The ``chunk`` cheapest
+  channels are removed together (the joint OBS update, exact for the set), ``H⁻¹`` is
+  downdated and the removed rows and columns dropped; repeat until the unit's keep count.
+  ``chunk`` defaults to 1/64 of the unit's width (1 channel for widths up to 64).
+* **Refit.** The consumers' weights on the kept columns are solved afresh from the same
+  statistics (ridge towards the current weights, as ``reconstruct`` does) and written into
+  the working copy.
+* **Where a consumer is not linear in the channel.** ``X`` is the consumer's own input, taken
+  *after* whatever lies between the unit's producer and the consumer (BN, ReLU, pooling, a
+  depthwise conv, the residual add and its ReLU). Every such per-channel operation maps
+  channel ``j`` to channel ``j`` alone, so removing ``j`` removes exactly ``j``'s columns of
+  ``X`` and leaves the others unchanged: the error is exact, not linearised, whatever the
+  nonlinearity (a channel that BN-ReLU makes dead is free to remove even when its weights are
+  large; one that BN only rescales relative to another is redundant). What is *not* exact is
+  an operation that mixes channels between producer and consumer (GroupNorm/LayerNorm over
+  channels, squeeze-excitation, attention): removing ``j`` then changes the other columns too,
+  and the cost computed here is the first-order one that ignores it. Models with such layers
+  get the selection all the same; the final refit is measured, not assumed.
+
+``select`` returns the plan and what each unit cost; ``prune_obs`` then prunes ``original`` with
+that plan (``surgery.apply``) and refits it with ``compressor.reconstruct.reconstruct`` exactly
+as ``--reconstruct`` does, so the final model is made by the ordinary path.
+
+Cost: ``units`` prefix passes of the working network and of the original over the
+calibration set, plus per unit the normal equations of its consumers at full input width and
+the removal (``O(F²·removed·span)`` per consumer, ``F`` its input features). Needs
+``model.channel_map()`` (registered families: VGG, MobileNet v1/v2, SqueezeNet).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Iterable, Mapping, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from compressor.plan import Plan
+from compressor.reconstruct import (
+    _Stop, _call_order, _conv_targets, _iter_images, _positions, conv_patches, keep_from_plan, layer_seed,
+    reconstruct,
+)
+
+
+@dataclass(frozen=True)
+class UnitSelection:
+    """One unit: what was kept, and the consumers' relative error along the way."""
+
+    unit: str
+    width: int
+    kept: int
+    consumers: tuple[str, ...]
+    error_full: float        # summed relative error of the consumers' refit with every channel
+    error_kept: float        # ... with the kept channels only (after the fresh refit)
+    removal_costs: tuple[float, ...]  # summed relative error after each removal step
+    seconds: float
+
+
+@dataclass(frozen=True)
+class ObsReport:
+    units: tuple[UnitSelection, ...]
+    settings: dict[str, Any] = field(default_factory=dict)
+    n_images: int = 0
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["units"] = [asdict(u) for u in self.units]
+        return d
+
+
+@dataclass
+class _Consumer:
+    name: str
+    layer: nn.Module          # in the working copy
+    orig: nn.Module           # in the original
+    cols: torch.Tensor        # [width, span] columns of each of the unit's channels
+    alive: torch.Tensor       # bool [F] weight columns not yet removed (earlier units)
+    out_hw: tuple[int, ...] = ()
+
+
+def _consumers_of(cmap: Mapping[str, Any], unit: str, widths: Mapping[str, int],
+                  work: Mapping[str, nn.Module], orig: Mapping[str, nn.Module]) -> list[tuple[str, torch.Tensor]]:
+    """``(layer, cols[width, span])`` for every Conv2d/Linear whose input follows ``unit``."""
+    found = []
+    for key, slot in cmap.items():
+        if not key.endswith(".weight") or unit not in slot.inp:
+            continue
+        name = key[: -len(".weight")]
+        layer = work.get(name)
+        if layer is None:
+            continue
+        if isinstance(layer, nn.Conv2d):
+            if layer.groups != 1:
+                raise ValueError(f"obs: consumer {name} is a grouped conv (groups={layer.groups}): not supported")
+            span = layer.weight[0, 0].numel()
+        else:
+            span = int(slot.repeat)
+        off, cols = 0, []
+        for part in slot.inp:
+            w = widths[part] if isinstance(part, str) else int(part)
+            if part == unit:
+                base = (off + torch.arange(w)) * span
+                cols.append(base[:, None] + torch.arange(span)[None, :])
+            off += w
+        total = layer.weight[0].numel()
+        if off * span != total:
+            raise ValueError(f"obs: the channel map says {name} reads {off}×{span} columns, it has {total}")
+        # a unit appearing twice in one input: its channel's group is both places
+        found.append((name, torch.cat(cols, dim=1)))
+    return found
+
+
+def _accumulate(work: nn.Module, original: nn.Module, cons: list[_Consumer], xs: Sequence[torch.Tensor],
+                gens: Mapping[str, torch.Generator], positions: int, chunk_rows: int
+                ) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]]:
+    """Per consumer: ``XᵀX``, ``XᵀY`` (alive columns + a ones column if biased), ``ΣY²``, rows."""
+    acc: dict[str, list] = {}
+    names = [c.name for c in cons]
+    for x in xs:
+        grab_in: dict[str, torch.Tensor] = {}
+        grab_out: dict[str, torch.Tensor] = {}
+
+        def run(model: nn.Module, mods: list[nn.Module], box: dict, want: str) -> None:
+            handles = []
+            for name, m in zip(names, mods):
+                def hook(mod, inp, out=None, name=name):
+                    box[name] = (inp[0] if want == "input" else out).detach()
+                    if len(box) == len(names):
+                        raise _Stop
+                if want == "input":
+                    handles.append(m.register_forward_pre_hook(lambda mod, inp, hook=hook: hook(mod, inp)))
+                else:
+                    handles.append(m.register_forward_hook(hook))
+            try:
+                model(x)
+            except _Stop:
+                pass
+            finally:
+                for h in handles:
+                    h.remove()
+
+        run(work, [c.layer for c in cons], grab_in, "input")
+        run(original, [c.orig for c in cons], grab_out, "output")
+        for c in cons:
+            inp, y = grab_in[c.name], grab_out[c.name]
+            if isinstance(c.layer, nn.Conv2d):
+                pos = _positions(gens[c.name], x.shape[0], int(np.prod(c.out_hw[1:])), positions)
+                rows = conv_patches(inp, c.layer, pos, c.out_hw[2])[:, 0]
+                tgt = _conv_targets(y, torch.arange(y.shape[1]), pos)
+            else:
+                rows = inp.reshape(-1, inp.shape[-1])
+                tgt = y.reshape(-1, y.shape[-1])
+            rows = rows[:, c.alive.to(rows.device)]
+            if c.layer.bias is not None:
+                rows = torch.cat([rows, rows.new_ones(rows.shape[0], 1)], dim=1)
+            if c.name not in acc:
+                f, o = rows.shape[1], tgt.shape[1]
+                acc[c.name] = [torch.zeros(f, f, dtype=torch.float64), torch.zeros(f, o, dtype=torch.float64),
+                               torch.zeros((), dtype=torch.float64), 0]
+            a = acc[c.name]
+            for i in range(0, rows.shape[0], chunk_rows):
+                r, t = rows[i:i + chunk_rows].float(), tgt[i:i + chunk_rows].float()
+                a[0] += (r.T @ r).double().cpu()
+                a[1] += (r.T @ t).double().cpu()
+                a[2] += t.double().pow(2).sum().cpu()
+            a[3] += rows.shape[0]
+    return {k: (v[0], v[1], v[2], v[3]) for k, v in acc.items()}
+
+
+def _current(layer: nn.Module, alive: torch.Tensor) -> torch.Tensor:
+    w = layer.weight.detach().double().reshape(layer.weight.shape[0], -1)[:, alive].T.cpu()
+    if layer.bias is not None:
+        w = torch.cat([w, layer.bias.detach().double().cpu()[None]], dim=0)
+    return w  # [F, out]
+
+
+def _ridge(xx: torch.Tensor, n_w: int, ridge: float) -> torch.Tensor:
+    pen = torch.zeros(xx.shape[0], dtype=torch.float64)
+    pen[:n_w] = ridge * torch.diagonal(xx)[:n_w].mean()
+    return pen
+
+
+def _inv_spd(a: torch.Tensor) -> torch.Tensor:
+    chol, info = torch.linalg.cholesky_ex(a)
+    if int(info) == 0:
+        return torch.cholesky_inverse(chol)
+    return torch.linalg.pinv(a, hermitian=True)
+
+
+@torch.no_grad()
+def _write(layer: nn.Module, alive: torch.Tensor, w: torch.Tensor) -> None:
+    """``w`` [F_alive(+1), out] into the layer; columns not alive are zero."""
+    full = torch.zeros(layer.weight.shape[0], layer.weight[0].numel(), dtype=torch.float64)
+    n_w = int(alive.sum())
+    full[:, alive] = w[:n_w].T
+    layer.weight.copy_(full.reshape(layer.weight.shape).to(layer.weight))
+    if layer.bias is not None:
+        layer.bias.copy_(w[n_w].to(layer.bias))
+
+
+def _remove(stats: list[dict], width: int, keep: int, chunk: int) -> tuple[list[int], list[float]]:
+    """OBS removal of ``width - keep`` channels over the consumers in ``stats``; returns kept, costs."""
+    alive = list(range(width))  # the unit's channels still in, in the order of the local column blocks
+    trail: list[float] = []
+    while len(alive) > keep:
+        cost = torch.zeros(len(alive), dtype=torch.float64)
+        for s in stats:
+            idx = s["blk"]  # [n_alive, span] local column indices
+            hb = s["hinv"][idx[:, :, None], idx[:, None, :]]  # n, span, span
+            wg = s["w"][idx]  # n, span, out
+            sol = torch.linalg.solve(hb, wg)
+            cost += (wg * sol).sum(dim=(1, 2)) / s["yy"]
+        c = min(chunk, len(alive) - keep)
+        pick = torch.argsort(cost, stable=True)[:c]
+        gone = set(pick.tolist())
+        for s in stats:
+            cols = s["blk"][pick].reshape(-1)
+            hinv, w = s["hinv"], s["w"]
+            hs = hinv[:, cols]  # F, S
+            m = torch.linalg.solve(hinv[cols][:, cols], torch.cat([hs.T, w[cols]], dim=1))
+            dm = m[:, : hinv.shape[0]]
+            dw = m[:, hinv.shape[0]:]
+            hinv = hinv - hs @ dm
+            w = w - hs @ dw
+            keep_cols = torch.ones(hinv.shape[0], dtype=torch.bool)
+            keep_cols[cols] = False
+            s["hinv"] = hinv[keep_cols][:, keep_cols]
+            s["w"] = w[keep_cols]
+            s["xx"] = s["xx"][keep_cols][:, keep_cols]
+            s["xy"] = s["xy"][keep_cols]
+            s["w0"] = s["w0"][keep_cols]
+            s["pen"] = s["pen"][keep_cols]
+            s["local"] = s["local"][keep_cols]
+            # renumber the remaining blocks
+            newpos = torch.cumsum(keep_cols.long(), 0) - 1
+            rest = [i for i in range(len(alive)) if i not in gone]
+            s["blk"] = newpos[s["blk"][rest]]
+        alive = [ch for i, ch in enumerate(alive) if i not in gone]
+        total = sum(_err(s) for s in stats)
+        trail.append(total)
+    return alive, trail
+
+
+def _err(s: dict) -> float:
+    """Relative error of the current solution (penalty excluded)."""
+    w, xx, xy = s["w"], s["xx"], s["xy"]
+    sq = (w * (xx @ w)).sum() - 2 * (w * xy).sum() + s["yy_raw"]
+    return max(0.0, float(sq)) / float(s["yy"])
+
+
+def _solve_fresh(s: dict) -> torch.Tensor:
+    a = s["xx"] + torch.diag(s["pen"])
+    b = s["xy"] + s["pen"][:, None] * s["w0"]
+    chol, info = torch.linalg.cholesky_ex(a)
+    if int(info) == 0:
+        return torch.cholesky_solve(b, chol)
+    return torch.linalg.lstsq(a, b).solution
+
+
+def select(original: nn.Module, counts: Mapping[str, int] | Plan, batches: Iterable, *, positions: int = 32,
+           ridge: float = 1e-3, chunk: float = 1 / 64, seed: int = 0, max_images: int | None = None,
+           units: Sequence[Any] | None = None, chunk_rows: int = 8192, progress: bool = True
+           ) -> tuple[Plan, ObsReport]:
+    """Keep ``counts[unit]`` channels of each unit, chosen by the consumers' refit error (see the module doc).
+
+    ``counts``: ``{unit: channels to keep}`` (units not named keep all) or a ``Plan`` whose kept
+    counts are used. ``batches``: calibration images (tensors or ``(x, y, ...)``), iterated once.
+    Returns the plan (for ``surgery.apply`` / ``compressor.recover(plan=...)``) and a report.
+    """
+    from compressor.pruning import graph
+
+    t0 = time.perf_counter()
+    if not hasattr(original, "channel_map"):
+        raise ValueError("obs selection needs the model's channel_map() (registered families: vgg16_bn, "
+                         "mobilenet_v1/v2, squeezenet); use a score criterion for this model")
+    units = list(units) if units is not None else graph.units(original)
+    widths = {u.name: int(u.width) for u in units}
+    if isinstance(counts, Plan):
+        counts = {u: len(counts.kept(u)) for u in counts.keep}
+    for u, k in counts.items():
+        if u not in widths:
+            raise ValueError(f"obs: {u!r} is not a prunable unit of this model")
+        if not 1 <= int(k) <= widths[u]:
+            raise ValueError(f"obs: {u}: keep count {k} outside [1, {widths[u]}]")
+    dev = next(original.parameters()).device
+    dtype = next(original.parameters()).dtype
+    was = original.training
+    original.eval()
+    work = copy.deepcopy(original).eval()
+    cmap = original.channel_map()
+    lin = lambda m: {n: x for n, x in m.named_modules() if isinstance(x, (nn.Conv2d, nn.Linear))}  # noqa: E731
+    wl, ol = lin(work), lin(original)
+    alive = {n: torch.ones(m.weight[0].numel(), dtype=torch.bool) for n, m in wl.items()}
+    keep: dict[str, tuple[int, ...]] = {}
+    done: list[UnitSelection] = []
+    try:
+        with torch.no_grad(), torch.autocast(device_type=dev.type, enabled=False):
+            xs = list(_iter_images(batches, max_images, dev, dtype))
+            if not xs:
+                raise ValueError("obs: the calibration batches are empty")
+            _, _, shapes = _call_order(work, xs[0][:2])
+            todo = [u for u in units if u.name in counts and int(counts[u.name]) < widths[u.name]]
+            for ui, u in enumerate(tqdm(todo, desc="obs", unit="unit", leave=False, disable=not progress)):
+                tu = time.perf_counter()
+                found = _consumers_of(cmap, u.name, widths, wl, ol)
+                if not found:
+                    raise ValueError(f"obs: no Conv2d/Linear reads unit {u.name} in the channel map")
+                cons = [_Consumer(n, wl[n], ol[n], cols, alive[n].clone(), shapes.get(n, ())) for n, cols in found]
+                gens = {c.name: torch.Generator().manual_seed(layer_seed(seed, 1000 * ui + j))
+                        for j, c in enumerate(cons)}
+                acc = _accumulate(work, original, cons, xs, gens, positions, chunk_rows)
+                stats = []
+                for c in cons:
+                    xx, xy, yy, _ = acc[c.name]
+                    n_w = int(c.alive.sum())
+                    pen = _ridge(xx, n_w, ridge)
+                    w0 = _current(c.layer, c.alive)
+                    # local column index of each of the unit's channels' columns (alive ones only)
+                    loc = torch.full((c.alive.numel(),), -1, dtype=torch.long)
+                    loc[c.alive] = torch.arange(n_w)
+                    blk = loc[c.cols]
+                    if bool((blk < 0).any()):
+                        raise RuntimeError(f"obs: {c.name}: unit {u.name}'s columns already removed")
+                    a = xx + torch.diag(pen)
+                    hinv = _inv_spd(a)
+                    w = hinv @ (xy + pen[:, None] * w0)
+                    s = {"hinv": hinv, "w": w, "xx": xx, "xy": xy, "w0": w0, "pen": pen, "blk": blk,
+                         "yy": max(float(yy), 1e-300), "yy_raw": yy, "local": torch.arange(xx.shape[0])}
+                    stats.append(s)
+                err_full = sum(_err(s) for s in stats)
+                width, k = widths[u.name], int(counts[u.name])
+                step = max(1, math.ceil(width * chunk))
+                kept, trail = _remove(stats, width, k, step)
+                kept = sorted(kept)
+                keep[u.name] = tuple(kept)
+                gone = torch.ones(width, dtype=torch.bool)
+                gone[kept] = False
+                err_kept = 0.0
+                for c, s in zip(cons, stats):
+                    w = _solve_fresh(s)
+                    s["w"] = w
+                    err_kept += _err(s)
+                    new_alive = c.alive.clone()
+                    new_alive[c.cols[gone].reshape(-1)] = False
+                    _write(c.layer, new_alive, w)
+                    alive[c.name] = new_alive
+                done.append(UnitSelection(unit=u.name, width=width, kept=k, consumers=tuple(c.name for c in cons),
+                                          error_full=err_full, error_kept=err_kept, removal_costs=tuple(trail),
+                                          seconds=time.perf_counter() - tu))
+    finally:
+        original.train(was)
+    plan = Plan(keep=keep, widths=widths, model=str(getattr(original, "arch", "")))
+    settings = {"positions": positions, "ridge": ridge, "chunk": chunk, "seed": seed, "max_images": max_images}
+    return plan, ObsReport(units=tuple(done), settings=settings, n_images=sum(x.shape[0] for x in xs),
+                           seconds=time.perf_counter() - t0)
+
+
+def prune_obs(original: nn.Module, counts: Mapping[str, int] | Plan, batches: Iterable, *, refit: bool = True,
+              seed: int = 0, max_images: int | None = None, progress: bool = True, **options: Any
+              ) -> tuple[nn.Module, Plan, ObsReport, Any]:
+    """``select``, then ``surgery.apply`` and (``refit``) ``reconstruct`` with its defaults on the same images.
+
+    Returns ``(pruned, plan, obs_report, reconstruct_report or None)``; ``original`` is untouched.
+    """
+    from compressor import surgery
+
+    xs = [b[0] if isinstance(b, (list, tuple)) else b for b in batches]
+    plan, rep = select(original, counts, xs, seed=seed, max_images=max_images, progress=progress, **options)
+    pruned = surgery.apply(original, plan).eval()
+    rec = None
+    if refit:
+        rec = reconstruct(original, pruned, xs, keep=keep_from_plan(original, plan), seed=seed,
+                          max_images=max_images, progress=progress)
+    return pruned, plan, rep, rec

@@ -1,0 +1,252 @@
+"""obs selection (compressor.select_obs): constructed cases with a known answer, and a tiny end to end."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+from torch import nn
+
+from compressor.models._spec import Slot
+from compressor.select_obs import prune_obs, select
+
+from tests.conftest import TINY_VGG, one_thread, randomize_bn, units_of
+
+
+def _batches(n: int = 2, b: int = 16, size: int = 8, seed: int = 0) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(b, 3, size, size, generator=g) for _ in range(n)]
+
+
+def _units(**widths: int) -> list[SimpleNamespace]:
+    return [SimpleNamespace(name=n.replace("__", "."), width=w) for n, w in widths.items()]
+
+
+def _copy_channel(conv: nn.Conv2d, bn: nn.BatchNorm2d, src: int, dst: int, scale: float = 1.0) -> None:
+    """Channel ``dst`` of conv→BN becomes ``scale`` × channel ``src`` (scale > 0 commutes with ReLU)."""
+    with torch.no_grad():
+        conv.weight[dst] = conv.weight[src]
+        if conv.bias is not None:
+            conv.bias[dst] = conv.bias[src]
+        bn.running_mean[dst] = bn.running_mean[src]
+        bn.running_var[dst] = bn.running_var[src]
+        bn.weight[dst] = scale * bn.weight[src]
+        bn.bias[dst] = scale * bn.bias[src]
+
+
+class Chain(nn.Module):
+    """conv a → BN → ReLU → conv b → BN → ReLU → pool → Linear; unit ``a`` read by ``b``."""
+
+    def __init__(self, width: int = 8) -> None:
+        super().__init__()
+        self.a, self.bn_a = nn.Conv2d(3, width, 3, padding=1), nn.BatchNorm2d(width)
+        self.b, self.bn_b = nn.Conv2d(width, 6, 3, padding=1), nn.BatchNorm2d(6)
+        self.fc = nn.Linear(6, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.bn_a(self.a(x)))
+        x = torch.relu(self.bn_b(self.b(x)))
+        return self.fc(x.mean((2, 3)))
+
+    def channel_map(self) -> dict[str, Slot]:
+        return {"a.weight": Slot(out="a", inp=(3,)), "b.weight": Slot(inp=("a",)), "fc.weight": Slot(inp=(6,))}
+
+
+class Concat(nn.Module):
+    """Two branches (1×1 ``e1`` and 3×3 ``e3``, each conv-BN-ReLU) concatenated into conv ``c``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.e1, self.bn1 = nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4)
+        self.e3, self.bn3 = nn.Conv2d(3, 5, 3, padding=1), nn.BatchNorm2d(5)
+        self.c = nn.Conv2d(9, 6, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.cat([torch.relu(self.bn1(self.e1(x))), torch.relu(self.bn3(self.e3(x)))], dim=1)
+        return self.c(y)
+
+    def channel_map(self) -> dict[str, Slot]:
+        return {"e1.weight": Slot(out="e1", inp=(3,)), "e3.weight": Slot(out="e3", inp=(3,)),
+                "c.weight": Slot(inp=("e1", "e3"))}
+
+
+class Residual(nn.Module):
+    """A residual space ``s`` (stem and block's conv2 write it) read by conv1 and by the head conv h."""
+
+    def __init__(self, width: int = 6) -> None:
+        super().__init__()
+        self.s, self.bn_s = nn.Conv2d(3, width, 3, padding=1), nn.BatchNorm2d(width)
+        self.c1, self.bn1 = nn.Conv2d(width, 5, 3, padding=1), nn.BatchNorm2d(5)
+        self.c2, self.bn2 = nn.Conv2d(5, width, 3, padding=1), nn.BatchNorm2d(width)
+        self.h = nn.Conv2d(width, 4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.bn_s(self.s(x)))
+        y = self.bn2(self.c2(torch.relu(self.bn1(self.c1(x)))))
+        return self.h(torch.relu(x + y))
+
+    def channel_map(self) -> dict[str, Slot]:
+        return {"s.weight": Slot(out="s", inp=(3,)), "c1.weight": Slot(out="c1", inp=("s",)),
+                "c2.weight": Slot(out="s", inp=("c1",)), "h.weight": Slot(inp=("s",))}
+
+
+def _randomized(model: nn.Module, seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, (nn.Conv2d, nn.Linear)):
+            m.reset_parameters()
+    return randomize_bn(model, seed).eval()
+
+
+def _removed(plan, unit: str, width: int) -> set[int]:
+    return set(range(width)) - set(plan.kept(unit))
+
+
+@pytest.mark.parametrize("scale", [1.0, 2.5])
+def test_a_copied_channel_goes_first_and_costs_nothing(scale: float) -> None:
+    """Channel 5 = scale × channel 2 after BN-ReLU: the consumer folds it into channel 2's column."""
+    m = _randomized(Chain())
+    _copy_channel(m.a, m.bn_a, 2, 5, scale)
+    with one_thread():
+        plan, rep = select(m, {"a": 7}, _batches(), units=_units(a=8), ridge=1e-9, progress=False)
+    assert _removed(plan, "a", 8) & {2, 5} and len(_removed(plan, "a", 8)) == 1
+    u = rep.units[0]
+    assert u.consumers == ("b",)
+    assert u.error_full < 1e-5 and u.error_kept < 1e-6
+    # the working copy's refit really reproduces b's output without the channel
+    assert u.removal_costs[-1] < 1e-7
+
+
+def test_a_channel_bn_relu_kills_is_removed_first_despite_the_largest_weights() -> None:
+    """Not linear in the channel: BN shifts channel 4 far below zero, so after ReLU it is zero.
+
+    Its conv filter has by far the largest l1 norm (an l1 criterion keeps it first), but ``X`` is
+    taken after BN-ReLU, where the channel contributes nothing: obs removes it at no cost."""
+    m = _randomized(Chain())
+    with torch.no_grad():
+        m.a.weight[4] *= 10
+        m.bn_a.bias[4] = -1e4
+    assert int(m.a.weight.abs().sum((1, 2, 3)).argmax()) == 4
+    with one_thread():
+        plan, rep = select(m, {"a": 7}, _batches(), units=_units(a=8), progress=False)
+    assert _removed(plan, "a", 8) == {4}
+    assert rep.units[0].error_kept < 1e-7
+
+
+def test_removal_order_follows_cost() -> None:
+    """Three channels to go: the dead one and a copy go before anything that carries signal."""
+    m = _randomized(Chain())
+    _copy_channel(m.a, m.bn_a, 0, 6)
+    with torch.no_grad():
+        m.bn_a.bias[3] = -1e4
+    with one_thread():
+        plan, rep = select(m, {"a": 6}, _batches(), units=_units(a=8), ridge=1e-9, chunk=1 / 8, progress=False)
+    gone = _removed(plan, "a", 8)
+    assert 3 in gone and gone & {0, 6} and len(gone) == 2
+    assert rep.units[0].error_kept < 1e-7
+
+
+def test_a_redundant_concat_slice() -> None:
+    """e3's channel 1 is a 3×3 filter with only the centre tap, equal to e1's channel 2: redundant
+    in the concat; its group is its 9 columns at offset 4 of ``c``'s input."""
+    m = _randomized(Concat())
+    with torch.no_grad():
+        m.e3.weight[1].zero_()
+        m.e3.weight[1, :, 1, 1] = m.e1.weight[2, :, 0, 0]
+        m.e3.bias[1] = m.e1.bias[2]
+        for a, b in ((m.bn3.running_mean, m.bn1.running_mean), (m.bn3.running_var, m.bn1.running_var),
+                     (m.bn3.weight, m.bn1.weight), (m.bn3.bias, m.bn1.bias)):
+            a[1] = b[2]
+    with one_thread():
+        plan, rep = select(m, {"e1": 4, "e3": 4}, _batches(), units=_units(e1=4, e3=5), ridge=1e-9,
+                           progress=False)
+    assert _removed(plan, "e3", 5) == {1}
+    assert "e1" not in plan.keep  # full units are not touched
+    assert rep.units[0].unit == "e3" and rep.units[0].error_kept < 1e-7
+
+
+def test_a_residual_group_sums_its_consumers() -> None:
+    """Channel 4 of the residual space copies channel 1 in every producer: after the add and
+    ReLU it is a copy in both consumers (c1 and h), so it goes first and both refits lose nothing."""
+    m = _randomized(Residual())
+    _copy_channel(m.s, m.bn_s, 1, 4)
+    _copy_channel(m.c2, m.bn2, 1, 4)
+    with one_thread():
+        plan, rep = select(m, {"s": 5}, _batches(), units=_units(s=6), ridge=1e-9, progress=False)
+    assert _removed(plan, "s", 6) & {1, 4} and len(_removed(plan, "s", 6)) == 1
+    u = rep.units[0]
+    assert set(u.consumers) == {"c1", "h"}
+    assert u.error_kept < 1e-7
+
+
+def test_residual_costs_add_over_consumers() -> None:
+    """Channel 5 is read by neither consumer (zero columns in c1 and h): free. Channel 2 is
+    unused by h only: free for h, not for c1. The summed cost removes 5, never 2."""
+    m = _randomized(Residual())
+    with torch.no_grad():
+        m.h.weight[:, 2] = 0
+        m.h.weight[:, 5] = 0
+        m.c1.weight[:, 5] = 0
+    with one_thread():
+        plan, rep = select(m, {"s": 5}, _batches(), units=_units(s=6), ridge=1e-9, progress=False)
+    assert _removed(plan, "s", 6) == {5}
+    assert rep.units[0].error_kept < 1e-6
+    with one_thread():  # removing two must cost: channel 2 carries signal for c1
+        plan2, rep2 = select(m, {"s": 4}, _batches(), units=_units(s=6), ridge=1e-9, progress=False)
+    assert 5 in _removed(plan2, "s", 6) and rep2.units[0].error_kept > 1e-4
+
+
+def test_the_original_is_untouched_and_errors_are_reported(tiny_vgg) -> None:
+    before = {k: v.clone() for k, v in tiny_vgg.state_dict().items()}
+    counts = {u.name: u.width // 2 for u in units_of(tiny_vgg)[:3]}
+    with one_thread():
+        plan, rep = select(tiny_vgg, counts, _batches(size=32), progress=False)
+    for k, v in tiny_vgg.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    assert {u: len(plan.kept(u)) for u in plan.keep} == counts
+    assert [u.unit for u in rep.units] == list(counts)
+    with pytest.raises(ValueError, match="keep count"):
+        select(tiny_vgg, {units_of(tiny_vgg)[0].name: 0}, _batches(size=32), progress=False)
+
+
+def _last_conv_error(original: nn.Module, pruned: nn.Module, xs: list[torch.Tensor]) -> float:
+    """Relative error of the last conv's output (full width, never pruned) on ``xs``."""
+    name = [n for n, m in original.named_modules() if isinstance(m, nn.Conv2d)][-1]
+    box = {}
+    num = den = 0.0
+    for x in xs:
+        for key, model in (("o", original), ("p", pruned)):
+            h = model.get_submodule(name).register_forward_hook(lambda m, i, o, key=key: box.__setitem__(key, o))
+            with torch.no_grad():
+                model(x)
+            h.remove()
+        num += float((box["p"] - box["o"]).pow(2).sum())
+        den += float((box["o"] - box["o"].mean((0, 2, 3), keepdim=True)).pow(2).sum())
+    return num / den
+
+
+def test_tiny_vgg_obs_refit_beats_l1_refit_on_the_calibration_set() -> None:
+    from compressor import surgery
+    from compressor.models import get_model
+    from compressor.plan import Plan
+    from compressor.reconstruct import keep_from_plan, reconstruct
+
+    torch.manual_seed(0)
+    m = randomize_bn(get_model("vgg16_bn", cfg=list(TINY_VGG))).eval()
+    xs = _batches(n=2, b=32, size=32, seed=3)
+    units = units_of(m)[:-1]
+    counts = {u.name: u.width // 2 for u in units}
+    with one_thread():
+        small, plan, rep, rec = prune_obs(m, counts, xs, progress=False)
+        keep = {}
+        for u in units:
+            l1 = m.get_submodule(u.convs[0]).weight.abs().sum((1, 2, 3))
+            keep[u.name] = tuple(sorted(torch.argsort(l1, descending=True, stable=True)[:counts[u.name]].tolist()))
+        l1_plan = Plan(keep=keep, widths=plan.widths, model=m.arch)
+        l1_small = surgery.apply(m, l1_plan).eval()
+        reconstruct(m, l1_small, xs, keep=keep_from_plan(m, l1_plan), progress=False)
+        e_obs, e_l1 = _last_conv_error(m, small, xs), _last_conv_error(m, l1_small, xs)
+    assert {u: len(plan.kept(u)) for u in plan.keep} == counts
+    assert rec is not None and all(f.accepted for f in rec.layers)
+    assert e_obs <= e_l1, (e_obs, e_l1)
