@@ -112,14 +112,18 @@ def _from_folder(folder: Path) -> list[Entry]:
     if sweep.is_file():
         try:
             doc = json.loads(sweep.read_text())
-            base = Path(doc["baseline"])
-        except (OSError, ValueError, KeyError, TypeError) as exc:
+            named = doc["baseline"]
+            points = list(doc.get("points", []))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
             raise UserError(f"unreadable sweep state ({type(exc).__name__}: {exc})", source=str(sweep)) from exc
-        out = [Entry(base)] if base.is_file() else []
+        base = rb.sweep_baseline(folder, sweep, named, _is_checkpoint)  # a path kept to what a sweep can name
+        out = [Entry(base)] if base is not None and base.is_file() else []
         if not out:
-            log.info("%s: the sweep's baseline %s is not here; it is rebuilt for counting", sweep, base)
-        for pt in doc.get("points", []):
-            ck = folder / pt["name"] / "pruned.pt"
+            log.info("%s: the sweep's baseline %s is not here; it is rebuilt for counting", sweep, named)
+        for i, pt in enumerate(points):
+            if not isinstance(pt, dict):
+                raise UserError("must be a mapping", source=str(sweep), field=f"points[{i}]")
+            ck = rb.sweep_point_folder(folder, sweep, i, pt.get("name")) / "pruned.pt"
             if ck.is_file():
                 out.append(Entry(ck, _scores_near(ck), base, budget_label(pt.get("budget"), pt.get("policy")),
                                  pt.get("rates_file")))

@@ -145,3 +145,44 @@ def rebuild_unpruned(net: nn.Module, ck: Mapping[str, Any]) -> nn.Module:
             bad = next(u for u, w in pre.items() if got.get(u) != w)
             raise UserError(f"rebuilt widths differ from the plan's ({bad}: {got.get(bad)} vs {pre[bad]})")
     return ref
+
+
+# ----------------------------------------------------------------------------- a sweep's paths
+def sweep_point_folder(folder: Any, sweep: Any, index: int, name: Any) -> Any:
+    """``folder / name`` for the point ``name`` of a sweep's ``sweep.json``: one folder name that
+    stays inside the sweep folder (no ``/``, ``..``, absolute path, or symlink out of it), or a
+    one-line ``UserError`` naming the file and field."""
+    from pathlib import Path
+
+    field = f"points[{index}].name"
+    if not isinstance(name, str) or name in ("", ".", "..") or "/" in name or "\\" in name or "\0" in name:
+        raise UserError(f"must be one folder name inside {folder}, got {str(name)[:80]!r}", source=str(sweep),
+                        field=field)
+    p = Path(folder) / name
+    try:
+        p.resolve().relative_to(Path(folder).resolve())
+    except (OSError, ValueError):
+        raise UserError(f"{name!r} leads out of {folder}", source=str(sweep), field=field) from None
+    return p
+
+
+def sweep_baseline(folder: Any, sweep: Any, value: Any, is_checkpoint: Any) -> Any:
+    """The baseline a ``sweep.json`` names, or None where it is not followed: a path inside the sweep
+    folder, or one outside it (the checkpoint the sweep started from) that is a ``.pt``/``.pth``
+    compressor checkpoint (``is_checkpoint``); anything else (``/etc/passwd``) is not read as a
+    baseline (the report rebuilds the baseline for counting). A value that is not a path is an error."""
+    from pathlib import Path
+
+    if not isinstance(value, str) or not value or "\0" in value or len(value) > 4096:
+        raise UserError("must be a checkpoint path", source=str(sweep), field="baseline")
+    p = Path(value)
+    try:
+        p.resolve().relative_to(Path(folder).resolve())
+        inside = True
+    except (OSError, ValueError):
+        inside = False
+    if inside:
+        return p
+    if p.suffix.lower() in (".pt", ".pth") and p.is_file() and is_checkpoint(p):
+        return p
+    return None

@@ -250,3 +250,44 @@ def test_a_split_linked_to_the_host_or_above_the_data_is_refused(tmp_path, files
     assert code == 2, err
     line = _error_line(err)
     assert f"{root / 'test'}: a symbolic link to" in line and "refused" in line, line
+
+
+def _sweep_folder(tmp_path: Path, baseline: str, name: str, files) -> Path:  # noqa: F811
+    import shutil
+
+    folder = tmp_path / "sweep"
+    (folder / "p1").mkdir(parents=True)
+    shutil.copy(files["tiny"], folder / "p1" / "pruned.pt")
+    (folder / "sweep.json").write_text(json.dumps({"baseline": baseline, "points": [{"name": name}]}))
+    return folder
+
+
+def test_report_does_not_follow_a_sweeps_baseline_out_to_the_host(tmp_path, files, monkeypatch):  # noqa: F811
+    from compressor import report
+
+    read: list[Path] = []
+    real = report._is_checkpoint
+    monkeypatch.setattr(report, "_is_checkpoint", lambda p: read.append(Path(p)) or real(p))
+    folder = _sweep_folder(tmp_path, "/etc/passwd", "p1", files)
+    entries = report.collect([str(folder)])
+    assert [e.path for e in entries] == [folder / "p1" / "pruned.pt"]
+    assert entries[0].baseline_hint is None and Path("/etc/passwd") not in read
+    folder2 = _sweep_folder(tmp_path / "b", str(files["tiny"]), "p1", files)  # a real baseline outside: followed
+    assert [e.path for e in report.collect([str(folder2)])][0] == files["tiny"]
+
+
+@pytest.mark.parametrize("name", ["../../etc", "/etc", "a/../../x", 7])
+def test_report_refuses_a_sweep_point_name_that_leaves_the_folder(tmp_path, files, capsys, name):  # noqa: F811
+    folder = _sweep_folder(tmp_path, str(files["tiny"]), name, files)
+    code, err, _ = run(capsys, ["report", folder, "--out", tmp_path / "r.md", "--no-latency"])
+    assert code == 2, err
+    line = _error_line(err)
+    assert f"{folder / 'sweep.json'}: points[0].name:" in line, line
+    assert not (tmp_path / "r.md").exists()
+
+
+def test_report_refuses_a_sweep_point_linked_out_of_the_folder(tmp_path, files, capsys):  # noqa: F811
+    folder = _sweep_folder(tmp_path, str(files["tiny"]), "p2", files)
+    (folder / "p2").symlink_to(tmp_path, target_is_directory=True)
+    code, err, _ = run(capsys, ["report", folder, "--out", tmp_path / "r.md", "--no-latency"])
+    assert code == 2 and "leads out of" in _error_line(err), err
