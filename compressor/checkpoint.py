@@ -143,7 +143,45 @@ def read(path: str | Path) -> dict[str, Any]:
         raise UserError(f"not a readable checkpoint (truncated or another format: {msg[:120]})", source=src) from exc
     if not isinstance(obj, dict):
         raise UserError(f"not a checkpoint (top level is {type(obj).__name__}, expected a dict)", source=src)
+    _check_structure(obj, src)
     return obj
+
+
+MAX_NODES = 1_000_000  # containers and values a checkpoint may hold (a ResNet-110 state_dict: about 700)
+MAX_DEPTH = 64
+MAX_CLASSES = 1_000_000
+MAX_WIDTH = 1 << 20  # one layer's channels
+
+
+def _check_structure(obj: dict, src: str) -> None:
+    """Count and size what a file declares before anything is built from it: at most ``MAX_NODES``
+    values counted as a reader walks them (a shared reference counts each time: a reference DAG of a
+    few KB that stands for 4**40 leaves is refused after a million), ``MAX_DEPTH`` levels (a cycle
+    too), and no tensor that declares more elements than it stores (a stride-0 ``expand``). A
+    failure is one line naming the top-level key."""
+    count = 0
+    for key, value in obj.items():
+        field = str(key)[:40]
+        stack = [(value, 0)]
+        while stack:
+            v, depth = stack.pop()
+            count += 1
+            if count > MAX_NODES:
+                raise UserError(f"holds more than {MAX_NODES:,} values; refused", source=src, field=field)
+            if torch.is_tensor(v):
+                try:
+                    stored = v.untyped_storage().nbytes()
+                except (RuntimeError, NotImplementedError):
+                    stored = 0
+                if v.numel() and v.numel() * v.element_size() > stored:
+                    raise UserError(f"a tensor of shape {tuple(v.shape)} stores only {stored:,} bytes (an expanded "
+                                    "view); refused", source=src, field=field)
+                continue
+            if isinstance(v, (dict, list, tuple, set)):
+                if depth >= MAX_DEPTH:
+                    raise UserError(f"nested more than {MAX_DEPTH} levels deep; refused", source=src, field=field)
+                items = [*v.keys(), *v.values()] if isinstance(v, dict) else list(v)
+                stack.extend((x, depth + 1) for x in items)
 
 
 def _check_types(arch: Any, ncls: Any, cfg: Any, sd: Any, src: str) -> None:
@@ -153,6 +191,11 @@ def _check_types(arch: Any, ncls: Any, cfg: Any, sd: Any, src: str) -> None:
     for key, value, kind in expected:
         if not isinstance(value, kind) or isinstance(value, bool):
             raise UserError(f"must be a {kind.__name__}, got {type(value).__name__}", source=src, field=key)
+    if not 1 <= ncls <= MAX_CLASSES:
+        raise UserError(f"must be in [1, {MAX_CLASSES:,}], got {ncls}", source=src, field="num_classes")
+    for i, w in enumerate(cfg or []):
+        if isinstance(w, int) and not isinstance(w, bool) and not 0 <= w <= MAX_WIDTH:
+            raise UserError(f"a width must be in [0, {MAX_WIDTH:,}], got {w}", source=src, field=f"cfg[{i}]")
     bad = next((k for k, v in sd.items() if not torch.is_tensor(v)), None)
     if bad is not None:
         raise UserError(f"{bad!r} is a {type(sd[bad]).__name__}, not a tensor", source=src, field="state_dict")
@@ -255,6 +298,9 @@ def load(path: str | Path, *, model: str | None = None, num_classes: int | None 
         shapes_mod.shrink(shell, shapes, src)
     except UserError as exc:
         raise UserError(str(exc).removeprefix(f"{src}: "), source=src) from exc
+    except TypeError as exc:  # a builder argument the architecture does not take
+        raise UserError(f"{arch[:80]} does not take these arguments ({str(exc).splitlines()[0][:120]})",
+                        source=src, field="builder_kwargs") from exc
     want = {k: tuple(v.shape) for k, v in shell.state_dict().items()}
     if obj.get("format") == "hrank":  # files from torch < 0.4.1 (akamaster's) have no BN step counters
         sd.update({k: torch.tensor(0) for k in want if k.endswith("num_batches_tracked") and k not in sd})
@@ -265,7 +311,7 @@ def load(path: str | Path, *, model: str | None = None, num_classes: int | None 
         k = bad[0]
         raise UserError(f"weights do not fit {arch} with {what}: {k} is {have.get(k, 'missing')} in the file, "
                         f"{want.get(k, 'not expected')} in the model", source=src, field="state_dict")
-    net = get_model(arch, num_classes=ncls, cfg=ccfg, **kwargs)
+    net = get_model(arch, num_classes=ncls, cfg=ccfg, **kwargs)  # kwargs passed the shell: known to the builder
     shapes_mod.shrink(net, shapes, src)
     try:
         net.load_state_dict(sd)

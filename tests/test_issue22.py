@@ -291,3 +291,52 @@ def test_report_refuses_a_sweep_point_linked_out_of_the_folder(tmp_path, files, 
     (folder / "p2").symlink_to(tmp_path, target_is_directory=True)
     code, err, _ = run(capsys, ["report", folder, "--out", tmp_path / "r.md", "--no-latency"])
     assert code == 2 and "leads out of" in _error_line(err), err
+
+
+# --------------------------------------------------------------------------- hostile checkpoints
+def _hostile(tmp_path: Path, files, name: str, change) -> Path:  # noqa: F811
+    import torch
+
+    doc = torch.load(files["tiny"], weights_only=True)
+    change(doc)
+    torch.save(doc, tmp_path / name)
+    return tmp_path / name
+
+
+def _dag(levels: int) -> list:
+    node: list = [0]
+    for _ in range(levels):
+        node = [node, node, node, node]
+    return node
+
+
+HOSTILE = {
+    "dag_metrics": (lambda d: d.__setitem__("metrics", {"x": _dag(40)}), "metrics", "more than"),
+    "dag_extra_key": (lambda d: d.__setitem__("mine", _dag(40)), "mine", "more than"),
+    "deep": (lambda d: d.__setitem__("extra", {"x": _nest(200)}), "extra", "nested more than"),
+    "expanded": (lambda d: d["state_dict"].__setitem__("features.conv0.weight", __import__("torch").zeros(1).expand(
+        10**6, 10**6)), "state_dict", "expanded view"),
+    "huge_classes": (lambda d: d.__setitem__("num_classes", 10**12), "num_classes", "must be in"),
+    "huge_width": (lambda d: d.__setitem__("cfg", [2**80] + list(d["cfg"])[1:]), "cfg[0]", "a width must be"),
+    "unknown_kwarg": (lambda d: d.__setitem__("builder_kwargs", {"nope": 1}), "builder_kwargs", "does not take"),
+}
+
+
+def _nest(n: int) -> list:
+    x: list = []
+    for _ in range(n):
+        x = [x]
+    return x
+
+
+@pytest.mark.parametrize("case", sorted(HOSTILE))
+def test_a_hostile_checkpoint_is_one_line_naming_the_field(tmp_path, files, capsys, case):  # noqa: F811
+    change, field, words = HOSTILE[case]
+    path = _hostile(tmp_path, files, f"{case}.pt", change)
+    for argv in (["eval", "--checkpoint", path, "--no-progress"],
+                 ["report", path, "--out", tmp_path / "r.md", "--no-latency"]):
+        code, err, _ = run(capsys, argv)
+        assert code == 2, (argv, err)
+        line = _error_line(err)
+        assert f"{path}: {field}: " in line and words in line, line
+    assert not (tmp_path / "r.md").exists()
