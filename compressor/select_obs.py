@@ -53,15 +53,18 @@ How (``select``):
 that plan (``surgery.apply``) and refits it with ``compressor.reconstruct.reconstruct`` exactly
 as ``--reconstruct`` does, so the final model is made by the ordinary path.
 
-Cost: ``units`` prefix passes of the working network and of the original over the
-calibration set, plus per unit the normal equations of its consumers at full input width and
-the removal (``O(F²·removed·span)`` per consumer, ``F`` its input features). Needs
+Cost: one pass of the original over the calibration set (the consumers' targets at the
+sampled positions are cached: ``rows × outputs`` floats per consumer, ~150 MiB for VGG16-BN at
+512 images and 32 positions), one prefix pass of the working network per unit, and per unit
+the normal equations of its consumers at full input width (``2·rows·F²`` flops, ``F`` the
+consumer's input features) plus the inverse and the removal (``O(F³)``). Needs
 ``model.channel_map()`` (registered families: VGG, MobileNet v1/v2, SqueezeNet).
 """
 
 from __future__ import annotations
 
 import copy
+import logging
 import math
 import time
 from dataclasses import asdict, dataclass, field
@@ -73,6 +76,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from compressor.plan import Plan
+
+log = logging.getLogger(__name__)
 from compressor.reconstruct import (
     _Stop, _call_order, _conv_targets, _iter_images, _positions, conv_patches, keep_from_plan, layer_seed,
     reconstruct,
@@ -89,7 +94,7 @@ class UnitSelection:
     consumers: tuple[str, ...]
     error_full: float        # summed relative error of the consumers' refit with every channel
     error_kept: float        # ... with the kept channels only (after the fresh refit)
-    removal_costs: tuple[float, ...]  # summed relative error after each removal step
+    removal_costs: tuple[float, ...]  # summed relative (ridge-penalized) error after each removal step
     seconds: float
 
 
@@ -148,46 +153,50 @@ def _consumers_of(cmap: Mapping[str, Any], unit: str, widths: Mapping[str, int],
     return found
 
 
-def _accumulate(work: nn.Module, original: nn.Module, cons: list[_Consumer], xs: Sequence[torch.Tensor],
-                gens: Mapping[str, torch.Generator], positions: int, chunk_rows: int
+def _capture_all(model: nn.Module, mods: Sequence[nn.Module], names: Sequence[str], x: torch.Tensor,
+                 want: str) -> dict[str, torch.Tensor]:
+    """Inputs (``want="input"``) or outputs of ``mods`` on ``x``; the forward stops once all are seen."""
+    box: dict[str, torch.Tensor] = {}
+    handles = []
+    for name, m in zip(names, mods):
+        def keep(t: torch.Tensor, name: str = name) -> None:
+            box.setdefault(name, t.detach())
+            if len(box) == len(names):
+                raise _Stop
+        if want == "input":
+            handles.append(m.register_forward_pre_hook(lambda mod, inp, keep=keep: keep(inp[0])))
+        else:
+            handles.append(m.register_forward_hook(lambda mod, inp, out, keep=keep: keep(out)))
+    try:
+        model(x)
+    except _Stop:
+        pass
+    finally:
+        for h in handles:
+            h.remove()
+    return box
+
+
+def _target_rows(c: "_Consumer", y: torch.Tensor, pos: torch.Tensor | None) -> torch.Tensor:
+    if isinstance(c.layer, nn.Conv2d):
+        return _conv_targets(y, torch.arange(y.shape[1]), pos)
+    return y.reshape(-1, y.shape[-1])
+
+
+def _accumulate(work: nn.Module, cons: list[_Consumer], xs: Sequence[torch.Tensor],
+                pos: Mapping[str, list], targets: Mapping[str, list], chunk_rows: int
                 ) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]]:
     """Per consumer: ``XᵀX``, ``XᵀY`` (alive columns + a ones column if biased), ``ΣY²``, rows."""
     acc: dict[str, list] = {}
     names = [c.name for c in cons]
-    for x in xs:
-        grab_in: dict[str, torch.Tensor] = {}
-        grab_out: dict[str, torch.Tensor] = {}
-
-        def run(model: nn.Module, mods: list[nn.Module], box: dict, want: str) -> None:
-            handles = []
-            for name, m in zip(names, mods):
-                def hook(mod, inp, out=None, name=name):
-                    box[name] = (inp[0] if want == "input" else out).detach()
-                    if len(box) == len(names):
-                        raise _Stop
-                if want == "input":
-                    handles.append(m.register_forward_pre_hook(lambda mod, inp, hook=hook: hook(mod, inp)))
-                else:
-                    handles.append(m.register_forward_hook(hook))
-            try:
-                model(x)
-            except _Stop:
-                pass
-            finally:
-                for h in handles:
-                    h.remove()
-
-        run(work, [c.layer for c in cons], grab_in, "input")
-        run(original, [c.orig for c in cons], grab_out, "output")
+    for b, x in enumerate(xs):
+        grab = _capture_all(work, [c.layer for c in cons], names, x, "input")
         for c in cons:
-            inp, y = grab_in[c.name], grab_out[c.name]
+            inp, tgt = grab[c.name], targets[c.name][b]
             if isinstance(c.layer, nn.Conv2d):
-                pos = _positions(gens[c.name], x.shape[0], int(np.prod(c.out_hw[1:])), positions)
-                rows = conv_patches(inp, c.layer, pos, c.out_hw[2])[:, 0]
-                tgt = _conv_targets(y, torch.arange(y.shape[1]), pos)
+                rows = conv_patches(inp, c.layer, pos[c.name][b], c.out_hw[2])[:, 0]
             else:
                 rows = inp.reshape(-1, inp.shape[-1])
-                tgt = y.reshape(-1, y.shape[-1])
             rows = rows[:, c.alive.to(rows.device)]
             if c.layer.bias is not None:
                 rows = torch.cat([rows, rows.new_ones(rows.shape[0], 1)], dim=1)
@@ -203,6 +212,31 @@ def _accumulate(work: nn.Module, original: nn.Module, cons: list[_Consumer], xs:
                 a[2] += t.double().pow(2).sum().cpu()
             a[3] += rows.shape[0]
     return {k: (v[0], v[1], v[2], v[3]) for k, v in acc.items()}
+
+
+def _original_targets(original: nn.Module, plans: list[tuple[str, list["_Consumer"]]], xs: Sequence[torch.Tensor],
+                      seed: int, positions: int) -> tuple[dict, dict]:
+    """Sampled positions and the original's outputs there, per (unit, consumer), in one pass of ``original``."""
+    pos: dict[str, dict[str, list]] = {}
+    gens = {}
+    layers: dict[str, nn.Module] = {}
+    for ui, (unit, cons) in enumerate(plans):
+        pos[unit] = {c.name: [] for c in cons}
+        for j, c in enumerate(cons):
+            gens[(unit, c.name)] = torch.Generator().manual_seed(layer_seed(seed, 1000 * ui + j))
+            layers[c.name] = c.orig
+    tg: dict[str, dict[str, list]] = {unit: {c.name: [] for c in cons} for unit, cons in plans}
+    names = list(layers)
+    for x in xs:
+        outs = _capture_all(original, [layers[n] for n in names], names, x, "output")
+        for unit, cons in plans:
+            for c in cons:
+                p = None
+                if isinstance(c.layer, nn.Conv2d):
+                    p = _positions(gens[(unit, c.name)], x.shape[0], int(np.prod(c.out_hw[1:])), positions)
+                pos[unit][c.name].append(p)
+                tg[unit][c.name].append(_target_rows(c, outs[c.name], p))
+    return pos, tg
 
 
 def _current(layer: nn.Module, alive: torch.Tensor) -> torch.Tensor:
@@ -236,10 +270,11 @@ def _write(layer: nn.Module, alive: torch.Tensor, w: torch.Tensor) -> None:
         layer.bias.copy_(w[n_w].to(layer.bias))
 
 
-def _remove(stats: list[dict], width: int, keep: int, chunk: int) -> tuple[list[int], list[float]]:
+def _remove(stats: list[dict], width: int, keep: int, chunk: int, start: float = 0.0) -> tuple[list[int], list[float]]:
     """OBS removal of ``width - keep`` channels over the consumers in ``stats``; returns kept, costs."""
     alive = list(range(width))  # the unit's channels still in, in the order of the local column blocks
     trail: list[float] = []
+    total = start
     while len(alive) > keep:
         cost = torch.zeros(len(alive), dtype=torch.float64)
         for s in stats:
@@ -258,6 +293,7 @@ def _remove(stats: list[dict], width: int, keep: int, chunk: int) -> tuple[list[
             m = torch.linalg.solve(hinv[cols][:, cols], torch.cat([hs.T, w[cols]], dim=1))
             dm = m[:, : hinv.shape[0]]
             dw = m[:, hinv.shape[0]:]
+            total += float((w[cols] * dw).sum()) / s["yy"]  # the joint removal's exact increase
             hinv = hinv - hs @ dm
             w = w - hs @ dw
             keep_cols = torch.ones(hinv.shape[0], dtype=torch.bool)
@@ -274,7 +310,6 @@ def _remove(stats: list[dict], width: int, keep: int, chunk: int) -> tuple[list[
             rest = [i for i in range(len(alive)) if i not in gone]
             s["blk"] = newpos[s["blk"][rest]]
         alive = [ch for i, ch in enumerate(alive) if i not in gone]
-        total = sum(_err(s) for s in stats)
         trail.append(total)
     return alive, trail
 
@@ -338,15 +373,23 @@ def select(original: nn.Module, counts: Mapping[str, int] | Plan, batches: Itera
                 raise ValueError("obs: the calibration batches are empty")
             _, _, shapes = _call_order(work, xs[0][:2])
             todo = [u for u in units if u.name in counts and int(counts[u.name]) < widths[u.name]]
-            for ui, u in enumerate(tqdm(todo, desc="obs", unit="unit", leave=False, disable=not progress)):
-                tu = time.perf_counter()
+            found_all = []
+            for u in todo:
                 found = _consumers_of(cmap, u.name, widths, wl, ol)
                 if not found:
                     raise ValueError(f"obs: no Conv2d/Linear reads unit {u.name} in the channel map")
-                cons = [_Consumer(n, wl[n], ol[n], cols, alive[n].clone(), shapes.get(n, ())) for n, cols in found]
-                gens = {c.name: torch.Generator().manual_seed(layer_seed(seed, 1000 * ui + j))
-                        for j, c in enumerate(cons)}
-                acc = _accumulate(work, original, cons, xs, gens, positions, chunk_rows)
+                found_all.append((u.name, [_Consumer(n, wl[n], ol[n], cols, alive[n], shapes.get(n, ()))
+                                           for n, cols in found]))
+            t_targets = time.perf_counter()
+            pos, tg = _original_targets(original, found_all, xs, seed, positions)
+            log.info("obs: targets of %d consumers from one pass of the original in %.1f s",
+                     sum(len(c) for _, c in found_all), time.perf_counter() - t_targets)
+            for u, (_, cons0) in zip(tqdm(todo, desc="obs", unit="unit", leave=False, disable=not progress),
+                                     found_all):
+                tu = time.perf_counter()
+                cons = [_Consumer(c.name, c.layer, c.orig, c.cols, alive[c.name].clone(), c.out_hw) for c in cons0]
+                acc = _accumulate(work, cons, xs, pos[u.name], tg[u.name], chunk_rows)
+                t_acc = time.perf_counter() - tu
                 stats = []
                 for c in cons:
                     xx, xy, yy, _ = acc[c.name]
@@ -368,7 +411,7 @@ def select(original: nn.Module, counts: Mapping[str, int] | Plan, batches: Itera
                 err_full = sum(_err(s) for s in stats)
                 width, k = widths[u.name], int(counts[u.name])
                 step = max(1, math.ceil(width * chunk))
-                kept, trail = _remove(stats, width, k, step)
+                kept, trail = _remove(stats, width, k, step, err_full)
                 kept = sorted(kept)
                 keep[u.name] = tuple(kept)
                 gone = torch.ones(width, dtype=torch.bool)
@@ -382,6 +425,10 @@ def select(original: nn.Module, counts: Mapping[str, int] | Plan, batches: Itera
                     new_alive[c.cols[gone].reshape(-1)] = False
                     _write(c.layer, new_alive, w)
                     alive[c.name] = new_alive
+                tg[u.name] = {}  # free the unit's targets
+                log.info("obs: %s keeps %d of %d (consumers %s): relative error %.4g -> %.4g; %.1f s "
+                         "(statistics %.1f s)", u.name, k, width, ",".join(c.name for c in cons), err_full, err_kept,
+                         time.perf_counter() - tu, t_acc)
                 done.append(UnitSelection(unit=u.name, width=width, kept=k, consumers=tuple(c.name for c in cons),
                                           error_full=err_full, error_kept=err_kept, removal_costs=tuple(trail),
                                           seconds=time.perf_counter() - tu))

@@ -47,6 +47,8 @@ def main() -> int:
     ap.add_argument("--chunk", type=float, default=1 / 64)
     ap.add_argument("--out", default=str(OUT / "results_vgg_obs.json"))
     args = ap.parse_args()
+    import logging
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     torch.set_num_threads(2)
     bundle = data.load("cifar10", args.data_root, input_size=32, seed=0)
     base, _ = checkpoint.load(args.checkpoint, model="vgg16_bn")
