@@ -34,3 +34,16 @@ def test_every_model_written_with_a_shape_option_loads_back(tmp_path, name):
             y = back.eval()(torch.zeros(1, 3, size, size))
         assert tuple(y.shape) == (1, back.num_classes)
         del net, back, sd, sd_back
+
+
+def test_a_large_input_size_is_checked_without_allocating_it():
+    """mobilenet_v2 at 4096 px: the input-size check runs on the meta device (it allocated 9 GB at 1024 px)."""
+    import resource
+
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    net = get_model("mobilenet_v2", input_size=4096)
+    grew_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
+    assert net.input_size == 4096 and net.builder_kwargs["input_size"] == 4096 and grew_mb < 500, grew_mb
+    assert next(net.parameters()).device.type == "cpu"
+    with pytest.raises(UserError, match="input size must be an integer in \\[8, 4096\\]"):
+        get_model("mobilenet_v2", input_size=8192)

@@ -53,8 +53,29 @@ def get_model(name: str, num_classes: int | None = None, cfg: list | None = None
     model = _MODELS[name](cfg=cfg, **kwargs)
     model.arch = name
     if input_size is not None and input_size != model.input_size:
-        _resize_input(model, name, input_size)
+        probe = _meta_twin(name, cfg, kwargs, model)
+        _resize_input(probe, name, input_size)  # on the meta device: a 4096-px check allocates nothing
+        if probe is not model:
+            model.input_size, model.builder_kwargs = probe.input_size, probe.builder_kwargs
     return model
+
+
+def _meta_twin(name: str, cfg: list | None, kwargs: dict, model: nn.Module) -> nn.Module:
+    """The same architecture on the meta device (``model`` itself if it is there already, or where
+    the builder cannot build there)."""
+    import torch
+
+    p = next(model.parameters(), None)
+    if p is None or p.is_meta:
+        return model
+    try:
+        with torch.device("meta"):
+            twin = _MODELS[name](cfg=cfg, **kwargs)
+    except (NotImplementedError, RuntimeError):
+        return model
+    twin.arch = name
+    twin.builder_kwargs = getattr(model, "builder_kwargs", None)
+    return twin
 
 
 def _resize_input(model: nn.Module, name: str, size: object) -> None:
