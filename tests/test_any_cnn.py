@@ -219,7 +219,7 @@ def test_unbalanced_cut_of_a_grouped_conv_is_an_error_not_a_wrong_model() -> Non
     m = randomize_bn(_GroupedNet()).eval()
     m.prune_grouped = True
     plan = Plan(keep={"a": tuple(range(12))}, widths={"a": 24})  # groups 0 and 1 whole, 2 and 3 empty
-    with pytest.raises(ValueError, match="same number of input channels in every group"):
+    with pytest.raises(UserError, match="same number of input channels in every group"):
         surgery.cut(m, plan)
     assert graph.balanced_keep(list(range(24))[::-1], 12, 24, 4) == (3, 4, 5, 9, 10, 11, 15, 16, 17, 21, 22, 23)
 

@@ -23,6 +23,20 @@ Rules (each documented in the README, "Any CNN"):
   even where an activation *module* is reused (torchvision's BasicBlock calls one ``relu``
   twice); ``capture.record`` asserts it. A unit with no activation is ranked on its BN
   output.
+* **Norms with the activation inside** (timm's ``BatchNormAct2d``, any subclass of a torch norm
+  whose output differs from its torch base class's ``forward`` on the same input: found by running
+  both once, never by class name): the norm module's output is the rank point, already activated,
+  and the unit is plain. torch-pruning traces such a module as its activation's op, so the
+  batch-norm op between the conv and the module is stepped over (``_norm_after``).
+* **Grouped convs** (``1 < groups``, not depthwise; RegNet, ResNeXt): a unit whose channels a
+  grouped conv reads (or makes) one to one is cut the *same number of channels in every group*, so
+  ``groups`` is kept; each group keeps its own best positions (``balanced_keep``), and the grouped
+  conv's input columns are sliced group by group (``_grouped_prune_in_channels``). Such units are in
+  ``Discovery.groups`` (unit -> groups: kept counts are multiples of it) and pruned only with
+  ``model.prune_grouped`` / ``grouped=True`` until the policy rounds to ``keep_multiple``.
+  A grouped conv reading only part of a unit (a concat before it) is refused.
+* **Time bound.** Tracing and grouping run under ``COMPRESSOR_GRAPH_TIMEOUT`` seconds (120) each
+  (``compressor.pruning.bounded``); past it the model is refused in one line naming the step.
 * **Refusal.** A group whose members disagree on the channel count (``F.pad`` on channels,
   as in option-A ResNet shortcuts, makes torch-pruning merge widths 16/32/64) is never
   pruned: it is reported in ``Discovery.refused`` with the op that caused it, and asking
@@ -115,8 +129,9 @@ def _grouped_prune_in_channels(self: Any, layer: nn.Module, idxs: Sequence[int])
     drop = set(int(i) for i in idxs)
     per_group = [[j for j in range(size) if k * size + j not in drop] for k in range(g)]
     if len({len(p) for p in per_group}) != 1 or not per_group[0]:
-        raise ValueError(f"grouped conv (groups={g}): a cut must keep the same number of input channels "
-                         f"in every group, got {[len(p) for p in per_group]}")
+        raise UserError(f"grouped conv (groups={g}): a cut must keep the same number of input channels "
+                        f"in every group, got {[len(p) for p in per_group]} (plan the unit with balanced_keep)",
+                        field="plan")
     out_per = layer.out_channels // g
     cols = torch.tensor([per_group[o // out_per] for o in range(layer.out_channels)], dtype=torch.long,
                         device=layer.weight.device)
