@@ -127,6 +127,7 @@ def read(path: str | Path) -> dict[str, Any]:
         raise UserError("checkpoint not found", source=src)
     if p.stat().st_size == 0:
         raise UserError("checkpoint is empty", source=src)
+    _check_zip_size(p, src)
     try:
         with warnings.catch_warnings():  # torch warns about bare pickles before refusing them
             warnings.filterwarnings("ignore", message="Detected pickle protocol")
@@ -145,6 +146,32 @@ def read(path: str | Path) -> dict[str, Any]:
         raise UserError(f"not a checkpoint (top level is {type(obj).__name__}, expected a dict)", source=src)
     _check_structure(obj, src)
     return obj
+
+
+ZIP_RATIO = 4  # a torch file stores its records uncompressed: declared sizes near the file's own
+ZIP_FLOOR = 16 << 20
+
+
+def _check_zip_size(p: Path, src: str) -> None:
+    """A torch (zip) file whose records declare far more bytes than the file holds (a deflate bomb:
+    a few MB standing for GBs) is refused before torch inflates it."""
+    import zipfile
+
+    try:
+        if not zipfile.is_zipfile(p):
+            return
+        with zipfile.ZipFile(p) as z:
+            infos = z.infolist()
+    except (OSError, zipfile.BadZipFile, ValueError):
+        return  # torch's own reader reports it
+    size = p.stat().st_size
+    limit = max(ZIP_FLOOR, ZIP_RATIO * size)
+    total = 0
+    for info in infos:
+        total += info.file_size
+        if total > limit:
+            raise UserError(f"records declare more than {limit:,} bytes from a {size:,}-byte file (a decompression "
+                            "bomb); refused", source=src, field=info.filename[-80:])
 
 
 MAX_NODES = 1_000_000  # containers and values a checkpoint may hold (a ResNet-110 state_dict: about 700)

@@ -340,3 +340,25 @@ def test_a_hostile_checkpoint_is_one_line_naming_the_field(tmp_path, files, caps
         line = _error_line(err)
         assert f"{path}: {field}: " in line and words in line, line
     assert not (tmp_path / "r.md").exists()
+
+
+def test_a_deflate_bomb_checkpoint_is_refused_before_inflating(tmp_path, files, capsys, monkeypatch):  # noqa: F811
+    import zipfile
+
+    import torch
+
+    from compressor import checkpoint
+
+    monkeypatch.setattr(checkpoint, "ZIP_FLOOR", 1 << 20)  # the rule at a test's scale
+    plain = tmp_path / "plain.pt"
+    doc = torch.load(files["tiny"], weights_only=True)
+    torch.save({**doc, "extra": {"pad": torch.zeros(4_000_000)}}, plain)
+    bomb = tmp_path / "bomb.pt"
+    with zipfile.ZipFile(plain) as src, zipfile.ZipFile(bomb, "w", zipfile.ZIP_DEFLATED) as dst:
+        for info in src.infolist():
+            dst.writestr(info.filename, src.read(info))
+    assert bomb.stat().st_size < 1_000_000
+    code, err, _ = run(capsys, ["eval", "--checkpoint", bomb, "--no-progress"])
+    assert code == 2, err
+    line = _error_line(err)
+    assert f"{bomb}: " in line and "decompression bomb" in line, line
