@@ -136,6 +136,13 @@ def _load_state(path: Path, job: SweepJob, checksum: str) -> dict[str, Any] | No
         if old.get(key) != _settings(job)[key]:
             raise UserError(f"the sweep here used {key}={old.get(key)!r}, not {_settings(job)[key]!r}; "
                             "points would not be comparable (use another --out)", source=str(path), field=key)
+    points = doc.get("points", [])
+    if not isinstance(points, list) or not all(isinstance(p, dict) for p in points):
+        raise UserError("must be a list of mappings", source=str(path), field="points")
+    from compressor.report_baseline import sweep_point_folder
+
+    for i, p in enumerate(points):  # a point's folder stays inside the sweep folder
+        sweep_point_folder(path.parent, path, i, p.get("name"))
     changed = [k for k, v in _settings(job).items() if k in old and old[k] != v]
     if changed:
         log.warning("settings differ from the sweep's earlier run (%s); finished points keep theirs",
