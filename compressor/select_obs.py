@@ -33,7 +33,7 @@ How (``select``):
   (relative errors add, so a residual space's consumers count alike). The ``chunk`` cheapest
   channels are removed together (the joint OBS update, exact for the set), ``H⁻¹`` is
   downdated and the removed rows and columns dropped; repeat until the unit's keep count.
-  ``chunk`` defaults to 1/64 of the unit's width (1 channel for widths up to 64).
+  ``chunk`` defaults to 1/32 of the unit's width (1 channel for widths up to 32, 16 of 512).
 * **Refit.** The consumers' weights on the kept columns are solved afresh from the same
   statistics (ridge towards the current weights, as ``reconstruct`` does) and written into
   the working copy.
@@ -271,46 +271,46 @@ def _write(layer: nn.Module, alive: torch.Tensor, w: torch.Tensor) -> None:
 
 
 def _remove(stats: list[dict], width: int, keep: int, chunk: int, start: float = 0.0) -> tuple[list[int], list[float]]:
-    """OBS removal of ``width - keep`` channels over the consumers in ``stats``; returns kept, costs."""
-    alive = list(range(width))  # the unit's channels still in, in the order of the local column blocks
+    """OBS removal of ``width - keep`` channels over the consumers in ``stats``; returns kept, costs.
+
+    ``H⁻¹`` and ``W`` keep their size: after the downdate the removed rows and columns are
+    exactly zero, so nothing is copied per step; the live columns are cut out at the end."""
+    alive = list(range(width))  # the unit's channels still in (indices into each stat's "blk")
     trail: list[float] = []
     total = start
     while len(alive) > keep:
+        live = torch.tensor(alive)
         cost = torch.zeros(len(alive), dtype=torch.float64)
         for s in stats:
-            idx = s["blk"]  # [n_alive, span] local column indices
+            idx = s["blk"][live]  # [n_alive, span] local column indices
             hb = s["hinv"][idx[:, :, None], idx[:, None, :]]  # n, span, span
             wg = s["w"][idx]  # n, span, out
             sol = torch.linalg.solve(hb, wg)
             cost += (wg * sol).sum(dim=(1, 2)) / s["yy"]
         c = min(chunk, len(alive) - keep)
         pick = torch.argsort(cost, stable=True)[:c]
-        gone = set(pick.tolist())
+        chans = live[pick]
         for s in stats:
-            cols = s["blk"][pick].reshape(-1)
+            cols = s["blk"][chans].reshape(-1)
             hinv, w = s["hinv"], s["w"]
-            hs = hinv[:, cols]  # F, S
-            m = torch.linalg.solve(hinv[cols][:, cols], torch.cat([hs.T, w[cols]], dim=1))
-            dm = m[:, : hinv.shape[0]]
-            dw = m[:, hinv.shape[0]:]
-            total += float((w[cols] * dw).sum()) / s["yy"]  # the joint removal's exact increase
-            hinv = hinv - hs @ dm
-            w = w - hs @ dw
-            keep_cols = torch.ones(hinv.shape[0], dtype=torch.bool)
-            keep_cols[cols] = False
-            s["hinv"] = hinv[keep_cols][:, keep_cols]
-            s["w"] = w[keep_cols]
-            s["xx"] = s["xx"][keep_cols][:, keep_cols]
-            s["xy"] = s["xy"][keep_cols]
-            s["w0"] = s["w0"][keep_cols]
-            s["pen"] = s["pen"][keep_cols]
-            s["local"] = s["local"][keep_cols]
-            # renumber the remaining blocks
-            newpos = torch.cumsum(keep_cols.long(), 0) - 1
-            rest = [i for i in range(len(alive)) if i not in gone]
-            s["blk"] = newpos[s["blk"][rest]]
-        alive = [ch for i, ch in enumerate(alive) if i not in gone]
+            hs = hinv[:, cols].clone()  # F, S
+            m = torch.linalg.solve(hs[cols], torch.cat([hs.T, w[cols]], dim=1))
+            n = hinv.shape[0]
+            total += float((w[cols] * m[:, n:]).sum()) / s["yy"]  # the joint removal's exact increase
+            hinv.addmm_(hs, m[:, :n], alpha=-1)
+            w.addmm_(hs, m[:, n:], alpha=-1)
+            s["live"][cols] = False
+        gone = set(chans.tolist())
+        alive = [ch for ch in alive if ch not in gone]
         trail.append(total)
+    for s in stats:
+        idx = s["live"].nonzero().squeeze(1)
+        for key in ("xx",):
+            s[key] = s[key].index_select(0, idx).index_select(1, idx)
+        for key in ("xy", "w0", "w"):
+            s[key] = s[key].index_select(0, idx)
+        s["pen"] = s["pen"][idx]
+        s["hinv"] = None
     return alive, trail
 
 
@@ -331,7 +331,7 @@ def _solve_fresh(s: dict) -> torch.Tensor:
 
 
 def select(original: nn.Module, counts: Mapping[str, int] | Plan, batches: Iterable, *, positions: int = 32,
-           ridge: float = 1e-3, chunk: float = 1 / 64, seed: int = 0, max_images: int | None = None,
+           ridge: float = 1e-3, chunk: float = 1 / 32, seed: int = 0, max_images: int | None = None,
            units: Sequence[Any] | None = None, chunk_rows: int = 8192, progress: bool = True
            ) -> tuple[Plan, ObsReport]:
     """Keep ``counts[unit]`` channels of each unit, chosen by the consumers' refit error (see the module doc).
@@ -406,7 +406,8 @@ def select(original: nn.Module, counts: Mapping[str, int] | Plan, batches: Itera
                     hinv = _inv_spd(a)
                     w = hinv @ (xy + pen[:, None] * w0)
                     s = {"hinv": hinv, "w": w, "xx": xx, "xy": xy, "w0": w0, "pen": pen, "blk": blk,
-                         "yy": max(float(yy), 1e-300), "yy_raw": yy, "local": torch.arange(xx.shape[0])}
+                         "yy": max(float(yy), 1e-300), "yy_raw": yy,
+                         "live": torch.ones(xx.shape[0], dtype=torch.bool)}
                     stats.append(s)
                 err_full = sum(_err(s) for s in stats)
                 width, k = widths[u.name], int(counts[u.name])
