@@ -132,7 +132,8 @@ def _from_folder(folder: Path) -> list[Entry]:
     found = [p for p in files if _is_checkpoint(p)]
     if len(found) < len(files):
         log.info("%s: skipped %d .pt file(s) that are not compressor checkpoints", folder, len(files) - len(found))
-    return [Entry(p, _scores_near(p)) for p in found]
+    return [Entry(p, _scores_near(p)) for p in found] + [Entry(p) for p in sorted(folder.rglob("*.onnx"))
+                                                          if not p.name.startswith(".")]
 
 
 def collect(inputs: Sequence[str]) -> list[Entry]:
@@ -434,8 +435,11 @@ def _latency_columns(rows: dict[str, dict[str, Any]], bl: _Baselines,
 
 
 def build(entries: Sequence[Entry], cfg: ReportConfig = ReportConfig()) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """Rows (one per checkpoint) and report metadata."""
-    loaded = _load(entries, cfg.models)
+    """Rows (one per checkpoint or ``.onnx`` file: ``compressor.report_onnx``) and report metadata."""
+    from compressor import report_onnx
+
+    onnx_entries = [e for e in entries if report_onnx.is_onnx_entry(e)]
+    loaded = _load([e for e in entries if not report_onnx.is_onnx_entry(e)], cfg.models)
     rows: dict[str, dict[str, Any]] = {}
     bundles: dict[tuple, Any] = {}
     for item in loaded:
@@ -445,6 +449,7 @@ def build(entries: Sequence[Entry], cfg: ReportConfig = ReportConfig()) -> tuple
             row.update(_evaluate(item, cfg, bundles))
         rows[item.name] = row
     bl = _match(loaded, rows)
+    onnx_names = report_onnx.add_rows(onnx_entries, loaded, rows, bl, cfg, bundles)
     for name, row in rows.items():
         bname = bl.of[name]
         if bname is not None:
@@ -452,7 +457,9 @@ def build(entries: Sequence[Entry], cfg: ReportConfig = ReportConfig()) -> tuple
     timings: dict[str, dict[str, lat.Timing]] = {}
     if cfg.latency is not None:
         timings = _time_groups(bl.groups, bl.sizes, cfg.latency)
+        report_onnx.drop_cuda_slots(timings, onnx_names)
         _latency_columns(rows, bl, timings)
+        report_onnx.int8_vs_float(rows, onnx_names)
     order = sorted(rows.values(), key=lambda r: (r["model"], r["role"] != "baseline", -r["macs"], r["name"]))
     any_t = next(iter(timings.values()), {})
     meta = {

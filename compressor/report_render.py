@@ -72,6 +72,7 @@ def markdown(rows: Sequence[dict[str, Any]], meta: dict[str, Any]) -> str:
     bn_note = _bn_note(rows)
     if bn_note:
         notes.append(bn_note)
+    notes += _onnx_notes(rows)
     notes.append(f"- Generated {meta['time']} with torch {meta['torch']}.")
     return "\n".join(lines + notes) + "\n"
 
@@ -93,6 +94,28 @@ def _bn_note(rows: Sequence[dict[str, Any]]) -> str | None:
         if names:
             parts.append(f"{k}: {'all pruned models' if len(names) == len(pruned) else ', '.join(names)}")
     return "- BN statistics after surgery: " + "; ".join(parts) + "."
+
+
+def _onnx_notes(rows: Sequence[dict[str, Any]]) -> list[str]:
+    """ONNX rows: how they ran, and for each int8 row whether it is faster or slower than its float32 peer."""
+    onnx_rows = [r for r in rows if r.get("runtime") == "onnxruntime"]
+    if not onnx_rows:
+        return []
+    out = ["- `.onnx` rows run in onnxruntime on the CPU (torch's thread count), timed interleaved with their "
+           "source checkpoint's group; their params/MACs are the ones recorded at export."]
+    for r in onnx_rows:
+        if r.get("quantization"):
+            out.append(f"- {r['name']}: int8 (QDQ), calibration {r.get('calibration', '–')}.")
+        ratios = {k[len("int8_speedup_"):]: v for k, v in r.items() if k.startswith("int8_speedup_")}
+        if not ratios:
+            continue
+        parts = [f"{slot.replace('_b', ' b')} {v:.2f}× ({'faster' if v >= 1 else 'SLOWER'})"
+                 for slot, v in sorted(ratios.items())]
+        slower = [s for s, v in ratios.items() if v < 1]
+        verdict = (f"int8 is slower than float32 on this CPU at {', '.join(s.replace('_b', ' b') for s in sorted(slower))}"
+                   if slower else "int8 is faster than float32 on this CPU")
+        out.append(f"- {r['name']} vs {r['int8_vs']}: {'; '.join(parts)}: {verdict}.")
+    return out
 
 
 def _csv(rows: Sequence[dict[str, Any]]) -> str:
