@@ -292,3 +292,20 @@ def test_timm_source_builds_without_weights_and_protects_the_classifier() -> Non
     assert timm_source.build("timm:resnet18").input_size == 224
     with one_thread():
         assert "fc" not in {u.name for u in graph.units(m)}
+
+
+def test_conv_relu_bn_order_keeps_its_conv_rank_point() -> None:
+    """Only the norm op is stepped over: a ReLU between a conv and its BN is the unit's activation."""
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.c0, self.b0 = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8)
+            self.fc = nn.Linear(8, 3)
+            self.input_size = 8
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc(self.b0(torch.relu(self.c0(x))).mean((2, 3)))
+
+    u = graph.discover(Net().eval()).unit("c0")
+    assert (u.kind, u.rank_points, u.rank_acts) == ("plain", ("c0",), ("relu",))

@@ -440,7 +440,8 @@ def _norm_after(node: Any) -> Any | None:
 
     A norm module that applies an activation inside (timm's ``BatchNormAct2d``) is traced as its
     activation's op, so the batch-norm op itself shows up as an unnamed elementwise node between
-    the conv and the module: up to two such single-input, single-output ops are stepped over.
+    the conv and the module: up to two such single-input norm ops (``Native*NormBackward``) are
+    stepped over, nothing else (a ReLU between a conv and its BN keeps the conv as the rank point).
     """
     for _ in range(3):
         nxt = list(node.outputs)
@@ -449,8 +450,9 @@ def _norm_after(node: Any) -> Any | None:
         node = nxt[0]
         if isinstance(node.module, _NORMS):
             return node
-        if not isinstance(node.module, tp.ops._ElementWiseOp) or len(node.inputs) != 1:
-            return None
+        if (not isinstance(node.module, tp.ops._ElementWiseOp) or len(node.inputs) != 1
+                or "Norm" not in type(getattr(node, "grad_fn", None)).__name__):
+            return None  # only the norm op itself is stepped over (conv -> relu -> bn keeps its conv point)
     return None
 
 
