@@ -41,7 +41,7 @@ def pruned(name: str, rate: float = 0.5, cfg: list | None = None) -> torch.nn.Mo
     g = torch.Generator().manual_seed(1)
     scores = {u: torch.rand(w, generator=g) for u, w in widths.items()}
     plan = make_plan(scores, RateSpec(rates={u: rate for u in widths}), widths, model=name)
-    return surgery.apply(model, plan, method="rebuild" if hasattr(model, "channel_map") else "torch_pruning").eval()
+    return surgery.apply(model, plan).eval()  # the one surgery method (torch_pruning)
 
 
 @pytest.mark.parametrize("name", CIFAR_MODELS)
