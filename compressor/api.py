@@ -146,7 +146,13 @@ def rates_spec(rates: Any, model: nn.Module, *, rounding: str | None = None, rou
                 for name in (exc.field, exc.field.strip("'")):
                     if name in d.refused or name in d.skipped:
                         graph.check_prunable(model, [name])
-            spec = _layout_rates(read_yaml(rates), str(rates), model, names)
+            if exc.field != "rates" or not hasattr(model, "hrankplus_rates"):
+                raise  # a bad round_to, rounding or model is reported as itself, not as a layout mismatch
+            try:
+                spec = _layout_rates(read_yaml(rates), str(rates), model, names)
+            except UserError as layout:
+                raise UserError(f"{_message(exc)}; read as HRankPlus's layout: {_message(layout)}",
+                                source=exc.source, field=exc.field) from exc
             if spec is None:
                 raise
     elif isinstance(rates, Mapping) and ({"target", "rates", "default", "policy", "round_to", "rounding"} & set(rates)):
@@ -159,6 +165,12 @@ def rates_spec(rates: Any, model: nn.Module, *, rounding: str | None = None, rou
     if round_to:
         changes["round_to"] = round_to
     return spec.replace(**changes) if changes else spec
+
+
+def _message(exc: UserError) -> str:
+    """An error's text without its ``source: field:`` prefix."""
+    where = ": ".join(p for p in (exc.source, exc.field) if p)
+    return str(exc)[len(where) + 2:] if where and str(exc).startswith(where) else str(exc)
 
 
 def _layout_rates(doc: Any, source: str, model: nn.Module, names: list[str]) -> RateSpec | None:
@@ -480,10 +492,8 @@ def load(path: str | Path, model: str | nn.Module | None = None, **kwargs: Any) 
         return checkpoint.load(path, model=model, **kwargs)[0]
     except UserError as exc:
         if "unknown model" in str(exc) and model is None:
-            where = ": ".join(p for p in (exc.source, exc.field) if p)
-            msg = str(exc)[len(where) + 2:] if where else str(exc)
-            raise UserError(f"{msg}; a model of your own class loads with compressor.load(path, model=MyNet(...))",
-                            source=exc.source, field=exc.field) from exc
+            raise UserError(f"{_message(exc)}; a model of your own class loads with "
+                            "compressor.load(path, model=MyNet(...))", source=exc.source, field=exc.field) from exc
         raise
 
 

@@ -156,3 +156,22 @@ def test_a_rates_file_in_hrankplus_layout_maps_onto_the_units(tmp_path) -> None:
     path.write_text('rates: "[0.1]*5"\n')  # neither the unit count nor the layout
     with pytest.raises(UserError, match="has 12 entries, got 5"):
         _load_rates(PruneJob(model="resnet20", rates=str(path)), m)
+
+
+def test_a_bad_rates_file_for_a_cifar_resnet_is_reported_as_itself(tmp_path) -> None:
+    """Issue 22: a wrong round_to or rounding is not masked as an HRankPlus layout mismatch."""
+    import compressor
+
+    m = get_model("resnet20")
+    path = tmp_path / "r.yaml"
+    path.write_text("rates: {conv1: 0.1}\nround_to: -3\n")
+    with pytest.raises(UserError, match="round_to") as exc:
+        compressor.rates_spec(path, m)
+    assert "HRankPlus" not in str(exc.value)
+    path.write_text('rates: "[0.1]*13"\nrounding: sideways\n')
+    with pytest.raises(UserError, match="rounding") as exc:
+        compressor.rates_spec(path, m)
+    assert "HRankPlus" not in str(exc.value)
+    path.write_text('rates: "[0.1]*5"\n')  # the list fits neither: both readings are named
+    with pytest.raises(UserError, match=r"has 5 rates.*HRankPlus's layout.*has 12 entries, got 5"):
+        compressor.rates_spec(path, m)
