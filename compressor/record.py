@@ -68,6 +68,9 @@ def record_of(model: nn.Module, example_inputs: torch.Tensor | None = None,
     """The record for ``model``: what it says of itself, with the caller's arguments on top."""
     if not isinstance(model, nn.Module):
         raise UserError(f"expected an nn.Module, got {type(model).__name__}", field="model")
+    if any(t.is_meta for t in model.parameters()) or any(t.is_meta for t in model.buffers()):
+        raise UserError("the model's weights are on the meta device (not materialised): load or initialise them first, "
+                        "e.g. model.to_empty(device='cpu') and a state_dict", field="model")
     size, chans = _size_of(model), int(getattr(model, "in_channels", 3))
     if example_inputs is not None:
         if not torch.is_tensor(example_inputs) or example_inputs.ndim != 4:

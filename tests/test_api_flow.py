@@ -142,6 +142,13 @@ def test_public_errors_are_one_line_user_errors(trained, tmp_path) -> None:
         compressor.count(MyNet())
     with pytest.raises(UserError, match="device"):
         compressor.rank(net, train[:1], ["l1"], example_inputs=example, device="tpu")
+    with pytest.raises(UserError, match="cuda"), pytest.MonkeyPatch.context() as mp:
+        mp.setattr(torch.cuda, "is_available", lambda: False)
+        compressor.rank(net, train[:1], ["l1"], example_inputs=example, device="cuda")
+    with torch.device("meta"):
+        ghost = MyNet()
+    with pytest.raises(UserError, match="meta device"):
+        compressor.prune(ghost, example, {"head.0": 0.5})
     with pytest.raises(UserError, match="original"):
         compressor.recover(net, train, reconstruct=True)
     small, _ = compressor.prune(net, example, {"block.0.0": 0.5, "head.0": 0.5}, criterion="l1")
