@@ -185,8 +185,23 @@ def real_images(model: nn.Module, n: int = 64) -> tuple[str, torch.Tensor]:
 
 
 def export(model: nn.Module, path: str | Path | None, *, opset: int = DEFAULT_OPSET, atol: float = 1e-4,
-           batch_sizes: Sequence[int] = (1, 7), n_real: int = 64, seed: int = 0, force: bool = False) -> ExportResult:
-    """Export, verify, and write ``path`` only if every check passes (or ``force``)."""
+           batch_sizes: Sequence[int] = (1, 7), n_real: int = 64, seed: int = 0, force: bool = False,
+           int8: bool = False, calibration: Any = None, max_drop: float = 1.0, n_calib: int = 256,
+           calib_method: str | None = None, n_test: int | None = None) -> Any:
+    """Export, verify, and write ``path`` only if every check passes (or ``force``).
+
+    ``int8=True``: a calibrated int8 QDQ file instead (``onnx_int8.export_int8``), activations calibrated on
+    ``calibration`` (a DataLoader, iterable of batches or tensor; None: ``n_calib`` images of the model's own
+    training data) with ``calib_method`` (None: minmax), refused (``DropTooLarge``, exit 3, nothing written)
+    when its top-1 on ``n_test`` test images (None: all) is more than ``max_drop`` points below float32's;
+    returns ``onnx_int8.Int8Result``. ``force`` does not apply to it.
+    """
+    if int8:
+        from compressor import onnx_int8
+
+        return onnx_int8.export_int8(model, path, calibration=calibration, n_calib=n_calib,
+                                     method=calib_method or onnx_int8.DEFAULT_METHOD, seed=seed, max_drop=max_drop,
+                                     n_test=n_test, opset=opset, atol=atol)
     if n_real < 0:
         raise UserError(f"must be >= 0, got {n_real}", field="n-real")
     check_opset(opset)  # an opset out of range is the user's; anything failing after it is reported as itself

@@ -102,8 +102,10 @@ def test_python_path_int8(flow, tmp_path):
     net, _ = checkpoint.load(pruned)
     bundle, _ = contract.load_data(net)
     loader = data.loader(data.calibration_subset(bundle.train_eval, 64, 0), 16)
-    res = onnx_int8.export_int8(net, tmp_path / "m.onnx", calibration=loader, n_calib=64, n_test=120,
-                                method="percentile")
+    from compressor import onnx_export
+
+    res = onnx_export.export(net, tmp_path / "m.onnx", int8=True, calibration=loader, n_calib=64, n_test=120,
+                             calib_method="percentile", max_drop=1.0)
     assert res.ok and res.path and res.calibration_images == 64 and res.n_test == 120
     assert res.calibration_source == "loader passed by the caller"
     rec = json.loads({p.key: p.value for p in onnx.load(res.path).metadata_props}["quantization"])
