@@ -58,7 +58,13 @@ sampled positions are cached: ``rows × outputs`` floats per consumer, ~150 MiB 
 512 images and 32 positions), one prefix pass of the working network per unit, and per unit
 the normal equations of its consumers at full input width (``2·rows·F²`` flops, ``F`` the
 consumer's input features) plus the inverse and the removal (``O(F³)``). Needs
-``model.channel_map()`` (registered families: VGG, MobileNet v1/v2, SqueezeNet).
+``model.channel_map()`` (registered families: VGG, MobileNet v1/v2, SqueezeNet; not yet the CIFAR
+ResNets or torchvision models, which have none).
+
+Measured (experiments/RESULTS.md, issue 20): VGG16-BN on the CIFAR-10 JPEG copy, 512 images, no
+fine-tune, full test split: obs + reconstruct 86.69% at CHIP-58 and 84.46% at CHIP-79, against
+86.51% and 83.45% for l1 + reconstruct at the same keep counts (baseline 87.86%). Selection took
+610 s per rate on one thread of a 2-core machine at load 6–9 (l1: none; reconstruct: 85–140 s).
 """
 
 from __future__ import annotations
