@@ -446,19 +446,30 @@ def sensitivity(model: nn.Module, eval_loader: Iterable, *, scores: scores_mod.S
 # ---------------------------------------------------------------- files
 
 def export(model: nn.Module, path: str | Path, *, example_inputs: torch.Tensor | None = None, opset: int | None = None,
-           atol: float = 1e-4, n_real: int = 0, force: bool = False) -> Any:
+           atol: float = 1e-4, n_real: int = 0, force: bool = False, int8: bool = False, calibration: Any = None,
+           max_drop: float = 1.0, calib_method: str | None = None, n_calib: int = 256,
+           n_test: int | None = None) -> Any:
     """ONNX with a dynamic batch, verified against onnxruntime before ``path`` is written.
 
     ``n_real`` test images of the model's own data (its contract) join the random checks.
-    Returns ``export.ExportResult`` (``ok``, ``checks``, ``bytes``); a failed check writes nothing.
+    Returns ``ExportResult`` (``ok``, ``checks``, ``bytes``); a failed check writes nothing.
+
+    ``int8=True``: static post-training quantization (QDQ, per-channel weights), activations
+    calibrated on ``calibration`` batches (or ``n_calib`` images of the model's own data) with
+    ``calib_method`` (default minmax); refused (exit 3, nothing written) when its top-1 on the
+    contract's test data falls more than ``max_drop`` points below float32's.
 
     >>> res = compressor.export(small, "small.onnx"); res.ok              # doctest: +SKIP
     True
+    >>> compressor.export(small, "small.int8.onnx", int8=True, calibration=train_batches)  # doctest: +SKIP
     """
     from compressor import onnx_export as export_mod
 
     v = view(model, record_of(model, example_inputs))
     kw: dict[str, Any] = {"opset": opset} if opset is not None else {}
+    if int8:
+        kw.update(int8=True, calibration=calibration, max_drop=max_drop, calib_method=calib_method, n_calib=n_calib,
+                  n_test=n_test)
     return export_mod.export(v, path, atol=atol, n_real=n_real, force=force, **kw)
 
 

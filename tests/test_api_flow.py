@@ -174,3 +174,24 @@ def test_sensitivity_through_the_api_and_public_names_stay_functions(trained) ->
     assert {r["unit"] for r in res.rows} == {"block.0.0", "se.fc1", "head.0"}
     assert all(r["drop"] == 0 for r in res.rows if r["rate"] == 0.0)  # rate 0 cuts nothing
     assert all(r["macs_kept"] < 1 for r in res.rows if r["rate"] == 0.5)
+
+
+def test_int8_export_through_the_api(trained, tmp_path) -> None:
+    """The pruned user CNN, calibrated on its own batches, checked on the digits test split (the default data of
+    a model without a contract); a drop over the limit is refused and writes nothing."""
+    from compressor.onnx_int8 import DropTooLarge
+
+    net, train, test = trained
+    example = torch.randn(1, 3, 32, 32)
+    with one_thread():
+        small, info = compressor.prune(net, example, {"block.0.0": 0.5, "head.0": 0.5}, criterion="l1")
+        small, _ = compressor.recover(small, train, original=net, plan=info.plan, progress=False)
+        with pytest.raises(DropTooLarge) as refused:
+            compressor.export(small, tmp_path / "strict.onnx", int8=True, calibration=train[:2], max_drop=0.0)
+        assert refused.value.exit_code == 3 and not (tmp_path / "strict.onnx").exists()
+        res = compressor.export(small, tmp_path / "s.int8.onnx", int8=True, calibration=train[:2], max_drop=10.0)
+        fp = compressor.export(small, tmp_path / "s.onnx")
+    assert res.path == str(tmp_path / "s.int8.onnx") and res.calibration_images == 256
+    assert res.n_test == 360 and abs(res.drop) <= 10.0 and res.agree > 0.6  # a weak 10-class model: some flips
+    assert res.top1_float == compressor.evaluate(small, test)["top1"]
+    assert (tmp_path / "s.int8.onnx").stat().st_size < 0.5 * fp.bytes
