@@ -59,6 +59,7 @@ class PruneInfo:
     criterion: str
     kept: dict[str, float] = field(default_factory=dict)  # fraction of MACs / params kept
     latency_check: dict[str, Any] | None = None
+    selection: Any = None  # criterion "obs": the per-unit removal record (select_obs.ObsReport)
 
     def summary(self) -> str:
         b, a = self.size_before, self.size_after
@@ -111,6 +112,9 @@ def rank(model: nn.Module, loader: Iterable, criteria: Sequence[str] = ("hrank",
     >>> scores.for_criterion("hrank")["layer1.0.conv1"].shape          # doctest: +SKIP
     """
     dev = _check_device(device)
+    if "obs" in criteria:
+        raise UserError("'obs' is a selection, not a score: use compressor.prune(..., criterion='obs', "
+                        "calibration=batches)", field="criteria")
     options.setdefault("seed", seed)  # the random criterion follows the run's seed
     batches = list(loader) if n_images is None else loader
     if n_images is None:
@@ -192,7 +196,8 @@ def prune(model: nn.Module, example_inputs: torch.Tensor | None = None, rates: A
           scores: scores_mod.Scores | Mapping[str, torch.Tensor] | None = None, criterion: str | None = None,
           ignored_layers: Sequence[nn.Module | str] | None = None, residual: bool | None = None,
           rounding: str | None = None, round_to: int | None = None, seed: int = 0, verify: bool = True,
-          method: str = "torch_pruning", device: torch.device | str | None = None) -> tuple[nn.Module, PruneInfo]:
+          method: str = "torch_pruning", device: torch.device | str | None = None,
+          calibration: Iterable | None = None) -> tuple[nn.Module, PruneInfo]:
     """A new, physically smaller model at ``rates``; ``model`` is left untouched.
 
     ``rates``: see ``rates_spec``; a budget is ``{"target": {"macs": 0.5}}`` (or ``params``, or
@@ -200,6 +205,9 @@ def prune(model: nn.Module, example_inputs: torch.Tensor | None = None, rates: A
     ``scores``: from ``rank`` (its first criterion, or ``criterion``), or a ``{layer: Tensor}``
     mapping; without scores a weight criterion (``criterion``, default ``l1``) is computed here.
     Scores from ``rank`` are checked against this model's weights (a checksum).
+    ``criterion="obs"``: the kept channels are chosen by the error the consumers' least-squares
+    refit would suffer on ``calibration`` batches (``select_obs``); recover with
+    ``recover(small, data, original=model, plan=info.plan)``. It needs the model's ``channel_map()``.
 
     >>> small, info = compressor.prune(model, torch.randn(1, 3, 32, 32), {"target": {"macs": 0.5}})
     >>> print(info.summary())                                            # doctest: +SKIP
@@ -217,10 +225,24 @@ def prune(model: nn.Module, example_inputs: torch.Tensor | None = None, rates: A
     spec = rates_spec(rates, v, rounding=rounding, round_to=round_to)
     policy.policy_config(spec)
     policy.precheck(spec, str(dev))
-    per_unit, tiebreak, crit = _scores_for(v, scores, criterion, seed)
+    obs = criterion == "obs"
+    if obs and calibration is None:
+        raise UserError("criterion 'obs' chooses channels by the reconstruction's error: pass calibration= "
+                        "(batches of training images, the ones recover() refits on)", field="criterion")
+    # obs: l1 scores only turn the policy or budget into keep counts
+    per_unit, tiebreak, crit = _scores_for(v, scores, "l1" if obs and scores is None else criterion, seed)
     sizer = SizeModel(v, graph.discovery(v))
     spec = policy.resolve(spec, v, per_unit, tiebreak=tiebreak, counter=sizer.count, widths=widths, device=str(dev))
     plan = make_plan(per_unit, spec, widths, tiebreak=tiebreak, model=getattr(v, "arch", ""))
+    selection = None
+    if obs:
+        from compressor.select_obs import select
+
+        try:
+            plan, selection = select(v, plan, calibration, seed=seed, progress=False)
+        except ValueError as exc:
+            raise UserError(str(exc), field="criterion") from exc
+        crit = "obs"
     small = surgery.apply(v, plan, method=method, verify=verify)
     from compressor.train import check_finite
 
@@ -229,7 +251,7 @@ def prune(model: nn.Module, example_inputs: torch.Tensor | None = None, rates: A
     before, after = counting.count(v), counting.count(small)
     kept = {k: after[k] / before[k] for k in ("macs", "params")}
     return small, PruneInfo(plan=plan, rates=spec, size_before=before, size_after=after, criterion=crit, kept=kept,
-                            latency_check=lat)
+                            latency_check=lat, selection=selection)
 
 
 def _scores_for(model: nn.Module, scores: Any, criterion: str | None,

@@ -267,7 +267,12 @@ def _teacher(job: PruneJob, base: nn.Module, device: torch.device) -> nn.Module 
 def run_prune(job: PruneJob) -> dict[str, Any]:
     device = resolve_device(job.device)
     # 1. Validate every input before doing work or writing anything.
-    criteria.get(job.criterion)
+    if job.criterion == "obs":
+        if job.scores or job.import_hrank:
+            raise UserError("--criterion obs chooses channels itself: it takes no --scores/--import-hrank",
+                            field="criterion")
+    else:
+        criteria.get(job.criterion)
     base, ck = _load_base(job)
     probe = base if base is not None else _set_input_size(
         get_model(job.model, num_classes=job.num_classes, **_model_kwargs(job)), job)
@@ -300,9 +305,15 @@ def _prune_into(job: PruneJob, out: Path, device: torch.device, base: nn.Module 
 
     # 3. Scores, 4. plan and surgery.
     units = units_of(base)
-    sc = _rank(job, base, bundle, device, pre_scores)
+    calib = None
+    if job.criterion == "obs":  # the images the reconstruction refits on choose the channels
+        sc = None
+        calib = data_mod.loader(data_mod.calibration_subset(
+            bundle.train_eval, min(job.reconstruct_images, len(bundle.train_eval)), job.seed + 2), 64, device=device)
+    else:
+        sc = _rank(job, base, bundle, device, pre_scores)
     pruned, info = api.prune(base, rates=spec, scores=sc, criterion=job.criterion, method=job.surgery,
-                             seed=job.seed, device=device)
+                             seed=job.seed, device=device, calibration=calib)
     spec, plan = info.rates, info.plan
     log.info(policy.describe(spec))
     pruned = contract_mod.attach(pruned, contract)
@@ -310,6 +321,8 @@ def _prune_into(job: PruneJob, out: Path, device: torch.device, base: nn.Module 
     metrics: dict[str, Any] = {"baseline_test": acc_before, "pruned_test_no_finetune": acc_pruned_raw,
                                "policy": spec.extra.get("resolved"),
                                "eval": {"split": key["split"], "n": key["n"]}}
+    if info.selection is not None:
+        metrics["selection"] = info.selection.to_dict()
     if info.latency_check is not None:
         log.info(info.latency_check["line"])
         metrics["latency_check"] = info.latency_check
@@ -334,12 +347,13 @@ def _final_accuracy(metrics: Mapping[str, Any]) -> Any:
 
 
 def _write_outputs(job: PruneJob, out: Path, base: nn.Module, pruned: nn.Module, plan: Any, spec: RateSpec,
-                   sc: scores_mod.Scores, metrics: dict[str, Any], baseline_trained: bool, acc_before: Any,
+                   sc: scores_mod.Scores | None, metrics: dict[str, Any], baseline_trained: bool, acc_before: Any,
                    units: list) -> dict[str, Any]:
     data_c = contract_mod.of(pruned)
     prov = checkpoint.provenance(seed=job.seed, data=data_c.dataset if data_c else job.data,
                                  data_root=data_c.root if data_c else job.data_root, criterion=job.criterion,
-                                 n_images=sc.meta.get("n_images"), baseline_trained_here=baseline_trained,
+                                 n_images=sc.meta.get("n_images") if sc is not None else None,
+                                 baseline_trained_here=baseline_trained,
                                  bn_recalibrated="bn" in metrics["recovery"].split("+"),
                                  recovery=metrics["recovery"])
     paths = {}
@@ -350,7 +364,7 @@ def _write_outputs(job: PruneJob, out: Path, base: nn.Module, pruned: nn.Module,
             bm["test"] = acc_before
         paths["baseline"] = checkpoint.save(out / "baseline.pt", base.cpu(), metrics=bm, prov=prov)
         base.to(device)
-    if not job.scores:  # computed or imported here: keep them with the run
+    if sc is not None and not job.scores:  # computed or imported here: keep them with the run
         paths["scores"] = sc.save(out / "scores.pt")
     paths["plan"] = plan.save(out / "plan.json")
     paths["checkpoint"] = checkpoint.save(out / "pruned.pt", pruned.cpu(), rates=spec.to_dict(), plan=plan.to_json(),

@@ -250,3 +250,45 @@ def test_tiny_vgg_obs_refit_beats_l1_refit_on_the_calibration_set() -> None:
     assert {u: len(plan.kept(u)) for u in plan.keep} == counts
     assert rec is not None and all(f.accepted for f in rec.layers)
     assert e_obs <= e_l1, (e_obs, e_l1)
+
+
+def test_obs_through_the_api_and_the_prune_command(tmp_path, capsys):
+    """criterion='obs' from Python (prune with calibration, then recover) and from the CLI (--criterion obs
+    --reconstruct): the same keep counts as l1, a recorded selection, and no larger calibration error."""
+    import json
+
+    import compressor
+    from compressor.cli import main
+    from compressor.errors import UserError
+    from compressor.models import get_model
+    from tests.conftest import TINY_VGG, one_thread, randomize_bn
+
+    torch.manual_seed(0)
+    net = randomize_bn(get_model("vgg16_bn", cfg=list(TINY_VGG))).eval()
+    x = torch.randn(1, 3, 32, 32)
+    batches = [(torch.randn(16, 3, 32, 32), torch.randint(0, 10, (16,))) for _ in range(4)]
+    rates = {"default": 0.5}
+    with one_thread():
+        with pytest.raises(UserError, match="calibration"):
+            compressor.prune(net, x, rates, criterion="obs")
+        with pytest.raises(UserError, match="selection, not a score"):
+            compressor.rank(net, batches, ["obs"])
+        small, info = compressor.prune(net, x, rates, criterion="obs", calibration=batches)
+        l1, l1_info = compressor.prune(net, x, rates, criterion="l1")
+        assert info.criterion == "obs" and info.selection is not None
+        assert {u: len(k) for u, k in info.plan.keep.items()} == {u: len(k) for u, k in l1_info.plan.keep.items()}
+        a, _ = compressor.recover(small, batches, original=net, plan=info.plan, progress=False)
+        b, _ = compressor.recover(l1, batches, original=net, plan=l1_info.plan, progress=False)
+        with torch.no_grad():
+            xs = torch.cat([bx for bx, _ in batches])
+            err = lambda m: float((m(xs) - net(xs)).pow(2).mean())  # noqa: E731
+            assert err(a) <= err(b) * 1.05
+        ck = compressor.save(net, tmp_path / "base.pt")
+        r = tmp_path / "r.yaml"
+        r.write_text("default: 0.5\n")
+        assert main(["prune", "--checkpoint", str(ck), "--rates", str(r), "--criterion", "obs", "--reconstruct",
+                     "--reconstruct-images", "64", "--eval-n", "40", "--out", str(tmp_path / "run"),
+                     "--no-progress"]) == 0
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["recovery"] == "reconstruct" and summary["selection"]
+    assert not (tmp_path / "run" / "scores.pt").exists()

@@ -48,7 +48,9 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--round-to", type=positive_int, default=None, help="round every kept width to a multiple of N")
     p.add_argument("--rates", required=True, help="rates.yaml (fraction of filters removed per layer)")
     p.add_argument("--checkpoint", help="trained model to prune; without it a quick baseline is trained first")
-    p.add_argument("--criterion", default="hrank", help="filter criterion (default hrank)")
+    p.add_argument("--criterion", default="hrank",
+                   help="filter criterion (default hrank); obs chooses the channels the --reconstruct refit can best "
+                        "do without (VGG, MobileNet, SqueezeNet)")
     p.add_argument("--scores", help="reuse a scores file from `rank` instead of ranking again")
     p.add_argument("--import-hrank", metavar="DIR", help="use HRank's rank_conv{k}.npy files from DIR")
     p.add_argument("--n-images", type=positive_int, default=768, help="calibration images for ranking (default 768)")
