@@ -60,6 +60,8 @@ def evaluate_checkpoint(path: str, args: argparse.Namespace) -> dict:
                    not args.no_progress, "eval")
     if ck:
         res.update(counting.count(net.cpu()))
+    else:  # an .onnx file: what its metadata records (precision, params, MACs)
+        res.update({k: v for k, v in net.info().items() if v is not None and k != "quantization"})
     measured = dict(res)
     if bundle.notes.get("test_split"):  # the folder the test figure came from (an ImageFolder's test/ or val/)
         res["test_split"] = f"{bundle.notes['test_split']}/"
@@ -85,13 +87,18 @@ def _save(net, ck: dict, measured: dict, path: str, dest: str) -> Path:
     return checkpoint.save(dest, net.cpu(), rates=ck.get("rates"), plan=ck.get("plan"), metrics=metrics, prov=prov)
 
 
+def ck_like(res: dict) -> bool:
+    return res.get("runtime") == "torch"
+
+
 def run(args: argparse.Namespace) -> int:
     res = evaluate_checkpoint(args.checkpoint, args)
     if args.json:
         print(json.dumps(res, indent=2))
     else:
-        size = (f"  params {res['params'] / 1e6:.3f}M  MACs {res['macs'] / 1e6:.2f}M" if "params" in res else
-                f"  ({res['runtime']})")
+        size = (f"  params {res['params'] / 1e6:.3f}M  MACs {res['macs'] / 1e6:.2f}M" if "params" in res and "macs" in res
+                else "") + (f"  ({res['runtime']}, {res['precision']})" if res.get("precision")
+                            else f"  ({res['runtime']})" if not ck_like(res) else "")
         folder = f" [{res['test_split']}]" if res.get("test_split") else ""
         print(f"{res['model']} on {res['data']} test{folder} ({res['n']} images): top-1 {res['top1']:.2f}%  "
               f"top-5 {res['top5']:.2f}%  loss {res['loss']:.4f}{size}  file {res['file_bytes'] / 1e6:.2f} MB")
