@@ -76,9 +76,13 @@ def _run_tp(source: str, name: str, size: int) -> dict:
     return {"macs": macs / base}
 
 
-def _child(tool: str, source: str, name: str, size: int, q: mp.Queue) -> None:
+def _child(tool: str, source: str, name: str, size: int, timeout: float, q: mp.Queue) -> None:
+    import os
+
     import torch
 
+    # the graph's own time bound well inside the process timeout, so a hang is refused, not killed
+    os.environ.setdefault("COMPRESSOR_GRAPH_TIMEOUT", str(max(10, timeout / 3)))
     torch.set_num_threads(1)
     t = time.time()
     try:
@@ -96,7 +100,7 @@ def _child(tool: str, source: str, name: str, size: int, q: mp.Queue) -> None:
 def run_one(tool: str, source: str, name: str, size: int, timeout: float) -> dict:
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
-    p = ctx.Process(target=_child, args=(tool, source, name, size, q))
+    p = ctx.Process(target=_child, args=(tool, source, name, size, timeout, q))
     p.start()
     p.join(timeout)
     if p.is_alive():
