@@ -309,3 +309,21 @@ def test_conv_relu_bn_order_keeps_its_conv_rank_point() -> None:
 
     u = graph.discover(Net().eval()).unit("c0")
     assert (u.kind, u.rank_points, u.rank_acts) == ("plain", ("c0",), ("relu",))
+
+
+def test_a_timm_model_by_name_prunes_saves_and_reloads(tmp_path) -> None:
+    """``timm:<name>`` is a model reference like ``torchvision:<name>``: built without weights at the given size,
+    pruned through the API, saved and rebuilt from the file alone with identical logits."""
+    pytest.importorskip("timm")
+    import compressor
+    from compressor.models import get_model
+
+    torch.manual_seed(0)
+    m = randomize_bn(get_model("timm:resnet18", num_classes=10, input_size=32)).eval()
+    assert m.arch == "timm:resnet18" and m.num_classes == 10
+    small, info = compressor.prune(m, torch.randn(1, 3, 32, 32), {"target": {"macs": 0.6}, "policy": "global"})
+    assert abs(info.kept["macs"] - 0.6) <= 0.01
+    back = compressor.load(compressor.save(small, tmp_path / "t.pt"))
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(back.eval()(x), small.eval()(x))

@@ -24,8 +24,11 @@ def is_external(name: str) -> bool:
     return ":" in name
 
 
+TIMM = "timm:"
+
+
 def is_user_code(name: str) -> bool:
-    return is_external(name) and not name.startswith(TORCHVISION)
+    return is_external(name) and not name.startswith((TORCHVISION, TIMM))
 
 
 def _input_size(value: Any) -> int | tuple[int, int]:
@@ -42,6 +45,10 @@ def build(name: str, num_classes: int | None = None, cfg: list | None = None, in
     """Build an external model and give it what the pipeline reads (arch, num_classes, input_size)."""
     if cfg is not None:
         raise UserError(f"{name} has no cfg: pruned widths travel as module shapes", field="cfg")
+    if name.startswith(TIMM):  # timm's models (an optional extra): built without weights, its data config read
+        from compressor.models import timm_source
+
+        return timm_source.build(name, num_classes, input_size, **kwargs)
     if name.startswith(TORCHVISION):
         import torchvision
 
