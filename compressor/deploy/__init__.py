@@ -1,0 +1,1 @@
+"""Deployment: ONNX export (float and int8), ONNX evaluation, and latency measurement."""

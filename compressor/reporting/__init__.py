@@ -1,0 +1,1 @@
+"""Reports over checkpoints and runs: rows, baselines, rendering, curves and plots."""

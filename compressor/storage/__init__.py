@@ -1,0 +1,1 @@
+"""Checkpoints, run folders and atomic writes: what the library reads and writes."""

@@ -1,0 +1,1 @@
+"""The training loop, its runs, distributed set-up, recipes and evaluation."""
