@@ -17,11 +17,11 @@ import time
 import torch
 
 from compressor.models import get_model
-from compressor.plan import make_plan
+from compressor.pruning.plan import make_plan
 from compressor.pruning import graph
 from compressor.pruning.size import SizeModel
-from compressor.rates import RateSpec
-from compressor import surgery
+from compressor.pruning.rates import RateSpec
+from compressor.pruning import surgery
 
 
 def _time(fn) -> tuple[float, object]:

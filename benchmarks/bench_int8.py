@@ -2,7 +2,7 @@
 
 For one baseline and its pruned checkpoint: top-1 on the full test split of the pruned model's data
 contract, file size, and onnxruntime latency at batch 1 and 64 (median and IQR, models timed
-interleaved by ``compressor.latency.compare``) of
+interleaved by ``compressor.deploy.latency.compare``) of
 
 * the unpruned model exported to float32 ONNX,
 * the pruned model exported to float32 ONNX (verified against torch),
@@ -25,8 +25,12 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from compressor import checkpoint, contract, latency as lat, onnx_int8, onnx_model  # noqa: E402
-from compressor.onnx_export import export, to_onnx_bytes  # noqa: E402
+from compressor.storage import checkpoint
+from compressor.data import contract
+from compressor.deploy import latency as lat
+from compressor.deploy import onnx_int8
+from compressor.deploy import onnx_model
+from compressor.deploy.onnx_export import export, to_onnx_bytes  # noqa: E402
 
 
 def top1_onnx(path: Path, test, batch: int = 256) -> float:

@@ -26,11 +26,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from compressor import counting, policy, surgery  # noqa: E402
-from compressor.latency import LatencyConfig, Timing, backend_settings, compare, overlaps  # noqa: E402
+from compressor.pruning import counting
+from compressor.pruning import policy
+from compressor.pruning import surgery
+from compressor.deploy.latency import LatencyConfig, Timing, backend_settings, compare, overlaps  # noqa: E402
 from compressor.models import get_model, list_models  # noqa: E402
-from compressor.plan import make_plan  # noqa: E402
-from compressor.rates import RateSpec, resolve_rates  # noqa: E402
+from compressor.pruning.plan import make_plan  # noqa: E402
+from compressor.pruning.rates import RateSpec, resolve_rates  # noqa: E402
 
 # vgg16_bn: CHIP/HRankPlus CIFAR-10 58%-MACs rates; mobilenet_v2: a uniform rate.
 SETTINGS: dict[str, str] = {
@@ -71,7 +73,7 @@ def variants(base: torch.nn.Module, setting: str, round_to: int) -> dict[str, tu
 
 def latency_budget(base: torch.nn.Module, setting: str, target: float, batch: int, threads: int) -> str:
     """Solve ``target: {latency: target}`` for the setting's profile and verify it by timing."""
-    from compressor import latency as lat
+    from compressor.deploy import latency as lat
 
     t0 = time.perf_counter()
     spec = RateSpec(rates=rates_of(base, setting), target={"latency": target},
@@ -190,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
     if skipped:
         print(f"not registered, skipped: {', '.join(skipped)}")
     if args.json:
-        from compressor import io
+        from compressor.storage import io
 
         io.write_json(args.json, {"threads": args.threads, "repeats": args.repeats, "warmup": args.warmup,
                                   "backends": be, "rows": raw})

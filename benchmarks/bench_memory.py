@@ -76,7 +76,8 @@ def child_rank(n: int, model_name: str, width_div: int, batch: int, criteria: li
     """In a fresh process: build, load digits, then rank n images; report RSS around the pass."""
     import torch
 
-    from compressor import data, scores
+    from compressor import data
+    from compressor.pruning import scores
 
     torch.set_num_threads(1)
     torch.manual_seed(0)
@@ -101,7 +102,7 @@ def child_finetune(epochs: int, model_name: str, width_div: int, batch: int) -> 
     import torch
 
     from compressor import data
-    from compressor.train import TrainConfig, fit
+    from compressor.training.train import TrainConfig, fit
 
     torch.set_num_threads(1)
     torch.manual_seed(0)

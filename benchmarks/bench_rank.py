@@ -18,10 +18,11 @@ from pathlib import Path
 
 import torch
 
-from compressor import checkpoint, data
-from compressor.capture import limit_images
+from compressor import data
+from compressor.storage import checkpoint
+from compressor.pruning.capture import limit_images
 from compressor.models import get_model
-from compressor.scores import compute
+from compressor.pruning.scores import compute
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 

@@ -1,4 +1,4 @@
-"""Training throughput of ``compressor.train.fit`` against a plain fp32 loop, side by side.
+"""Training throughput of ``compressor.training.train.fit`` against a plain fp32 loop, side by side.
 
 Same model and initial weights, same in-memory images, same batch size and optimizer. The two
 loops alternate epoch by epoch (after one warm-up epoch each), so load from other processes
@@ -28,9 +28,9 @@ from torch.utils.data import TensorDataset
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from compressor.data import DataBundle  # noqa: E402
-from compressor.evaluation import resolve_device  # noqa: E402
+from compressor.training.evaluation import resolve_device  # noqa: E402
 from compressor.models import get_model, list_models  # noqa: E402
-from compressor.train import TrainConfig, fit, make_optimizer  # noqa: E402
+from compressor.training.train import TrainConfig, fit, make_optimizer  # noqa: E402
 
 NARROW_VGG = [16, 16, "M", 32, 32, "M", 64, 64, 64, "M", 64, 64, 64, "M", 64, 64, 64, 64]
 

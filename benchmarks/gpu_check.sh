@@ -4,13 +4,13 @@
 #   bash benchmarks/gpu_check.sh [OUT_JSON]        # default: $OUT/gpu_check.json, else ./gpu_check.json
 #
 # Sections (each under its own time limit; one failing is recorded and the others still run):
-#   train    AMP + channels_last fine-tune throughput of compressor.train.fit ÷ a plain fp32 loop
+#   train    AMP + channels_last fine-tune throughput of compressor.training.train.fit ÷ a plain fp32 loop
 #            (benchmarks/bench_train.py --device cuda; synthetic in-memory images)
 #   latency  CUDA latency (CUDA events) of VGG16-BN unpruned vs CHIP-58 pruned vs round_to 8 at equal MACs,
 #            batch 1/64/256, contiguous and channels_last, fp32
 #   rank     our HRank pass ÷ HRank's per-(image, channel) matrix_rank reference, both on the GPU, and whether
 #            the ranks are identical (CIFAR-10 if ../shared/data has it, else synthetic images)
-#   ddp      a 2-process torchrun (NCCL) run of compressor.train.fit when there are >= 2 GPUs; weights compared
+#   ddp      a 2-process torchrun (NCCL) run of compressor.training.train.fit when there are >= 2 GPUs; weights compared
 #            across ranks afterwards
 #
 # Venv-free: it uses `python3` (or $PYTHON) as found, with torch installed there. Pure-python dependencies
@@ -90,11 +90,12 @@ EOF
 section latency 100 "$PY" - "$PARTS/latency.json" <<'EOF'
 import json, sys
 import torch
-from compressor import counting, policy
-from compressor.latency import LatencyConfig, compare, overlaps, backend_settings
+from compressor.pruning import counting
+from compressor.pruning import policy
+from compressor.deploy.latency import LatencyConfig, compare, overlaps, backend_settings
 from compressor.models import get_model
 from compressor.models._spec import cfg_with_widths
-from compressor.rates import RateSpec, resolve_rates
+from compressor.pruning.rates import RateSpec, resolve_rates
 
 torch.manual_seed(0)
 base = get_model("vgg16_bn").eval()
@@ -133,7 +134,7 @@ import torch
 sys.path.insert(0, "benchmarks")
 from bench_rank import reference_ranks  # HRank's algorithm: one matrix_rank (and sync) per image and channel
 from compressor.models import get_model
-from compressor.scores import compute
+from compressor.pruning.scores import compute
 
 N, B = 64, 64  # the reference makes N × 4224 matrix_rank calls: keep it inside the limit
 torch.manual_seed(0)
@@ -141,7 +142,8 @@ model = get_model("vgg16_bn").eval().cuda()
 what = "random VGG16-BN, synthetic N(0,1) images"
 shared = Path("..") / "shared" / "data"
 try:
-    from compressor import checkpoint, data
+    from compressor import data
+    from compressor.storage import checkpoint
     if (shared / "pretrained" / "vgg16_bn_cifar10_jpeg.pt").exists() and (shared / "cifar10-jpeg.tar.gz").exists():
         model, _ = checkpoint.load(shared / "pretrained" / "vgg16_bn_cifar10_jpeg.pt", model="vgg16_bn")
         model = model.eval().cuda()
@@ -184,10 +186,10 @@ cat > "$WORK/ddp.py" <<'EOF'
 import json, sys, time
 import torch
 from torch.utils.data import TensorDataset
-from compressor import distributed
+from compressor.training import distributed
 from compressor.data import DataBundle
 from compressor.models import get_model
-from compressor.train import TrainConfig, fit
+from compressor.training.train import TrainConfig, fit
 
 ctx = distributed.init("cuda")
 g = torch.Generator().manual_seed(0)

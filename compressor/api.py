@@ -31,13 +31,17 @@ from typing import Any, Iterable, Mapping, Sequence
 import torch
 from torch import nn
 
-from compressor import checkpoint, counting, latency, policy, surgery
-from compressor import scores as scores_mod
+from compressor.storage import checkpoint
+from compressor.pruning import counting
+from compressor.deploy import latency
+from compressor.pruning import policy
+from compressor.pruning import surgery
+from compressor.pruning import scores as scores_mod
 from compressor.errors import UserError
-from compressor.plan import Plan, make_plan
+from compressor.pruning.plan import Plan, make_plan
 from compressor.pruning import graph
 from compressor.pruning.size import SizeModel
-from compressor.rates import RateSpec, load_rates, parse_rate_string, read_yaml, resolve_rates, spec_from_doc
+from compressor.pruning.rates import RateSpec, load_rates, parse_rate_string, read_yaml, resolve_rates, spec_from_doc
 from compressor.record import ModelRecord, record_of, view
 
 WEIGHT_ONLY = ("l1", "l2", "bn_scale", "fpgm", "random")
@@ -79,7 +83,7 @@ def _device_of(model: nn.Module) -> torch.device:
 def _check_device(device: torch.device | str | None) -> torch.device | None:
     if device is None:
         return None
-    from compressor.evaluation import resolve_device
+    from compressor.training.evaluation import resolve_device
 
     try:
         return resolve_device(str(device))
@@ -236,7 +240,7 @@ def prune(model: nn.Module, example_inputs: torch.Tensor | None = None, rates: A
     plan = make_plan(per_unit, spec, widths, tiebreak=tiebreak, model=getattr(v, "arch", ""))
     selection = None
     if obs:
-        from compressor.select_obs import select
+        from compressor.pruning.select_obs import select
 
         try:
             plan, selection = select(v, plan, calibration, seed=seed, progress=False)
@@ -244,7 +248,7 @@ def prune(model: nn.Module, example_inputs: torch.Tensor | None = None, rates: A
             raise UserError(str(exc), field="criterion") from exc
         crit = "obs"
     small = surgery.apply(v, plan, method=method, verify=verify)
-    from compressor.train import check_finite
+    from compressor.training.train import check_finite
 
     check_finite(small, what="the pruned model")
     lat = latency.verify_spec(v, small, spec)
@@ -277,7 +281,7 @@ class RecoveryReport:
     """What ``recover`` did, step by step (``steps``: e.g. ``["reconstruct"]`` or ``["bn", "finetune+kd"]``)."""
 
     steps: list[str] = field(default_factory=list)
-    reconstruct: Any = None          # compressor.reconstruct.ReconstructReport
+    reconstruct: Any = None          # compressor.pruning.reconstruct.ReconstructReport
     bn_images: int = 0
     history: list[dict[str, Any]] = field(default_factory=list)  # fine-tune epoch rows
 
@@ -336,7 +340,7 @@ def recover(pruned: nn.Module, data: Any, *, original: nn.Module | None = None, 
     'reconstruct'
     """
     from compressor import data as data_mod
-    from compressor.evaluation import recalibrate_bn
+    from compressor.training.evaluation import recalibrate_bn
 
     if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 0:
         raise UserError(f"must be an integer >= 0, got {epochs!r}", field="epochs")
@@ -353,7 +357,7 @@ def recover(pruned: nn.Module, data: Any, *, original: nn.Module | None = None, 
     calib = data_mod.calibration_subset(ds, min(images, len(ds)), seed + 2)
     report = RecoveryReport()
     if do_rec:
-        from compressor.reconstruct import reconstruct as refit
+        from compressor.pruning.reconstruct import reconstruct as refit
 
         keep = plan.keep if plan is not None else None
         report.reconstruct = refit(original.to(dev), model, data_mod.loader(calib, 64, device=dev), keep=keep,
@@ -368,7 +372,7 @@ def recover(pruned: nn.Module, data: Any, *, original: nn.Module | None = None, 
         report.history = _finetune(model, bundle or ds, val_data, epochs, teacher, lr, batch_size, train_config,
                                    seed, dev, out_dir, plan, progress)
         report.steps.append("finetune" + ("+kd" if teacher is not None else ""))
-    from compressor.train import check_finite
+    from compressor.training.train import check_finite
 
     check_finite(model, what="the recovered model")
     return model, report
@@ -380,7 +384,7 @@ def _finetune(model: nn.Module, ds: Any, val_data: Any, epochs: int, teacher: nn
     from dataclasses import replace
 
     from compressor.data import DataBundle
-    from compressor.train import TrainConfig, fit
+    from compressor.training.train import TrainConfig, fit
 
     if train_config is None:
         try:
@@ -412,7 +416,7 @@ def evaluate(model: nn.Module, loader: Iterable, *, device: torch.device | str |
     >>> compressor.evaluate(small, test_batches)                          # doctest: +SKIP
     {'top1': 91.2, 'top5': 99.6, 'loss': 0.31, 'n': 10000}
     """
-    from compressor.evaluation import evaluate as _evaluate
+    from compressor.training.evaluation import evaluate as _evaluate
 
     dev = _check_device(device) or _device_of(model)
     try:
@@ -453,7 +457,7 @@ def sensitivity(model: nn.Module, eval_loader: Iterable, *, scores: scores_mod.S
     >>> res = compressor.sensitivity(model, val_batches, rates=[0.25, 0.5])  # doctest: +SKIP
     >>> res.rows[0]["drop"]                                                   # doctest: +SKIP
     """
-    from compressor import sensitivity_scan as sens
+    from compressor.pruning import sensitivity_scan as sens
 
     dev = _check_device(device) or _device_of(model)
     if example_inputs is None and getattr(model, "input_size", None) is None:
@@ -485,7 +489,7 @@ def export(model: nn.Module, path: str | Path, *, example_inputs: torch.Tensor |
     True
     >>> compressor.export(small, "small.int8.onnx", int8=True, calibration=train_batches)  # doctest: +SKIP
     """
-    from compressor import onnx_export as export_mod
+    from compressor.deploy import onnx_export as export_mod
 
     v = view(model, record_of(model, example_inputs))
     kw: dict[str, Any] = {"opset": opset} if opset is not None else {}

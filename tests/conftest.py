@@ -73,7 +73,7 @@ def unit_widths(model: torch.nn.Module) -> dict[str, int]:
 
 def random_plan(model: torch.nn.Module, frac: float, seed: int, units: set[str] | None = None):
     """Keep a random ``1 - frac`` of each unit (of ``units``, or all)."""
-    from compressor.plan import Plan
+    from compressor.pruning.plan import Plan
 
     g = torch.Generator().manual_seed(seed)
     keep = {}

@@ -14,8 +14,8 @@ from torch import nn
 
 from compressor.models import get_model
 from compressor.models._spec import Slot
-from compressor.plan import Plan
-from compressor.surgery import _set_cp_rates, pruned_cfg
+from compressor.pruning.plan import Plan
+from compressor.pruning.surgery import _set_cp_rates, pruned_cfg
 
 
 def _check_plan(model: nn.Module, plan: Plan) -> None:

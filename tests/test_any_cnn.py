@@ -13,9 +13,9 @@ import pytest
 import torch
 from torch import nn
 
-from compressor import surgery
+from compressor.pruning import surgery
 from compressor.errors import UserError
-from compressor.plan import Plan
+from compressor.pruning.plan import Plan
 from compressor.pruning import graph
 from tests.conftest import one_thread, randomize_bn
 from tests.test_engine import assert_same_function
@@ -114,7 +114,7 @@ def test_norm_with_activation_inside_is_a_plain_unit_ranked_on_its_output() -> N
 
 
 def test_norm_activation_capture_sees_the_activated_output() -> None:
-    from compressor.capture import MeanActivation, record
+    from compressor.pruning.capture import MeanActivation, record
 
     torch.manual_seed(0)
     m = randomize_bn(_NormActNet(nn.ReLU)).eval()
@@ -204,7 +204,7 @@ def test_grouped_conv_units_keep_groups_and_are_exact() -> None:
     assert pruned.b.groups == 4 and pruned.b.in_channels == 12 and pruned.d.groups == 2
     from compressor.pruning import shapes
     from compressor.pruning.size import SizeModel
-    from compressor import counting
+    from compressor.pruning import counting
 
     assert SizeModel(m, graph.discovery(m)).count({u: len(k) for u, k in plan.keep.items()}) == counting.count(pruned)
     fresh = _GroupedNet()

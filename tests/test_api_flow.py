@@ -68,7 +68,7 @@ def _assert_unchanged(m: nn.Module, snap: tuple[dict, dict]) -> None:
 def trained():
     """MyNet trained for a few epochs on the embedded digits (the test owns its data loading)."""
     from compressor import data
-    from compressor.train import TrainConfig, fit
+    from compressor.training.train import TrainConfig, fit
 
     with one_thread():
         bundle = data.load("digits")
@@ -158,9 +158,9 @@ def test_public_errors_are_one_line_user_errors(trained, tmp_path) -> None:
 
 
 def test_sensitivity_through_the_api_and_public_names_stay_functions(trained) -> None:
-    import compressor.evaluation  # noqa: F401  the modules behind the functions do not shadow them
-    import compressor.onnx_export  # noqa: F401
-    import compressor.sensitivity_scan  # noqa: F401
+    import compressor.training.evaluation  # noqa: F401  the modules behind the functions do not shadow them
+    import compressor.deploy.onnx_export  # noqa: F401
+    import compressor.pruning.sensitivity_scan  # noqa: F401
 
     assert all(callable(getattr(compressor, n)) for n in compressor.__all__ if n != "__version__")
     net, _, test = trained
@@ -179,7 +179,7 @@ def test_sensitivity_through_the_api_and_public_names_stay_functions(trained) ->
 def test_int8_export_through_the_api(trained, tmp_path) -> None:
     """The pruned user CNN, calibrated on its own batches, checked on the digits test split (the default data of
     a model without a contract); a drop over the limit is refused and writes nothing."""
-    from compressor.onnx_int8 import DropTooLarge
+    from compressor.deploy.onnx_int8 import DropTooLarge
 
     net, train, test = trained
     example = torch.randn(1, 3, 32, 32)

@@ -23,9 +23,10 @@ import numpy as np
 import pytest
 import torch
 
-from compressor import checkpoint, data
+from compressor import data
+from compressor.storage import checkpoint
 from compressor.cli import main
-from compressor.criteria import list_criteria
+from compressor.pruning.criteria import list_criteria
 from compressor.models import get_model, list_models
 from tests.conftest import TINY_VGG, randomize_bn, seed_files
 
@@ -359,7 +360,7 @@ def test_plain_state_dict_of_another_model(tmp_path, files, capsys):
 
 def test_cfg_is_checked_against_the_weights_before_building(files, monkeypatch):
     """Build on the meta device first (no memory), compare shapes, then build for real."""
-    import compressor.checkpoint as ckmod
+    import compressor.storage.checkpoint as ckmod
 
     real = ckmod.get_model
     hostile = [c if c == "M" else 2 * c for c in TINY_VGG]  # stands in for [10**6, ...]

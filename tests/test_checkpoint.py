@@ -6,11 +6,12 @@ import pytest
 import torch
 
 from compressor.pruning.graph import units as units_of
-from compressor import checkpoint, surgery
+from compressor.storage import checkpoint
+from compressor.pruning import surgery
 from compressor.errors import UserError
 from compressor.models import get_model
-from compressor.plan import make_plan
-from compressor.rates import RateSpec
+from compressor.pruning.plan import make_plan
+from compressor.pruning.rates import RateSpec
 from tests.conftest import TINY_VGG
 
 

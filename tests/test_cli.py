@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from compressor import checkpoint
+from compressor.storage import checkpoint
 from compressor.cli import main
 from tests.conftest import TINY_VGG, randomize_bn
 
@@ -139,7 +139,7 @@ def test_every_command_help_has_examples():
 
 
 def test_prune_with_budget_target_hits_it(tmp_path, tiny_ckpt):
-    from compressor import counting
+    from compressor.pruning import counting
     from compressor.models import get_model
 
     out = tmp_path / "budget"

@@ -10,7 +10,10 @@ import numpy as np
 import pytest
 import torch
 
-from compressor import checkpoint, contract, counting, data
+from compressor import data
+from compressor.storage import checkpoint
+from compressor.data import contract
+from compressor.pruning import counting
 from compressor.cli import main
 from compressor.errors import UserError
 from compressor.models import get_model
@@ -90,7 +93,7 @@ def test_contract_round_trip_through_prune_finetune_export_and_onnx_eval(trained
     meta = {p.key: p.value for p in onnx.load(str(onnx_path)).metadata_props}
     assert json.loads(meta["data_contract"]) == want and json.loads(meta["classes"]) == CLASSES
     # eval x.onnx == eval x.pt: same data from the file alone, logits within 1e-4.
-    from compressor import onnx_model
+    from compressor.deploy import onnx_model
 
     net, _ = checkpoint.load(ft)
     om = onnx_model.load(onnx_path)
@@ -201,7 +204,7 @@ def test_run_folders_do_not_mix(trained, tmp_path, capsys, monkeypatch):
     assert len(err) == 1 and "not empty and not written by this run" in err[0] and "notes.txt" in err[0]
     assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
     # A run that fails after its folder was claimed leaves nothing behind.
-    from compressor import surgery
+    from compressor.pruning import surgery
 
     def broken(*a, **k):
         raise UserError("surgery exploded", field="test")

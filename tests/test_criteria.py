@@ -7,14 +7,15 @@ import torch
 from torch import nn
 
 from compressor.pruning.graph import units as units_of
-from compressor import criteria, scores
-from compressor.criteria.chip import channel_independence
-from compressor.criteria.taylor import taylor_scores
-from compressor.criteria.weight import fpgm_distances
+from compressor.pruning import criteria
+from compressor.pruning import scores
+from compressor.pruning.criteria.chip import channel_independence
+from compressor.pruning.criteria.taylor import taylor_scores
+from compressor.pruning.criteria.weight import fpgm_distances
 from compressor.errors import UserError
 from compressor.models import PrunableUnit, get_model, list_models
-from compressor.plan import rank_order
-from compressor.sensitivity_scan import compute_scores
+from compressor.pruning.plan import rank_order
+from compressor.pruning.sensitivity_scan import compute_scores
 
 # CIFAR models; of the depth-scaled ResNets one is enough here (ResNet-56/110 only add blocks)
 CIFAR_MODELS = [m for m in list_models() if not m.endswith("_imagenet") and m not in ("resnet56", "resnet110")]

@@ -18,8 +18,11 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from compressor import checkpoint, data, distributed, scores
-from compressor.train import TrainConfig, fit
+from compressor import data
+from compressor.storage import checkpoint
+from compressor.training import distributed
+from compressor.pruning import scores
+from compressor.training.train import TrainConfig, fit
 from tests.conftest import randomize_bn
 from tests.test_train import CFG, tiny_bundle, tiny_model
 

@@ -13,14 +13,17 @@ import torch
 import torchvision
 from torch import nn
 
-from compressor import checkpoint, counting, policy, surgery
-from compressor.capture import MeanActivation, record
+from compressor.storage import checkpoint
+from compressor.pruning import counting
+from compressor.pruning import policy
+from compressor.pruning import surgery
+from compressor.pruning.capture import MeanActivation, record
 from compressor.errors import UserError
 from compressor.models import get_model, list_models
-from compressor.plan import Plan, make_plan
+from compressor.pruning.plan import Plan, make_plan
 from compressor.pruning import graph
 from compressor.pruning.size import SizeModel
-from compressor.rates import RateSpec
+from compressor.pruning.rates import RateSpec
 from tests.conftest import one_thread, randomize_bn
 
 TORCHVISION = ["resnet18", "resnet50", "mobilenet_v3_large", "efficientnet_b0", "regnet_y_400mf", "densenet121"]
@@ -165,7 +168,7 @@ def test_v2_checkpoint_round_trip_and_macs_budget(key: str, tmp_path) -> None:
 @pytest.mark.parametrize("key", ["vgg16_bn", "mobilenet_v2", "squeezenet1_1", "resnet20", "tv_resnet18",
                                  "tv_mobilenet_v3_large", "tv_efficientnet_b0"])
 def test_onnx_export_of_a_pruned_model_verifies(key: str) -> None:
-    from compressor import onnx_export as export
+    from compressor.deploy import onnx_export as export
 
     with one_thread():
         m = _model(key)

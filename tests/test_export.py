@@ -12,11 +12,12 @@ onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 
 from compressor.pruning.graph import units as units_of
-from compressor import checkpoint, surgery  # noqa: E402
-from compressor.onnx_export import export, real_images  # noqa: E402
+from compressor.storage import checkpoint
+from compressor.pruning import surgery
+from compressor.deploy.onnx_export import export, real_images  # noqa: E402
 from compressor.models import get_model, list_models  # noqa: E402
-from compressor.plan import make_plan  # noqa: E402
-from compressor.rates import RateSpec  # noqa: E402
+from compressor.pruning.plan import make_plan  # noqa: E402
+from compressor.pruning.rates import RateSpec  # noqa: E402
 
 CIFAR_MODELS = [m for m in list_models() if not m.endswith("_imagenet") and m not in ("resnet56", "resnet110")]
 TINY_VGG = [8, 8, "M", 16, 16, "M", 16, 16, 16, "M", 16, 16, 16, "M", 16, 16, 16, 32]

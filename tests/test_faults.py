@@ -1,6 +1,6 @@
 """Faults: a process killed mid-save, a full disk, an unwritable folder, and ranking memory.
 
-The contract (compressor/io.py): every output is written to ``.<name>.<random>.tmp`` in the
+The contract (compressor/storage/io.py): every output is written to ``.<name>.<random>.tmp`` in the
 target folder, fsynced, then ``os.replace``d. So a killed or failing write leaves the previous
 file intact and loadable; an ``OSError`` becomes a one-line ``UserError``; only a SIGKILL can
 leave a temp file behind, and its name (leading dot, ``.tmp`` suffix) never passes for a
@@ -22,7 +22,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from compressor import checkpoint, io
+from compressor.storage import checkpoint
+from compressor.storage import io
 from compressor.cli import main
 from compressor.errors import UserError
 from compressor.models import get_model
@@ -48,7 +49,7 @@ def _enospc(*_a, **_k):
 # --------------------------------------------------------------------------- SIGKILL mid-save
 _SAVER = textwrap.dedent("""
     import io as _io, sys, time, torch
-    from compressor import checkpoint
+    from compressor.storage import checkpoint
     from compressor.models import get_model
     torch.set_num_threads(1)
     torch.manual_seed(0)
@@ -235,7 +236,7 @@ def test_cli_finetune_disk_fills_mid_run_leaves_previous_checkpoints(tmp_path, t
 
 
 def test_cli_prune_unwritable_out_fails_before_any_work(tmp_path, tiny_ckpt, capsys, monkeypatch):
-    from compressor import scores
+    from compressor.pruning import scores
 
     def no_ranking(*_a, **_k):
         raise AssertionError("ranked before checking that --out is writable")

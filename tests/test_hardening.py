@@ -22,12 +22,17 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from compressor import checkpoint, criteria, data, distributed, io, train
-from compressor import evaluation as evaluate
+from compressor import data
+from compressor.storage import checkpoint
+from compressor.pruning import criteria
+from compressor.training import distributed
+from compressor.storage import io
+from compressor.training import train
+from compressor.training import evaluation as evaluate
 from compressor.cli import main
 from compressor.commands import _options as opt
 from compressor.errors import UserError
-from compressor.train import NonFiniteLossError, NonFiniteWeightsError, TrainConfig, fit
+from compressor.training.train import NonFiniteLossError, NonFiniteWeightsError, TrainConfig, fit
 from tests.conftest import seed_files
 from tests.test_distributed import _free_port
 from tests.test_train import CFG, same_weights, tiny_bundle, tiny_model
@@ -211,7 +216,7 @@ def test_check_finite_covers_weights_and_bn_statistics():
 
 # --------------------------------------------------------------------------- 3: DDP fails together
 def _ddp_failing_worker(rank: int, world: int, port: int, tmp: str) -> None:
-    import compressor.io as cio
+    import compressor.storage.io as cio
 
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port), TQDM_DISABLE="1")
@@ -419,7 +424,7 @@ def test_export_onnxruntime_refusal_is_one_line(tmp_path, ckpt, capsys, monkeypa
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU: on CPU the device cannot change")
 def test_export_compare_keeps_the_model_on_its_device():
     pytest.importorskip("onnxruntime")
-    from compressor import onnx_export as export
+    from compressor.deploy import onnx_export as export
 
     model = tiny_model().cuda()
     blob = export.to_onnx_bytes(model)
@@ -448,8 +453,8 @@ def test_finetune_takes_a_plain_state_dict_with_model(tmp_path, plain, small_dat
     assert net.cfg == CFG and ck["provenance"]["source"]["path"] == str(plain)
 
 
-@pytest.mark.xfail("model" not in {f.name for f in dataclasses.fields(__import__("compressor.sweep").sweep.SweepJob)},
-                   reason="compressor/sweep.py: SweepJob.model, passed to checkpoint.load (the lead's file)",
+@pytest.mark.xfail("model" not in {f.name for f in dataclasses.fields(__import__("compressor.jobs.sweep").sweep.SweepJob)},
+                   reason="compressor/jobs/sweep.py: SweepJob.model, passed to checkpoint.load (the lead's file)",
                    strict=True)
 def test_sweep_takes_a_plain_state_dict_with_model(tmp_path, plain, small_data, capsys):
     out = tmp_path / "sw"

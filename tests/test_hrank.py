@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from compressor import scores as scores_mod
-from compressor.capture import record
-from compressor.criteria.hrank import RankAccumulator, batch_ranks
+from compressor.pruning import scores as scores_mod
+from compressor.pruning.capture import record
+from compressor.pruning.criteria.hrank import RankAccumulator, batch_ranks
 from compressor.errors import UserError
 
 
@@ -136,7 +136,7 @@ def test_hrank_npy_export_import(tiny_vgg, tmp_path):
 
 
 def test_threaded_svd_split_is_bit_identical():
-    from compressor.criteria.hrank import _svdvals
+    from compressor.pruning.criteria.hrank import _svdvals
 
     x = torch.relu(torch.randn(7, 5, 12, 12))
     before = torch.get_num_threads()

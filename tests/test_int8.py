@@ -15,7 +15,11 @@ from torch import nn
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 
-from compressor import checkpoint, contract, data, onnx_int8, onnx_model  # noqa: E402
+from compressor import data# noqa: E402
+from compressor.storage import checkpoint
+from compressor.data import contract
+from compressor.deploy import onnx_int8
+from compressor.deploy import onnx_model
 from compressor.cli import main  # noqa: E402
 from compressor.errors import UserError  # noqa: E402
 from compressor.models import get_model  # noqa: E402
@@ -82,8 +86,8 @@ def test_cli_int8_eval_and_report(flow, capsys, tmp_path):
     assert m.info()["precision"] == "int8" and m.info()["macs"] > 0 and m.quantization["seed"] == 0
 
     # report: checkpoints and both .onnx files as rows; the int8 row against the float32 one
-    from compressor.latency import LatencyConfig
-    from compressor.report import ReportConfig, run_report
+    from compressor.deploy.latency import LatencyConfig
+    from compressor.reporting.report import ReportConfig, run_report
 
     cfg = ReportConfig(latency=LatencyConfig(batch_sizes=(1, 8), warmup=1, repeats=3), plots=False, device="cpu")
     res = run_report([str(base), str(d / "p")], tmp_path / "rep", cfg)
@@ -102,7 +106,7 @@ def test_python_path_int8(flow, tmp_path):
     net, _ = checkpoint.load(pruned)
     bundle, _ = contract.load_data(net)
     loader = data.loader(data.calibration_subset(bundle.train_eval, 64, 0), 16)
-    from compressor import onnx_export
+    from compressor.deploy import onnx_export
 
     res = onnx_export.export(net, tmp_path / "m.onnx", int8=True, calibration=loader, n_calib=64, n_test=120,
                              calib_method="percentile", max_drop=1.0)

@@ -76,7 +76,8 @@ import signal  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 
-from compressor import io, runfolder  # noqa: E402
+from compressor.storage import io
+from compressor.storage import runfolder
 from compressor.errors import UserError  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -129,7 +130,8 @@ def test_a_finished_overwrite_replaces_the_earlier_run(tmp_path):
 _KILLED_CHILD = """
 import os, signal, sys
 from pathlib import Path
-from compressor import io, runfolder
+from compressor.storage import io
+from compressor.storage import runfolder
 out = Path(sys.argv[1])
 run = runfolder.claim(out, command="prune", overwrite=sys.argv[2] == "overwrite")
 io.write_text(run.record(out / "pruned.pt"), "killed run's pruned")
@@ -263,7 +265,7 @@ def _sweep_folder(tmp_path: Path, baseline: str, name: str, files) -> Path:  # n
 
 
 def test_report_does_not_follow_a_sweeps_baseline_out_to_the_host(tmp_path, files, monkeypatch):  # noqa: F811
-    from compressor import report
+    from compressor.reporting import report
 
     read: list[Path] = []
     real = report._is_checkpoint
@@ -347,7 +349,7 @@ def test_a_deflate_bomb_checkpoint_is_refused_before_inflating(tmp_path, files, 
 
     import torch
 
-    from compressor import checkpoint
+    from compressor.storage import checkpoint
 
     monkeypatch.setattr(checkpoint, "ZIP_FLOOR", 1 << 20)  # the rule at a test's scale
     plain = tmp_path / "plain.pt"

@@ -8,11 +8,13 @@ import pytest
 import torch
 
 from tests import oracles
-from compressor import criteria, latency as lat, policy
+from compressor.pruning import criteria
+from compressor.deploy import latency as lat
+from compressor.pruning import policy
 from compressor.errors import UserError
 from compressor.models import get_model
-from compressor.plan import make_plan
-from compressor.rates import RateSpec, load_rates
+from compressor.pruning.plan import make_plan
+from compressor.pruning.rates import RateSpec, load_rates
 from tests.conftest import TINY_VGG
 
 

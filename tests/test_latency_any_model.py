@@ -9,12 +9,14 @@ import pytest
 import torch
 
 import compressor
-from compressor import counting, latency as lat, policy
+from compressor.pruning import counting
+from compressor.deploy import latency as lat
+from compressor.pruning import policy
 from compressor.errors import UserError
 from compressor.models import get_model
 from compressor.pruning.graph import discovery
 from compressor.pruning.size import SizeModel
-from compressor.rates import RateSpec
+from compressor.pruning.rates import RateSpec
 from tests.conftest import TINY_VGG, one_thread
 
 # A quarter-width VGG16-BN: big enough that its latency is measurable on a loaded CPU, small enough to time fast.

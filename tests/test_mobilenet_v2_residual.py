@@ -14,14 +14,17 @@ import torch
 from torch import nn
 
 from tests import oracles
-from compressor import checkpoint, counting, scores, surgery
-from compressor.criteria import get as get_criterion
-from compressor.criteria.hrank import batch_ranks
+from compressor.storage import checkpoint
+from compressor.pruning import counting
+from compressor.pruning import scores
+from compressor.pruning import surgery
+from compressor.pruning.criteria import get as get_criterion
+from compressor.pruning.criteria.hrank import batch_ranks
 from compressor.pruning.graph import units as units_of
 from compressor.models import get_model
 from compressor.models._spec import PrunableUnit
-from compressor.plan import make_plan
-from compressor.rates import RateSpec, load_rates
+from compressor.pruning.plan import make_plan
+from compressor.pruning.rates import RateSpec, load_rates
 from tests.conftest import randomize_bn
 from tests.conftest import (assert_same_state as _assert_same_state, logits as _logits,
                             model_input as _x, random_plan as _random_plan, unit_widths as _widths)

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from compressor.models import finetune_lr
-from compressor.pipeline import PruneJob, quick_baseline_config
+from compressor.jobs.pipeline import PruneJob, quick_baseline_config
 from compressor.models import get_model
-from compressor.recipe import model_recipe
+from compressor.training.recipe import model_recipe
 
 
 def test_the_table_resolves_exact_then_prefix_then_defaults() -> None:
@@ -23,7 +23,7 @@ def test_prune_quick_baseline_comes_from_the_table() -> None:
 
 
 def test_finetune_without_lr_takes_the_models(tmp_path, capsys) -> None:
-    from compressor import checkpoint
+    from compressor.storage import checkpoint
     from compressor.cli import main
 
     m = get_model("squeezenet1_1", cfg=[max(4, c // 8) for c in get_model("squeezenet1_1").cfg])

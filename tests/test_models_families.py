@@ -14,14 +14,14 @@ import torch
 from torch import nn
 
 from tests import oracles
-from compressor import scores as scores_mod
-from compressor import surgery
-from compressor.counting import count
-from compressor.criteria import get as get_criterion
+from compressor.pruning import scores as scores_mod
+from compressor.pruning import surgery
+from compressor.pruning.counting import count
+from compressor.pruning.criteria import get as get_criterion
 from compressor.errors import UserError
 from compressor.models import get_model, list_models
-from compressor.plan import make_plan
-from compressor.rates import RateSpec, load_rates
+from compressor.pruning.plan import make_plan
+from compressor.pruning.rates import RateSpec, load_rates
 from tests.conftest import (assert_same_state as _assert_same_state, logits as _logits,
                             model_input as _x, random_plan as _random_plan, unit_widths as _widths)
 

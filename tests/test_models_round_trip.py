@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from compressor import checkpoint
+from compressor.storage import checkpoint
 from compressor.errors import UserError
 from compressor.models import get_model, list_models
 

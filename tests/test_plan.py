@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from compressor.errors import UserError
-from compressor.plan import Plan, make_plan, rank_order
-from compressor.rates import RateSpec
+from compressor.pruning.plan import Plan, make_plan, rank_order
+from compressor.pruning.rates import RateSpec
 
 
 def test_keeps_highest_scores_sorted():

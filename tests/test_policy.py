@@ -9,11 +9,13 @@ import torch
 
 from tests import oracles
 from compressor.pruning.graph import units as units_of
-from compressor import counting, criteria, policy
+from compressor.pruning import counting
+from compressor.pruning import criteria
+from compressor.pruning import policy
 from compressor.errors import UserError
 from compressor.models import get_model, list_models
-from compressor.plan import make_plan
-from compressor.rates import RateSpec, load_rates, resolve_rates
+from compressor.pruning.plan import make_plan
+from compressor.pruning.rates import RateSpec, load_rates, resolve_rates
 
 CIFAR_MODELS = [m for m in list_models() if not m.endswith("_imagenet")]
 # Models built from a cfg (counted by a meta-device rebuild); the others go through the any-CNN engine.

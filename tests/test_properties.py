@@ -21,11 +21,12 @@ from hypothesis import strategies as st
 from torch import nn
 
 from compressor.pruning.graph import units as units_of
-from compressor import checkpoint, surgery
-from compressor.counting import count
+from compressor.storage import checkpoint
+from compressor.pruning import surgery
+from compressor.pruning.counting import count
 from compressor.models import get_model, list_models
-from compressor.plan import Plan, make_plan
-from compressor.rates import ROUNDING, RateSpec, n_keep, parse_rate_string
+from compressor.pruning.plan import Plan, make_plan
+from compressor.pruning.rates import ROUNDING, RateSpec, n_keep, parse_rate_string
 from tests.conftest import TINY_VGG, randomize_bn
 
 # cfg-built models (the properties below rebuild from a cfg); the ResNets are in test_engine/test_resnet_cifar
@@ -142,7 +143,7 @@ def test_rate_string_round_trip(runs):
 @settings(max_examples=40, deadline=None, derandomize=True)
 @given(rates=st.lists(st.integers(0, 99).map(lambda i: i / 100), min_size=1, max_size=20))
 def test_report_rate_string_round_trips_hrank_style_rates(rates):
-    from compressor.report import rate_string
+    from compressor.reporting.report import rate_string
 
     assert parse_rate_string(rate_string(rates)) == rates
 
@@ -150,6 +151,6 @@ def test_report_rate_string_round_trips_hrank_style_rates(rates):
 @settings(max_examples=20, deadline=None, derandomize=True)
 @given(rates=st.lists(_RATE, min_size=1, max_size=20))
 def test_report_rate_string_round_trips_any_rate(rates):
-    from compressor.report import rate_string
+    from compressor.reporting.report import rate_string
 
     assert parse_rate_string(rate_string(rates)) == rates

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from compressor.errors import UserError
-from compressor.rates import RateSpec, load_rates, n_keep, parse_rate_string, resolve_rates
+from compressor.pruning.rates import RateSpec, load_rates, n_keep, parse_rate_string, resolve_rates
 
 UNITS = [f"u{i}" for i in range(13)]
 
@@ -124,7 +124,7 @@ BOMB = ("a: &a [0.1, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1]\n"
 def test_hostile_files_are_one_short_line(tmp_path, text, match):
     p = write(tmp_path, text)
     if match is None:  # accepted by the file reader; the policy rejects it
-        from compressor.policy import policy_config
+        from compressor.pruning.policy import policy_config
 
         with pytest.raises(UserError, match="min_keep") as ei:
             policy_config(load_rates(p, UNITS))

@@ -1,4 +1,4 @@
-"""Layer-wise least-squares reconstruction (compressor.reconstruct)."""
+"""Layer-wise least-squares reconstruction (compressor.pruning.reconstruct)."""
 
 from __future__ import annotations
 
@@ -11,10 +11,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from tests import oracles
-from compressor import surgery
+from compressor.pruning import surgery
 from compressor.models import get_model
-from compressor.plan import Plan
-from compressor.reconstruct import conv_patches, infer_kept, keep_from_plan, reconstruct
+from compressor.pruning.plan import Plan
+from compressor.pruning.reconstruct import conv_patches, infer_kept, keep_from_plan, reconstruct
 
 
 def _batches(n: int = 4, b: int = 8, size: int = 8, seed: int = 0) -> list[torch.Tensor]:

@@ -9,7 +9,7 @@ import json
 import pytest
 import torch
 
-from compressor import checkpoint
+from compressor.storage import checkpoint
 from compressor.cli import main
 from compressor.models import get_model
 from tests.conftest import one_thread, randomize_bn

@@ -11,11 +11,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from compressor import data, report
+from compressor import data
+from compressor.reporting import report
 from compressor.cli import main
 from compressor.errors import UserError
-from compressor.evaluation import evaluate
-from compressor.train import TrainConfig, eval_steps, fit
+from compressor.training.evaluation import evaluate
+from compressor.training.train import TrainConfig, eval_steps, fit
 from tests.test_train import epoch_rows, same_weights, tiny_bundle, tiny_model
 
 

@@ -10,12 +10,16 @@ import os
 import pytest
 import torch
 
-from compressor import checkpoint, counting, data, plots, report
+from compressor import data
+from compressor.storage import checkpoint
+from compressor.pruning import counting
+from compressor.reporting import plots
+from compressor.reporting import report
 from compressor.errors import UserError
-from compressor.latency import LatencyConfig, compare
+from compressor.deploy.latency import LatencyConfig, compare
 from compressor.models import get_model
-from compressor.pipeline import PruneJob, run_prune
-from compressor.train import TrainConfig, fit
+from compressor.jobs.pipeline import PruneJob, run_prune
+from compressor.training.train import TrainConfig, fit
 from tests.conftest import one_thread
 
 NARROW = [8, 8, "M", 8, 8, "M", 8, 8, 8, "M", 8, 8, 8, "M", 8, 8, 8, 16]
@@ -67,7 +71,7 @@ def test_rows_and_baseline_matching(runs, built):
 
 def test_numbers_are_the_checkpoints_own(runs, built):
     """Recomputed here, independently of the report: load each file, evaluate on the digits test split."""
-    from compressor.evaluation import evaluate
+    from compressor.training.evaluation import evaluate
 
     _, rows = built
     base = rows["base/baseline"]
@@ -345,7 +349,7 @@ def test_tradeoff_labels_at_one_place_are_stacked_and_the_frontier_has_a_legend_
 
 def test_curves_draw_the_recorded_baseline_as_a_reference_line(tmp_path, capsys):
     from compressor.cli import main
-    from compressor.report_curves import baseline_label
+    from compressor.reporting.report_curves import baseline_label
 
     run = tmp_path / "ft"
     run.mkdir()

@@ -16,15 +16,17 @@ import torch
 from PIL import Image
 from torch import nn
 
-from compressor import checkpoint, counting, report
+from compressor.storage import checkpoint
+from compressor.pruning import counting
+from compressor.reporting import report
 from compressor.cli import main
 from compressor.models import get_model
 from compressor.pruning import graph
-from compressor.rates import load_rates
-from compressor.report_baseline import kept_widths
+from compressor.pruning.rates import load_rates
+from compressor.reporting.report_baseline import kept_widths
 from tests.conftest import one_thread, randomize_bn
 
-from compressor import sensitivity_scan as sens
+from compressor.pruning import sensitivity_scan as sens
 
 # narrow, but wide enough for a 1%-close MACs budget (at 8-16 channels one channel is a coarser step)
 NARROW_VGG = [16, 16, "M", 32, 32, "M", 32, 32, 32, "M", 64, 64, 64, "M", 64, 64, 64, 64]

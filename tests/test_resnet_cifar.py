@@ -10,13 +10,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from compressor import checkpoint, counting, surgery
+from compressor.storage import checkpoint
+from compressor.pruning import counting
+from compressor.pruning import surgery
 from compressor.errors import UserError
 from compressor.models import get_model
 from compressor.models.resnet_cifar import PadShortcut
-from compressor.plan import Plan, make_plan
+from compressor.pruning.plan import Plan, make_plan
 from compressor.pruning import graph
-from compressor.rates import RateSpec, parse_rate_string
+from compressor.pruning.rates import RateSpec, parse_rate_string
 from tests.conftest import one_thread, randomize_bn
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "pretrained"
@@ -144,7 +146,7 @@ def test_dead_stage_channels_prune_exactly_through_pad_shortcuts(tmp_path) -> No
 
 
 def test_a_rates_file_in_hrankplus_layout_maps_onto_the_units(tmp_path) -> None:
-    from compressor.pipeline import PruneJob, _load_rates
+    from compressor.jobs.pipeline import PruneJob, _load_rates
 
     path = tmp_path / "r.yaml"
     path.write_text('model: resnet20\nrates: "[0.]+[0.25]*2+[0.5]*9"\nround_to: 2\n')

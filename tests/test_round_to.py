@@ -6,11 +6,12 @@ import pytest
 import torch
 
 from tests import oracles
-from compressor import criteria, policy
+from compressor.pruning import criteria
+from compressor.pruning import policy
 from compressor.errors import UserError
 from compressor.models import get_model
-from compressor.plan import make_plan
-from compressor.rates import RateSpec, load_rates, resolve_rates, round_keep
+from compressor.pruning.plan import make_plan
+from compressor.pruning.rates import RateSpec, load_rates, resolve_rates, round_keep
 
 
 def widths(m) -> dict[str, int]:

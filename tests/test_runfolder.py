@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from compressor import io, runfolder
+from compressor.storage import io
+from compressor.storage import runfolder
 from compressor.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -59,7 +60,7 @@ def test_refusal_through_the_cli_is_exit_2(tmp_path):
     (out / "a.pt").write_text("x")
     code = textwrap.dedent(f"""
         import sys
-        from compressor import runfolder
+        from compressor.storage import runfolder
         from compressor.errors import UserError
         try:
             runfolder.claim({str(out)!r}, command="prune")
@@ -122,7 +123,7 @@ def test_foreign_manifest_json_never_replaced(tmp_path):
 
 HOLD = """
 import sys
-from compressor import runfolder
+from compressor.storage import runfolder
 with runfolder.claim(sys.argv[1], command="sweep"):
     print("held", flush=True)
     sys.stdin.readline()
@@ -130,7 +131,7 @@ with runfolder.claim(sys.argv[1], command="sweep"):
 
 CLAIM = """
 import sys
-from compressor import runfolder
+from compressor.storage import runfolder
 from compressor.errors import UserError
 try:
     runfolder.claim(sys.argv[1], command="prune", overwrite=True)

@@ -17,7 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from compressor import io, runfolder
+from compressor.storage import io
+from compressor.storage import runfolder
 from compressor.errors import UserError
 
 COMPLETE = ["best.pt", "finetune/e1.pt", "finetune/e2.pt", "last.pt", "resolved_config.yaml", "summary.json"]

@@ -1,4 +1,4 @@
-"""obs selection (compressor.select_obs): constructed cases with a known answer, and a tiny end to end."""
+"""obs selection (compressor.pruning.select_obs): constructed cases with a known answer, and a tiny end to end."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from compressor.models._spec import Slot
-from compressor.select_obs import prune_obs, select
+from compressor.pruning.select_obs import prune_obs, select
 
 from tests.conftest import TINY_VGG, one_thread, randomize_bn, units_of
 
@@ -227,10 +227,10 @@ def _last_conv_error(original: nn.Module, pruned: nn.Module, xs: list[torch.Tens
 
 
 def test_tiny_vgg_obs_refit_beats_l1_refit_on_the_calibration_set() -> None:
-    from compressor import surgery
+    from compressor.pruning import surgery
     from compressor.models import get_model
-    from compressor.plan import Plan
-    from compressor.reconstruct import keep_from_plan, reconstruct
+    from compressor.pruning.plan import Plan
+    from compressor.pruning.reconstruct import keep_from_plan, reconstruct
 
     torch.manual_seed(0)
     m = randomize_bn(get_model("vgg16_bn", cfg=list(TINY_VGG))).eval()

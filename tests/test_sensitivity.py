@@ -8,13 +8,14 @@ import pytest
 import torch
 from torch import nn
 
-from compressor import checkpoint, policy
+from compressor.storage import checkpoint
+from compressor.pruning import policy
 from compressor.cli import main
 from compressor.models import get_model
 from compressor.pruning.graph import units as units_of
-from compressor.rates import load_rates
+from compressor.pruning.rates import load_rates
 
-from compressor import sensitivity_scan as sens
+from compressor.pruning import sensitivity_scan as sens
 
 TINY_VGG = [4, 4, "M", 8, 8, "M", 8, 8, 8, "M", 8, 8, 8, "M", 8, 8, 8, 8]
 

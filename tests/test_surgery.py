@@ -8,11 +8,12 @@ import pytest
 import torch
 
 from tests import oracles
-from compressor import counting, surgery
+from compressor.pruning import counting
+from compressor.pruning import surgery
 from compressor.errors import UserError
 from compressor.models import get_model
-from compressor.plan import Plan, make_plan
-from compressor.rates import RateSpec, resolve_rates
+from compressor.pruning.plan import Plan, make_plan
+from compressor.pruning.rates import RateSpec, resolve_rates
 
 
 def widths(m):

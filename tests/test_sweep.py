@@ -8,14 +8,17 @@ import pytest
 import torch
 
 from tests import oracles
-from compressor import checkpoint, counting, pipeline, sweep
+from compressor.storage import checkpoint
+from compressor.pruning import counting
+from compressor.jobs import pipeline
+from compressor.jobs import sweep
 from compressor.errors import UserError
-from compressor.latency import LatencyConfig
+from compressor.deploy.latency import LatencyConfig
 from compressor.models import get_model
-from compressor.plan import make_plan
-from compressor.report import ReportConfig
-from compressor.scores import Scores
-from compressor.train import TrainConfig
+from compressor.pruning.plan import make_plan
+from compressor.reporting.report import ReportConfig
+from compressor.pruning.scores import Scores
+from compressor.training.train import TrainConfig
 from tests.conftest import one_thread
 
 NARROW = [8, 8, "M", 8, 16, "M", 16, 16, 16, "M", 16, 16, 16, "M", 16, 16, 16, 16]
@@ -134,7 +137,7 @@ def test_rates_file_points_and_guards(baseline, tmp_path):
 
 
 def test_sweep_folder_is_a_report_input(baseline, tmp_path):
-    from compressor.report import collect
+    from compressor.reporting.report import collect
 
     out = tmp_path / "sw"
     with one_thread():

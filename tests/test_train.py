@@ -17,10 +17,11 @@ import torch
 import yaml
 from torch.utils.data import Subset
 
-from compressor import checkpoint, data
+from compressor import data
+from compressor.storage import checkpoint
 from compressor.cli import main
 from compressor.models import get_model
-from compressor.train import NonFiniteLossError, TrainConfig, fit, loss_fn, lr_lambda
+from compressor.training.train import NonFiniteLossError, TrainConfig, fit, loss_fn, lr_lambda
 
 ROOT = Path(__file__).resolve().parents[1]
 CFG = [4, 4, "M", 8, 8, "M", 8, 8, 8, "M", 8, 8, 8, "M", 8, 8, 8, 16]
@@ -167,7 +168,7 @@ def test_recipe_is_overridden_by_flags_and_resolved_config_is_saved(tmp_path, ti
     assert {"last.pt", "best.pt", "summary.json"} <= {p.name for p in out.iterdir()}
     assert "test top-1" in capsys.readouterr().out
     # the resolved file is itself a valid recipe
-    from compressor import recipe
+    from compressor.training import recipe
     from compressor.cli import get_args_parser
 
     again = recipe.resolve(get_args_parser().parse_args(["finetune", "--config", str(out / "resolved_config.yaml")]))
@@ -317,7 +318,7 @@ def test_cli_train_with_teacher(tmp_path, small_data, monkeypatch, capsys):
 
 @pytest.mark.parametrize("path", sorted((ROOT / "experiments" / "recipes").glob("*.yaml")), ids=lambda p: p.name)
 def test_shipped_recipes_resolve(path):
-    from compressor import recipe
+    from compressor.training import recipe
     from compressor.cli import get_args_parser
     from compressor.commands.train import train_config
 

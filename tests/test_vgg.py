@@ -81,7 +81,7 @@ def test_imagenet_variant_runs_at_224():
 
 @needs_vgg_baseline
 def test_shared_baseline_loads_as_hrank_checkpoint():
-    from compressor import checkpoint
+    from compressor.storage import checkpoint
 
     net, meta = checkpoint.load(VGG_BASELINE, model="vgg16_bn")
     assert net.cfg == get_model("vgg16_bn").cfg
@@ -91,7 +91,7 @@ def test_shared_baseline_loads_as_hrank_checkpoint():
 def test_imagenet_variant_loads_torchvision_state_dict(tmp_path):
     import torchvision
 
-    from compressor import checkpoint
+    from compressor.storage import checkpoint
 
     tv = torchvision.models.vgg16_bn(weights=None, num_classes=3).eval()
     torch.save(tv.state_dict(), tmp_path / "tv.pth")

@@ -13,7 +13,7 @@ def load(args: argparse.Namespace, model: nn.Module | None, *, ck: Mapping[str, 
          probe: bool = False) -> Any:
     """The bundle for ``model`` (its contract picks and checks the data); a model without a contract
     gets the one made from this data, so what it is trained or pruned on travels with it."""
-    from compressor import contract
+    from compressor.data import contract
 
     bundle, made = contract.load_data(
         model, getattr(args, "data", None), getattr(args, "data_root", None), input_size=input_size,

@@ -87,7 +87,7 @@ class _Opset(Checked):
 
     def check(self, value: Any, *, field: str | None = None, source: str | None = None) -> int | float:
         if self.hi is None:
-            from compressor.onnx_export import max_opset
+            from compressor.deploy.onnx_export import max_opset
 
             self.hi = max_opset()
         return super().check(value, field=field, source=source)

@@ -37,13 +37,15 @@ def add_parser(sub) -> argparse.ArgumentParser:
 def evaluate_checkpoint(path: str, args: argparse.Namespace) -> dict:
     """Accuracy of a checkpoint or ONNX file on the test split of its own data (its contract),
     unless ``--data``/``--data-root``/``--mean``/``--std`` say otherwise."""
-    from compressor import checkpoint, counting, onnx_model
+    from compressor.storage import checkpoint
+    from compressor.pruning import counting
+    from compressor.deploy import onnx_model
     from compressor.commands import _data
     from compressor import data
-    from compressor.evaluation import evaluate, resolve_device
+    from compressor.training.evaluation import evaluate, resolve_device
 
     if getattr(args, "save", None):
-        from compressor import io
+        from compressor.storage import io
 
         io.check_writable(Path(args.save).parent)  # before the evaluation, not after it
     if onnx_model.is_onnx(path):
@@ -52,7 +54,7 @@ def evaluate_checkpoint(path: str, args: argparse.Namespace) -> dict:
         device = resolve_device(args.device)
         net, ck = checkpoint.load(path, model=args.model)
         if getattr(args, "save", None):  # a NaN/inf model is never written (exit 3), and refused before the evaluation
-            from compressor.train import check_finite
+            from compressor.training.train import check_finite
 
             check_finite(net, source=path)
     bundle = _data.load(args, net, ck=ck, source=path)
@@ -74,7 +76,8 @@ def evaluate_checkpoint(path: str, args: argparse.Namespace) -> dict:
 
 def _save(net, ck: dict, measured: dict, path: str, dest: str) -> Path:
     """The evaluated model as a compressor checkpoint: its contract, and the test result under ``metrics["test"]``."""
-    from compressor import checkpoint, contract
+    from compressor.storage import checkpoint
+    from compressor.data import contract
     from compressor.errors import UserError
 
     if not ck:

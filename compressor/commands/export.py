@@ -45,8 +45,9 @@ def add_parser(sub) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    from compressor import checkpoint, io
-    from compressor.onnx_export import export
+    from compressor.storage import checkpoint
+    from compressor.storage import io
+    from compressor.deploy.onnx_export import export
 
     net, _ = checkpoint.load(args.checkpoint, model=args.model)
     out = Path(args.out) if args.out else Path(args.checkpoint).with_suffix(".onnx")
@@ -71,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run_int8(net, out: Path, args: argparse.Namespace) -> int:
-    from compressor import onnx_int8
+    from compressor.deploy import onnx_int8
 
     if args.out is None:
         out = out.with_suffix(".int8.onnx")

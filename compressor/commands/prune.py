@@ -88,13 +88,13 @@ def add_parser(sub) -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     from compressor.errors import UserError
     from compressor.models import finetune_lr
-    from compressor.pipeline import PruneJob, run_prune
-    from compressor.train import TrainConfig
+    from compressor.jobs.pipeline import PruneJob, run_prune
+    from compressor.training.train import TrainConfig
 
     if args.model is None:
         if not args.checkpoint:
             raise UserError("--model is required unless --checkpoint names a compressor checkpoint", field="model")
-        from compressor import checkpoint
+        from compressor.storage import checkpoint
 
         recorded = checkpoint.read(args.checkpoint).get("model")
         if not isinstance(recorded, str):

@@ -34,7 +34,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
 
 def criterion_names(text: str) -> list[str]:
     """``hrank,l1`` -> ``["hrank", "l1"]``: each a registered criterion, at least one, no repeats."""
-    from compressor import criteria
+    from compressor.pruning import criteria
     from compressor.errors import UserError
 
     names = list(dict.fromkeys(c.strip() for c in text.split(",") if c.strip()))
@@ -48,7 +48,11 @@ def criterion_names(text: str) -> list[str]:
 
 def run(args: argparse.Namespace) -> int:
     """Works under ``torchrun`` too: each process ranks a shard, the sums are all-reduced."""
-    from compressor import checkpoint, data, distributed, io, scores
+    from compressor import data
+    from compressor.storage import checkpoint
+    from compressor.training import distributed
+    from compressor.storage import io
+    from compressor.pruning import scores
     from compressor.commands import _data
 
     names = criterion_names(args.criterion)

@@ -9,7 +9,7 @@ from compressor.commands import add_common, new_parser
 from compressor.commands._options import nonneg_int, positive_int
 
 if TYPE_CHECKING:
-    from compressor.latency import LatencyConfig
+    from compressor.deploy.latency import LatencyConfig
 
 EXAMPLES = """\
   # a prune run folder (pruned.pt, baseline.pt, scores.pt, plan.json) and another pruned checkpoint
@@ -41,7 +41,7 @@ def add_latency_args(p: argparse.ArgumentParser) -> None:
 
 def latency_config(args: argparse.Namespace) -> LatencyConfig | None:
     from compressor.errors import UserError
-    from compressor.latency import LatencyConfig
+    from compressor.deploy.latency import LatencyConfig
 
     if args.no_latency:
         return None
@@ -75,7 +75,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     from compressor.errors import UserError
-    from compressor.report import ReportConfig, run_report
+    from compressor.reporting.report import ReportConfig, run_report
 
     if args.curves:
         return run_curves(args)
@@ -94,7 +94,7 @@ def run(args: argparse.Namespace) -> int:
 
 def run_curves(args: argparse.Namespace) -> int:
     from compressor.errors import UserError
-    from compressor.report_curves import baseline_label, curves
+    from compressor.reporting.report_curves import baseline_label, curves
 
     if args.inputs:
         raise UserError(f"--curves overlays run folders; checkpoints given as well ({args.inputs[0]} ...): "

@@ -84,11 +84,14 @@ def add_parser(sub) -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
 
     import compressor
-    from compressor import checkpoint, criteria, data, io
-    from compressor import sensitivity_scan as sens
+    from compressor import data
+    from compressor.storage import checkpoint
+    from compressor.pruning import criteria
+    from compressor.storage import io
+    from compressor.pruning import sensitivity_scan as sens
     from compressor.commands import _data
     from compressor.errors import UserError
-    from compressor.evaluation import resolve_device
+    from compressor.training.evaluation import resolve_device
 
     device = resolve_device(args.device)
     target, rates = _target(args.target), _rates(args.rates)

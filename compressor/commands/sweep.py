@@ -37,7 +37,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
                    help="override every rates file's rounding (default: each file's own; budgets use keep_floor)")
     p.add_argument("--policy", choices=("local", "global"), default="local",
                    help="budget -> rates: local = one uniform rate scaled by bisection (default); global = one "
-                        "cross-layer ranking of normalized scores (compressor.policy)")
+                        "cross-layer ranking of normalized scores (compressor.pruning.policy)")
     p.add_argument("--tolerance", type=positive_float, default=0.01,
                    help="relative tolerance on a budget (default 0.01; coarse models may need more)")
     p.add_argument("--epochs", type=nonneg_int, default=1, help="fine-tuning epochs per point (default 1)")
@@ -56,11 +56,11 @@ def add_parser(sub) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    from compressor import checkpoint
+    from compressor.storage import checkpoint
     from compressor.errors import UserError
-    from compressor.report import ReportConfig
-    from compressor.sweep import SweepJob, parse_budgets, run_sweep
-    from compressor.train import TrainConfig
+    from compressor.reporting.report import ReportConfig
+    from compressor.jobs.sweep import SweepJob, parse_budgets, run_sweep
+    from compressor.training.train import TrainConfig
 
     try:
         finetune = TrainConfig(epochs=args.epochs, lr=args.lr if args.lr is not None else 0.01,

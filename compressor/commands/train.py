@@ -15,7 +15,7 @@ if TYPE_CHECKING:
     from torch import nn
 
     from compressor.data import DataBundle
-    from compressor.train import TrainConfig
+    from compressor.training.train import TrainConfig
 
 EXAMPLES = """\
   python -m compressor train --model vgg16_bn --config experiments/recipes/digits_quick.yaml
@@ -38,7 +38,7 @@ def _recipe_lines() -> str:
     """The per-model ``train:`` defaults in use, for --help."""
     import yaml
 
-    from compressor.recipe import MODEL_RECIPES
+    from compressor.training.recipe import MODEL_RECIPES
 
     table = yaml.safe_load(MODEL_RECIPES.read_text())
     rows = [f"  {name:<14} " + ", ".join(f"{k} {v}" for k, v in (entry.get("train") or {}).items())
@@ -83,7 +83,7 @@ def add_train_args(p: argparse.ArgumentParser, lr: float) -> None:
 
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    from compressor import recipe
+    from compressor.training import recipe
 
     p = new_parser(sub, "train", "train a baseline model", EXAMPLES + _recipe_lines())
     p.add_argument("--model", default=None, help="registered model name (required unless --resume)")
@@ -98,7 +98,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 def train_config(args: argparse.Namespace) -> TrainConfig:
     from compressor.errors import UserError
-    from compressor.train import TrainConfig
+    from compressor.training.train import TrainConfig
 
     try:
         return TrainConfig(
@@ -126,14 +126,16 @@ def load_data(args: argparse.Namespace, input_size: Any, model: nn.Module, ck: M
     return _data.load(args, model, ck=ck, source=source, input_size=input_size, val_size=args.val_size, probe=probe)
 
 
-# --- resume: the run's own options (compressor.train_run holds the run itself) ------------
+# --- resume: the run's own options (compressor.training.train_run holds the run itself) ------------
 
 def resolve_args(args: argparse.Namespace) -> tuple[argparse.Namespace, nn.Module | None, dict[str, Any] | None]:
     """Resolve the options; with ``--resume``: defaults < the run's saved options < recipe < flags typed.
 
     Returns the namespace and, when resuming, the model and checkpoint loaded from the last.pt.
     """
-    from compressor import checkpoint, recipe, train_run
+    from compressor.storage import checkpoint
+    from compressor.training import recipe
+    from compressor.training import train_run
     from compressor.errors import UserError
 
     actions = getattr(args, recipe._ACTIONS)  # noqa: SLF001 - the option table defer_defaults kept
@@ -162,7 +164,7 @@ def resolve_args(args: argparse.Namespace) -> tuple[argparse.Namespace, nn.Modul
 
 def _with_model_recipe(args: argparse.Namespace, arch: str) -> argparse.Namespace:
     """defaults < the model's ``train:`` values (recipes/models.yaml) < --config < flags; says which."""
-    from compressor import recipe
+    from compressor.training import recipe
 
     rec = recipe.model_recipe(arch)
     values = dict(rec.get("train") or {})
@@ -178,7 +180,7 @@ def _with_model_recipe(args: argparse.Namespace, arch: str) -> argparse.Namespac
 def run_training(net: nn.Module, bundle: DataBundle, args: argparse.Namespace, out: Path, *,
                  ck: Mapping[str, Any] | None = None, source: str | None = None) -> int:
     """The resolved options as a ``train_run.TrainRun``, run by the library."""
-    from compressor import train_run
+    from compressor.training import train_run
 
     spec = train_run.TrainRun(
         config=train_config(args), command="finetune" if hasattr(args, "checkpoint") else "train",
@@ -192,7 +194,8 @@ def run_training(net: nn.Module, bundle: DataBundle, args: argparse.Namespace, o
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from compressor import contract, io
+    from compressor.data import contract
+    from compressor.storage import io
     from compressor.errors import UserError
     from compressor.models import get_model
 

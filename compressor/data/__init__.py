@@ -463,7 +463,7 @@ def _check_headers(split: _Split, cache: Path) -> set[tuple[int, int]]:
     except (OSError, ValueError, KeyError, TypeError):
         pass
     sizes = {(h, w) for w, h in _probe_files([f for f, _ in split.files], f"check {split.folder.name}")}
-    from compressor import io
+    from compressor.storage import io
 
     with suppress(UserError):  # the marker only saves time
         io.write_json(marker, {"sizes": sorted([h, w] for h, w in sizes)})
@@ -497,7 +497,7 @@ def _read_imagefolder_arrays(split: _Split, cache: Path, hw: tuple[int, int]) ->
                                 source=str(f))
             x[i] = a
     y = np.asarray([ci for _, ci in split.files], dtype=np.int64)
-    from compressor import io
+    from compressor.storage import io
 
     io.atomic_write(npz, lambda fh: np.savez(fh, x=x, y=y))
     return x, y

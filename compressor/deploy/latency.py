@@ -367,7 +367,7 @@ class TimingCache:
     def save(self) -> None:
         if not self.enabled or not self.misses:
             return
-        from compressor import io
+        from compressor.storage import io
 
         try:
             io.write_json(self.path, {"env": self.path.stem, "ms": self.data})

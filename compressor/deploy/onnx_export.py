@@ -25,7 +25,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from compressor import contract, io
+from compressor.data import contract
+from compressor.storage import io
 from compressor.errors import UserError
 
 DEFAULT_OPSET = 17
@@ -64,10 +65,10 @@ def _require_onnx():
 
 
 def _counts(model: nn.Module, size: int) -> dict[str, str]:
-    """The physical model's params and MACs (``compressor.counting``), for the file's metadata: a report row
+    """The physical model's params and MACs (``compressor.pruning.counting``), for the file's metadata: a report row
     of the file then needs no checkpoint. Empty if the model cannot be counted."""
     try:
-        from compressor import counting
+        from compressor.pruning import counting
 
         return {k: str(v) for k, v in counting.count(model, size).items()}
     except Exception:  # noqa: BLE001 - counting is a convenience here; the export itself does not need it
@@ -197,7 +198,7 @@ def export(model: nn.Module, path: str | Path | None, *, opset: int = DEFAULT_OP
     returns ``onnx_int8.Int8Result``. ``force`` does not apply to it.
     """
     if int8:
-        from compressor import onnx_int8
+        from compressor.deploy import onnx_int8
 
         return onnx_int8.export_int8(model, path, calibration=calibration, n_calib=n_calib,
                                      method=calib_method or onnx_int8.DEFAULT_METHOD, seed=seed, max_drop=max_drop,

@@ -26,9 +26,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from compressor import contract, io
+from compressor.data import contract
+from compressor.storage import io
 from compressor.errors import UserError
-from compressor.onnx_export import DEFAULT_OPSET, _require_onnx, _why, check_opset, compare, to_onnx_bytes
+from compressor.deploy.onnx_export import DEFAULT_OPSET, _require_onnx, _why, check_opset, compare, to_onnx_bytes
 
 # Measured on the pruned VGG16-BN (experiments/RESULTS.md, issue 21): see DEFAULT_METHOD.
 METHODS = ("minmax", "percentile", "entropy")

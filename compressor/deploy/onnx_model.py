@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from compressor import contract
+from compressor.data import contract
 from compressor.errors import UserError
 
 MAX_META_CHARS = 2_000_000  # a hostile metadata entry is refused before it is parsed
@@ -54,7 +54,7 @@ class OnnxModule(nn.Module):
 def load(path: str | Path, threads: int | None = None) -> OnnxModule:
     """Open an ONNX file for evaluation (float32 or int8 QDQ); an unreadable file or bad metadata is one line.
     ``threads``: onnxruntime's intra-op threads (None: its default, one per physical core)."""
-    from compressor.onnx_export import _require_onnx, _why
+    from compressor.deploy.onnx_export import _require_onnx, _why
 
     src = str(path)
     p = Path(path)

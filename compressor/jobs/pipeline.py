@@ -18,14 +18,22 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
-from compressor import api, checkpoint, contract as contract_mod, criteria, data as data_mod, io, plots, policy, runfolder
-from compressor import counting, scores as scores_mod
+from compressor import api, data as data_mod
+from compressor.storage import checkpoint
+from compressor.data import contract as contract_mod
+from compressor.pruning import criteria
+from compressor.storage import io
+from compressor.reporting import plots
+from compressor.pruning import policy
+from compressor.storage import runfolder
+from compressor.pruning import counting
+from compressor.pruning import scores as scores_mod
 from compressor.errors import UserError
-from compressor.evaluation import evaluate, resolve_device
+from compressor.training.evaluation import evaluate, resolve_device
 from compressor.models import external, get_model
 from compressor.pruning.graph import units as units_of
-from compressor.rates import RateSpec
-from compressor.train import TrainConfig, fit
+from compressor.pruning.rates import RateSpec
+from compressor.training.train import TrainConfig, fit
 
 log = logging.getLogger("compressor")
 
@@ -97,7 +105,7 @@ def _load_rates(job: PruneJob, model: nn.Module) -> RateSpec:
 
 def quick_baseline_config(model: nn.Module, job: PruneJob) -> TrainConfig:
     """The model's quick recipe (``recipes/models.yaml``), with ``--baseline-epochs`` on top."""
-    from compressor.recipe import model_recipe
+    from compressor.training.recipe import model_recipe
 
     recipe = dict(model_recipe(getattr(model, "arch", job.model))["quick_baseline"])
     if job.baseline_epochs is not None:

@@ -1,7 +1,7 @@
 """A sweep: one baseline, ranked once, pruned and fine-tuned at several points, then reported.
 
 Points are either rates files or budgets (``macs 0.5``: keep 50% of the baseline's MACs). A
-budget is turned into exact per-layer rates by ``compressor.policy.resolve``: by default the
+budget is turned into exact per-layer rates by ``compressor.pruning.policy.resolve``: by default the
 ``local`` policy with a uniform profile (one rate for every layer, scaled by bisection and
 counted exactly on the rebuilt cfg); ``global`` ranks channels across layers instead. The
 resolved rates are written to the point's ``rates.yaml`` (with no ``target`` key, so the prune
@@ -13,7 +13,7 @@ Layout of the sweep folder::
     scores.pt             the one scores file every point reuses
     <point>/rates.yaml    the rates actually used
     <point>/pruned.pt     written last by the prune job: its presence marks the point done
-    report/               report.md/.csv/.json and PNGs (``compressor.report``)
+    report/               report.md/.csv/.json and PNGs (``compressor.reporting.report``)
 
 Re-running the same command resumes: points whose ``pruned.pt`` exists are skipped, and the
 scores file is reused after checking it was made from this very baseline.
@@ -33,17 +33,24 @@ import yaml
 from torch import nn
 
 from compressor.pruning.graph import units as units_of
-from compressor import (checkpoint, contract as contract_mod, criteria, data as data_mod, io, pipeline, report,
-                        runfolder, scores as scores_mod)
+from compressor import data as data_mod
+from compressor.storage import checkpoint
+from compressor.data import contract as contract_mod
+from compressor.pruning import criteria
+from compressor.storage import io
+from compressor.jobs import pipeline
+from compressor.reporting import report
+from compressor.storage import runfolder
+from compressor.pruning import scores as scores_mod
 from compressor.errors import UserError
-from compressor.evaluation import resolve_device
+from compressor.training.evaluation import resolve_device
 from compressor.models import finetune_lr
-from compressor.rates import RateSpec, load_rates
-from compressor.train import TrainConfig, config_dict
+from compressor.pruning.rates import RateSpec, load_rates
+from compressor.training.train import TrainConfig, config_dict
 
 log = logging.getLogger("compressor")
 
-SWEEP_FORMAT = "compressor.sweep"
+SWEEP_FORMAT = "compressor.jobs.sweep"
 SWEEP_VERSION = 1
 
 
@@ -59,7 +66,7 @@ class SweepJob:
     n_images: int = 768
     seed: int = 0
     rounding: str | None = None  # None: each rates file's own (budget points: keep_floor)
-    policy: str = "local"  # how a budget becomes per-layer rates (compressor.policy)
+    policy: str = "local"  # how a budget becomes per-layer rates (compressor.pruning.policy)
     tolerance: float = 0.01  # relative tolerance on a budget
     bn_recalibrate: bool = True
     surgery: str = "torch_pruning"
@@ -71,7 +78,7 @@ class SweepJob:
     progress: bool = True
     model: str | None = None  # for a plain state_dict (HRank, torchvision files)
     teacher: str | None = None  # "self": distil each fine-tune from the unpruned model
-    reconstruct: bool = False  # least-squares refit after surgery (compressor.reconstruct)
+    reconstruct: bool = False  # least-squares refit after surgery (compressor.pruning.reconstruct)
 
 
 # ----------------------------------------------------------------------------- budgets
@@ -82,7 +89,7 @@ def rates_for_budget(model: nn.Module, sc: scores_mod.Scores, criterion: str, ke
     ``local``: one uniform rate scaled by bisection; ``global``: one cross-layer ranking of the
     normalized scores. The result's ``extra["resolved"]`` says what was achieved.
     """
-    from compressor import policy as policy_mod
+    from compressor.pruning import policy as policy_mod
 
     if key not in policy_mod.BUDGETS:
         raise UserError(f"unknown budget {key!r}; valid: {', '.join(policy_mod.BUDGETS)}", field="budget")
@@ -139,7 +146,7 @@ def _load_state(path: Path, job: SweepJob, checksum: str) -> dict[str, Any] | No
     points = doc.get("points", [])
     if not isinstance(points, list) or not all(isinstance(p, dict) for p in points):
         raise UserError("must be a list of mappings", source=str(path), field="points")
-    from compressor.report_baseline import sweep_point_folder
+    from compressor.reporting.report_baseline import sweep_point_folder
 
     for i, p in enumerate(points):  # a point's folder stays inside the sweep folder
         sweep_point_folder(path.parent, path, i, p.get("name"))
@@ -184,7 +191,7 @@ def _write_rates(folder: Path, pt: dict[str, Any], base: nn.Module, sc: scores_m
         load_rates(src, unit_names, model_name=base.arch, short_list=getattr(base, "short_rate_list", None))
         io.write_text(dest, src.read_text())
         return dest
-    from compressor.policy import describe
+    from compressor.pruning.policy import describe
 
     (key, keep), = pt["budget"].items()
     spec = rates_for_budget(base, sc, job.criterion, key, keep, policy=job.policy, tolerance=job.tolerance,
@@ -192,7 +199,7 @@ def _write_rates(folder: Path, pt: dict[str, Any], base: nn.Module, sc: scores_m
     info = spec.extra["resolved"]
     pt.update(policy=job.policy, achieved=dict(info["achieved"]), met=info.get("met"))
     doc = {"model": base.arch, "rates": {u: float(r) for u, r in spec.rates.items()}, "rounding": spec.rounding,
-           "notes": f"sweep point {pt['name']} (budget {key} {keep:g}), resolved by compressor.policy: "
+           "notes": f"sweep point {pt['name']} (budget {key} {keep:g}), resolved by compressor.pruning.policy: "
                     f"{describe(spec)}"}
     io.write_text(dest, yaml.safe_dump(doc, sort_keys=False))
     return dest
@@ -212,7 +219,7 @@ def _refuse_foreign(out: Path) -> None:
 def run_sweep(job: SweepJob, on_point: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
     """Rank once, prune + fine-tune each point not yet done, then write the report.
 
-    The sweep folder is claimed as a resumable run (``compressor.runfolder``): a concurrent sweep
+    The sweep folder is claimed as a resumable run (``compressor.storage.runfolder``): a concurrent sweep
     on it is refused, and an interrupted one keeps its finished points, scores and state.
     """
     out = Path(job.out)

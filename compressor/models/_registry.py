@@ -109,6 +109,6 @@ def _resize_input(model: nn.Module, name: str, size: object) -> None:
 
 def finetune_lr(name: str) -> float:
     """The learning rate a short fine-tune after pruning starts from (``recipes/models.yaml``)."""
-    from compressor.recipe import model_recipe
+    from compressor.training.recipe import model_recipe
 
     return float(model_recipe(name)["finetune_lr"])

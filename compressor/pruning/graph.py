@@ -41,7 +41,7 @@ Rules (each documented in the README, "Any CNN"):
   as in option-A ResNet shortcuts, makes torch-pruning merge widths 16/32/64) is never
   pruned: it is reported in ``Discovery.refused`` with the op that caused it, and asking
   to prune it is a one-line error. Anything else the graph gets wrong is caught after
-  surgery by the masked-model check in ``compressor.surgery``.
+  surgery by the masked-model check in ``compressor.pruning.surgery``.
 """
 
 from __future__ import annotations

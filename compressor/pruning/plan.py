@@ -15,11 +15,11 @@ from typing import Any, Mapping
 import numpy as np
 import torch
 
-from compressor import io
+from compressor.storage import io
 from compressor.errors import UserError
-from compressor.rates import RateSpec
+from compressor.pruning.rates import RateSpec
 
-PLAN_FORMAT = "compressor.plan"
+PLAN_FORMAT = "compressor.pruning.plan"
 PLAN_VERSION = 1
 
 

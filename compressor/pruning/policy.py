@@ -70,12 +70,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from compressor import counting, latency as lat
+from compressor.pruning import counting
+from compressor.deploy import latency as lat
 from compressor.errors import UserError
-from compressor.plan import Plan, rank_order
+from compressor.pruning.plan import Plan, rank_order
 from compressor.pruning.graph import discovery, residual_hint, units as graph_units
 from compressor.pruning.size import SizeModel
-from compressor.rates import RateSpec, as_float, n_keep, round_keep, short
+from compressor.pruning.rates import RateSpec, as_float, n_keep, round_keep, short
 
 log = logging.getLogger("compressor")
 
@@ -534,7 +535,7 @@ def attach_latency(counter: SizeCounter, spec: RateSpec, model: nn.Module | None
 
 def shrunk(model: nn.Module, counts: Mapping[str, int]) -> nn.Module:
     """A copy of ``model`` cut to ``counts`` (the first channels of each unit kept: only shapes matter)."""
-    from compressor import surgery
+    from compressor.pruning import surgery
 
     widths = unit_widths(model)
     keep = {u: tuple(range(int(k))) for u, k in counts.items() if u in widths and int(k) < widths[u]}

@@ -49,7 +49,7 @@ How (``reconstruct``):
   ``torch.Generator``: the global RNG is never advanced.
 * **BN.** ``bn="keep"`` leaves BN running statistics as they are (the targets are pre-BN, so
   the original statistics fit the refit outputs); ``bn="recalibrate"`` re-estimates them
-  afterwards with ``compressor.evaluation.recalibrate_bn`` on the same batches.
+  afterwards with ``compressor.training.evaluation.recalibrate_bn`` on the same batches.
 
 Measured (``experiments/recovery/RESULTS_recovery.md``): VGG16-BN at CHIP-58, l1, 512 images,
 these defaults: 10.0% after surgery, 74.2% with BN re-estimation only, 86.5% reconstructed (test
@@ -632,7 +632,7 @@ def reconstruct(original: nn.Module, pruned: nn.Module, batches: Iterable, *,
                     fits.append(_refit_layer(pruned, l, xs, targets, pos, ridge, ridge_to, row_chunk))
         bn_seen = 0
         if bn == "recalibrate":
-            from compressor.evaluation import recalibrate_bn
+            from compressor.training.evaluation import recalibrate_bn
 
             bn_seen = recalibrate_bn(pruned, [(x,) for x in xs], dev, max_images=bn_images)
     finally:

@@ -18,11 +18,12 @@ import torch
 from torch import nn
 
 from compressor.pruning.graph import units as units_of
-from compressor import criteria, io
-from compressor.capture import MeanActivation, limit_images, record
+from compressor.pruning import criteria
+from compressor.storage import io
+from compressor.pruning.capture import MeanActivation, limit_images, record
 from compressor.errors import UserError
 
-SCORES_FORMAT = "compressor.scores"
+SCORES_FORMAT = "compressor.pruning.scores"
 SCORES_VERSION = 1
 
 

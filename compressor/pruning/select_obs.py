@@ -20,7 +20,7 @@ How (``select``):
   *group* is its columns in every consumer (k×k columns of a conv, ``repeat`` columns of a
   Linear, its place in a concat). Depthwise followers are pruned with the unit (surgery does
   that); the layers that read the depthwise output are the consumers.
-* **Statistics**, as ``compressor.reconstruct`` gathers them: per consumer, ``XᵀX`` and ``XᵀY``
+* **Statistics**, as ``compressor.pruning.reconstruct`` gathers them: per consumer, ``XᵀX`` and ``XᵀY``
   over ``positions`` seeded, sampled output positions per image (im2col rows, plus a ones
   column for the bias), ``X`` from the masked working network and ``Y`` the *original*
   layer's outputs (pre-BN, all output channels). Products in float32 per chunk of rows,
@@ -50,7 +50,7 @@ How (``select``):
   get the selection all the same; the final refit is measured, not assumed.
 
 ``select`` returns the plan and what each unit cost; ``prune_obs`` then prunes ``original`` with
-that plan (``surgery.apply``) and refits it with ``compressor.reconstruct.reconstruct`` exactly
+that plan (``surgery.apply``) and refits it with ``compressor.pruning.reconstruct.reconstruct`` exactly
 as ``--reconstruct`` does, so the final model is made by the ordinary path.
 
 Cost: one pass of the original over the calibration set (the consumers' targets at the
@@ -81,10 +81,10 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from compressor.plan import Plan
+from compressor.pruning.plan import Plan
 
 log = logging.getLogger(__name__)
-from compressor.reconstruct import (
+from compressor.pruning.reconstruct import (
     _Stop, _call_order, _conv_targets, _iter_images, _positions, conv_patches, keep_from_plan, layer_seed,
     reconstruct,
 )
@@ -454,7 +454,7 @@ def prune_obs(original: nn.Module, counts: Mapping[str, int] | Plan, batches: It
 
     Returns ``(pruned, plan, obs_report, reconstruct_report or None)``; ``original`` is untouched.
     """
-    from compressor import surgery
+    from compressor.pruning import surgery
 
     xs = [b[0] if isinstance(b, (list, tuple)) else b for b in batches]
     plan, rep = select(original, counts, xs, seed=seed, max_images=max_images, progress=progress, **options)

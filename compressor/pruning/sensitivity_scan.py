@@ -32,14 +32,15 @@ import yaml
 from torch import nn
 from tqdm.auto import tqdm
 
-from compressor import io, surgery
+from compressor.storage import io
+from compressor.pruning import surgery
 from compressor.pruning import graph
 from compressor.pruning.graph import units as units_of
 from compressor.pruning.size import SizeModel
-from compressor.evaluation import evaluate, recalibrate_bn
-from compressor.plan import make_plan
-from compressor.policy import PolicyConfig, SizeCounter, solve_local
-from compressor.rates import RateSpec
+from compressor.training.evaluation import evaluate, recalibrate_bn
+from compressor.pruning.plan import make_plan
+from compressor.pruning.policy import PolicyConfig, SizeCounter, solve_local
+from compressor.pruning.rates import RateSpec
 
 DEFAULT_RATES = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 CSV_FIELDS = ("unit", "rate", "width", "kept", "top1", "drop", "macs_kept", "params_kept")
@@ -62,7 +63,7 @@ def compute_scores(model: nn.Module, loader_with_labels: Iterable, criterion: st
                    device: torch.device | str = "cpu", progress: bool = False,
                    ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """(scores, tiebreak) for one criterion (``scores.compute`` gives gradient criteria the labels)."""
-    from compressor import scores as scores_mod
+    from compressor.pruning import scores as scores_mod
 
     sc = scores_mod.compute(model, loader_with_labels, [criterion], n_images=n_images, seed=seed, device=device,
                             progress=progress, options={"seed": seed})

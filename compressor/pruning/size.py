@@ -7,7 +7,7 @@ channels follow which unit (a concat consumer follows several, a Linear after a 
 follows k×k columns per channel), and its spatial size. A count is then arithmetic, and so
 is every conv's shape at any widths (``SizeModel.conv_shapes``: what a latency table times).
 
-What is counted is what ``compressor.counting`` counts on the physically pruned model
+What is counted is what ``compressor.pruning.counting`` counts on the physically pruned model
 (Conv2d/Linear multiply-accumulates; every parameter), and a test checks both agree on
 every registered and listed torchvision model.
 
@@ -23,7 +23,7 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
-from compressor.latency import ConvShape
+from compressor.deploy.latency import ConvShape
 from compressor.pruning.graph import Discovery, example_input
 
 #: activations a latency block times with its conv (the module that runs right after the conv or its BN)

@@ -19,7 +19,7 @@ from torch import nn
 
 from compressor.errors import UserError
 from compressor.models._spec import cfg_with_widths, set_cp_rates
-from compressor.plan import Plan
+from compressor.pruning.plan import Plan
 from compressor.pruning import graph
 
 METHODS = ("torch_pruning",)

@@ -14,7 +14,7 @@ from typing import Mapping, Sequence
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from compressor import io
+from compressor.storage import io
 
 DPI = 100
 

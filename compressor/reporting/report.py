@@ -5,15 +5,15 @@ One row per checkpoint, for any model the engine prunes (registered families, CI
 baseline: an unpruned checkpoint in the inputs of the same architecture reference, builder
 arguments and class count whose unit widths (found by the dependency-graph engine) equal the
 widths recorded in the pruned model's plan (same folder preferred, then the baseline a sweep
-recorded); see ``compressor.report_baseline``. When no such checkpoint is given, the model before
+recorded); see ``compressor.reporting.report_baseline``. When no such checkpoint is given, the model before
 pruning is rebuilt from the architecture reference and the plan (random weights: good for
 counting and latency, not for accuracy).
 
 Definitions used in every table:
 
-* params / MACs: ``compressor.counting`` on the physical model (conv + linear MACs, one image).
+* params / MACs: ``compressor.pruning.counting`` on the physical model (conv + linear MACs, one image).
 * latency: median wall time of one forward pass after warm-up, models of one group timed
-  interleaved (``compressor.latency``); the thread count and backend settings are recorded.
+  interleaved (``compressor.deploy.latency``); the thread count and backend settings are recorded.
   The spread is the interquartile range (IQR, q3 − q1) of the repeats.
 * Δtop-1 = model top-1 − baseline top-1 on the same test split (``top1_delta``): a drop is negative.
 * rates: how the rates were written (the rates file's name, and its ``rates:`` string when the
@@ -24,8 +24,8 @@ Definitions used in every table:
   overlaps the baseline's is flagged (``speedup_<slot>_uncertain``; ``≈`` in the table): the
   measurement does not separate the two models.
 
-Tables are rendered in ``compressor.report_render``; ``curves`` (recovery curves of several
-train/finetune runs overlaid, ``compressor.report_curves``) is re-exported here.
+Tables are rendered in ``compressor.reporting.report_render``; ``curves`` (recovery curves of several
+train/finetune runs overlaid, ``compressor.reporting.report_curves``) is re-exported here.
 """
 
 from __future__ import annotations
@@ -42,10 +42,15 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch import nn
 
-from compressor import checkpoint, counting, io, latency as lat, plots, report_baseline as rb
+from compressor.storage import checkpoint
+from compressor.pruning import counting
+from compressor.storage import io
+from compressor.deploy import latency as lat
+from compressor.reporting import plots
+from compressor.reporting import report_baseline as rb
 from compressor.errors import UserError
-from compressor.report_curves import CURVES_PNG, METRICS_FILE, curve_summary, curves, curves_table, read_metrics
-from compressor.report_render import _csv, _safe, markdown
+from compressor.reporting.report_curves import CURVES_PNG, METRICS_FILE, curve_summary, curves, curves_table, read_metrics
+from compressor.reporting.report_render import _csv, _safe, markdown
 
 __all__ = ["CURVES_PNG", "METRICS_FILE", "Entry", "ReportConfig", "build", "collect", "curve_summary", "curves",
            "curves_table", "markdown", "read_metrics", "run_report", "write"]
@@ -329,9 +334,9 @@ def _describe(item: _Loaded) -> dict[str, Any]:
 def _evaluate(item: _Loaded, cfg: ReportConfig, bundles: dict[tuple, Any]) -> dict[str, Any]:
     """Test accuracy of the loaded model (as ``eval`` computes it); one data bundle per (data, root, size)."""
     from compressor import data as data_mod
-    from compressor.evaluation import evaluate, resolve_device
+    from compressor.training.evaluation import evaluate, resolve_device
 
-    from compressor import contract
+    from compressor.data import contract
 
     src = str(item.entry.path)
     c = contract.of(item.net)
@@ -435,8 +440,8 @@ def _latency_columns(rows: dict[str, dict[str, Any]], bl: _Baselines,
 
 
 def build(entries: Sequence[Entry], cfg: ReportConfig = ReportConfig()) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """Rows (one per checkpoint or ``.onnx`` file: ``compressor.report_onnx``) and report metadata."""
-    from compressor import report_onnx
+    """Rows (one per checkpoint or ``.onnx`` file: ``compressor.reporting.report_onnx``) and report metadata."""
+    from compressor.reporting import report_onnx
 
     onnx_entries = [e for e in entries if report_onnx.is_onnx_entry(e)]
     loaded = _load([e for e in entries if not report_onnx.is_onnx_entry(e)], cfg.models)
@@ -478,7 +483,7 @@ def build(entries: Sequence[Entry], cfg: ReportConfig = ReportConfig()) -> tuple
 
 
 def write_plots(rows: Sequence[dict[str, Any]], loaded: Sequence[_Loaded], out: Path) -> list[Path]:
-    from compressor.scores import Scores
+    from compressor.pruning.scores import Scores
 
     paths = [p for p in (plots.tradeoff(rows, "macs", out / "acc_vs_macs.png", title="top-1 vs MACs"),
                          plots.tradeoff(rows, "params", out / "acc_vs_params.png", title="top-1 vs params")) if p]

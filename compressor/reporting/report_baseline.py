@@ -28,7 +28,7 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
-from compressor import checkpoint
+from compressor.storage import checkpoint
 from compressor.errors import UserError
 from compressor.pruning import graph, shapes as shapes_mod
 

@@ -15,9 +15,9 @@ import warnings
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from compressor import plots
+from compressor.reporting import plots
 from compressor.errors import UserError
-from compressor.report_render import _f
+from compressor.reporting.report_render import _f
 
 METRICS_FILE = "metrics.jsonl"
 CURVES_PNG = "recovery_curves.png"
@@ -78,7 +78,7 @@ def curves(runs: Sequence[str], out: str | Path, *, title: str = "") -> dict[str
     (its parent's too when two share a name). ``out``: a ``.png`` path, else a folder for
     ``recovery_curves.png``. Returns ``{"rows", "table", "png"}``.
     """
-    from compressor.train import curve_points
+    from compressor.training.train import curve_points
 
     files = _curve_inputs(runs)
     if not files:

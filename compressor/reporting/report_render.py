@@ -1,4 +1,4 @@
-"""Report tables: markdown, CSV (JSON is the rows as they are). Rows come from ``compressor.report``."""
+"""Report tables: markdown, CSV (JSON is the rows as they are). Rows come from ``compressor.reporting.report``."""
 
 from __future__ import annotations
 
@@ -46,7 +46,7 @@ def markdown(rows: Sequence[dict[str, Any]], meta: dict[str, Any]) -> str:
     lc = meta.get("latency") or {}
     notes = [
         "",
-        f"- Counted: {meta['counted']} (`compressor.counting`).",
+        f"- Counted: {meta['counted']} (`compressor.pruning.counting`).",
         "- Δtop-1 = model top-1 − baseline top-1, same test split (a drop is negative); baselines are matched by "
         "architecture, builder arguments, classes and the unit widths recorded in the pruned model's plan.",
     ]

@@ -2,9 +2,9 @@
 
 Format (``format_version`` 2; version 1 files, without ``builder_kwargs``/``shapes``/``data``, still load)::
 
-    {"format": "compressor.checkpoint", "format_version": 1,
+    {"format": "compressor.storage.checkpoint", "format_version": 1,
      "model": "vgg16_bn", "num_classes": 10, "cfg": [...],   # enough to rebuild the model
-     "data": {classes, input_size, channels, mean, std, resize, dataset, root} | None,  # compressor.contract
+     "data": {classes, input_size, channels, mean, std, resize, dataset, root} | None,  # compressor.data.contract
      "state_dict": {...},
      "rates": {...} | None, "plan": {...} | None,            # how it was pruned (plan JSON)
      "metrics": {...}, "provenance": {command, seed, versions, time, ...},
@@ -27,14 +27,15 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
-from compressor import contract, io
+from compressor.data import contract
+from compressor.storage import io
 from compressor.errors import UserError
 from compressor.models import get_model, list_models
 from compressor.models import external
 from compressor.models._spec import cfg_with_widths, set_cp_rates
 from compressor.pruning import shapes as shapes_mod
 
-CKPT_FORMAT = "compressor.checkpoint"
+CKPT_FORMAT = "compressor.storage.checkpoint"
 CKPT_VERSION = 2
 READABLE_VERSIONS = (1, 2)
 

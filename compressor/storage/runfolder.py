@@ -25,7 +25,7 @@ What a claim does, and the rules it keeps:
   ``warning: <folder>: ...``, without Python's category and source line.
 * **No mixing with other files.** A folder with content is refused unless ``overwrite`` or
   ``resume`` is given, naming what is in it. Our own bookkeeping does not count as content:
-  the lock, ``manifest.json`` (when it is one of ours) and ``compressor.io``'s ``.*.tmp``
+  the lock, ``manifest.json`` (when it is one of ours) and ``compressor.storage.io``'s ``.*.tmp``
   temporaries.
 * **Overwrite replaces only what a run wrote, and only once the new run has succeeded.** With
   ``overwrite=True`` the old run's files (those its ``manifest.json`` lists; for a run that did
@@ -80,7 +80,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from compressor import io
+from compressor.storage import io
 from compressor.errors import UserError
 
 try:

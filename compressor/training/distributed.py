@@ -66,7 +66,7 @@ def init(device_name: str = "auto", timeout_s: float = 1800) -> DistContext:
 
     ``auto``/``cuda`` under torchrun means ``cuda:LOCAL_RANK``. Calling it twice is harmless.
     """
-    from compressor.evaluation import resolve_device
+    from compressor.training.evaluation import resolve_device
 
     world = env_world_size()
     device = resolve_device(device_name)
@@ -204,7 +204,7 @@ def compute_scores(model: torch.nn.Module, calib: Dataset, criterion_names: Sequ
                    options: Mapping[str, Any] | None = None, progress: bool = True,
                    extra_meta: Mapping[str, Any] | None = None, ctx: DistContext | None = None):
     """``scores.compute`` over ``calib``, sharded across processes, with the sums all-reduced."""
-    from compressor import scores
+    from compressor.pruning import scores
     from compressor.data import loader
 
     device = torch.device(device)

@@ -138,7 +138,7 @@ def _plain(v: Any) -> Any:
     return v
 
 
-MODEL_RECIPES = Path(__file__).with_name("recipes") / "models.yaml"
+MODEL_RECIPES = Path(__file__).resolve().parents[1] / "recipes" / "models.yaml"
 
 
 def model_recipe(arch: str) -> dict[str, Any]:

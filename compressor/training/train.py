@@ -19,7 +19,7 @@ split is never looked at here.
   weights and BN statistics before every checkpoint (``check_finite``); NaN/inf stops the
   run (exit code 3) and keeps the previous files.
 * Multi-process (``torchrun``): DDP, a ``DistributedSampler`` per rank, metrics summed over
-  ranks, files written by rank 0 only (see ``compressor.distributed``).
+  ranks, files written by rank 0 only (see ``compressor.training.distributed``).
 * Recovery curve: the validation split is evaluated before the first step (``epoch_frac`` 0:
   the accuracy the run starts from, e.g. right after pruning), every ``eval_every`` of an epoch
   and at every epoch end. Each evaluation is one row of ``metrics.jsonl``; the epoch-end row is
@@ -48,10 +48,10 @@ from torch.utils.data import DataLoader
 from torch.utils.data.distributed import DistributedSampler
 from tqdm.auto import tqdm
 
-from compressor import distributed as dist_mod
+from compressor.training import distributed as dist_mod
 from compressor.data import DataBundle, loader
 from compressor.errors import UserError
-from compressor.evaluation import evaluate
+from compressor.training.evaluation import evaluate
 
 SCHEDULES = ("cosine", "multistep", "onecycle", "constant")
 
@@ -202,7 +202,7 @@ def seed_all(s: int) -> None:
 
 def _read_train_state(resume: str | Path | Mapping[str, Any],
                       source: str | None = None) -> tuple[dict[str, Any], dict[str, Any], str]:
-    from compressor import checkpoint
+    from compressor.storage import checkpoint
 
     src = source or (str(resume) if not isinstance(resume, Mapping) else "<resume>")
     obj = dict(resume) if isinstance(resume, Mapping) else checkpoint.read(resume)
@@ -237,7 +237,7 @@ def _save(out_dir: Path, names: list[str], model: nn.Module, row: dict, state: d
     the other names (best.pt) are weights only: the model and its metadata, with the training
     state's plain record (epoch, history, curve, config) but no optimizer, scheduler or scaler
     state (which would double the file). Each write is atomic."""
-    from compressor import checkpoint
+    from compressor.storage import checkpoint
 
     metrics = {**dict(meta.get("metrics") or {}), **{k: v for k, v in row.items()}}
     light = {k: v for k, v in state.items() if k not in RESUME_ONLY}
@@ -451,7 +451,7 @@ def _write_curve(out: Path | None, curve: list[dict[str, Any]]) -> None:
     if out is None or not curve:
         return
     write_metrics(out / "metrics.jsonl", curve)
-    from compressor import plots
+    from compressor.reporting import plots
 
     plots.recovery_curves({out.name or "run": curve_points(curve)}, out / "recovery_curve.png",
                           title=f"{out.name}: validation top-1 during training")
@@ -603,7 +603,7 @@ def curve_points(rows: Sequence[Mapping[str, Any]]) -> list[tuple[float, float]]
 
 
 def write_metrics(path: Path, history: list[dict[str, Any]]) -> None:
-    from compressor import io
+    from compressor.storage import io
 
     io.write_text(path, "".join(json.dumps(r) + "\n" for r in history))
 

@@ -18,7 +18,7 @@ from typing import Any, Callable, Mapping
 from torch import nn
 
 from compressor.data import DataBundle
-from compressor.train import TrainConfig
+from compressor.training.train import TrainConfig
 
 RESOLVED = "resolved_config.yaml"
 # About one invocation, not the run: never taken from a saved run, ignored when comparing runs.
@@ -60,7 +60,7 @@ def saved_options(resume: str, ck: Mapping[str, Any]) -> dict[str, Any]:
     ``<resume dir>/resolved_config.yaml`` first; the checkpoint's own training config and data
     provenance override it (they are what the saved state was trained with).
     """
-    from compressor import recipe
+    from compressor.training import recipe
     from compressor.errors import UserError
 
     out: dict[str, Any] = {}
@@ -91,7 +91,8 @@ def write_resolved(out: Path, options: Mapping[str, Any], resume: str | None, he
     """``resolved_config.yaml``: the options of the run; a resume with the same options leaves it as it is."""
     import yaml
 
-    from compressor import io, recipe
+    from compressor.storage import io
+    from compressor.training import recipe
 
     path = out / RESOLVED
     text = recipe.to_yaml(argparse.Namespace(**{**options, "out": str(out)}), header=header)
@@ -147,7 +148,7 @@ def source_record(path: str, ck: Mapping[str, Any]) -> tuple[dict[str, Any], dic
 
 def load_teacher(path: str, student_arch: str) -> nn.Module:
     """A compressor checkpoint of any architecture, or a plain (HRank-style) state_dict of the student's."""
-    from compressor import checkpoint
+    from compressor.storage import checkpoint
 
     plain_file = checkpoint.read(path).get("format") != checkpoint.CKPT_FORMAT
     return checkpoint.load(path, model=student_arch if plain_file else None)[0]
@@ -162,7 +163,7 @@ def run(net: nn.Module, bundle: DataBundle, spec: TrainRun, out: Path, *, ck: Ma
     ``ck``: the checkpoint ``net`` came from: the resumed last.pt (its carried provenance,
     metrics and training state are kept) or, with ``source`` its path, a checkpoint to fine-tune.
     """
-    from compressor import distributed
+    from compressor.training import distributed
 
     ck = ck or {}
     if spec.resume:
@@ -191,9 +192,9 @@ def run(net: nn.Module, bundle: DataBundle, spec: TrainRun, out: Path, *, ck: Ma
 
 
 def _claim(out: Path, spec: TrainRun, ctx: Any) -> Any:
-    """The run folder, claimed by the process that writes (``compressor.runfolder``): a foreign
+    """The run folder, claimed by the process that writes (``compressor.storage.runfolder``): a foreign
     non-empty ``out`` is refused unless ``overwrite``/``resume``, a concurrent run too."""
-    from compressor import runfolder
+    from compressor.storage import runfolder
 
     if not ctx.is_main:
         return contextlib.nullcontext()
@@ -218,8 +219,11 @@ def _keep_resume_point(claimed: Any, out: Path, started_ns: int) -> None:
 def _train_and_report(net: nn.Module, bundle: DataBundle, spec: TrainRun, out: Path, ck: Mapping[str, Any],
                       src_rec: Any, carried: dict[str, Any], source: str | None, ctx: Any) -> int:
     """Fit, then (rank 0) the test report."""
-    from compressor import checkpoint, contract, data, distributed
-    from compressor.train import config_dict, fit
+    from compressor import data
+    from compressor.storage import checkpoint
+    from compressor.data import contract
+    from compressor.training import distributed
+    from compressor.training.train import config_dict, fit
 
     device = ctx.device
     data.check_classes(bundle, net.num_classes, source=source or spec.resume)
@@ -248,8 +252,10 @@ def _train_and_report(net: nn.Module, bundle: DataBundle, spec: TrainRun, out: P
 
 def _report(net: nn.Module, bundle: DataBundle, out: Path, history: list[dict[str, Any]], device: Any) -> int:
     """Test accuracy of best.pt (selected on val) and of the last epoch; never used to select."""
-    from compressor import checkpoint, data, io
-    from compressor.evaluation import evaluate
+    from compressor import data
+    from compressor.storage import checkpoint
+    from compressor.storage import io
+    from compressor.training.evaluation import evaluate
 
     test_loader = data.loader(bundle.test, 256, device=device)
     summary: dict[str, Any] = {"epochs": len(history), "last": {"val_acc": history[-1].get("val_acc") if history else None}}

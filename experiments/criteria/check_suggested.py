@@ -15,10 +15,14 @@ import torch
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from compressor import checkpoint, criteria, data, policy, surgery  # noqa: E402
-from compressor.evaluation import evaluate, recalibrate_bn  # noqa: E402
-from compressor.plan import make_plan  # noqa: E402
-from compressor.rates import RateSpec, load_rates, resolve_rates  # noqa: E402
+from compressor import data# noqa: E402
+from compressor.storage import checkpoint
+from compressor.pruning import criteria
+from compressor.pruning import policy
+from compressor.pruning import surgery
+from compressor.training.evaluation import evaluate, recalibrate_bn  # noqa: E402
+from compressor.pruning.plan import make_plan  # noqa: E402
+from compressor.pruning.rates import RateSpec, load_rates, resolve_rates  # noqa: E402
 
 
 def main() -> None:

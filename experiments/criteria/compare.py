@@ -36,12 +36,16 @@ from torch.utils.data import Subset
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from compressor import checkpoint, data, io, scores as scores_mod, surgery  # noqa: E402
-from compressor.counting import count  # noqa: E402
-from compressor.criteria.taylor import taylor_scores  # noqa: E402
-from compressor.evaluation import evaluate, recalibrate_bn  # noqa: E402
-from compressor.plan import make_plan  # noqa: E402
-from compressor.rates import RateSpec, resolve_rates  # noqa: E402
+from compressor import data# noqa: E402
+from compressor.storage import checkpoint
+from compressor.storage import io
+from compressor.pruning import scores as scores_mod
+from compressor.pruning import surgery
+from compressor.pruning.counting import count  # noqa: E402
+from compressor.pruning.criteria.taylor import taylor_scores  # noqa: E402
+from compressor.training.evaluation import evaluate, recalibrate_bn  # noqa: E402
+from compressor.pruning.plan import make_plan  # noqa: E402
+from compressor.pruning.rates import RateSpec, resolve_rates  # noqa: E402
 
 RATES = "[0.21]*7+[0.75]*5"
 

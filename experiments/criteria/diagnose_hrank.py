@@ -18,10 +18,14 @@ import torch
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from compressor import checkpoint, data, io, scores as scores_mod, surgery  # noqa: E402
-from compressor.evaluation import evaluate, recalibrate_bn  # noqa: E402
-from compressor.plan import Plan, make_plan, rank_order  # noqa: E402
-from compressor.rates import RateSpec, resolve_rates  # noqa: E402
+from compressor import data# noqa: E402
+from compressor.storage import checkpoint
+from compressor.storage import io
+from compressor.pruning import scores as scores_mod
+from compressor.pruning import surgery
+from compressor.training.evaluation import evaluate, recalibrate_bn  # noqa: E402
+from compressor.pruning.plan import Plan, make_plan, rank_order  # noqa: E402
+from compressor.pruning.rates import RateSpec, resolve_rates  # noqa: E402
 
 RATES = "[0.21]*7+[0.75]*5"
 

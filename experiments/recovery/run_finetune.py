@@ -6,7 +6,7 @@
 Start: l1 plan at ``[0.21]*7+[0.75]*5``, then ``reconstruct`` with the default settings on 512
 unaugmented training images (seed 0), BN statistics as ``--start-bn`` says. Then one pass over the
 45,000 augmented training images (SGD nesterov momentum 0.9, wd 5e-4, batch ``--batch``, lr
-``--lr`` cosine to 0 over the epoch; loss ``compressor.train.loss_fn``: cross-entropy, plus
+``--lr`` cosine to 0 over the epoch; loss ``compressor.training.train.loss_fn``: cross-entropy, plus
 Hinton KD from the unpruned model's logits with weight ``--kd`` at T=4). The 5,000-image
 validation split (held out from train) is evaluated ``--evals`` times during the epoch; it
 selects the best point. The test split is evaluated only at the end, for the last and for the
@@ -29,10 +29,10 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from compressor import io  # noqa: E402
-from compressor.evaluation import evaluate, recalibrate_bn  # noqa: E402
-from compressor.reconstruct import reconstruct  # noqa: E402
-from compressor.train import TrainConfig, loss_fn  # noqa: E402
+from compressor.storage import io
+from compressor.training.evaluation import evaluate, recalibrate_bn  # noqa: E402
+from compressor.pruning.reconstruct import reconstruct  # noqa: E402
+from compressor.training.train import TrainConfig, loss_fn  # noqa: E402
 from run_vgg import OUT, Runner, machine  # noqa: E402
 
 

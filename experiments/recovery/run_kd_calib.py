@@ -29,9 +29,10 @@ spec = importlib.util.spec_from_file_location("run_vgg", HERE / "run_vgg.py")
 run_vgg = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(run_vgg)  # Runner: data, baseline, l1 scores and the CHIP rates, as in the main table
 
-from compressor import data, io  # noqa: E402
-from compressor.evaluation import evaluate  # noqa: E402
-from compressor.reconstruct import reconstruct  # noqa: E402
+from compressor import data# noqa: E402
+from compressor.storage import io
+from compressor.training.evaluation import evaluate  # noqa: E402
+from compressor.pruning.reconstruct import reconstruct  # noqa: E402
 
 
 def kd_passes(student, teacher, loader, val, lr: float, passes: int, temperature: float) -> tuple[list, dict]:

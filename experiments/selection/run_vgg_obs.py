@@ -23,13 +23,17 @@ import torch
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from compressor import checkpoint, data, io, scores as scores_mod, surgery  # noqa: E402
-from compressor.counting import count  # noqa: E402
-from compressor.evaluation import evaluate  # noqa: E402
-from compressor.plan import make_plan  # noqa: E402
-from compressor.rates import RateSpec, resolve_rates  # noqa: E402
-from compressor.reconstruct import keep_from_plan, reconstruct  # noqa: E402
-from compressor.select_obs import select  # noqa: E402
+from compressor import data# noqa: E402
+from compressor.storage import checkpoint
+from compressor.storage import io
+from compressor.pruning import scores as scores_mod
+from compressor.pruning import surgery
+from compressor.pruning.counting import count  # noqa: E402
+from compressor.training.evaluation import evaluate  # noqa: E402
+from compressor.pruning.plan import make_plan  # noqa: E402
+from compressor.pruning.rates import RateSpec, resolve_rates  # noqa: E402
+from compressor.pruning.reconstruct import keep_from_plan, reconstruct  # noqa: E402
+from compressor.pruning.select_obs import select  # noqa: E402
 
 RATES = {"CHIP-58": "[0.21]*7+[0.75]*5", "CHIP-79": "[0.45]*7+[0.78]*5"}
 OUT = Path(__file__).resolve().parent

@@ -7,7 +7,7 @@ one file with one ``@register_criterion`` class.
 import importlib
 import pkgutil
 
-from compressor.criteria.base import Criterion, get, list_criteria, register_criterion
+from compressor.pruning.criteria.base import Criterion, get, list_criteria, register_criterion
 
 for _m in pkgutil.iter_modules(__path__):
     if _m.name != "base" and not _m.name.startswith("_"):

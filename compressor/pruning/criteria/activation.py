@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import torch
 
-from compressor.capture import Accumulator, MeanActivation as MeanActivationAcc
-from compressor.criteria.base import AccumulatorCriterion, register_criterion
+from compressor.pruning.capture import Accumulator, MeanActivation as MeanActivationAcc
+from compressor.pruning.criteria.base import AccumulatorCriterion, register_criterion
 
 
 class NonZeroAccumulator(Accumulator):

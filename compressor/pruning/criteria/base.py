@@ -13,7 +13,7 @@ from typing import Any, Callable, ClassVar, Sequence
 import torch
 from torch import nn
 
-from compressor.capture import Accumulator
+from compressor.pruning.capture import Accumulator
 from compressor.errors import UserError, suggest
 from compressor.models._spec import PrunableUnit
 

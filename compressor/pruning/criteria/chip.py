@@ -26,9 +26,9 @@ from typing import Any
 
 import torch
 
-from compressor.capture import Accumulator
-from compressor.criteria.base import AccumulatorCriterion, register_criterion
-from compressor.criteria.hrank import _pool
+from compressor.pruning.capture import Accumulator
+from compressor.pruning.criteria.base import AccumulatorCriterion, register_criterion
+from compressor.pruning.criteria.hrank import _pool
 
 #: float64 elements per chunk of masked Gram matrices (128 MiB)
 MAX_ELEMS = 1 << 24

@@ -17,8 +17,8 @@ from typing import Any
 
 import torch
 
-from compressor.capture import Accumulator
-from compressor.criteria.base import AccumulatorCriterion, register_criterion
+from compressor.pruning.capture import Accumulator
+from compressor.pruning.criteria.base import AccumulatorCriterion, register_criterion
 from compressor.errors import UserError
 
 EPS32 = float(torch.finfo(torch.float32).eps)

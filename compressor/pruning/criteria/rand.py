@@ -12,8 +12,8 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from compressor.capture import Accumulator
-from compressor.criteria.base import Criterion, register_criterion
+from compressor.pruning.capture import Accumulator
+from compressor.pruning.criteria.base import Criterion, register_criterion
 from compressor.models._spec import PrunableUnit
 
 

@@ -21,8 +21,8 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from compressor.capture import Accumulator
-from compressor.criteria.base import AccumulatorCriterion, register_criterion
+from compressor.pruning.capture import Accumulator
+from compressor.pruning.criteria.base import AccumulatorCriterion, register_criterion
 from compressor.errors import UserError
 from compressor.models._spec import PrunableUnit
 

@@ -14,8 +14,8 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from compressor.capture import Accumulator
-from compressor.criteria.base import Criterion, per_unit_weight_score, register_criterion
+from compressor.pruning.capture import Accumulator
+from compressor.pruning.criteria.base import Criterion, per_unit_weight_score, register_criterion
 from compressor.errors import UserError
 from compressor.models._spec import PrunableUnit
 

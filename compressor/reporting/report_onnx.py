@@ -21,7 +21,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from compressor import onnx_model
+from compressor.deploy import onnx_model
 
 
 def is_onnx_entry(entry: Any) -> bool:
@@ -55,7 +55,7 @@ def add_rows(entries: Sequence[Any], loaded: Sequence[Any], rows: dict[str, dict
              bundles: dict[tuple, Any]) -> list[str]:
     """Evaluate and describe each ONNX entry into ``rows``; register it with its source's baseline in ``bl``.
     Returns the names of the ONNX rows."""
-    from compressor import report
+    from compressor.reporting import report
 
     threads = (cfg.latency.threads if cfg.latency is not None and cfg.latency.threads else torch.get_num_threads())
     taken = set(rows)
