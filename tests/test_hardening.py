@@ -453,7 +453,7 @@ def test_finetune_takes_a_plain_state_dict_with_model(tmp_path, plain, small_dat
     assert net.cfg == CFG and ck["provenance"]["source"]["path"] == str(plain)
 
 
-@pytest.mark.xfail("model" not in {f.name for f in dataclasses.fields(__import__("compressor.jobs.sweep").sweep.SweepJob)},
+@pytest.mark.xfail("model" not in {f.name for f in dataclasses.fields(__import__("compressor.jobs.sweep").jobs.sweep.SweepJob)},
                    reason="compressor/jobs/sweep.py: SweepJob.model, passed to checkpoint.load (the lead's file)",
                    strict=True)
 def test_sweep_takes_a_plain_state_dict_with_model(tmp_path, plain, small_data, capsys):
