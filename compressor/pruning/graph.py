@@ -206,6 +206,20 @@ def example_input(model: nn.Module, batch: int = 1, *, generator: torch.Generato
     return torch.randn(batch, c, h, w, generator=g).to(device=device, dtype=dtype)
 
 
+def forward_once(model: nn.Module, example: torch.Tensor, handles: list) -> None:
+    """One eval-mode, no-grad forward of ``example`` with ``handles`` (hooks) in place; the hooks are
+    removed and the model's mode restored whatever happens (every hook walk of the engine uses it)."""
+    was = model.training
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(example)
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was)
+
+
 def call_order(model: nn.Module, example: torch.Tensor) -> list[str]:
     """Names of leaf modules in the order the forward pass first calls them."""
     order: list[str] = []
@@ -222,15 +236,7 @@ def call_order(model: nn.Module, example: torch.Tensor) -> list[str]:
     for name, mod in model.named_modules():
         if name and not list(mod.children()):
             handles.append(mod.register_forward_hook(make(name)))
-    was = model.training
-    try:
-        model.eval()
-        with torch.no_grad():
-            model(example)
-    finally:
-        for h in handles:
-            h.remove()
-        model.train(was)
+    forward_once(model, example, handles)
     return order
 
 
@@ -423,15 +429,7 @@ def norms_with_activation(model: nn.Module, example: torch.Tensor) -> set[str]:
     mods = dict(model.named_modules())
     for n, b in bases.items():
         handles.append(mods[n].register_forward_hook(make(n, b)))
-    was = model.training
-    try:
-        model.eval()
-        with torch.no_grad():
-            model(example)
-    finally:
-        for h in handles:
-            h.remove()
-        model.train(was)
+    forward_once(model, example, handles)
     return found
 
 

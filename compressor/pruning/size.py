@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from compressor.deploy.latency import ConvShape
-from compressor.pruning.graph import Discovery, example_input
+from compressor.pruning.graph import Discovery, example_input, forward_once
 
 #: activations a latency block times with its conv (the module that runs right after the conv or its BN)
 ACTIVATIONS = (nn.ReLU, nn.ReLU6, nn.Hardswish, nn.SiLU, nn.GELU, nn.LeakyReLU, nn.Hardtanh, nn.Sigmoid)
@@ -53,18 +53,8 @@ def layer_calls(model: nn.Module, example: torch.Tensor) -> list[Call]:
         ins = tuple(inp[0].shape) if inp and torch.is_tensor(inp[0]) else ()
         calls.append(Call(names[mod], mod, ins, tuple(out.shape) if torch.is_tensor(out) else ()))
 
-    was = model.training
-    try:
-        for m in model.modules():
-            if not list(m.children()):
-                handles.append(m.register_forward_hook(hook))
-        model.eval()
-        with torch.no_grad():
-            model(example)
-    finally:
-        for h in handles:
-            h.remove()
-        model.train(was)
+    handles.extend(m.register_forward_hook(hook) for m in model.modules() if not list(m.children()))
+    forward_once(model, example, handles)
     return calls
 
 
