@@ -89,3 +89,30 @@ def verify_same(a: nn.Module, b: nn.Module) -> None:
     for k in sa:
         if sa[k].shape != sb[k].shape or not torch.equal(sa[k], sb[k]):
             raise RuntimeError(f"surgery paths disagree on {k}: {tuple(sa[k].shape)} vs {tuple(sb[k].shape)}")
+
+
+def dead_copy(model: nn.Module, plan: Plan, units: list) -> nn.Module:
+    """A copy of ``model`` whose channels the plan drops output exactly zero: every norm that carries a
+    unit's channels gets gamma = beta = 0 there, or, without a norm, the producing convs' rows are 0.
+    Pruning those channels must then change nothing (the engine's exactness property)."""
+    import copy
+
+    from compressor.pruning import graph
+
+    dead = copy.deepcopy(model)
+    found = graph.discovery(dead)
+    for u in units:
+        drop = [i for i in range(u.width) if i not in set(plan.keep[u.name])]
+        norms = [mb.name for mb in found.members[u.name] if mb.role == "out"
+                 and isinstance(dead.get_submodule(mb.name), nn.modules.batchnorm._BatchNorm)]
+        for name in norms:
+            bn = dead.get_submodule(name)
+            bn.weight.data[drop] = 0
+            bn.bias.data[drop] = 0
+        if not norms:
+            for conv in u.convs:
+                c = dead.get_submodule(conv)
+                c.weight.data[drop] = 0
+                if c.bias is not None:
+                    c.bias.data[drop] = 0
+    return dead

@@ -7,7 +7,6 @@ gives identical logits (float64), and the masked-model check (``surgery.verify_m
 
 from __future__ import annotations
 
-import copy
 
 import pytest
 import torch
@@ -17,6 +16,7 @@ from compressor.pruning import surgery
 from compressor.errors import UserError
 from compressor.pruning.plan import Plan
 from compressor.pruning import graph
+from tests import oracles
 from tests.conftest import one_thread, randomize_bn
 from tests.test_engine import assert_same_function
 
@@ -48,22 +48,7 @@ def check_exact(m: nn.Module, *, kinds: set[str] | None = None, frac: float = 0.
     assert torch.equal(_logits(surgery.apply(m, full), x), _logits(m, x))
     g = torch.Generator().manual_seed(1)
     plan = Plan(keep={u.name: _keep(m, u, frac, g) for u in units}, widths={u.name: u.width for u in units})
-    dead = copy.deepcopy(m)
-    found = graph.discovery(dead)
-    for u in units:
-        drop = [i for i in range(u.width) if i not in set(plan.keep[u.name])]
-        norms = [mb.name for mb in found.members[u.name] if mb.role == "out"
-                 and isinstance(dead.get_submodule(mb.name), nn.modules.batchnorm._BatchNorm)]
-        for name in norms:
-            bn = dead.get_submodule(name)
-            bn.weight.data[drop] = 0
-            bn.bias.data[drop] = 0
-        if not norms:
-            for conv in u.convs:
-                c = dead.get_submodule(conv)
-                c.weight.data[drop] = 0
-                if c.bias is not None:
-                    c.bias.data[drop] = 0
+    dead = oracles.dead_copy(m, plan, units)
     pruned, masks = surgery.cut(dead, plan)
     surgery.verify_masked(dead, pruned, masks)
     assert_same_function(pruned, dead, x)

@@ -24,6 +24,7 @@ from compressor.pruning.plan import Plan, make_plan
 from compressor.pruning import graph
 from compressor.pruning.size import SizeModel
 from compressor.pruning.rates import RateSpec
+from tests import oracles
 from tests.conftest import one_thread, randomize_bn
 
 TORCHVISION = ["resnet18", "resnet50", "mobilenet_v3_large", "efficientnet_b0", "regnet_y_400mf", "densenet121"]
@@ -90,22 +91,7 @@ def test_rate_zero_and_dead_channels_give_identical_logits(key: str) -> None:
         plan = _plan(m, 0.5)
         plan = Plan(keep={u.name: plan.keep[u.name] for u in units if u.kind != "residual"}, widths=plan.widths)
         units = [u for u in units if u.kind != "residual"]
-        dead = copy.deepcopy(m)
-        found = graph.discovery(dead)
-        for u in units:
-            drop = [i for i in range(u.width) if i not in set(plan.keep[u.name])]
-            norms = [mb.name for mb in found.members[u.name] if mb.role == "out"
-                     and isinstance(dead.get_submodule(mb.name), nn.modules.batchnorm._BatchNorm)]
-            for name in norms:
-                bn = dead.get_submodule(name)
-                bn.weight.data[drop] = 0
-                bn.bias.data[drop] = 0
-            if not norms:
-                for conv in u.convs:
-                    c = dead.get_submodule(conv)
-                    c.weight.data[drop] = 0
-                    if c.bias is not None:
-                        c.bias.data[drop] = 0
+        dead = oracles.dead_copy(m, plan, units)
         pruned = surgery.apply(dead, plan)
         assert_same_function(pruned, dead, x)
         assert counting.count_params(pruned) < counting.count_params(m)
