@@ -185,6 +185,17 @@ def real_images(model: nn.Module, n: int = 64) -> tuple[str, torch.Tensor]:
     return name, torch.stack([test[i][0] for i in range(min(n, len(test)))])
 
 
+def checked_onnx_bytes(model: nn.Module, opset: int) -> bytes:
+    """``to_onnx_bytes``, with any exporter or checker failure as one line naming the model and opset."""
+    try:
+        return to_onnx_bytes(model, opset)
+    except Exception as exc:  # noqa: BLE001 - torch.onnx and onnx.checker fail in many ways
+        if isinstance(exc, UserError):
+            raise
+        raise UserError(f"ONNX export (opset {opset}) of {getattr(model, 'arch', type(model).__name__)} failed: "
+                        f"{_why(exc)}", field="export") from exc
+
+
 def export(model: nn.Module, path: str | Path | None, *, opset: int = DEFAULT_OPSET, atol: float = 1e-4,
            batch_sizes: Sequence[int] = (1, 7), n_real: int = 64, seed: int = 0, force: bool = False,
            int8: bool = False, calibration: Any = None, max_drop: float = 1.0, n_calib: int = 256,
@@ -206,13 +217,7 @@ def export(model: nn.Module, path: str | Path | None, *, opset: int = DEFAULT_OP
     if n_real < 0:
         raise UserError(f"must be >= 0, got {n_real}", field="n-real")
     check_opset(opset)  # an opset out of range is the user's; anything failing after it is reported as itself
-    try:
-        blob = to_onnx_bytes(model, opset)
-    except Exception as exc:  # noqa: BLE001 - torch.onnx and onnx.checker fail in many ways
-        if isinstance(exc, UserError):
-            raise
-        raise UserError(f"ONNX export (opset {opset}) of {getattr(model, 'arch', type(model).__name__)} failed: "
-                        f"{_why(exc)}", field="export") from exc
+    blob = checked_onnx_bytes(model, opset)
     size = int(model.input_size)
     g = torch.Generator().manual_seed(seed)
     inputs = [(f"random batch {b}", torch.randn(b, 3, size, size, generator=g)) for b in batch_sizes]

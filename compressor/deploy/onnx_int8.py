@@ -29,7 +29,7 @@ from torch import nn
 from compressor.data import contract
 from compressor.storage import io
 from compressor.errors import UserError
-from compressor.deploy.onnx_export import DEFAULT_OPSET, _require_onnx, _why, check_opset, compare, to_onnx_bytes
+from compressor.deploy.onnx_export import DEFAULT_OPSET, _require_onnx, _why, check_opset, checked_onnx_bytes, compare
 
 # Measured on the pruned VGG16-BN (experiments/RESULTS.md, issue 21): see DEFAULT_METHOD.
 METHODS = ("minmax", "percentile", "entropy")
@@ -332,13 +332,7 @@ def export_int8(model: nn.Module, path: str | Path | None, *, calibration: Any =
     if method not in METHODS:
         raise UserError(f"must be one of {', '.join(METHODS)}, got {method!r}", field="calib-method")
     calib, src = calibration_images(model, calibration, n_calib, seed)  # bad calibration data: before any work
-    try:
-        blob = to_onnx_bytes(model, opset)
-    except Exception as exc:  # noqa: BLE001 - torch.onnx and onnx.checker fail in many ways
-        if isinstance(exc, UserError):
-            raise
-        raise UserError(f"ONNX export (opset {opset}) of {getattr(model, 'arch', type(model).__name__)} failed: "
-                        f"{_why(exc)}", field="export") from exc
+    blob = checked_onnx_bytes(model, opset)
     size = int(model.input_size)
     probe = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(seed))
     bad = [c for c in compare(model, blob, [("random batch 2", probe)]) if not c.ok(atol)]
