@@ -54,3 +54,4 @@ def test_the_checker_sees_an_engine_import(tmp_path) -> None:
     hits = [m for m in found if any(m == e or m.startswith(e + ".") for e in ENGINE)]
     assert {"compressor.pruning.graph", "compressor.pruning.policy", "compressor.pruning.surgery"} <= set(hits)
     assert "compressor.storage.io" not in hits
+

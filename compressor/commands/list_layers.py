@@ -41,7 +41,7 @@ def run(args: argparse.Namespace) -> int:
     print("| # | layer (rates key) | channels | kind | rank point | coupled convs |")
     print("|---|---|---|---|---|---|")
     for i, u in enumerate(units):
-        points = [f"{p}+{a.split(':')[0]}" if a else p for p, a in zip(u.rank_points, u.rank_acts or ("",) * 9)]
+        points = [f"{p}+{graph.activation_label(a)}" if a else p for p, a in zip(u.rank_points, u.rank_acts or ("",) * 9)]
         print(f"| {i} | {u.name} | {u.width} | {u.kind} | {', '.join(points)} | {', '.join(u.convs[1:]) or '-'} |")
     for n, kind in found.skipped.items():
         print(f"# not pruned by default: {n} ({kind}{'; --residual prunes it' if kind == 'residual' else ''})")

@@ -24,7 +24,7 @@ EXAMPLES = """\
   python -m compressor train --resume checkpoints/vgg16_cifar10/last.pt   # continue exactly, with the run's own options
   torchrun --nproc_per_node=4 -m compressor train --model mobilenet_v2 --data cifar10 --data-root DIR --epochs 30
 
-Per-model defaults (e.g. SqueezeNet: lr 0.01, 1 warm-up epoch) come from the `train:` entries of
+Per-model defaults (listed at the end) come from the `train:` entries of
 compressor/recipes/models.yaml; a run prints the recipe it used. --config and flags override them.
 The data contract (classes, input size, normalisation, resize policy) is recorded in every
 checkpoint; later commands read their data from it.

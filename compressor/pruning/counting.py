@@ -21,9 +21,11 @@ from compressor.pruning.size import layer_calls
 
 
 def _zeros(model: nn.Module, input_size: int | tuple[int, int] | None) -> torch.Tensor:
-    c, h, w = input_shape(model)
-    if input_size is not None:
+    if input_size is not None:  # a size given here needs none recorded on the model
+        c = int(getattr(model, "in_channels", 3))
         h, w = (input_size, input_size) if isinstance(input_size, int) else input_size
+    else:
+        c, h, w = input_shape(model)
     p = next(model.parameters())
     return torch.zeros(1, c, h, w, device=p.device, dtype=p.dtype)
 

@@ -367,6 +367,14 @@ def _activation_of(node: Any) -> str:
     return name
 
 
+def activation_label(spec: str) -> str:
+    """The name a user knows an activation by: ``hardtanh`` clamped to [0, 6] is ReLU6."""
+    name, *vals = spec.split(":")
+    if name == "hardtanh" and [float(v) for v in vals] == [0.0, 6.0]:
+        return "relu6"
+    return name
+
+
 def activation_fn(spec: str) -> Callable[[torch.Tensor], torch.Tensor]:
     """The function of an activation spec recorded on a unit ('' = identity)."""
     import torch.nn.functional as F
