@@ -22,7 +22,9 @@ With no --data, the data (dataset, root, classes, normalisation) is the checkpoi
 
 def add_parser(sub) -> argparse.ArgumentParser:
     p = new_parser(sub, "eval", "evaluate a checkpoint (or an exported .onnx file) on the test split", EXAMPLES)
-    p.add_argument("--checkpoint", required=True, help="a checkpoint, or an .onnx file written by export")
+    p.add_argument("file", nargs="?", metavar="CHECKPOINT", help="the checkpoint or .onnx file (or --checkpoint)")
+    p.add_argument("--checkpoint", help="a checkpoint, or an .onnx file written by export")
+    p.add_argument("--weights", help="a plain state_dict (torchvision, akamaster or HRank) for --model, as prune takes")
     p.add_argument("--model", help="needed only for plain (HRank-format) state_dicts")
     p.add_argument("--batch-size", type=positive_int, default=256)
     p.add_argument("--json", action="store_true", help="print the result as JSON")
@@ -94,7 +96,21 @@ def ck_like(res: dict) -> bool:
     return res.get("runtime") == "torch"
 
 
+def _source(args: argparse.Namespace) -> str:
+    """One file, however it was given: positionally, --checkpoint, or --weights (with --model)."""
+    from compressor.errors import UserError
+
+    given = [x for x in (args.file, args.checkpoint, args.weights) if x]
+    if len(given) != 1:
+        raise UserError("give one file: eval CHECKPOINT, --checkpoint FILE or --weights FILE --model NAME",
+                        field="checkpoint")
+    if args.weights and not args.model:
+        raise UserError("a plain state_dict needs --model to say what it holds", field="weights")
+    return given[0]
+
+
 def run(args: argparse.Namespace) -> int:
+    args.checkpoint = _source(args)
     res = evaluate_checkpoint(args.checkpoint, args)
     if args.json:
         print(json.dumps(res, indent=2))

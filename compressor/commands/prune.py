@@ -46,7 +46,11 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--teacher", default=None,
                    help="distil the fine-tune from a teacher: 'self' (the unpruned model) or a checkpoint")
     p.add_argument("--round-to", type=positive_int, default=None, help="round every kept width to a multiple of N")
-    p.add_argument("--rates", required=True, help="rates.yaml (fraction of filters removed per layer)")
+    p.add_argument("--rates", help="rates.yaml (fraction of filters removed per layer, or a budget)")
+    p.add_argument("--macs", type=positive_float, default=None, metavar="FRACTION",
+                   help="shorthand for a rates file holding target: {macs: FRACTION} (the fraction of MACs kept)")
+    p.add_argument("--params", type=positive_float, default=None, metavar="FRACTION",
+                   help="shorthand for target: {params: FRACTION}; with --macs, both are met")
     p.add_argument("--checkpoint", help="trained model to prune; without it a quick baseline is trained first")
     p.add_argument("--criterion", default="hrank",
                    help="filter criterion (default hrank); obs chooses the channels the --reconstruct refit can best "
@@ -100,6 +104,13 @@ def run(args: argparse.Namespace) -> int:
         if not isinstance(recorded, str):
             raise UserError("records no model; pass --model", source=args.checkpoint, field="model")
         args.model = recorded
+    budget = {k: v for k, v in (("macs", args.macs), ("params", args.params)) if v is not None}
+    if bool(budget) == bool(args.rates):
+        raise UserError("give --rates FILE, or a budget with --macs and/or --params", field="rates")
+    for k, v in budget.items():
+        if not 0 < v <= 1:
+            raise UserError(f"is the fraction kept, in (0, 1]; got {v}", field=k)
+    rates = args.rates or {"target": budget}
     if args.baseline_epochs is not None and args.baseline_epochs < 0:
         raise UserError(f"must be >= 0, got {args.baseline_epochs}", field="baseline-epochs")
     try:
@@ -109,7 +120,7 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise UserError(str(exc), field="finetune-epochs/lr/batch-size") from exc
     job = PruneJob(
-        model=args.model, rates=args.rates, checkpoint=args.checkpoint, data=args.data, data_root=args.data_root,
+        model=args.model, rates=rates, checkpoint=args.checkpoint, data=args.data, data_root=args.data_root,
         download=args.download,
         num_classes=args.num_classes, criterion=args.criterion, scores=args.scores, import_hrank=args.import_hrank,
         n_images=args.n_images, seed=args.seed, hrank_compat=args.hrank_compat, rank_rtol=args.rank_rtol,

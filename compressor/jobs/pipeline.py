@@ -41,7 +41,7 @@ log = logging.getLogger("compressor")
 @dataclass
 class PruneJob:
     model: str
-    rates: str
+    rates: str | dict  # a rates.yaml path, or a rates-file-like dict (``--macs 0.5`` gives {"target": {"macs": 0.5}})
     checkpoint: str | None = None
     data: str | None = None           # None: the checkpoint's data contract, else the embedded digits
     data_root: str | None = None
@@ -96,7 +96,9 @@ BASELINE_EVAL = ("auto", "measure", "skip")
 
 
 def default_out(job: PruneJob, data_name: str | None = None) -> Path:
-    return Path("checkpoints") / f"{job.model}_{data_name or job.data or 'digits'}_{Path(job.rates).stem}"
+    tag = (Path(job.rates).stem if not isinstance(job.rates, dict)
+           else "_".join(f"{k}{v:g}" for k, v in (job.rates.get("target") or {}).items()) or "rates")
+    return Path("checkpoints") / f"{job.model.replace(':', '_')}_{data_name or job.data or 'digits'}_{tag}"
 
 
 def _load_rates(job: PruneJob, model: nn.Module) -> RateSpec:
