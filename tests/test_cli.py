@@ -126,7 +126,7 @@ def test_eval_and_list_layers(tmp_path, tiny_ckpt, capsys):
     assert res["n"] == 360 and 0 <= res["top1"] <= 100 and res["params"] > 0
     assert main(["list-layers", "--model", "vgg16_bn"]) == 0
     out = capsys.readouterr().out
-    assert "| 12 | features.conv16 | 512 | plain | features.norm16+relu |" in out
+    assert "| 12 | features.conv16 | 512 | plain | 9.70M | 2623.0k | features.norm16+relu |" in out  # conv16 at 2x2, linear1
 
 
 def test_every_command_help_has_examples():

@@ -20,6 +20,8 @@ ENGINE = ("compressor.pruning.surgery", "compressor.pruning.plan", "compressor.p
 EXCEPTIONS = {
     # list-layers prints the engine's own discovery (kinds, rank points, members, refusals and why)
     ("list_layers.py", "compressor.pruning.graph"),
+    # ...and what each unit's channels carry (MACs and params), from the one size model
+    ("list_layers.py", "compressor.pruning.size"),
 }
 
 

@@ -52,3 +52,17 @@ def test_eval_takes_the_file_positionally_or_as_weights_and_prune_takes_a_budget
     assert "fraction kept" in capsys.readouterr().err
     assert main(["prune", "--checkpoint", str(ck), "--out", str(tmp_path / "y")]) == 2
     assert "--rates FILE, or a budget" in capsys.readouterr().err
+
+
+def test_list_layers_shows_the_cost_of_each_unit_and_the_total(capsys) -> None:
+    """Issue 23 item 8: the total MACs/params at the input size, and what follows each unit's channels."""
+    from compressor.cli import main
+    from compressor.models import get_model
+
+    assert main(["list-layers", "vgg16_bn"]) == 0
+    out = capsys.readouterr().out
+    total = compressor.count(get_model("vgg16_bn"))
+    assert f"{total['macs'] / 1e6:.2f}M MACs" in out and f"{total['params'] / 1e6:.3f}M params at 32 px" in out
+    rows = [ln.split("|") for ln in out.splitlines() if ln.startswith("| 0 |")]
+    # features.conv0: 64 3x3x3 filters at 32x32 (1.77M) and conv1's 64 input channels (37.75M)
+    assert rows and rows[0][5].strip() == f"{(64 * 27 * 1024 + 64 * 64 * 9 * 1024) / 1e6:.2f}M"

@@ -35,14 +35,24 @@ def run(args: argparse.Namespace) -> int:
     m = get_model(name, **kw)
     if args.residual is not None:
         m.prune_residual = args.residual
+    from compressor.pruning.size import SizeModel
+
     units = graph.units(m)
     found = graph.discovery(m)
-    print(f"# {name}: {len(units)} prunable units (rates list order)")
-    print("| # | layer (rates key) | channels | kind | rank point | coupled convs |")
-    print("|---|---|---|---|---|---|")
+    sizer = SizeModel(m, found)
+    total = sizer.count({})
+    size = m.input_size if isinstance(m.input_size, int) else "x".join(map(str, m.input_size))
+    print(f"# {name}: {len(units)} prunable units (rates list order); {total['macs'] / 1e6:.2f}M MACs and "
+          f"{total['params'] / 1e6:.3f}M params at {size} px")
+    print("# MACs / params: what follows the unit's channels (its convs, their norms, the next layers' inputs)")
+    print("| # | layer (rates key) | channels | kind | MACs | params | rank point | coupled convs |")
+    print("|---|---|---|---|---|---|---|---|")
     for i, u in enumerate(units):
         points = [f"{p}+{graph.activation_label(a)}" if a else p for p, a in zip(u.rank_points, u.rank_acts or ("",) * 9)]
-        print(f"| {i} | {u.name} | {u.width} | {u.kind} | {', '.join(points)} | {', '.join(u.convs[1:]) or '-'} |")
+        gone = sizer.count({u.name: 0})
+        print(f"| {i} | {u.name} | {u.width} | {u.kind} | {(total['macs'] - gone['macs']) / 1e6:.2f}M | "
+              f"{(total['params'] - gone['params']) / 1e3:.1f}k | {', '.join(points)} | "
+              f"{', '.join(u.convs[1:]) or '-'} |")
     for n, kind in found.skipped.items():
         print(f"# not pruned by default: {n} ({kind}{'; --residual prunes it' if kind == 'residual' else ''})")
     for n, why in found.refused.items():
