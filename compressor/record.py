@@ -118,7 +118,13 @@ def _bare_view(model: nn.Module, size: tuple[int, int], chans: int) -> nn.Module
     return v
 
 
-_VIEWS: "weakref.WeakKeyDictionary[nn.Module, tuple[ModelRecord, nn.Module]]" = weakref.WeakKeyDictionary()
+_VIEWS: "weakref.WeakKeyDictionary[nn.Module, tuple[ModelRecord, tuple, nn.Module]]" = weakref.WeakKeyDictionary()
+
+
+def _top_level(model: nn.Module) -> tuple:
+    """What a shallow view copies: the model's own submodules, parameters and buffers (by identity)."""
+    return tuple((name, k, id(v)) for name in ("_modules", "_parameters", "_buffers")
+                 for k, v in model.__dict__.get(name, {}).items())
 
 
 def view(model: nn.Module, record: ModelRecord) -> nn.Module:
@@ -129,8 +135,8 @@ def view(model: nn.Module, record: ModelRecord) -> nn.Module:
     record, so the graph the engine discovers once is reused across ``rank`` and ``prune``.
     """
     hit = _VIEWS.get(model)
-    if hit is not None and hit[0] == record:
-        return hit[1]
+    if hit is not None and hit[0] == record and hit[1] == _top_level(model):  # a replaced layer: a new view
+        return hit[2]
     v = _shallow(model)
     size = record.input_size
     values = {"arch": record.arch, "input_size": None if size is None else (size[0] if size[0] == size[1] else size),
@@ -141,5 +147,5 @@ def view(model: nn.Module, record: ModelRecord) -> nn.Module:
         values["residual"] = record.residual
     for key, value in values.items():
         v.__dict__[_ATTRS[key]] = value
-    _VIEWS[model] = (record, v)
+    _VIEWS[model] = (record, _top_level(model), v)
     return v

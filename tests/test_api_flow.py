@@ -196,3 +196,18 @@ def test_int8_export_through_the_api(trained, tmp_path) -> None:
     assert res.top1_float == compressor.evaluate(small, test)["top1"]
     # a 30k-parameter model: the QDQ nodes and scales weigh here (VGG16-BN: 0.26x, experiments/RESULTS.md)
     assert (tmp_path / "s.int8.onnx").stat().st_size < 0.75 * fp.bytes
+
+
+def test_a_layer_replaced_between_calls_is_seen() -> None:
+    """The engine's view of a model follows the model: a top-level layer replaced between two calls (same
+    shapes, so the same record) is the one the next call prunes."""
+    torch.manual_seed(0)
+    net = MyNet().eval()
+    x = torch.randn(1, 3, 32, 32)
+    rates = {"head.0": 0.5}
+    first, _ = compressor.prune(net, x, rates, criterion="l1")
+    net.head = _cbr(32, 48)  # new weights, same shapes
+    second, info = compressor.prune(net, x, rates, criterion="l1")
+    keep = torch.tensor(info.plan.keep["head.0"])
+    assert torch.equal(second.head[0].weight, net.head[0].weight[keep])
+    assert not torch.equal(second.head[0].weight, first.head[0].weight)
