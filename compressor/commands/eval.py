@@ -70,6 +70,7 @@ def evaluate_checkpoint(path: str, args: argparse.Namespace) -> dict:
     if bundle.notes.get("test_split"):  # the folder the test figure came from (an ImageFolder's test/ or val/)
         res["test_split"] = f"{bundle.notes['test_split']}/"
     res.update({"checkpoint": path, "model": ck.get("model", getattr(net, "arch", "onnx")), "data": bundle.name,
+                "data_line": bundle.notes.get("data_line"),
                 "file_bytes": Path(path).stat().st_size, "runtime": "onnxruntime" if not ck else "torch"})
     if getattr(args, "save", None):
         res["saved"] = str(_save(net, ck, measured, path, args.save))

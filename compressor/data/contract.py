@@ -175,6 +175,8 @@ def resolve_source(contract: DataContract | None, data: str | None, root: str | 
     rec_name = rec_name if isinstance(rec_name, str) else None
     rec_root = rec_root if isinstance(rec_root, str) else None
     if data is None:
+        if root is not None and rec_root is not None and os.path.abspath(root) != os.path.abspath(rec_root):
+            _note(f"--data-root {root} overrides the checkpoint's data root ({rec_root})")
         name = rec_name or "digits"
         use_root = root if root is not None else (rec_root if name == rec_name else None)
         if use_root is None and name != "digits":
@@ -230,6 +232,9 @@ def load_data(model: nn.Module | None, data: str | None = None, root: str | None
     stats = resolve_stats(contract, model, mean, std)
     bundle = data_mod.load(name, use_root, input_size=px, val_size=val_size, seed=seed, download=download,
                            stats=stats)
+    bundle.notes["root"] = os.path.abspath(use_root) if use_root is not None else None  # read from, for data_line
+    if stats is not None:  # who chose the normalisation: the typed flags, the contract or the model
+        bundle.notes["normalisation"]["source"] = "flag" if mean is not None else "contract" if contract else "model"
     if contract is not None:
         check(contract, bundle, source)
     if check_classes and model is not None and hasattr(model, "num_classes"):
