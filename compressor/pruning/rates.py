@@ -35,9 +35,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-import yaml
-
 from compressor.errors import UserError, suggest
+from compressor.storage import yaml_io
 
 ROUNDING = ("keep_floor", "drop_floor")
 TOP_LEVEL_KEYS = ("model", "rates", "default", "rounding", "round_to", "target", "policy", "min_keep", "max_keep",
@@ -45,8 +44,6 @@ TOP_LEVEL_KEYS = ("model", "rates", "default", "rounding", "round_to", "target",
 BUDGET_KEYS = ("macs", "params", "latency")
 LATENCY_OPTIONS = ("batch_size", "threads", "device")
 MAX_FILE_BYTES = 256 << 10  # a rates file for a 500-layer model is well under 100 KiB
-MAX_FLOW_DEPTH = 64
-MAX_YAML_NODES = 100_000
 MAX_RATES = 100_000  # entries a rate string may produce when the model's length is not known
 MAX_ROUND_TO = 4096
 ECHO_CHARS = 80
@@ -306,120 +303,10 @@ def resolve_rates(
     raise UserError(f"must be a string, list or mapping, got {type(raw).__name__}", source=source, field="rates")
 
 
-# ----------------------------------------------------------------------------- bounded YAML
-class _BoundedLoader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):  # type: ignore[misc]
-    """``SafeLoader`` that refuses duplicate keys and documents whose aliases expand beyond a bound.
-
-    PyYAML shares one node per anchor, so composing is cheap; what explodes is anything that walks
-    the result (validation, ``repr`` in an error, saving). The expanded size is counted on the node
-    graph before anything is constructed, memoized per node, so the check is linear in the file.
-    """
-
-    max_nodes = MAX_YAML_NODES
-
-    def get_single_data(self) -> Any:  # what ``yaml.load`` calls
-        node = self.get_single_node()
-        if node is None:
-            return None
-        _expanded_size(node, self.max_nodes)
-        return self.construct_document(node)
-
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:  # type: ignore[override]
-        seen: set = set()
-        for key_node, _ in node.value:
-            if key_node.tag == "tag:yaml.org,2002:merge":
-                continue
-            key = self.construct_object(key_node, deep=True)
-            try:
-                dup = key in seen
-                seen.add(key)
-            except TypeError:  # unhashable key: SafeConstructor reports it
-                continue
-            if dup:
-                raise _Refused(f"duplicate key {short(key)} (line {key_node.start_mark.line + 1}); each key may "
-                               "appear once")
-        return super().construct_mapping(node, deep=deep)
-
-
-class _Refused(Exception):
-    """A document the bounded loader will not build (reason in ``str``)."""
-
-
-def _expanded_size(root: yaml.Node, limit: int) -> int:
-    """Node count with every alias expanded; raises ``_Refused`` past ``limit`` or on a cycle."""
-    memo: dict[int, int] = {}
-    active: set[int] = set()
-    stack: list[tuple[yaml.Node, bool]] = [(root, False)]
-    while stack:  # iterative post-order: a deeply nested file must not hit the recursion limit here
-        node, done = stack.pop()
-        nid = id(node)
-        if done:
-            active.discard(nid)
-            if isinstance(node, yaml.MappingNode):
-                kids = [n for kv in node.value for n in kv]
-            elif isinstance(node, yaml.SequenceNode):
-                kids = list(node.value)
-            else:
-                kids = []
-            total = 1 + sum(memo[id(k)] for k in kids)
-            if total > limit:
-                raise _Refused(f"expands to more than {limit} YAML nodes (aliases of aliases?); refused")
-            memo[nid] = total
-            continue
-        if nid in memo:
-            continue
-        if nid in active:
-            raise _Refused("has a recursive alias (an anchor used inside itself); refused")
-        active.add(nid)
-        stack.append((node, True))
-        if isinstance(node, yaml.MappingNode):
-            stack.extend((n, False) for kv in node.value for n in kv if id(n) not in memo)
-        elif isinstance(node, yaml.SequenceNode):
-            stack.extend((n, False) for n in node.value if id(n) not in memo)
-    return memo[id(root)]
-
-
-def _flow_depth(text: str) -> int:
-    """Deepest ``[``/``{`` nesting, ignoring quoting: an upper bound of the document's flow depth."""
-    depth = best = 0
-    for ch in text:
-        if ch in "[{":
-            depth += 1
-            best = max(best, depth)
-        elif ch in "]}":
-            depth = max(0, depth - 1)
-    return best
-
-
 def read_yaml(path: str | Path, *, max_bytes: int = MAX_FILE_BYTES) -> Any:
-    """Parse a small, untrusted YAML file with the bounds above; every failure is one ``UserError``."""
-    src = str(path)
-    p = Path(path)
-    if not p.is_file():
-        raise UserError("rates file not found", source=src)
-    try:
-        with open(p, "rb") as fh:
-            raw = fh.read(max_bytes + 1)
-    except OSError as exc:
-        raise UserError(f"cannot read ({exc.strerror or type(exc).__name__})", source=src) from exc
-    if len(raw) > max_bytes:
-        raise UserError(f"is larger than {max_bytes // 1024} KiB; a rates file is a few lines", source=src)
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise UserError("not a text file", source=src) from exc
-    if _flow_depth(text) > MAX_FLOW_DEPTH:  # the C composer recurses per level: refuse before it starts
-        raise UserError(f"is nested more than {MAX_FLOW_DEPTH} levels deep; a rates file is flat", source=src)
-    try:
-        return yaml.load(text, Loader=_BoundedLoader)  # noqa: S506 - a SafeLoader subclass
-    except _Refused as exc:
-        raise UserError(str(exc), source=src) from None
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" (line {mark.line + 1})" if mark else ""
-        raise UserError(f"not valid YAML{where}", source=src) from None
-    except RecursionError:
-        raise UserError("is nested too deeply to be a rates file", source=src) from None
+    """Parse a small, untrusted rates file with the shared bounds (``storage.yaml_io``); every failure
+    is one ``UserError`` naming the file."""
+    return yaml_io.load_yaml(path, max_bytes=max_bytes, kind="rates file")
 
 
 def load_rates(path: str | Path, unit_names: Sequence[str], *, model_name: str | None = None,

@@ -37,19 +37,14 @@ def defer_defaults(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 
 def read(path: str | Path) -> dict[str, Any]:
-    """A recipe file as a flat dict (keys with ``-`` normalized to ``_``)."""
-    import yaml
+    """A recipe file as a flat dict (keys with ``-`` normalized to ``_``), read with the shared
+    bounds (``storage.yaml_io``: size, depth, aliases, duplicate keys): every failure is one line."""
+    from compressor.storage import yaml_io
 
     src = str(path)
-    p = Path(path)
-    if not p.is_file():
-        raise UserError("recipe file not found", source=src)
-    try:
-        doc = yaml.safe_load(p.read_text()) or {}
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}" if mark is not None else ""
-        raise UserError(f"not valid YAML{where}", source=src) from exc
+    doc = yaml_io.load_yaml(path, kind="recipe file")
+    if doc is None:
+        doc = {}
     if not isinstance(doc, dict):
         raise UserError(f"a recipe is a mapping of option: value, got {type(doc).__name__}", source=src)
     return {str(k).replace("-", "_"): v for k, v in doc.items()}
@@ -148,9 +143,9 @@ def model_recipe(arch: str) -> dict[str, Any]:
     1.1, their ImageNet variants too), then ``defaults``. ``torchvision:``/``module:`` models
     take the defaults.
     """
-    import yaml
+    from compressor.storage import yaml_io
 
-    table = yaml.safe_load(MODEL_RECIPES.read_text())
+    table = yaml_io.load_yaml(MODEL_RECIPES, kind="model recipes file")
     out = {k: (dict(v) if isinstance(v, dict) else v) for k, v in table["defaults"].items()}
     keys = [k for k in table if k != "defaults" and arch.startswith(k)]
     if keys:

@@ -89,19 +89,18 @@ def _options(doc: Mapping[str, Any]) -> dict[str, Any]:
 
 def write_resolved(out: Path, options: Mapping[str, Any], resume: str | None, header: str) -> None:
     """``resolved_config.yaml``: the options of the run; a resume with the same options leaves it as it is."""
-    import yaml
-
-    from compressor.storage import io
+    from compressor.errors import UserError
+    from compressor.storage import io, yaml_io
     from compressor.training import recipe
 
     path = out / RESOLVED
     text = recipe.to_yaml(argparse.Namespace(**{**options, "out": str(out)}), header=header)
     if resume and path.is_file():
         try:
-            old = yaml.safe_load(path.read_text())
-        except (OSError, yaml.YAMLError):
+            old = yaml_io.load_yaml(path, kind="resolved config")
+        except UserError:  # unreadable or hostile: the options count as changed
             old = None
-        new = _options(yaml.safe_load(text))
+        new = _options(yaml_io.parse_yaml(text, source=str(path)))
         if isinstance(old, dict):
             before = _options(old)
             if before == new:
