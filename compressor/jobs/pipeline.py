@@ -20,7 +20,7 @@ from torch import nn
 
 from compressor import api, data as data_mod
 from compressor.storage import checkpoint
-from compressor.data import contract as contract_mod
+from compressor.data import contract as contract_mod, describe
 from compressor.pruning import criteria
 from compressor.storage import io
 from compressor.reporting import plots
@@ -256,6 +256,7 @@ def _recover(job: PruneJob, base: nn.Module, pruned: nn.Module, plan: Any, bundl
         _, rep = api.recover(pruned, bundle, reconstruct=False, bn=False, epochs=job.finetune.epochs,
                              teacher=teacher, train_config=job.finetune, out_dir=out / "finetune", **common)
         history = rep.history
+        _write_curve(out / "finetune", metrics.get("baseline_test"), metrics["eval"], job.model)
         metrics["finetuned_test"] = evaluate(pruned, test_loader, device, job.progress, "eval fine-tuned")
         recovery += rep.steps
         if teacher is not None:
@@ -263,6 +264,22 @@ def _recover(job: PruneJob, base: nn.Module, pruned: nn.Module, plan: Any, bundl
                                        "alpha": job.finetune.kd_alpha}
     metrics["recovery"] = "+".join(recovery) or "none"
     return history
+
+
+def _write_curve(run: Path, baseline: Mapping[str, Any] | None, where: Mapping[str, Any], model: str) -> Path | None:
+    """The fine-tune's ``recovery_curve.png`` drawn again with the unpruned model's accuracy as a
+    reference line (labelled with the split and image count it was measured on), as ``report --curves``
+    draws it; without a measured baseline (``--baseline-eval skip``) the training loop's plot stays."""
+    from compressor.reporting.report_curves import baseline_label, read_metrics
+    from compressor.training.train import curve_points
+
+    top1 = (baseline or {}).get("top1")
+    if not isinstance(top1, (int, float)) or not (run / "metrics.jsonl").is_file():
+        return None
+    ref = {baseline_label({"top1": float(top1), "split": where.get("split"), "n": where.get("n")}): float(top1)}
+    return plots.recovery_curves({"fine-tune (val)": curve_points(read_metrics(run / "metrics.jsonl"))},
+                                 run / "recovery_curve.png", baselines=ref,
+                                 title=f"{model} after pruning: validation top-1 while fine-tuning")
 
 
 def _teacher(job: PruneJob, base: nn.Module, device: torch.device) -> nn.Module | None:
@@ -306,6 +323,7 @@ def run_prune(job: PruneJob) -> dict[str, Any]:
 
 def _prune_into(job: PruneJob, out: Path, device: torch.device, base: nn.Module | None, ck: Mapping[str, Any],
                 bundle: Any, contract: Any, spec: RateSpec, ncls: int, pre_scores: Any) -> dict[str, Any]:
+    log.info(describe.data_line(bundle, contract))  # after every input was validated: an error stays one line
     # 2. Baseline.
     eval_ds = eval_subset(bundle.test if job.eval_split == "test" else bundle.val, job.eval_n)
     test_loader = data_mod.loader(eval_ds, 256, device=device)

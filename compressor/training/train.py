@@ -54,6 +54,7 @@ from compressor.errors import UserError
 from compressor.training.evaluation import evaluate
 
 SCHEDULES = ("cosine", "multistep", "onecycle", "constant")
+HEARTBEAT_S = 60.0  # without a progress bar, a line at least this often (seconds) while an epoch runs
 
 
 class NonFiniteLossError(UserError, FloatingPointError):
@@ -291,7 +292,8 @@ def fit(model: nn.Module, data: DataBundle, cfg: TrainConfig, device: torch.devi
         progress: bool = True, log: Callable[[dict[str, Any]], None] | None = None, *,
         teacher: nn.Module | None = None, out_dir: str | Path | None = None,
         resume: str | Path | Mapping[str, Any] | None = None, ckpt_meta: Mapping[str, Any] | None = None,
-        ctx: dist_mod.DistContext | None = None, resume_source: str | None = None) -> list[dict[str, Any]]:
+        ctx: dist_mod.DistContext | None = None, resume_source: str | None = None,
+        heartbeat_s: float = HEARTBEAT_S) -> list[dict[str, Any]]:
     """Train ``model`` in place; return one metrics row per epoch (lr, train loss/acc, val acc/loss, img/s).
 
     ``out_dir``: write last.pt / best.pt / metrics.jsonl / recovery_curve.png there (rank 0).
@@ -302,6 +304,9 @@ def fit(model: nn.Module, data: DataBundle, cfg: TrainConfig, device: torch.devi
     last.pt (path or loaded dict; ``resume_source`` names a dict in messages) to continue from.
     ``teacher``: distil from its logits.
     ``ckpt_meta``: ``rates``/``plan``/``prov``/``metrics`` to store in the checkpoints.
+    ``heartbeat_s``: without a progress bar (``progress`` False), print ``epoch e/E, batch b/n, loss,
+    img/s, eta`` whenever this many seconds have passed since the epoch began or the last such line
+    (0: after every batch). With a bar, the bar is the heartbeat.
     The model ends with the last epoch's weights (best.pt holds the selected ones).
     """
     device = torch.device(device)
@@ -315,7 +320,7 @@ def fit(model: nn.Module, data: DataBundle, cfg: TrainConfig, device: torch.devi
     opt = make_optimizer(model, cfg)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg, len(train_loader)))
 
-    stepper = _Stepper(net, teacher, opt, sched, scaler, cfg, device, amp_dtype, use_amp, cl, ctx)
+    stepper = _Stepper(net, teacher, opt, sched, scaler, cfg, device, amp_dtype, use_amp, cl, ctx, heartbeat_s)
     steps = len(train_loader)
     # history: the epoch rows; curve: every evaluation, in order (what metrics.jsonl holds)
     start, best, history, curve = _begin(model, opt, sched, scaler, resume, resume_source, cfg, ctx, steps,
@@ -523,6 +528,31 @@ class _Stepper:
     use_amp: bool
     channels_last: bool
     ctx: dist_mod.DistContext
+    heartbeat_s: float = HEARTBEAT_S
+
+
+def _duration(seconds: float) -> str:
+    """``45s``, ``3m12s``, ``2h05m``."""
+    s = max(0, int(round(seconds)))
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    return f"{s // 3600}h{s % 3600 // 60:02d}m"
+
+
+def heartbeat_line(epoch: int, epochs: int, done: int, steps: int, loss: float, images: float,
+                   elapsed: float) -> str:
+    """``epoch 1/5, batch 40/391, loss 2.103, 128 img/s, eta 3m12s for the epoch, 17m40s for the run``.
+
+    ``done`` batches of ``steps`` in epoch ``epoch`` (0-based) took ``elapsed`` seconds for ``images``
+    images; the eta assumes the rest of the run goes at this epoch's rate so far."""
+    per_step = elapsed / max(1, done)
+    left_epoch = (steps - done) * per_step
+    left_run = left_epoch + (epochs - epoch - 1) * steps * per_step
+    return (f"epoch {epoch + 1}/{epochs}, batch {done}/{steps}, loss {loss:.4g}, "
+            f"{images / max(elapsed, 1e-9):.0f} img/s, eta {_duration(left_epoch)} for the epoch, "
+            f"{_duration(left_run)} for the run")
 
 
 def _train_epoch(st: _Stepper, train_loader: DataLoader, epoch: int, out_dir: str | Path | None, history: list,
@@ -544,6 +574,8 @@ def _train_epoch(st: _Stepper, train_loader: DataLoader, epoch: int, out_dir: st
     bar = tqdm(train_loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False,
                disable=not (progress and ctx.is_main))
     last = len(train_loader) - 1
+    beat = ctx.is_main and not progress  # with a bar, the bar is the heartbeat
+    t_start = t_beat = time.perf_counter()
     for step, (x, y) in enumerate(bar):
         x = x.to(device, non_blocking=True)
         y = y.to(device, non_blocking=True)
@@ -570,6 +602,11 @@ def _train_epoch(st: _Stepper, train_loader: DataLoader, epoch: int, out_dir: st
         stats[0] += loss.detach() * y.numel()
         stats[1] += (out_logits.detach().argmax(1) == y).sum()
         stats[2] += y.numel()
+        if beat and time.perf_counter() - t_beat >= st.heartbeat_s:
+            t_beat = time.perf_counter()
+            seen = max(1.0, stats[2].item())
+            print(heartbeat_line(epoch, cfg.epochs, step + 1, last + 1, stats[0].item() / seen, seen,
+                                 t_beat - t_start), flush=True)
         if step + 1 in marks:
             on_eval(step + 1)
     return stats
