@@ -1,4 +1,6 @@
-"""obs selection (compressor.pruning.select_obs): constructed cases with a known answer, and a tiny end to end."""
+"""obs selection (compressor.pruning.select_obs): constructed cases with a known answer, and a tiny end to end.
+
+The models here have no ``channel_map()``: each unit's consumers come from the dependency graph."""
 
 from __future__ import annotations
 
@@ -8,7 +10,6 @@ import pytest
 import torch
 from torch import nn
 
-from compressor.models._spec import Slot
 from compressor.pruning.select_obs import prune_obs, select
 
 from tests.conftest import TINY_VGG, one_thread, randomize_bn, units_of
@@ -49,9 +50,6 @@ class Chain(nn.Module):
         x = torch.relu(self.bn_b(self.b(x)))
         return self.fc(x.mean((2, 3)))
 
-    def channel_map(self) -> dict[str, Slot]:
-        return {"a.weight": Slot(out="a", inp=(3,)), "b.weight": Slot(inp=("a",)), "fc.weight": Slot(inp=(6,))}
-
 
 class Concat(nn.Module):
     """Two branches (1×1 ``e1`` and 3×3 ``e3``, each conv-BN-ReLU) concatenated into conv ``c``."""
@@ -65,10 +63,6 @@ class Concat(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = torch.cat([torch.relu(self.bn1(self.e1(x))), torch.relu(self.bn3(self.e3(x)))], dim=1)
         return self.c(y)
-
-    def channel_map(self) -> dict[str, Slot]:
-        return {"e1.weight": Slot(out="e1", inp=(3,)), "e3.weight": Slot(out="e3", inp=(3,)),
-                "c.weight": Slot(inp=("e1", "e3"))}
 
 
 class Residual(nn.Module):
@@ -85,10 +79,6 @@ class Residual(nn.Module):
         x = torch.relu(self.bn_s(self.s(x)))
         y = self.bn2(self.c2(torch.relu(self.bn1(self.c1(x)))))
         return self.h(torch.relu(x + y))
-
-    def channel_map(self) -> dict[str, Slot]:
-        return {"s.weight": Slot(out="s", inp=(3,)), "c1.weight": Slot(out="c1", inp=("s",)),
-                "c2.weight": Slot(out="s", inp=("c1",)), "h.weight": Slot(inp=("s",))}
 
 
 def _randomized(model: nn.Module, seed: int = 0) -> nn.Module:
@@ -292,3 +282,99 @@ def test_obs_through_the_api_and_the_prune_command(tmp_path, capsys):
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["recovery"] == "reconstruct" and summary["selection"]
     assert not (tmp_path / "run" / "scores.pt").exists()
+
+
+def _dead_channel(bn: nn.BatchNorm2d, ch: int) -> None:
+    """BN pushes channel ``ch`` far below zero: after the ReLU (and any add of bounded values) it is 0."""
+    with torch.no_grad():
+        bn.bias[ch] = -1e4
+
+
+def _resnet20_with_a_copy_and_a_dead_channel() -> nn.Module:
+    """resnet20 whose stage-1 residual space has channel 4 = channel 1 and channel 6 = 0 everywhere.
+
+    The space is written by the stem (through ``layer1.0``'s channel-map shortcut) and by every
+    ``layer1.i.conv2``/``bn2``: the copy and the dead channel are made in all of them."""
+    from compressor.models import get_model
+
+    torch.manual_seed(0)
+    m = randomize_bn(get_model("resnet20")).eval()
+    writers = [("conv1", "bn1")] + [(f"layer1.{i}.conv2", f"layer1.{i}.bn2") for i in range(3)]
+    for conv, bn in writers:
+        _copy_channel(m.get_submodule(conv), m.get_submodule(bn), 1, 4)
+        _dead_channel(m.get_submodule(bn), 6)
+    return m
+
+
+def test_resnet20_residual_space_copy_and_dead_channel_go_first() -> None:
+    """CIFAR ResNet (no channel_map): the stage-1 space's consumers are every conv reading it, found in
+    the graph; the dead channel and one of the copied pair go first and the refit loses nothing."""
+    m = _resnet20_with_a_copy_and_a_dead_channel()
+    with one_thread():
+        plan, rep = select(m, {"layer1.0.conv2": 14}, _batches(size=16), ridge=1e-9, progress=False)
+    gone = _removed(plan, "layer1.0.conv2", 16)
+    assert 6 in gone and len(gone & {1, 4}) == 1 and len(gone) == 2
+    u = rep.units[0]
+    assert set(u.consumers) == {"layer1.1.conv1", "layer1.2.conv1", "layer2.0.conv1"}
+    assert u.error_kept < 1e-6
+
+
+def test_resnet20_dead_residual_channel_prunes_and_refits_exactly() -> None:
+    """Removing the dead channel of a residual space changes nothing: the pruned, refit resnet20 (keep
+    indices of every writer from the graph) gives the original's logits."""
+    m = _resnet20_with_a_copy_and_a_dead_channel()
+    xs = _batches(size=16)
+    with one_thread():
+        small, plan, rep, rec = prune_obs(m, {"layer1.0.conv2": 15}, xs, progress=False)
+        assert _removed(plan, "layer1.0.conv2", 16) == {6}
+        assert small.layer1[1].conv2.out_channels == 15 and small.layer2[0].conv1.in_channels == 15
+        assert rec is not None and not rec.skipped
+        assert {f.kept_from for f in rec.layers} <= {"given", "all"}
+        with torch.no_grad():
+            ref, out = m(xs[0]), small(xs[0])
+    assert torch.allclose(out, ref, atol=1e-4 * float(ref.abs().max()), rtol=0)
+
+
+class UserResidual(nn.Module):
+    """A user's CNN: stem ``s`` and block ``c1 → c2`` added into one 8-channel space, then ``t`` and a
+    Linear head. No ``channel_map``, no registration."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.s, self.bn_s = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.c1, self.bn1 = nn.Conv2d(8, 6, 3, padding=1), nn.BatchNorm2d(6)
+        self.c2, self.bn2 = nn.Conv2d(6, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.t, self.bn_t = nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.bn_s(self.s(x)))
+        x = torch.relu(x + self.bn2(self.c2(torch.relu(self.bn1(self.c1(x))))))
+        x = torch.relu(self.bn_t(self.t(x)))
+        return self.fc(x.mean((2, 3)))
+
+
+def test_obs_on_a_user_module_through_the_api() -> None:
+    """compressor.prune(..., criterion="obs") on a plain nn.Module with a residual add: the dead
+    channel of the shared space is the one removed, recover() refits it to the original's logits, and
+    the model passed in is unchanged."""
+    import compressor
+
+    net = _randomized(UserResidual())
+    _dead_channel(net.bn_s, 3)
+    _dead_channel(net.bn2, 3)
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    g = torch.Generator().manual_seed(1)
+    batches = [(torch.randn(16, 3, 8, 8, generator=g), torch.randint(0, 4, (16,), generator=g)) for _ in range(2)]
+    with one_thread():
+        small, info = compressor.prune(net, torch.randn(1, 3, 8, 8), {"s": 0.125}, criterion="obs",
+                                       calibration=batches, residual=True)
+        assert info.criterion == "obs" and [u.unit for u in info.selection.units] == ["s"]
+        assert set(info.selection.units[0].consumers) == {"c1", "t"}
+        assert _removed(info.plan, "s", 8) == {3}
+        assert small.c2.out_channels == 7 and small.t.in_channels == 7
+        small, _ = compressor.recover(small, batches, original=net, plan=info.plan, progress=False)
+        with torch.no_grad():
+            ref, out = net(batches[0][0]), small(batches[0][0])
+    assert torch.allclose(out, ref, atol=1e-5 * float(ref.abs().max()), rtol=0)
+    assert all(torch.equal(v, before[k]) for k, v in net.state_dict().items())

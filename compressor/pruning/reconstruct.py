@@ -255,18 +255,26 @@ def infer_kept(orig: nn.Module, new: nn.Module) -> torch.Tensor | None:
     return torch.tensor(kept, dtype=torch.long)
 
 
-def keep_from_plan(model: nn.Module, plan: Any) -> dict[str, tuple[int, ...]]:
+def keep_from_plan(model: nn.Module, plan: Any, example: torch.Tensor | None = None) -> dict[str, tuple[int, ...]]:
     """``{layer: kept_out_indices}`` for ``reconstruct(keep=...)`` from a ``Plan`` of ``model``.
 
-    Uses the model's ``channel_map()``: every Conv/Linear weight whose dim 0 follows a unit
-    (its producing conv, a depthwise follower, a residual member) gets that unit's kept indices.
+    Every Conv2d/Linear whose output channels are a unit's (its producing conv, a depthwise
+    follower, every member of a residual group) gets that unit's kept channels, in its own output
+    positions: read off the dependency graph (``compressor.pruning.channel_space``), so it works
+    for any model the engine prunes. ``example``: one input (default: from ``model.input_size``).
     """
-    layers = _linear_layers(model)
+    from compressor.pruning import graph
+    from compressor.pruning.channel_space import channel_spaces, layer_writers
+
+    units = {u: int(w) for u, w in plan.widths.items() if u in plan.keep}
+    if not units:
+        return {}
+    example = example if example is not None else graph.example_input(model)
     out: dict[str, tuple[int, ...]] = {}
-    for key, slot in model.channel_map().items():
-        name = key.rsplit(".", 1)[0]
-        if key.endswith(".weight") and name in layers and slot.out is not None and slot.out in plan.widths:
-            out[name] = tuple(plan.kept(slot.out))
+    for unit, space in channel_spaces(model, example[:1], units).items():
+        kept = plan.kept(unit)
+        for w in layer_writers(model, space):
+            out[w.name] = tuple(sorted(i for c in kept for i in w.where[c]))
     return out
 
 
@@ -410,7 +418,6 @@ def _current(layer: nn.Module) -> torch.Tensor:
 
 @torch.no_grad()
 def _write(layer: nn.Module, w: torch.Tensor) -> None:
-    g = getattr(layer, "groups", 1)
     out = layer.weight.shape[0]
     feats = layer.weight[0].numel()
     weight = w[:, :feats].transpose(1, 2).reshape(layer.weight.shape)

@@ -81,13 +81,14 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from compressor.pruning.channel_space import ChannelSpace, channel_spaces
 from compressor.pruning.plan import Plan
-
-log = logging.getLogger(__name__)
 from compressor.pruning.reconstruct import (
     _Stop, _call_order, _conv_targets, _iter_images, _positions, conv_patches, keep_from_plan, layer_seed,
     reconstruct,
 )
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -127,36 +128,60 @@ class _Consumer:
     out_hw: tuple[int, ...] = ()
 
 
-def _consumers_of(cmap: Mapping[str, Any], unit: str, widths: Mapping[str, int],
-                  work: Mapping[str, nn.Module], orig: Mapping[str, nn.Module]) -> list[tuple[str, torch.Tensor]]:
-    """``(layer, cols[width, span])`` for every Conv2d/Linear whose input follows ``unit``."""
+def _consumer_columns(space: ChannelSpace, layers: Mapping[str, nn.Module]) -> list[tuple[str, torch.Tensor]]:
+    """``(layer, cols[width, span])``: each reader's weight columns for each of the unit's channels.
+
+    A conv reading input channel ``i`` has columns ``i·k² … i·k²+k²−1`` (the weight's layout); a
+    Linear's columns are its input positions (``k×k`` per channel after a flatten)."""
     found = []
-    for key, slot in cmap.items():
-        if not key.endswith(".weight") or unit not in slot.inp:
-            continue
-        name = key[: -len(".weight")]
-        layer = work.get(name)
-        if layer is None:
-            continue
+    for r in space.readers:
+        layer = layers[r.name]
+        where = torch.tensor(r.where, dtype=torch.long)  # [width, positions]
         if isinstance(layer, nn.Conv2d):
             if layer.groups != 1:
-                raise ValueError(f"obs: consumer {name} is a grouped conv (groups={layer.groups}): not supported")
-            span = layer.weight[0, 0].numel()
+                raise ValueError(f"obs: consumer {r.name} is a grouped conv (groups={layer.groups}): not supported")
+            kk = layer.weight[0, 0].numel()
+            cols = (where[:, :, None] * kk + torch.arange(kk)).reshape(where.shape[0], -1)
         else:
-            span = int(slot.repeat)
-        off, cols = 0, []
-        for part in slot.inp:
-            w = widths[part] if isinstance(part, str) else int(part)
-            if part == unit:
-                base = (off + torch.arange(w)) * span
-                cols.append(base[:, None] + torch.arange(span)[None, :])
-            off += w
-        total = layer.weight[0].numel()
-        if off * span != total:
-            raise ValueError(f"obs: the channel map says {name} reads {off}×{span} columns, it has {total}")
-        # a unit appearing twice in one input: its channel's group is both places
-        found.append((name, torch.cat(cols, dim=1)))
+            cols = where
+        if int(cols.max()) >= layer.weight[0].numel():
+            raise ValueError(f"obs: {r.name} has {layer.weight[0].numel()} input columns, the graph says it reads "
+                             f"column {int(cols.max())}")
+        found.append((r.name, cols))
     return found
+
+
+class _Mask:
+    """Zeroes each decided unit's removed channels at every writer of its space, in the working copy.
+
+    With the consumers' columns of those channels also zero, the masked network computes what the
+    pruned network computes, including where a reader is neither Conv nor Linear (the CIFAR
+    ResNets' ``PadShortcut`` carries a residual channel into the next stage: pruned, it carries
+    nothing; masked, it carries the zero)."""
+
+    def __init__(self, work: nn.Module) -> None:
+        self.work = work
+        self.zero: dict[str, torch.Tensor] = {}
+        self.handles: list[Any] = []
+
+    def add(self, space: ChannelSpace, removed: Sequence[int]) -> None:
+        for w in space.writers:
+            new = torch.tensor([i for c in removed for i in w.where[c]], dtype=torch.long)
+            if w.name not in self.zero:
+                self.zero[w.name] = new
+                self.handles.append(self.work.get_submodule(w.name).register_forward_hook(self._hook(w.name)))
+            else:
+                self.zero[w.name] = torch.cat([self.zero[w.name], new])
+
+    def _hook(self, name: str):  # noqa: ANN202 - a forward hook
+        def hook(mod: nn.Module, inp: Any, out: torch.Tensor) -> torch.Tensor:
+            return out.index_fill(1, self.zero[name].to(out.device), 0)
+        return hook
+
+    def close(self) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles = []
 
 
 def _capture_all(model: nn.Module, mods: Sequence[nn.Module], names: Sequence[str], x: torch.Tensor,
@@ -349,9 +374,6 @@ def select(original: nn.Module, counts: Mapping[str, int] | Plan, batches: Itera
     from compressor.pruning import graph
 
     t0 = time.perf_counter()
-    if not hasattr(original, "channel_map"):
-        raise ValueError("obs selection needs the model's channel_map() (registered families: vgg16_bn, "
-                         "mobilenet_v1/v2, squeezenet); use a score criterion for this model")
     units = list(units) if units is not None else graph.units(original)
     widths = {u.name: int(u.width) for u in units}
     if isinstance(counts, Plan):
@@ -366,7 +388,7 @@ def select(original: nn.Module, counts: Mapping[str, int] | Plan, batches: Itera
     was = original.training
     original.eval()
     work = copy.deepcopy(original).eval()
-    cmap = original.channel_map()
+    mask = _Mask(work)
     lin = lambda m: {n: x for n, x in m.named_modules() if isinstance(x, (nn.Conv2d, nn.Linear))}  # noqa: E731
     wl, ol = lin(work), lin(original)
     alive = {n: torch.ones(m.weight[0].numel(), dtype=torch.bool) for n, m in wl.items()}
@@ -379,11 +401,13 @@ def select(original: nn.Module, counts: Mapping[str, int] | Plan, batches: Itera
                 raise ValueError("obs: the calibration batches are empty")
             _, _, shapes = _call_order(work, xs[0][:2])
             todo = [u for u in units if u.name in counts and int(counts[u.name]) < widths[u.name]]
+            spaces = channel_spaces(original, xs[0][:1], {u.name: widths[u.name] for u in todo})
             found_all = []
             for u in todo:
-                found = _consumers_of(cmap, u.name, widths, wl, ol)
+                found = _consumer_columns(spaces[u.name], wl)
                 if not found:
-                    raise ValueError(f"obs: no Conv2d/Linear reads unit {u.name} in the channel map")
+                    raise ValueError(f"obs: no Conv2d/Linear reads unit {u.name} (only "
+                                     f"{', '.join(spaces[u.name].other_readers) or 'nothing'})")
                 found_all.append((u.name, [_Consumer(n, wl[n], ol[n], cols, alive[n], shapes.get(n, ()))
                                            for n, cols in found]))
             t_targets = time.perf_counter()
@@ -432,6 +456,7 @@ def select(original: nn.Module, counts: Mapping[str, int] | Plan, batches: Itera
                     new_alive[c.cols[gone].reshape(-1)] = False
                     _write(c.layer, new_alive, w)
                     alive[c.name] = new_alive
+                mask.add(spaces[u.name], gone.nonzero().flatten().tolist())
                 tg[u.name] = {}  # free the unit's targets
                 log.info("obs: %s keeps %d of %d (consumers %s): relative error %.4g -> %.4g; %.1f s "
                          "(statistics %.1f s)", u.name, k, width, ",".join(c.name for c in cons), err_full, err_kept,
@@ -440,6 +465,7 @@ def select(original: nn.Module, counts: Mapping[str, int] | Plan, batches: Itera
                                           error_full=err_full, error_kept=err_kept, removal_costs=tuple(trail),
                                           seconds=time.perf_counter() - tu))
     finally:
+        mask.close()
         original.train(was)
     plan = Plan(keep=keep, widths=widths, model=str(getattr(original, "arch", "")))
     settings = {"positions": positions, "ridge": ridge, "chunk": chunk, "seed": seed, "max_images": max_images}
@@ -461,6 +487,7 @@ def prune_obs(original: nn.Module, counts: Mapping[str, int] | Plan, batches: It
     pruned = surgery.apply(original, plan).eval()
     rec = None
     if refit:
-        rec = reconstruct(original, pruned, xs, keep=keep_from_plan(original, plan), seed=seed,
+        example = xs[0][:1].to(next(original.parameters()).device)
+        rec = reconstruct(original, pruned, xs, keep=keep_from_plan(original, plan, example), seed=seed,
                           max_images=max_images, progress=progress)
     return pruned, plan, rep, rec
