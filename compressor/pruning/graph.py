@@ -32,9 +32,10 @@ Rules (each documented in the README, "Any CNN"):
   grouped conv reads (or makes) one to one is cut the *same number of channels in every group*, so
   ``groups`` is kept; each group keeps its own best positions (``balanced_keep``), and the grouped
   conv's input columns are sliced group by group (``_grouped_prune_in_channels``). Such units are in
-  ``Discovery.groups`` (unit -> groups: kept counts are multiples of it) and pruned only with
-  ``model.prune_grouped`` / ``grouped=True`` until the policy rounds to ``keep_multiple``.
-  A grouped conv reading only part of a unit (a concat before it) is refused.
+  ``Discovery.groups`` (unit -> groups: kept counts are multiples of it); the policy keeps their
+  counts multiples of lcm(round_to, groups) and ``plan.make_plan`` picks them with ``balanced_keep``.
+  They are pruned by default (``model.prune_grouped = False`` / ``grouped=False`` lists them as
+  skipped instead). A grouped conv reading only part of a unit (a concat before it) is refused.
 * **Time bound.** Tracing and grouping run under ``COMPRESSOR_GRAPH_TIMEOUT`` seconds (120) each
   (``compressor.pruning.bounded``); past it the model is refused in one line naming the step.
 * **Refusal.** A group whose members disagree on the channel count (``F.pad`` on channels,
@@ -70,10 +71,10 @@ _ACTIVATIONS = {
     "EluBackward0": "elu", "EluBackward1": "elu",
     "SigmoidBackward0": "sigmoid", "SigmoidBackward1": "sigmoid",
 }
-#: units whose channels a grouped conv reads or makes are cut the same number per group; they are
-#: listed (``Discovery.groups``) but pruned only with ``grouped=True`` / ``model.prune_grouped`` until
-#: the policy rounds their counts to ``keep_multiple`` and the plan picks them with ``balanced_keep``
-GROUPED_BY_DEFAULT = False
+#: units whose channels a grouped conv reads or makes are cut the same number per group
+#: (``Discovery.groups``): the policy rounds their counts to multiples of ``keep_multiple`` and the plan
+#: picks them with ``balanced_keep``. On by default; ``model.prune_grouped = False`` skips them.
+GROUPED_BY_DEFAULT = True
 _NORMS = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm, nn.modules.instancenorm._InstanceNorm)
 
 # ---------------------------------------------------------------- custom channel ops

@@ -17,7 +17,8 @@ import torch
 
 from compressor.storage import io
 from compressor.errors import UserError
-from compressor.pruning.rates import RateSpec
+from compressor.pruning.graph import balanced_keep
+from compressor.pruning.rates import RateSpec, round_keep
 
 PLAN_FORMAT = "compressor.pruning.plan"
 PLAN_VERSION = 1
@@ -92,12 +93,23 @@ def make_plan(
     *,
     tiebreak: Mapping[str, torch.Tensor] | None = None,
     model: str = "",
+    groups: Mapping[str, int] | None = None,
 ) -> Plan:
-    """Keep the highest-scoring ``n_keep`` channels of each unit at its rate."""
+    """Keep the highest-scoring ``n_keep`` channels of each unit at its rate.
+
+    ``groups`` (unit -> ``groups`` of the grouped conv that reads or makes its channels, as in
+    ``graph.Discovery.groups``; by default what ``policy.resolve`` recorded in the spec): such a unit
+    keeps the same number of channels in each of its ``groups`` contiguous blocks, each block its own
+    best (``graph.balanced_keep``), so the grouped conv keeps ``groups``. A count that is not a
+    multiple of ``groups`` (a spec the policy did not resolve) is rounded to the nearest one.
+    """
     counts = spec.keep_counts(dict(widths))
+    if groups is None:
+        groups = dict((spec.extra.get("resolved") or {}).get("groups") or {})
     keep: dict[str, tuple[int, ...]] = {}
     for unit, width in widths.items():
-        k = counts[unit]
+        g = int(groups.get(unit, 1))
+        k = counts[unit] if g <= 1 else round_keep(width, counts[unit], g)
         if k == width:
             continue
         if unit not in scores:
@@ -108,5 +120,5 @@ def make_plan(
                             "(scores of another model or cfg?)", field=unit)
         tb = tiebreak.get(unit) if tiebreak else None
         order = rank_order(s, tb)
-        keep[unit] = tuple(sorted(int(i) for i in order[:k]))
+        keep[unit] = balanced_keep(order, k, width, g)
     return Plan(keep=keep, widths=dict(widths), model=model)

@@ -63,7 +63,7 @@ from __future__ import annotations
 import logging
 import math
 import statistics
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
@@ -74,7 +74,7 @@ from compressor.pruning import counting
 from compressor.deploy import latency as lat
 from compressor.errors import UserError
 from compressor.pruning.plan import Plan, rank_order
-from compressor.pruning.graph import discovery, residual_hint, units as graph_units
+from compressor.pruning.graph import balanced_keep, discovery, residual_hint, units as graph_units
 from compressor.pruning.size import SizeModel
 from compressor.pruning.rates import RateSpec, as_float, n_keep, round_keep, short
 
@@ -95,6 +95,9 @@ class PolicyConfig:
     tolerance: float = 0.01
     bounds_given: bool = False
     round_to: int = 1
+    #: unit -> the ``groups`` of the grouped conv that reads or makes its channels (``Discovery.groups``):
+    #: its kept counts are multiples of lcm(round_to, groups), the same number in every group
+    multiples: Mapping[str, int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.name not in POLICIES:
@@ -116,10 +119,20 @@ class PolicyConfig:
         hi = max(lo, min(width, math.floor(self.max_keep * width + 1e-9)))
         return lo, hi
 
-    def clamp(self, width: int, keep: int, bounded: bool = True) -> int:
-        """``keep`` within the bounds (when ``bounded``), then rounded to ``round_to``."""
+    def step(self, unit: str = "") -> int:
+        """Kept counts of ``unit`` are multiples of this: ``round_to``, and its grouped conv's ``groups``."""
+        g = int(self.multiples.get(unit, 1))
+        return self.round_to * g // math.gcd(self.round_to, g)
+
+    @property
+    def stepped(self) -> bool:
+        """Whether any unit moves more than one channel at a time (``round_to`` or grouped units)."""
+        return self.round_to > 1 or any(g > 1 for g in self.multiples.values())
+
+    def clamp(self, width: int, keep: int, bounded: bool = True, unit: str = "") -> int:
+        """``keep`` within the bounds (when ``bounded``), then rounded to ``step(unit)``."""
         lo, hi = self.bounds(width) if bounded else (1, width)
-        return round_keep(width, min(max(keep, lo), hi), self.round_to, lo, hi)
+        return round_keep(width, min(max(keep, lo), hi), self.step(unit), lo, hi)
 
 
 def _number(v: Any, source: str, field: str) -> float:
@@ -253,6 +266,18 @@ def unit_widths(model: nn.Module) -> dict[str, int]:
     return {u.name: u.width for u in graph_units(model)}
 
 
+def unit_groups(model: nn.Module | None, widths: Mapping[str, int]) -> dict[str, int]:
+    """``{unit: groups}`` of the units of ``widths`` that a grouped conv reads or makes (``Discovery.groups``).
+
+    Their kept counts must be multiples of ``groups`` (the plan keeps the same number in every group).
+    Without a model (an injected counter alone) nothing is known of groups: ``{}``.
+    """
+    if model is None:
+        return {}
+    found = discovery(model).groups
+    return {u: int(g) for u, g in found.items() if u in widths and int(g) > 1}
+
+
 # ---------------------------------------------------------------- global ranking
 
 
@@ -318,6 +343,9 @@ def _coarse_note(cfg: PolicyConfig) -> str:
     if cfg.round_to > 1:
         return (f"round_to {cfg.round_to} moves each layer {cfg.round_to} channels at a time, too coarse here, or a "
                 "bound stops it; lower round_to, loosen policy.tolerance or min_keep/max_keep")
+    if cfg.stepped:
+        return ("units read by grouped convs move one channel per group at a time, too coarse here, or a bound "
+                "stops it; loosen policy.tolerance or min_keep/max_keep")
     return ("one channel step is too coarse here, or a bound stops it; loosen policy.tolerance or "
             "min_keep/max_keep, or change the rate profile")
 
@@ -328,7 +356,7 @@ def _fmt_target(target: Mapping[str, float]) -> str:
 
 def _one_step(counter: SizeCounter, cands: Sequence[dict[str, int]], target: Mapping[str, float],
               cfg: PolicyConfig) -> list[dict[str, int]]:
-    """Neighbours of the candidates that move one unit by one ``round_to`` step toward the target.
+    """Neighbours of the candidates that move one unit by one step (``cfg.step``) toward the target.
 
     With coarse steps the two configurations that straddle a target along the solver's path can
     both miss the tolerance while a one-unit change of either lands inside it.
@@ -339,12 +367,34 @@ def _one_step(counter: SizeCounter, cands: Sequence[dict[str, int]], target: Map
         for u, k in c.items():
             w = counter.widths[u]
             lo, hi = cfg.bounds(w)
-            k2 = k - cfg.round_to if over else k + cfg.round_to
+            step = cfg.step(u)
+            k2 = k - step if over else k + step
             if k2 > w and not over:
                 k2 = w
-            if lo <= k2 <= hi and k2 != k and (k2 % cfg.round_to == 0 or k2 == w):
+            if lo <= k2 <= hi and k2 != k and (k2 % step == 0 or k2 == w):
                 out.append({**c, u: k2})
     return out
+
+
+def _finest_crossing(counter: SizeCounter, start: dict[str, int], target: Mapping[str, float], cfg: PolicyConfig,
+                     limit: int = 64) -> list[dict[str, int]]:
+    """From an under-budget candidate, grow the one unit whose step costs least, until the budget is crossed.
+
+    Units read by grouped convs move a whole channel per group at a time, so where the solver's path
+    moves several of them at once the two configurations around the target can be far apart; walking
+    up by the finest step there is brings the last two within that step of it. Returns the last
+    configuration under the budget and the first over it (or the furthest one reached).
+    """
+    cur = start
+    for _ in range(limit):
+        ups = _one_step(counter, [cur], target, cfg)
+        if not ups:
+            break
+        nxt = min(ups, key=lambda c: _ratio(counter.fractions(c), target))
+        if _ratio(counter.fractions(nxt), target) > 1.0:
+            return [cur, nxt]
+        cur = nxt
+    return [cur]
 
 
 class CoarseSteps(UserError):
@@ -355,7 +405,7 @@ def _pick(counter: SizeCounter, target: Mapping[str, float], cfg: PolicyConfig,
           candidates: Sequence[dict[str, int]], how: str) -> dict[str, int]:
     """The candidate within tolerance of the target, preferring one that does not exceed it.
 
-    With ``round_to`` > 1, one-unit steps from the candidates are tried too (``_one_step``).
+    With ``round_to`` > 1 or grouped units, one-unit steps from the candidates are tried too (``_one_step``).
     """
     tol = cfg.tolerance
 
@@ -365,8 +415,13 @@ def _pick(counter: SizeCounter, target: Mapping[str, float], cfg: PolicyConfig,
         return rated[ok[0][2]][0] if ok else None
 
     chosen = best(candidates)
-    if chosen is None and cfg.round_to > 1:
+    if chosen is None and cfg.stepped:
         chosen = best(_one_step(counter, candidates, target, cfg))
+    if chosen is None and cfg.multiples:
+        under = [c for c in candidates if _ratio(counter.fractions(c), target) <= 1.0]
+        if under:
+            start = max(under, key=lambda c: _ratio(counter.fractions(c), target))
+            chosen = best(_finest_crossing(counter, start, target, cfg))
     if chosen is not None:
         return chosen
     figs = ", ".join(f"{k} " + " or ".join(f"{counter.fractions(c)[k]:.4f}" for c in candidates) for k in target)
@@ -399,13 +454,14 @@ def solve_local(counter: SizeCounter, widths: Mapping[str, int], profile: Mappin
                 ) -> tuple[dict[str, int], float]:
     """Scale the rate profile by one factor α (bisection) until the budget is met.
 
-    Every candidate is clamped to the bounds and rounded to ``cfg.round_to`` before it is counted,
+    Every candidate is clamped to the bounds and rounded to ``cfg.step(unit)`` before it is counted,
     so the counts found are the ones the plan will use (rounding is monotone, so bisection holds).
     """
     prof = dict(profile) if any(v > 0 for v in profile.values()) else {u: 1.0 for u in widths}
 
     def counts(alpha: float) -> dict[str, int]:
-        return {u: cfg.clamp(w, n_keep(w, min(1.0, alpha * prof.get(u, 0.0)), rounding)) for u, w in widths.items()}
+        return {u: cfg.clamp(w, n_keep(w, min(1.0, alpha * prof.get(u, 0.0)), rounding), unit=u)
+                for u, w in widths.items()}
 
     def ratio(alpha: float) -> float:
         return _ratio(counter.fractions(counts(alpha)), target)
@@ -437,21 +493,22 @@ def solve_local(counter: SizeCounter, widths: Mapping[str, int], profile: Mappin
 
 def _rounded(order: GlobalOrder, widths: Mapping[str, int], cfg: PolicyConfig, n: int) -> dict[str, int]:
     keep = order.counts(n)
-    if cfg.round_to <= 1:
+    if not cfg.stepped:
         return keep
-    return {u: cfg.clamp(widths[u], k) for u, k in keep.items()}
+    return {u: cfg.clamp(widths[u], k, unit=u) for u, k in keep.items()}
 
 
 def solve_global(counter: SizeCounter, order: GlobalOrder, target: Mapping[str, float], cfg: PolicyConfig,
                  widths: Mapping[str, int] | None = None) -> tuple[dict[str, int], int]:
     """Remove channels in global order until the budget is met (bisection on how many).
 
-    With ``round_to`` each layer's count along the order is rounded (``widths`` needed), so the
+    With ``round_to`` (or grouped units) each layer's count along the order is rounded to its step
+    (``widths`` needed), so the
     network moves in steps of whole multiples; the size is still monotone in how many are removed.
     """
     n_max = len(order.sequence)
     w = dict(widths) if widths is not None else dict(order.start)
-    at = (lambda n: _rounded(order, w, cfg, n)) if cfg.round_to > 1 else order.counts
+    at = (lambda n: _rounded(order, w, cfg, n)) if cfg.stepped else order.counts
 
     def ratio(n: int) -> float:
         return _ratio(counter.fractions(at(n)), target)
@@ -534,11 +591,14 @@ def attach_latency(counter: SizeCounter, spec: RateSpec, model: nn.Module | None
 
 
 def shrunk(model: nn.Module, counts: Mapping[str, int]) -> nn.Module:
-    """A copy of ``model`` cut to ``counts`` (the first channels of each unit kept: only shapes matter)."""
+    """A copy of ``model`` cut to ``counts`` (the first channels of each unit kept, of each group for units a
+    grouped conv reads: only shapes matter)."""
     from compressor.pruning import surgery
 
     widths = unit_widths(model)
-    keep = {u: tuple(range(int(k))) for u, k in counts.items() if u in widths and int(k) < widths[u]}
+    groups = unit_groups(model, widths)
+    keep = {u: balanced_keep(range(widths[u]), int(k), widths[u], groups.get(u, 1))
+            for u, k in counts.items() if u in widths and int(k) < widths[u]}
     return surgery.cut(model, Plan(keep=keep, widths=widths, model=str(getattr(model, "arch", ""))))[0]
 
 
@@ -690,6 +750,7 @@ def resolve(spec: RateSpec, model: nn.Module | None, scores: Mapping[str, torch.
         raise ValueError("resolve needs a model or a counter")
     size = SizeCounter(model, counter=counter, widths=widths)
     widths = dict(size.widths)
+    cfg = replace(cfg, multiples=unit_groups(model, widths))
     target = dict(spec.target or {})
     for k in target:
         if k not in TARGETS:
@@ -699,6 +760,8 @@ def resolve(spec: RateSpec, model: nn.Module | None, scores: Mapping[str, torch.
                             "target": target or None, "tolerance": cfg.tolerance}
     if cfg.round_to > 1:
         info["round_to"] = cfg.round_to
+    if cfg.multiples:  # read by ``plan.make_plan``: the same number kept in every group
+        info["groups"] = dict(cfg.multiples)
     if "latency" in target:
         info["latency"] = attach_latency(size, spec, model, device, timer=latency_timer, shapes=latency_shapes,
                                          cache=latency_cache, overhead_ms=latency_overhead_ms)
@@ -711,7 +774,8 @@ def resolve(spec: RateSpec, model: nn.Module | None, scores: Mapping[str, torch.
     if "latency" in target and latency_refine and latency_timer is None and model is not None:
         counts = _refine_latency(size, model, counts, target, cfg, solve, info, latency_refine)
     _record_achieved(info, size, counts, widths, target, cfg)
-    if cfg.name == "local" and not target and not cfg.bounds_given:  # keep the file's own rates on record
+    if (cfg.name == "local" and not target and not cfg.bounds_given
+            and counts == spec.keep_counts(widths)):  # keep the file's own rates on record
         return RateSpec(rates=dict(spec.rates), rounding=spec.rounding, source=spec.source, target=spec.target,
                         extra={**spec.extra, "resolved": info}, round_to=spec.round_to,
                         latency_options=spec.latency_options)
@@ -727,7 +791,11 @@ def _local_counts(spec: RateSpec, cfg: Any, size: SizeCounter, widths: Mapping[s
         info["profile"] = "uniform" if not any(v > 0 for v in spec.rates.values()) else "rates file"
         return counts
     counts = spec.keep_counts(widths)
-    return {u: cfg.clamp(widths[u], k) for u, k in counts.items()} if cfg.bounds_given else counts
+    if cfg.bounds_given:
+        return {u: cfg.clamp(widths[u], k, unit=u) for u, k in counts.items()}
+    # grouped units: the file's counts rounded to a multiple of their groups (nothing else changes)
+    return {u: cfg.clamp(widths[u], k, bounded=False, unit=u) if cfg.step(u) > cfg.round_to else k
+            for u, k in counts.items()}
 
 
 def _global_counts(spec: RateSpec, cfg: Any, size: SizeCounter, widths: Mapping[str, int],

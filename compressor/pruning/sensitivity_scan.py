@@ -101,11 +101,11 @@ def analyze(model: nn.Module, scores: Mapping[str, torch.Tensor], eval_loader: I
     bar = tqdm(total=len(chosen) * len(rates), desc="sensitivity", disable=not progress, leave=False)
     for unit in chosen:
         for rate in rates:
-            spec = RateSpec(rates={unit: float(rate)})
+            spec = RateSpec(rates={unit: float(rate)}, round_to=graph.keep_multiple(model, unit))  # grouped: per group
             kept = spec.keep_counts({unit: widths[unit]})[unit]
             if (unit, kept) not in done:  # small layers: several rates keep the same channels
                 plan = make_plan({unit: scores[unit]}, spec, {unit: widths[unit]}, tiebreak=tiebreak,
-                                 model=getattr(model, "arch", ""))
+                                 model=getattr(model, "arch", ""), groups=graph.discovery(model).groups)
                 pruned = surgery.apply(model, plan, verify=False).eval()
                 if recal_loader is not None:
                     recalibrate_bn(pruned, recal_loader, device, max_images=recal_images)
