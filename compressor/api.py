@@ -474,10 +474,11 @@ def sensitivity(model: nn.Module, eval_loader: Iterable, *, scores: scores_mod.S
 def export(model: nn.Module, path: str | Path, *, example_inputs: torch.Tensor | None = None, opset: int | None = None,
            atol: float = 1e-4, n_real: int = 0, force: bool = False, int8: bool = False, calibration: Any = None,
            max_drop: float = 1.0, calib_method: str | None = None, n_calib: int = 256,
-           n_test: int | None = None) -> Any:
+           n_test: int | None = None, seed: int = 0) -> Any:
     """ONNX with a dynamic batch, verified against onnxruntime before ``path`` is written.
 
-    ``n_real`` test images of the model's own data (its contract) join the random checks.
+    ``n_real`` test images of the model's own data (its contract) join the random checks; ``seed``
+    draws them (and the int8 calibration images).
     Returns ``ExportResult`` (``ok``, ``checks``, ``bytes``); a failed check writes nothing.
 
     ``int8=True``: static post-training quantization (QDQ, per-channel weights), activations
@@ -496,7 +497,7 @@ def export(model: nn.Module, path: str | Path, *, example_inputs: torch.Tensor |
     if int8:
         kw.update(int8=True, calibration=calibration, max_drop=max_drop, calib_method=calib_method, n_calib=n_calib,
                   n_test=n_test)
-    return export_mod.export(v, path, atol=atol, n_real=n_real, force=force, **kw)
+    return export_mod.export(v, path, atol=atol, n_real=n_real, force=force, seed=seed, **kw)
 
 
 def save(model: nn.Module, path: str | Path, **fields: Any) -> Path:
@@ -535,11 +536,75 @@ def load(path: str | Path, model: str | nn.Module | None = None, **kwargs: Any) 
 
 
 def list_models() -> list[str]:
-    """The registered model names (``torchvision:<name>`` and ``package.module:builder`` work too)."""
+    """The registered model names (``torchvision:<name>``, ``timm:<name>`` and ``package.module:builder``
+    work too)."""
     from compressor.models import list_models as _list
 
     return _list()
 
 
-__all__ = ["ModelRecord", "PruneInfo", "RecoveryReport", "count", "evaluate", "export", "list_models", "load",
-           "prune", "rank", "rates_spec", "recover", "save", "sensitivity"]
+def build_model(name: str, **kwargs: Any) -> nn.Module:
+    """A fresh (untrained) model by name: a registered one, ``torchvision:<name>``, ``timm:<name>`` or a
+    user's ``package.module:builder``; ``kwargs`` go to the builder (``num_classes``, ``input_size``...).
+
+    >>> net = compressor.build_model("resnet20")
+    >>> net.num_classes
+    10
+    """
+    from compressor.models import get_model
+
+    return get_model(name, **kwargs)
+
+
+@dataclass
+class UnitInfo:
+    """One prunable unit as the engine discovered it, with what its channels cost at the input size."""
+
+    name: str  # the rates-file key
+    width: int
+    kind: str  # plain, residual, linear, grouped...
+    macs: int  # what follows the unit's channels: its convs, their norms, the next layers' inputs
+    params: int
+    rank_points: list[str]  # "module+activation" where it is ranked
+    coupled: list[str]  # other convs cut with it
+
+
+@dataclass
+class Description:
+    units: list[UnitInfo]
+    macs: int  # the whole model at its input size
+    params: int
+    input_size: Any
+    skipped: dict[str, str]  # units off by default, and their kind ("residual": ``residual=True`` prunes them)
+    refused: dict[str, str]  # channel spaces the engine cannot cut, and why
+
+
+def describe(model: nn.Module, example_inputs: torch.Tensor | None = None, *,
+             residual: bool | None = None) -> Description:
+    """What ``prune`` would cut: each unit (in rates-list order) with its width, kind, rank points and the
+    MACs/params that follow its channels, plus the units left out and why.
+
+    >>> d = compressor.describe(compressor.build_model("resnet20"))
+    >>> d.units[0].name, d.units[0].width                                  # doctest: +SKIP
+    ('conv1', 16)
+    """
+    v = view(model, record_of(model, example_inputs, None, residual))
+    units = graph.units(v)
+    found = graph.discovery(v)
+    sizer = SizeModel(v, found)
+    total = sizer.count({})
+    rows = []
+    for u in units:
+        gone = sizer.count({u.name: 0})
+        acts = u.rank_acts or ("",) * len(u.rank_points)
+        rows.append(UnitInfo(name=u.name, width=u.width, kind=u.kind, macs=total["macs"] - gone["macs"],
+                             params=total["params"] - gone["params"],
+                             rank_points=[f"{p}+{graph.activation_label(a)}" if a else p
+                                          for p, a in zip(u.rank_points, acts)],
+                             coupled=list(u.convs[1:])))
+    return Description(units=rows, macs=total["macs"], params=total["params"], input_size=v.input_size,
+                       skipped=dict(found.skipped), refused=dict(found.refused))
+
+
+__all__ = ["Description", "ModelRecord", "PruneInfo", "RecoveryReport", "UnitInfo", "build_model", "count", "describe",
+           "evaluate", "export", "list_models", "load", "prune", "rank", "rates_spec", "recover", "save", "sensitivity"]

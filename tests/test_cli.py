@@ -129,13 +129,18 @@ def test_eval_and_list_layers(tmp_path, tiny_ckpt, capsys):
     assert "| 12 | features.conv16 | 512 | plain | 9.70M | 2623.0k | features.norm16+relu |" in out  # conv16 at 2x2, linear1
 
 
-def test_every_command_help_has_examples():
+def test_every_command_help_has_examples(capsys):
+    """In process (a subprocess per command cost a minute); the entry point itself is run once."""
     from compressor.cli import command_modules
 
     for name in command_modules():
-        proc = subprocess.run([sys.executable, "-m", "compressor", name.replace("_", "-"), "--help"],
-                              capture_output=True, text=True, cwd=ROOT)
-        assert proc.returncode == 0 and "examples:" in proc.stdout, name
+        with pytest.raises(SystemExit) as exc:
+            main([name.replace("_", "-"), "--help"])
+        out = capsys.readouterr().out
+        assert exc.value.code == 0 and "examples:" in out and f"compressor {name.replace('_', '-')}" in out, name
+    proc = subprocess.run([sys.executable, "-m", "compressor", "prune", "--help"], capture_output=True, text=True,
+                          cwd=ROOT)
+    assert proc.returncode == 0 and "examples:" in proc.stdout
 
 
 def test_prune_with_budget_target_hits_it(tmp_path, tiny_ckpt):

@@ -45,16 +45,17 @@ def add_parser(sub) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
+    import compressor
     from compressor.storage import checkpoint
     from compressor.storage import io
-    from compressor.deploy.onnx_export import export
 
     net, _ = checkpoint.load(args.checkpoint, model=args.model)
     out = Path(args.out) if args.out else Path(args.checkpoint).with_suffix(".onnx")
     io.check_writable(out.parent)
     if args.int8:
         return _run_int8(net, out, args)
-    res = export(net, out, opset=args.opset, atol=args.atol, n_real=args.n_real, seed=args.seed, force=args.force)
+    res = compressor.export(net, out, opset=args.opset, atol=args.atol, n_real=args.n_real, seed=args.seed,
+                            force=args.force)
     if args.json:
         print(json.dumps(res.to_dict(), indent=2))
     else:
@@ -72,13 +73,13 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run_int8(net, out: Path, args: argparse.Namespace) -> int:
-    from compressor.deploy import onnx_int8
+    import compressor
 
     if args.out is None:
         out = out.with_suffix(".int8.onnx")
-    res = onnx_int8.export_int8(net, out, n_calib=args.calib_n, method=args.calib_method or onnx_int8.DEFAULT_METHOD,
-                                seed=args.seed, max_drop=args.max_drop, n_test=args.n_test, opset=args.opset,
-                                atol=args.atol)  # a drop over --max-drop raises DropTooLarge: one line, exit 3
+    res = compressor.export(net, out, int8=True, n_calib=args.calib_n, calib_method=args.calib_method, seed=args.seed,
+                            max_drop=args.max_drop, n_test=args.n_test, opset=args.opset,
+                            atol=args.atol)  # a drop over --max-drop raises DropTooLarge: one line, exit 3
     if args.json:
         print(json.dumps(res.to_dict(), indent=2))
         return 0

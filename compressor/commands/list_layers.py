@@ -24,37 +24,25 @@ def add_parser(sub) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    from compressor.models import get_model, list_models
-    from compressor.pruning import graph
+    import compressor
 
     name = args.model or args.name
     if not name:
-        print("\n".join(list_models()))
+        print("\n".join(compressor.list_models()))
         return 0
     kw = {"input_size": args.input_size} if args.input_size else {}
-    m = get_model(name, **kw)
-    if args.residual is not None:
-        m.prune_residual = args.residual
-    from compressor.pruning.size import SizeModel
-
-    units = graph.units(m)
-    found = graph.discovery(m)
-    sizer = SizeModel(m, found)
-    total = sizer.count({})
-    size = m.input_size if isinstance(m.input_size, int) else "x".join(map(str, m.input_size))
-    print(f"# {name}: {len(units)} prunable units (rates list order); {total['macs'] / 1e6:.2f}M MACs and "
-          f"{total['params'] / 1e6:.3f}M params at {size} px")
+    d = compressor.describe(compressor.build_model(name, **kw), residual=args.residual)
+    size = d.input_size if isinstance(d.input_size, int) else "x".join(map(str, d.input_size))
+    print(f"# {name}: {len(d.units)} prunable units (rates list order); {d.macs / 1e6:.2f}M MACs and "
+          f"{d.params / 1e6:.3f}M params at {size} px")
     print("# MACs / params: what follows the unit's channels (its convs, their norms, the next layers' inputs)")
     print("| # | layer (rates key) | channels | kind | MACs | params | rank point | coupled convs |")
     print("|---|---|---|---|---|---|---|---|")
-    for i, u in enumerate(units):
-        points = [f"{p}+{graph.activation_label(a)}" if a else p for p, a in zip(u.rank_points, u.rank_acts or ("",) * 9)]
-        gone = sizer.count({u.name: 0})
-        print(f"| {i} | {u.name} | {u.width} | {u.kind} | {(total['macs'] - gone['macs']) / 1e6:.2f}M | "
-              f"{(total['params'] - gone['params']) / 1e3:.1f}k | {', '.join(points)} | "
-              f"{', '.join(u.convs[1:]) or '-'} |")
-    for n, kind in found.skipped.items():
+    for i, u in enumerate(d.units):
+        print(f"| {i} | {u.name} | {u.width} | {u.kind} | {u.macs / 1e6:.2f}M | {u.params / 1e3:.1f}k | "
+              f"{', '.join(u.rank_points)} | {', '.join(u.coupled) or '-'} |")
+    for n, kind in d.skipped.items():
         print(f"# not pruned by default: {n} ({kind}{'; --residual prunes it' if kind == 'residual' else ''})")
-    for n, why in found.refused.items():
+    for n, why in d.refused.items():
         print(f"# refused: {n}: {why}")
     return 0

@@ -90,10 +90,9 @@ def add_parser(sub) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
+    from compressor import TrainConfig, model_recipe
     from compressor.errors import UserError
-    from compressor.models import finetune_lr
     from compressor.jobs.pipeline import PruneJob, run_prune
-    from compressor.training.train import TrainConfig
 
     if args.model is None:
         if not args.checkpoint:
@@ -114,7 +113,7 @@ def run(args: argparse.Namespace) -> int:
     if args.baseline_epochs is not None and args.baseline_epochs < 0:
         raise UserError(f"must be >= 0, got {args.baseline_epochs}", field="baseline-epochs")
     try:
-        lr = args.lr if args.lr is not None else finetune_lr(args.model)
+        lr = args.lr if args.lr is not None else float(model_recipe(args.model)["finetune_lr"])
         finetune = TrainConfig(epochs=args.finetune_epochs, lr=lr, batch_size=args.batch_size, seed=args.seed,
                                eval_every=args.eval_every)
     except ValueError as exc:

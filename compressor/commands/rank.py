@@ -34,52 +34,20 @@ def add_parser(sub) -> argparse.ArgumentParser:
 
 def criterion_names(text: str) -> list[str]:
     """``hrank,l1`` -> ``["hrank", "l1"]``: each a registered criterion, at least one, no repeats."""
-    from compressor.pruning import criteria
-    from compressor.errors import UserError
+    import compressor
 
-    names = list(dict.fromkeys(c.strip() for c in text.split(",") if c.strip()))
-    if not names:
-        raise UserError(f"no criterion named in {text!r}; valid: {', '.join(criteria.list_criteria())}",
-                        field="criterion")
-    for n in names:
-        criteria.get(n)
-    return names
+    return compressor.check_criteria(text)
 
 
 def run(args: argparse.Namespace) -> int:
     """Works under ``torchrun`` too: each process ranks a shard, the sums are all-reduced."""
-    from compressor import data
-    from compressor.storage import checkpoint
-    from compressor.training import distributed
-    from compressor.storage import io
-    from compressor.pruning import scores
     from compressor.commands import _data
+    from compressor.jobs.rank import RankJob, run_rank
 
-    names = criterion_names(args.criterion)
     out = Path(args.out or f"checkpoints/{args.model or Path(args.checkpoint).stem}_scores.pt")
-    io.check_writable(out.parent)  # fail before the pass, not after it
-    ctx = distributed.init(args.device)
-    device = ctx.device
-    ok = False
-    try:
-        model, ck = checkpoint.load(args.checkpoint, model=args.model)
-        bundle = _data.load(args, model, ck=ck, source=args.checkpoint)
-        calib = data.calibration_subset(bundle.train_eval, args.n_images, args.seed)
-        sc = distributed.compute_scores(
-            model.to(device), calib, names, batch_size=args.batch_size, seed=args.seed, compat=args.hrank_compat,
-            device=device, options={"rtol": args.rank_rtol, "atol": args.rank_atol}, progress=not args.no_progress,
-            extra_meta={"data": bundle.name, "augmentation": "none", "checkpoint": args.checkpoint}, ctx=ctx)
-
-        def write() -> None:  # rank 0; the other ranks learn whether it failed
-            sc.save(out)
-            print(f"scores ({', '.join(names)}, {sc.meta['n_images']} images, seed {args.seed}, "
-                  f"{ctx.world_size} process(es)) written to {out}")
-            if args.export_hrank:
-                paths = scores.export_hrank(sc, "hrank" if "hrank" in names else names[0], model, args.export_hrank)
-                print(f"HRank rank files: {len(paths)} written to {args.export_hrank}")
-
-        distributed.run_on_main(write, ctx)
-        ok = True
-    finally:
-        distributed.shutdown(barrier=ok)  # unwinding from an error: no barrier (the peers failed too)
+    job = RankJob(checkpoint=args.checkpoint, criteria=tuple(criterion_names(args.criterion)), out=out,
+                  model=args.model, n_images=args.n_images, batch_size=args.batch_size, seed=args.seed,
+                  hrank_compat=args.hrank_compat, rank_options={"rtol": args.rank_rtol, "atol": args.rank_atol},
+                  export_hrank=args.export_hrank, device=args.device, progress=not args.no_progress)
+    run_rank(job, lambda model, ck: _data.load(args, model, ck=ck, source=args.checkpoint))
     return 0

@@ -9,7 +9,7 @@ from compressor.commands import add_common, new_parser
 from compressor.commands._options import nonneg_int, positive_int
 
 if TYPE_CHECKING:
-    from compressor.deploy.latency import LatencyConfig
+    from compressor import LatencyConfig
 
 EXAMPLES = """\
   # a prune run folder (pruned.pt, baseline.pt, scores.pt, plan.json) and another pruned checkpoint
@@ -40,8 +40,8 @@ def add_latency_args(p: argparse.ArgumentParser) -> None:
 
 
 def latency_config(args: argparse.Namespace) -> LatencyConfig | None:
+    from compressor import LatencyConfig
     from compressor.errors import UserError
-    from compressor.deploy.latency import LatencyConfig
 
     if args.no_latency:
         return None
@@ -74,36 +74,35 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
+    import compressor
     from compressor.errors import UserError
-    from compressor.reporting.report import ReportConfig, run_report
 
     if args.curves:
         return run_curves(args)
     if not args.inputs:
         raise UserError("give checkpoints, prune run folders or sweep folders (or --curves RUN_DIR ...)",
                         field="inputs")
-
-    cfg = ReportConfig(data=args.data, data_root=args.data_root, device=args.device, batch_size=args.batch_size,
-                       seed=args.seed, evaluate=not args.no_eval, latency=latency_config(args),
-                       plots=not args.no_plots, progress=not args.no_progress, models=tuple(args.model))
-    res = run_report(args.inputs, args.out, cfg)
+    res = compressor.report(args.inputs, args.out, data=args.data, data_root=args.data_root, device=args.device,
+                            batch_size=args.batch_size, seed=args.seed, evaluate=not args.no_eval,
+                            latency=latency_config(args), plots=not args.no_plots, progress=not args.no_progress,
+                            models=args.model)
     print(res["markdown"])
     print(f"written to {args.out}: " + ", ".join(list(res["paths"].values()) + res["plots"]))
     return 0
 
 
 def run_curves(args: argparse.Namespace) -> int:
+    import compressor
     from compressor.errors import UserError
-    from compressor.reporting.report_curves import baseline_label, curves
 
     if args.inputs:
         raise UserError(f"--curves overlays run folders; checkpoints given as well ({args.inputs[0]} ...): "
                         "report them in a separate call", field="curves")
-    res = curves(args.curves, args.out)
+    res = compressor.recovery_curves(args.curves, args.out)
     print(res["table"], end="")
     for r in res["rows"]:
         if r.get("baseline"):
-            print(f"{r['run']}: {baseline_label(r['baseline'])}, recorded in {r['baseline']['source']} "
+            print(f"{r['run']}: {r['baseline']['label']}, recorded in {r['baseline']['source']} "
                   "(drawn as a reference line)")
     print(f"written to {res['png']}")
     return 0

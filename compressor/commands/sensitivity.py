@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 from compressor.commands import add_common, new_parser
 from compressor.commands._options import nonneg_float, nonneg_int, positive_int, unit_interval
@@ -36,13 +35,6 @@ def _target(text: str | None) -> dict[str, float] | None:
             raise UserError(f"expected macs=F or params=F with F in (0, 1], got {part!r}", field="target")
         out[key.strip()] = v
     return out
-
-
-def _safe(name: str) -> str:
-    """A model reference as a folder name (``torchvision:resnet18`` -> ``torchvision_resnet18``)."""
-    import re
-
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("_")
 
 
 def _rates(text: str) -> list[float]:
@@ -82,67 +74,25 @@ def add_parser(sub) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-
-    import compressor
-    from compressor import data
-    from compressor.storage import checkpoint
-    from compressor.pruning import criteria
-    from compressor.storage import io
-    from compressor.pruning import sensitivity_scan as sens
     from compressor.commands import _data
-    from compressor.errors import UserError
-    from compressor.training.evaluation import resolve_device
+    from compressor.jobs.sensitivity import SensitivityJob, run_sensitivity
 
-    device = resolve_device(args.device)
     target, rates = _target(args.target), _rates(args.rates)
-    criteria.get(args.criterion)
-    model, ck = checkpoint.load(args.checkpoint, model=args.model)
-    model = model.to(device).eval()
-    name = args.model or ck["model"]
-    units = list(sens.unit_names(model))  # the engine's units: any model, the rates-file keys
-    layers = [x.strip() for x in args.layers.split(",")] if args.layers else None
-    for layer in layers or []:
-        if layer not in units:
-            raise UserError(f"unknown layer {layer!r}; valid: {', '.join(units)}", field="layers")
-    bundle = _data.load(args, model, ck=ck, source=args.checkpoint)
-    data.check_classes(bundle, model.num_classes, field="data")
-    if not 0 < args.n_eval <= len(bundle.val):
-        raise UserError(f"--n-eval must be in [1, {len(bundle.val)}] (size of the val split)", field="n-eval")
-    out = io.check_writable(Path(args.out or f"checkpoints/{_safe(name)}_sensitivity"))
-
-    calib = data.calibration_subset(bundle.train_eval, args.n_images, args.seed)
-    scores = compressor.rank(model, data.loader(calib, args.batch_size, device=device), [args.criterion],
-                             n_images=args.n_images, seed=args.seed, device=device, progress=not args.no_progress)
-    held_out = data.calibration_subset(bundle.val, args.n_eval, args.seed)
-    recal = None
-    if args.bn_recalibrate > 0:
-        recal = data.loader(data.calibration_subset(bundle.train_eval, args.bn_recalibrate, args.seed + 1),
-                            args.batch_size, device=device)
-    result = compressor.sensitivity(model, data.loader(held_out, 256, device=device), scores=scores,
-                                    criterion=args.criterion, rates=rates, units=layers, device=device,
-                                    recal_loader=recal, recal_images=max(1, args.bn_recalibrate),
-                                    progress=not args.no_progress)
-    result.meta.update({"model": name, "checkpoint": args.checkpoint, "criterion": args.criterion,
-                        "n_eval": args.n_eval, "eval_split": "val", "seed": args.seed, "data": bundle.name})
-    spec, info = sens.suggest(result, model, args.tolerance, target=target, min_keep=args.min_keep)
-    header = (f"suggested by: python -m compressor sensitivity --model {name} --criterion {args.criterion} "
-              f"--tolerance {args.tolerance}" + (f" --target {args.target}" if args.target else ""))
-    paths = {
-        "csv": sens.write_csv(result, out / "sensitivity.csv"),
-        "plot": sens.plot(result, out / "sensitivity.png",
-                          f"{name}: per-layer sensitivity ({args.criterion}, {args.n_eval} val images)"),
-        "rates": io.write_text(out / "suggested_rates.yaml", sens.suggestion_yaml(spec, info, name, header)),
-        "summary": io.write_json(out / "sensitivity.json", {"baseline_top1": result.baseline_top1, **result.meta,
-                                                            "suggestion": {k: v for k, v in info.items()}}),
-    }
+    layers = tuple(x.strip() for x in args.layers.split(",")) if args.layers else None
+    job = SensitivityJob(checkpoint=args.checkpoint, rates=tuple(rates), model=args.model, criterion=args.criterion,
+                         layers=layers, n_eval=args.n_eval, n_images=args.n_images, batch_size=args.batch_size,
+                         bn_recalibrate=args.bn_recalibrate, tolerance=args.tolerance, target=target,
+                         min_keep=args.min_keep, seed=args.seed, out=args.out, device=args.device,
+                         progress=not args.no_progress)
+    res = run_sensitivity(job, lambda model, ck: _data.load(args, model, ck=ck, source=args.checkpoint))
+    result, tol = res["result"], res["tolerated"]
     print(f"baseline top-1 on {args.n_eval} val images: {result.baseline_top1:.2f}%")
-    tol = sens.tolerated_rates(result, args.tolerance)
     for unit in result.units():
         drops = " ".join(f"{d:5.1f}" for _, d in result.curve(unit))
         print(f"  {unit:<28} drop at {','.join(f'{r:g}' for r in rates)}: {drops}   tolerated {tol[unit]:g}")
-    a = info["achieved"]
+    a = res["suggestion"]["achieved"]
     print(f"suggested rates keep {a['macs']:.2%} of MACs, {a['params']:.2%} of params"
           + (f" (target {target})" if target else ""))
-    for k, v in paths.items():
+    for k, v in res["paths"].items():
         print(f"  {k:<8} {v}")
     return 0
