@@ -21,6 +21,7 @@ import platform
 import sys
 import time
 import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -268,6 +269,95 @@ def _infer_cfg(model_name: str, num_classes: int, sd: Mapping[str, torch.Tensor]
         raise UserError(f"has no {exc.args[0]!r}: not a {model_name} state_dict", source=src, field="state_dict") from exc
 
 
+@dataclass
+class _Parsed:
+    """What a checkpoint declares, checked field by field, before anything is built from it."""
+
+    obj: dict[str, Any]
+    arch: str
+    ncls: int
+    cfg: list | None
+    sd: dict[str, torch.Tensor]
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    shapes: Any = field(default_factory=dict)
+
+    @property
+    def what(self) -> str:
+        return f"cfg {self.cfg}" if self.cfg is not None else f"{len(self.shapes)} pruned module shapes"
+
+
+def _parse_native(obj: dict[str, Any], model: str | None, src: str) -> _Parsed:
+    """A compressor checkpoint: version, required keys and types, the architecture asked for."""
+    if obj.get("format_version") not in READABLE_VERSIONS:
+        fv = obj.get("format_version")
+        raise UserError(f"unsupported format_version {fv if isinstance(fv, int) else repr(str(fv)[:20])} "
+                        f"(this library reads {', '.join(map(str, READABLE_VERSIONS))})",
+                        source=src, field="format_version")
+    for key in ("model", "num_classes", "cfg", "state_dict"):
+        if key not in obj:
+            raise UserError(f"checkpoint lacks {key!r}", source=src, field=key)
+    arch, ncls, ccfg, sd = obj["model"], obj["num_classes"], obj["cfg"], obj["state_dict"]
+    _check_types(arch, ncls, ccfg, sd, src)
+    if model is not None and model != arch:
+        raise UserError(f"checkpoint is a {arch[:80]!r}, not a {model!r}", source=src, field="model")
+    if external.is_user_code(arch) and model != arch:
+        raise UserError(f"this checkpoint was built by user code {arch[:80]!r}; pass --model {arch[:80]} "
+                        "(model= in Python) to allow importing it", source=src, field="model")
+    return _Parsed(obj, arch, ncls, ccfg, sd, _checked_kwargs(obj.get("builder_kwargs") or {}, src),
+                   obj.get("shapes") or {})
+
+
+def _parse_imported(obj: dict[str, Any], model: str | None, num_classes: int | None, src: str) -> _Parsed:
+    """HRank-style: a plain state_dict or ``{'state_dict': ...}``; the widths are read off its tensors."""
+    sd = obj.get("state_dict", obj)
+    if not isinstance(sd, dict) or not sd or not all(torch.is_tensor(v) for v in sd.values()):
+        raise UserError("not a compressor checkpoint nor a state_dict", source=src)
+    if model is None:
+        raise UserError("a plain state_dict needs --model to say which architecture it is", source=src)
+    sd = _strip_prefix(sd)
+    ncls = num_classes if num_classes is not None else _classes_in(model, sd)
+    ccfg, shapes = _infer_widths(model, ncls, sd, src)
+    as_native = {"format": "hrank", "model": model, "num_classes": ncls, "cfg": ccfg, "state_dict": sd,
+                 "rates": None, "plan": None, "metrics": {k: obj[k] for k in ("test_acc", "best_prec1") if k in obj},
+                 "provenance": {"imported_from": src}, "extra": {}}
+    return _Parsed(as_native, model, ncls, ccfg, sd, {}, shapes)
+
+
+def _check_fits(p: _Parsed, src: str) -> None:
+    """Build the architecture on ``meta`` (no memory) and compare every tensor's shape with the file's."""
+    try:
+        shell = _shell(p.arch, p.ncls, p.cfg, p.kwargs)
+        shapes_mod.shrink(shell, p.shapes, src)
+    except UserError as exc:
+        raise UserError(str(exc).removeprefix(f"{src}: "), source=src) from exc
+    except TypeError as exc:  # a builder argument the architecture does not take
+        raise UserError(f"{p.arch[:80]} does not take these arguments ({str(exc).splitlines()[0][:120]})",
+                        source=src, field="builder_kwargs") from exc
+    want = {k: tuple(v.shape) for k, v in shell.state_dict().items()}
+    if p.obj.get("format") == "hrank":  # files from torch < 0.4.1 (akamaster's) have no BN step counters
+        p.sd.update({k: torch.tensor(0) for k in want if k.endswith("num_batches_tracked") and k not in p.sd})
+    have = {k: tuple(v.shape) for k, v in p.sd.items() if torch.is_tensor(v)}
+    if want != have:
+        bad = sorted(set(want) ^ set(have)) or [k for k in want if want[k] != have[k]]
+        k = bad[0]
+        raise UserError(f"weights do not fit {p.arch} with {p.what}: {k} is {have.get(k, 'missing')} in the file, "
+                        f"{want.get(k, 'not expected')} in the model", source=src, field="state_dict")
+
+
+def _build(p: _Parsed, src: str) -> nn.Module:
+    net = get_model(p.arch, num_classes=p.ncls, cfg=p.cfg, **p.kwargs)  # kwargs passed the shell: known to the builder
+    shapes_mod.shrink(net, p.shapes, src)
+    try:
+        net.load_state_dict(p.sd)
+    except RuntimeError as exc:
+        first = next((ln.strip() for ln in str(exc).splitlines()[1:] if ln.strip()), str(exc))
+        raise UserError(f"weights do not fit {p.arch} with {p.what}: {first[:200]}", source=src,
+                        field="state_dict") from exc
+    _restore_cp_rates(net, p.obj.get("plan"))
+    contract.attach(net, contract.from_checkpoint(p.obj, src))
+    return net
+
+
 def load(path: str | Path, *, model: str | None = None, num_classes: int | None = None,
          cfg: list | None = None, strict_finite: bool = False) -> tuple[nn.Module, dict[str, Any]]:
     """Rebuild the model from a checkpoint and load its weights.
@@ -283,72 +373,16 @@ def load(path: str | Path, *, model: str | None = None, num_classes: int | None 
     if model is not None and not external.is_external(model) and model not in list_models():
         get_model(model)  # raises the registry's "unknown model … (did you mean …); valid: …"
     obj = read(path)
-    kwargs: dict[str, Any] = {}
-    shapes: Any = {}
-    if obj.get("format") == CKPT_FORMAT:
-        if obj.get("format_version") not in READABLE_VERSIONS:
-            fv = obj.get("format_version")
-            raise UserError(f"unsupported format_version {fv if isinstance(fv, int) else repr(str(fv)[:20])} "
-                            f"(this library reads {', '.join(map(str, READABLE_VERSIONS))})",
-                            source=src, field="format_version")
-        for key in ("model", "num_classes", "cfg", "state_dict"):
-            if key not in obj:
-                raise UserError(f"checkpoint lacks {key!r}", source=src, field=key)
-        arch, ncls, ccfg, sd = obj["model"], obj["num_classes"], obj["cfg"], obj["state_dict"]
-        _check_types(arch, ncls, ccfg, sd, src)
-        if model is not None and model != arch:
-            raise UserError(f"checkpoint is a {arch[:80]!r}, not a {model!r}", source=src, field="model")
-        if external.is_user_code(arch) and model != arch:
-            raise UserError(f"this checkpoint was built by user code {arch[:80]!r}; pass --model {arch[:80]} "
-                            "(model= in Python) to allow importing it", source=src, field="model")
-        kwargs = _checked_kwargs(obj.get("builder_kwargs") or {}, src)
-        shapes = obj.get("shapes") or {}
-    else:  # HRank-style: a plain state_dict or {'state_dict': ...}
-        sd = obj.get("state_dict", obj)
-        if not isinstance(sd, dict) or not sd or not all(torch.is_tensor(v) for v in sd.values()):
-            raise UserError("not a compressor checkpoint nor a state_dict", source=src)
-        if model is None:
-            raise UserError("a plain state_dict needs --model to say which architecture it is", source=src)
-        sd = _strip_prefix(sd)
-        arch = model
-        ncls = num_classes if num_classes is not None else _classes_in(arch, sd)
-        ccfg, shapes = _infer_widths(arch, ncls, sd, src)
-        obj = {"format": "hrank", "model": arch, "num_classes": ncls, "cfg": ccfg, "state_dict": sd,
-               "rates": None, "plan": None, "metrics": {k: obj[k] for k in ("test_acc", "best_prec1") if k in obj},
-               "provenance": {"imported_from": src}, "extra": {}}
-    if num_classes is not None and num_classes != ncls:
-        raise UserError(f"checkpoint has {ncls} classes, {num_classes} were asked for", source=src, field="num_classes")
-    if cfg is not None and list(cfg) != list(ccfg or []):
-        raise UserError(f"checkpoint cfg {ccfg} differs from the expected {cfg}", source=src, field="cfg")
-    _check_finite(sd, src, strict_finite)
-    try:
-        shell = _shell(arch, ncls, ccfg, kwargs)
-        shapes_mod.shrink(shell, shapes, src)
-    except UserError as exc:
-        raise UserError(str(exc).removeprefix(f"{src}: "), source=src) from exc
-    except TypeError as exc:  # a builder argument the architecture does not take
-        raise UserError(f"{arch[:80]} does not take these arguments ({str(exc).splitlines()[0][:120]})",
-                        source=src, field="builder_kwargs") from exc
-    want = {k: tuple(v.shape) for k, v in shell.state_dict().items()}
-    if obj.get("format") == "hrank":  # files from torch < 0.4.1 (akamaster's) have no BN step counters
-        sd.update({k: torch.tensor(0) for k in want if k.endswith("num_batches_tracked") and k not in sd})
-    have = {k: tuple(v.shape) for k, v in sd.items() if torch.is_tensor(v)}
-    what = f"cfg {ccfg}" if ccfg is not None else f"{len(shapes)} pruned module shapes"
-    if want != have:
-        bad = sorted(set(want) ^ set(have)) or [k for k in want if want[k] != have[k]]
-        k = bad[0]
-        raise UserError(f"weights do not fit {arch} with {what}: {k} is {have.get(k, 'missing')} in the file, "
-                        f"{want.get(k, 'not expected')} in the model", source=src, field="state_dict")
-    net = get_model(arch, num_classes=ncls, cfg=ccfg, **kwargs)  # kwargs passed the shell: known to the builder
-    shapes_mod.shrink(net, shapes, src)
-    try:
-        net.load_state_dict(sd)
-    except RuntimeError as exc:
-        first = next((ln.strip() for ln in str(exc).splitlines()[1:] if ln.strip()), str(exc))
-        raise UserError(f"weights do not fit {arch} with {what}: {first[:200]}", source=src, field="state_dict") from exc
-    _restore_cp_rates(net, obj.get("plan"))
-    contract.attach(net, contract.from_checkpoint(obj, src))
-    return net, obj
+    p = _parse_native(obj, model, src) if obj.get("format") == CKPT_FORMAT else \
+        _parse_imported(obj, model, num_classes, src)
+    if num_classes is not None and num_classes != p.ncls:
+        raise UserError(f"checkpoint has {p.ncls} classes, {num_classes} were asked for", source=src,
+                        field="num_classes")
+    if cfg is not None and list(cfg) != list(p.cfg or []):
+        raise UserError(f"checkpoint cfg {p.cfg} differs from the expected {cfg}", source=src, field="cfg")
+    _check_finite(p.sd, src, strict_finite)
+    _check_fits(p, src)
+    return _build(p, src), p.obj
 
 
 def _shell(arch: str, ncls: int, cfg: list | None, kwargs: Mapping[str, Any]) -> nn.Module:

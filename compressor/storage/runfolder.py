@@ -540,6 +540,11 @@ def _run_files(out: Path, old: dict[str, Any] | None) -> list[str]:
     return list(rels)
 
 
+def _parents(rel: str) -> set[str]:
+    """The folders above a relative path (``a/b/c.pt`` -> ``{"a", "a/b"}``), to be pruned when empty."""
+    return {q.as_posix() for q in Path(rel).parents if q.as_posix() not in (".", "")}
+
+
 def _set_aside(out: Path, old: dict[str, Any] | None, inputs: set[str]) -> set[str]:
     """Move an earlier run's files and manifest into ``out/.compressor.replaced`` (its inputs, by a
     hard link: they stay in place). The manifest goes last: until then ``_recover`` sees the
@@ -565,10 +570,7 @@ def _set_aside(out: Path, old: dict[str, Any] | None, inputs: set[str]) -> set[s
             _restore(out)
             raise UserError(f"cannot set the earlier run's {rel} aside ({exc.strerror}); nothing was changed",
                             source=str(out)) from exc
-        parent = Path(rel).parent
-        while parent.as_posix() not in (".", ""):
-            dirs.add(parent.as_posix())
-            parent = parent.parent
+        dirs |= _parents(rel)
     _prune_dirs(out, dirs)
     with contextlib.suppress(FileNotFoundError):
         bk.mkdir(exist_ok=True)
@@ -614,10 +616,7 @@ def _recover(out: Path, command: str, mode: str) -> None:
         for rel in _run_files(out, cur):
             with contextlib.suppress(OSError):
                 (out / rel).unlink()
-            parent = Path(rel).parent
-            while parent.as_posix() not in (".", ""):
-                dirs.add(parent.as_posix())
-                parent = parent.parent
+            dirs |= _parents(rel)
         _prune_dirs(out, dirs)
         with contextlib.suppress(OSError):
             (out / MANIFEST).unlink()
