@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from compressor.commands import add_common, new_parser
-from compressor.commands._options import nonneg_int, positive_float, positive_int
+from compressor.commands._options import nonneg_float, nonneg_int, positive_float, positive_int
 from compressor.commands.report import add_latency_args, latency_config
 
 EXAMPLES = """\
@@ -15,6 +15,8 @@ EXAMPLES = """\
   python -m compressor sweep --checkpoint ../shared/data/pretrained/vgg16_bn_cifar10_jpeg.pt \\
       --rates experiments/vgg16_bn_cifar10/hrankplus_*.yaml --data cifar10 \\
       --data-root ../shared/data/cifar10-jpeg.tar.gz --epochs 30 --out checkpoints/sweeps/vgg_hrankplus
+  # each point also exported to int8 (calibrated, checked on the test split; a drop over 1 point is refused)
+  python -m compressor sweep --checkpoint base.pt --macs 0.5,0.3 --epochs 1 --int8 --max-drop 1 --out checkpoints/sweeps/q
   # write the (commit-ready) report somewhere else
   python -m compressor sweep --checkpoint base.pt --params 0.5,0.25 --out checkpoints/sweeps/p \\
       --report-out experiments/sweeps/p
@@ -50,6 +52,17 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--teacher", default=None, help="distil each fine-tune: 'self' (the baseline) or a checkpoint")
     p.add_argument("--no-report", action="store_true", help="prune only; run `report` on the folder later")
     p.add_argument("--no-plots", action="store_true")
+    q = p.add_argument_group("int8 (a calibrated int8 ONNX file per point, as `export --int8`)")
+    q.add_argument("--int8", action="store_true",
+                   help="also export each point to int8 (<point>/pruned.int8.onnx), checked on the test split, "
+                        "and add its row (top-1, file size, latency) to the report")
+    q.add_argument("--max-drop", type=nonneg_float, default=1.0,
+                   help="largest allowed int8 top-1 drop vs float32, in points (default 1.0); a point over it is "
+                        "marked refused (no file) and the sweep goes on")
+    q.add_argument("--calib-n", type=positive_int, default=256,
+                   help="int8 calibration images from the point's training data, unaugmented (default 256)")
+    q.add_argument("--calib-method", choices=("minmax", "percentile", "entropy"), default=None,
+                   help="activation range calibration (default minmax)")
     add_latency_args(p)
     add_common(p, stats=False)  # the baseline's contract gives the normalisation
     return p
@@ -80,12 +93,24 @@ def run(args: argparse.Namespace) -> int:
                    bn_recalibrate=not args.no_bn_recalibrate,
                    finetune=finetune, model_lr=args.lr is None,
                    device=args.device, report_out=args.report_out, report=rcfg, progress=not args.no_progress,
-                   teacher=args.teacher, reconstruct=args.reconstruct, **extra)
+                   teacher=args.teacher, reconstruct=args.reconstruct, int8=args.int8, int8_max_drop=args.max_drop,
+                   int8_calib_n=args.calib_n, int8_calib_method=args.calib_method, **extra)
     res = run_sweep(job)
     for pt in res["state"]["points"]:
         ach = ", ".join(f"{k} {v:.3f}" for k, v in (pt.get("achieved") or {}).items())
         print(f"  {pt['name']:<16} {pt.get('status', '?'):<6} kept: {ach}  top-1 {pt.get('test_top1', float('nan')):.2f}%")
+        if pt.get("int8"):
+            print(f"  {'':<16} {int8_line(pt['int8'])}")
     if "report" in res:
         print(res["report"]["markdown"])
         print("report: " + ", ".join(res["report"]["paths"].values()))
     return 0
+
+
+def int8_line(q: dict) -> str:
+    """One line for a point's int8 export: its figures, or why it was refused."""
+    figs = (f"int8 top-1 {q['top1_int8']:.2f}% vs float32 {q['top1_float']:.2f}% ({-q['drop']:+.2f} points)"
+            if "top1_int8" in q else "int8")
+    if q.get("status") == "refused":
+        return f"{figs}: REFUSED (limit {q['settings']['max_drop']:g} points), no file"
+    return f"{figs}, {q['bytes'] / 1e6:.2f} MB ({q['bytes'] / q['float_bytes']:.2f}× float32): {q.get('path')}"

@@ -44,6 +44,7 @@ class DropTooLarge(UserError):
     """The int8 model loses more top-1 than allowed: exit code 3, nothing written."""
 
     exit_code = 3
+    result: "Int8Result | None" = None  # what was measured, when the check itself refused
 
 
 @dataclass
@@ -366,9 +367,11 @@ def export_int8(model: nn.Module, path: str | Path | None, *, calibration: Any =
     out = qproto.SerializeToString()
     res.bytes, res.seconds = len(out), time.perf_counter() - t0
     if not res.ok:
-        raise DropTooLarge(f"int8 top-1 {top_q:.2f}% is {res.drop:.2f} points below float32 {top_f:.2f}% on {n} "
+        err = DropTooLarge(f"int8 top-1 {top_q:.2f}% is {res.drop:.2f} points below float32 {top_f:.2f}% on {n} "
                            f"{name} test images (limit {max_drop:g}; --max-drop raises it); nothing written",
                            field="int8")
+        err.result = res  # the measured figures (path None: nothing written), for callers that record a refusal
+        raise err
     if path is not None:
         io.atomic_write(path, lambda fh: fh.write(out))
         res.path = str(path)

@@ -13,10 +13,21 @@ Layout of the sweep folder::
     scores.pt             the one scores file every point reuses
     <point>/rates.yaml    the rates actually used
     <point>/pruned.pt     written last by the prune job: its presence marks the point done
+    <point>/pruned.int8.onnx  with ``int8``: the point's calibrated int8 export (``compressor.export(int8=True)``),
+                          absent when its top-1 drop exceeded ``int8_max_drop`` (the point's state says so)
     report/               report.md/.csv/.json and PNGs (``compressor.reporting.report``)
 
 Re-running the same command resumes: points whose ``pruned.pt`` exists are skipped, and the
-scores file is reused after checking it was made from this very baseline.
+scores file is reused after checking it was made from this very baseline. With ``int8``, a done
+point without an int8 record gets its export then; a refusal is kept unless the int8 settings change.
+
+``int8``: each point is also quantized (static post-training int8, QDQ, per-channel weights; activations
+calibrated on ``int8_calib_n`` unaugmented training images of the point's data, seeded by ``seed``)
+and checked on the whole test split. A point whose int8 top-1 falls more than ``int8_max_drop``
+points below its float32 graph is **refused**: no file, ``state["points"][i]["int8"]["status"] ==
+"refused"`` with the measured figures, and a row marked refused in the report; the sweep goes on.
+The int8 files join the report as ``.onnx`` rows (``compressor.reporting.report_onnx``): top-1 on
+the sweep's test data, file size, and latency timed in the same group as the float rows.
 """
 
 from __future__ import annotations
@@ -79,6 +90,13 @@ class SweepJob:
     model: str | None = None  # for a plain state_dict (HRank, torchvision files)
     teacher: str | None = None  # "self": distil each fine-tune from the unpruned model
     reconstruct: bool = False  # least-squares refit after surgery (compressor.pruning.reconstruct)
+    int8: bool = False  # also a calibrated int8 export per point (module docstring)
+    int8_max_drop: float = 1.0  # top-1 points the int8 file may lose against float32; more: refused
+    int8_calib_n: int = 256  # calibration images
+    int8_calib_method: str | None = None  # None: onnx_int8.DEFAULT_METHOD
+
+
+INT8_FILE = "pruned.int8.onnx"
 
 
 # ----------------------------------------------------------------------------- budgets
@@ -274,6 +292,8 @@ def _sweep_into(job: SweepJob, out: Path, run: Any,
         if (folder / "pruned.pt").is_file():
             log.info("point %s: done earlier (%s exists), skipped", pt["name"], folder / "pruned.pt")
             pt.setdefault("status", "done")
+            if job.int8 and _int8_point(job, folder, pt):
+                io.write_json(state_path, state)
             continue
         if pt["name"] not in {q["name"] for q in pts}:
             continue
@@ -297,6 +317,9 @@ def _sweep_into(job: SweepJob, out: Path, run: Any,
                   test_top1=(m.get("finetuned_test") or m.get("pruned_test_bn_recalibrated")
                              or m.get("pruned_test_reconstructed") or m["pruned_test_no_finetune"])["top1"])
         io.write_json(state_path, state)
+        if job.int8:
+            _int8_point(job, folder, pt)
+            io.write_json(state_path, state)
         if on_point:
             on_point(pt)
     state["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
@@ -304,14 +327,97 @@ def _sweep_into(job: SweepJob, out: Path, run: Any,
     result: dict[str, Any] = {"out": str(out), "state": state}
     if job.report is not None:
         rep_out = Path(job.report_out) if job.report_out else out / "report"
-        rcfg = replace(job.report, data=job.data, data_root=job.data_root)
-        entries = [report.Entry(Path(job.checkpoint))]
-        entries += [report.Entry(out / p["name"] / "pruned.pt", out / "scores.pt", Path(job.checkpoint),
-                                 report.budget_label(p.get("budget"), p.get("policy")), p.get("rates_file"))
-                    for p in state["points"] if (out / p["name"] / "pruned.pt").is_file()]
-        result["report"] = report.run_report(entries, rep_out, rcfg)
+        result["report"] = _report(job, out, state, rep_out)
         io.write_json(rep_out / "sweep_settings.json", state)
     return result
+
+
+# ----------------------------------------------------------------------------- int8
+def _int8_settings(job: SweepJob) -> dict[str, Any]:
+    from compressor.deploy import onnx_int8
+
+    return {"max_drop": float(job.int8_max_drop), "calibration_images": int(job.int8_calib_n),
+            "calibration_method": job.int8_calib_method or onnx_int8.DEFAULT_METHOD, "seed": int(job.seed)}
+
+
+def _int8_point(job: SweepJob, folder: Path, pt: dict[str, Any]) -> bool:
+    """Export the point's pruned model to int8 (``compressor.export(int8=True)``) into ``folder``, recording the
+    outcome in ``pt["int8"]``; a drop over the limit is recorded as refused and leaves no file.
+    Returns whether anything was done (False: the file or the same refusal exists already)."""
+    import compressor
+    from compressor.deploy.onnx_int8 import DropTooLarge
+
+    dest = folder / INT8_FILE
+    settings = _int8_settings(job)
+    prev = pt.get("int8") or {}
+    if dest.is_file() and prev.get("status") == "done":
+        return False
+    if prev.get("status") == "refused" and prev.get("settings") == settings:
+        log.info("point %s: int8 refused earlier with these settings, not retried", pt["name"])
+        return False
+    model = compressor.load(folder / "pruned.pt")
+    log.info("point %s: int8 export (%d calibration images, %s)", pt["name"], settings["calibration_images"],
+             settings["calibration_method"])
+    try:
+        res = compressor.export(model, dest, int8=True, max_drop=settings["max_drop"], seed=settings["seed"],
+                                n_calib=settings["calibration_images"], calib_method=settings["calibration_method"])
+    except DropTooLarge as exc:
+        pt["int8"] = {"status": "refused", "reason": str(exc), "settings": settings, **_int8_figures(exc.result)}
+        log.warning("point %s: int8 refused: %s", pt["name"], exc)
+        return True
+    pt["int8"] = {"status": "done", "path": str(dest), "settings": settings, **_int8_figures(res)}
+    return True
+
+
+def _int8_figures(res: Any) -> dict[str, Any]:
+    if res is None:
+        return {}
+    return {"top1_float": res.top1_float, "top1_int8": res.top1_int8, "drop": res.drop, "agree": res.agree,
+            "bytes": res.bytes, "float_bytes": res.float_bytes, "test_images": res.n_test}
+
+
+def _refused_row(pt: dict[str, Any], source: dict[str, Any] | None, model: str) -> dict[str, Any]:
+    """A report row for a point whose int8 export was refused: no file, no latency, the check's figures named."""
+    q = pt["int8"]
+    src = source or {}
+    if "top1_int8" in q:
+        why = (f"int8 REFUSED: {q['top1_int8']:.2f}% vs float32 {q['top1_float']:.2f}% "
+               f"(−{q['drop']:.2f} > {q['settings']['max_drop']:g} points), no file")
+    else:
+        why = "int8 REFUSED, no file"
+    return {"name": f"{pt['name']}/{INT8_FILE} (refused)", "path": None, "model": src.get("model", model),
+            "role": "onnx int8 refused", "runtime": "onnxruntime", "precision": "int8", "refused": True,
+            "refused_reason": q.get("reason"), "criterion": src.get("criterion"), "rates": src.get("rates"),
+            "target": f"{src.get('target') or src.get('rates') or pt['name']}; {why}", "data": src.get("data", "–"),
+            "params": src.get("params", 0), "macs": src.get("macs", 0), "file_bytes": 0, "weights_bytes": 0,
+            "top1": None, "int8_check_top1": q.get("top1_int8"), "int8_check_top1_float": q.get("top1_float"),
+            "int8_check_drop": q.get("drop"), "source": src.get("name"), "baseline": src.get("baseline"),
+            "params_reduction_pct": src.get("params_reduction_pct"), "macs_reduction_pct": src.get("macs_reduction_pct")}
+
+
+def _report(job: SweepJob, out: Path, state: dict[str, Any], rep_out: Path) -> dict[str, Any]:
+    """The sweep's report: the baseline, each done point, and with ``int8`` each point's int8 file (or a refused row
+    after its point's row)."""
+    assert job.report is not None
+    rcfg = replace(job.report, data=job.data, data_root=job.data_root)
+    done = [p for p in state["points"] if (out / p["name"] / "pruned.pt").is_file()]
+    entries = [report.Entry(Path(job.checkpoint))]
+    entries += [report.Entry(out / p["name"] / "pruned.pt", out / "scores.pt", Path(job.checkpoint),
+                             report.budget_label(p.get("budget"), p.get("policy")), p.get("rates_file"))
+                for p in done]
+    entries += [report.Entry(out / p["name"] / INT8_FILE) for p in done if (out / p["name"] / INT8_FILE).is_file()]
+    rows, info = report.build(entries, rcfg)
+    for p in done:
+        if (p.get("int8") or {}).get("status") != "refused":
+            continue
+        pruned = str(out / p["name"] / "pruned.pt")
+        at = next((i for i, r in enumerate(rows) if r.get("path") == pruned), None)
+        row = _refused_row(p, rows[at] if at is not None else None, state.get("model") or "?")
+        rows.insert(len(rows) if at is None else at + 1, row)
+    res = report.write(rows, info, rep_out, rcfg.plots)
+    res["rows"] = rows
+    res["markdown"] = report.markdown(rows, info["meta"])
+    return res
 
 
 def parse_budgets(text: str | None, key: str) -> list[tuple[str, float]]:
