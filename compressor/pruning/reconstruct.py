@@ -56,6 +56,11 @@ these defaults: 10.0% after surgery, 74.2% with BN re-estimation only, 86.5% rec
 split, baseline 87.9%), in 21 s on 2 idle CPU cores. Ridge towards zero gave the same accuracy;
 re-estimating BN after reconstruction cost 0.7 points, hence ``bn="keep"`` by default.
 
+Layout: the regression's rows (calibration images, prefix passes, sampled positions, im2col)
+are in ``compressor.pruning.reconstruct_rows``, shared with ``select_obs``; which output channels
+each layer kept (``keep_from_plan``, ``infer_kept``) in ``compressor.pruning.reconstruct_kept``;
+this module holds the normal equations, the solve and the driver.
+
 ``original`` is never mutated; ``pruned`` is refit in place (only its Conv/Linear weights and
 biases, and its BN statistics with ``bn="recalibrate"``). ``batches`` is iterated once (tensors
 or ``(x, y, ...)`` tuples); its images are held in memory for the per-layer passes, which is
@@ -66,13 +71,21 @@ from __future__ import annotations
 
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any, Collection, Iterable, Iterator, Mapping, Sequence
+from typing import Any, Collection, Iterable, Mapping, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
+
+from compressor.pruning.reconstruct_kept import infer_kept, keep_from_plan
+from compressor.pruning.reconstruct_rows import (
+    Stop, call_order, capture, conv_patches, conv_targets, draw_positions, iter_images, layer_seed, linear_layers,
+    linear_targets,
+)
+
+__all__ = ["LayerFit", "ReconstructReport", "reconstruct", "infer_kept", "keep_from_plan", "conv_patches",
+           "layer_seed"]
 
 LAYER_MODES = ("shrunk", "all")
 RIDGE_TO = ("current", "zero")
@@ -126,10 +139,6 @@ class ReconstructReport:
         return "\n".join(lines)
 
 
-class _Stop(Exception):
-    """Raised from a hook to end a forward pass early (only the prefix is needed)."""
-
-
 @dataclass
 class _Layer:
     name: str
@@ -141,28 +150,6 @@ class _Layer:
 
 
 # --- small helpers --------------------------------------------------------------------------
-
-def _images(batch: Any) -> torch.Tensor:
-    return batch[0] if isinstance(batch, (list, tuple)) else batch
-
-
-def _iter_images(batches: Iterable, max_images: int | None, device: torch.device,
-                 dtype: torch.dtype) -> Iterator[torch.Tensor]:
-    seen = 0
-    for batch in batches:
-        x = _images(batch)
-        if max_images is not None:
-            x = x[: max_images - seen]
-        if x.shape[0] == 0:
-            break
-        seen += x.shape[0]
-        yield x.to(device, dtype=dtype) if x.is_floating_point() else x.to(device)
-        if max_images is not None and seen >= max_images:
-            break
-
-
-def _linear_layers(model: nn.Module) -> dict[str, nn.Module]:
-    return {n: m for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
 
 
 def _in_width(m: nn.Module) -> int:
@@ -187,184 +174,6 @@ def _geometry_mismatch(a: nn.Module, b: nn.Module) -> str | None:
         if b.padding_mode != "zeros":
             return f"padding_mode={b.padding_mode!r} is not supported"
     return None
-
-
-def layer_seed(seed: int, index: int) -> int:
-    """Seed of the position draws for the ``index``-th refit layer: independent streams per layer."""
-    return int(np.random.SeedSequence([seed, index]).generate_state(1, np.uint32)[0])
-
-
-# --- which output channels were kept --------------------------------------------------------
-
-def _rows_as_bytes(w: torch.Tensor) -> list[bytes]:
-    a = np.ascontiguousarray(w.detach().cpu().reshape(w.shape[0], -1).numpy())
-    return [a[i].tobytes() for i in range(a.shape[0])]
-
-
-def _column_subset(w_orig: torch.Tensor, row: torch.Tensor) -> list[int] | None:
-    """Input columns ``S`` (ascending) such that some original row restricted to ``S`` equals ``row``.
-
-    ``w_orig`` is [C_out, C_in, K], ``row`` is [C_in', K]. Greedy subsequence matching of
-    column "tokens" (k×k slices) by bytes; candidates are the rows containing ``row``'s first token.
-    """
-    first = row[0]
-    cand = torch.nonzero((w_orig == first).all(-1).any(-1)).flatten().tolist()
-    want = _rows_as_bytes(row)
-    for i in cand:
-        tokens = _rows_as_bytes(w_orig[i])
-        cols, s = [], 0
-        for tok in want:
-            while s < len(tokens) and tokens[s] != tok:
-                s += 1
-            if s == len(tokens):
-                break
-            cols.append(s)
-            s += 1
-        if len(cols) == len(want):
-            return cols
-    return None
-
-
-def infer_kept(orig: nn.Module, new: nn.Module) -> torch.Tensor | None:
-    """Original output indices of ``new``'s rows by exact weight matching (None: no consistent match).
-
-    Valid only on transplanted (not yet refit) weights; see the module docstring.
-    """
-    wo, wn = orig.weight.detach(), new.weight.detach()
-    wo3, wn3 = wo.reshape(wo.shape[0], wo.shape[1], -1), wn.reshape(wn.shape[0], wn.shape[1], -1)
-    if wo3.shape[1] == wn3.shape[1]:
-        cols = list(range(wo3.shape[1]))
-    else:
-        found = _column_subset(wo3, wn3[0])
-        if found is None:
-            return None
-        cols = found
-    ref = wo3[:, cols]
-    keys_o = _rows_as_bytes(ref if orig.bias is None else torch.cat([ref.flatten(1), orig.bias.detach()[:, None]], 1))
-    keys_n = _rows_as_bytes(wn3 if new.bias is None else torch.cat([wn3.flatten(1), new.bias.detach()[:, None]], 1))
-    where: dict[bytes, list[int]] = {}
-    for i, k in enumerate(keys_o):
-        where.setdefault(k, []).append(i)
-    kept, prev = [], -1
-    for k in keys_n:
-        nxt = [i for i in where.get(k, ()) if i > prev]
-        if not nxt:
-            return None
-        prev = nxt[0]
-        kept.append(prev)
-    return torch.tensor(kept, dtype=torch.long)
-
-
-def keep_from_plan(model: nn.Module, plan: Any, example: torch.Tensor | None = None) -> dict[str, tuple[int, ...]]:
-    """``{layer: kept_out_indices}`` for ``reconstruct(keep=...)`` from a ``Plan`` of ``model``.
-
-    Every Conv2d/Linear whose output channels are a unit's (its producing conv, a depthwise
-    follower, every member of a residual group) gets that unit's kept channels, in its own output
-    positions: read off the dependency graph (``compressor.pruning.channel_space``), so it works
-    for any model the engine prunes. ``example``: one input (default: from ``model.input_size``).
-    """
-    from compressor.pruning import graph
-    from compressor.pruning.channel_space import channel_spaces, layer_writers
-
-    units = {u: int(w) for u, w in plan.widths.items() if u in plan.keep}
-    if not units:
-        return {}
-    example = example if example is not None else graph.example_input(model)
-    out: dict[str, tuple[int, ...]] = {}
-    for unit, space in channel_spaces(model, example[:1], units).items():
-        kept = plan.kept(unit)
-        for w in layer_writers(model, space):
-            out[w.name] = tuple(sorted(i for c in kept for i in w.where[c]))
-    return out
-
-
-# --- hooks and prefix passes ----------------------------------------------------------------
-
-def _call_order(model: nn.Module, x: torch.Tensor) -> tuple[list[str], set[str], dict[str, tuple[int, ...]]]:
-    """Conv/Linear names in first-call order, those called more than once, and output shapes."""
-    order: list[str] = []
-    shapes: dict[str, tuple[int, ...]] = {}
-    twice: set[str] = set()
-    handles = []
-    for name, m in _linear_layers(model).items():
-        def hook(mod, inp, out, name=name):
-            if name in shapes:
-                twice.add(name)
-            else:
-                order.append(name)
-                shapes[name] = tuple(out.shape[1:])
-        handles.append(m.register_forward_hook(hook))
-    try:
-        model(x)
-    finally:
-        for h in handles:
-            h.remove()
-    return order, twice, shapes
-
-
-def _capture(model: nn.Module, module: nn.Module, x: torch.Tensor, want: str) -> torch.Tensor:
-    """The input (``want="input"``) or output of ``module`` on ``x``; the forward stops right there."""
-    box: list[torch.Tensor] = []
-
-    def pre(mod, inp):
-        box.append(inp[0].detach())
-        raise _Stop
-
-    def post(mod, inp, out):
-        box.append(out.detach())
-        raise _Stop
-
-    h = module.register_forward_pre_hook(pre) if want == "input" else module.register_forward_hook(post)
-    try:
-        model(x)
-    except _Stop:
-        pass
-    finally:
-        h.remove()
-    if not box:
-        raise RuntimeError("the layer was not called in the forward pass")
-    return box[0]
-
-
-# --- rows of the regression -----------------------------------------------------------------
-
-def _positions(gen: torch.Generator, batch: int, hw: int, per_image: int) -> torch.Tensor:
-    """[B, P] flat output positions per image, drawn without replacement (all when the map is small)."""
-    if per_image >= hw:
-        return torch.arange(hw).expand(batch, hw).clone()
-    return torch.rand(batch, hw, generator=gen).argsort(dim=1)[:, :per_image]
-
-
-def conv_patches(x: torch.Tensor, conv: nn.Conv2d, pos: torch.Tensor, out_w: int) -> torch.Tensor:
-    """im2col rows at output positions ``pos`` ([B, P] flat): [B·P, groups, C_in/groups·kh·kw].
-
-    Each row equals the matching column of ``F.unfold(x, kernel, dilation, padding, stride)``.
-    """
-    kh, kw = conv.kernel_size
-    sh, sw = conv.stride
-    dh, dw = conv.dilation
-    ph, pw = (0, 0) if conv.padding == "valid" else conv.padding
-    xp = F.pad(x, (pw, pw, ph, ph)).permute(0, 2, 3, 1)  # B, Hp, Wp, C
-    pos = pos.to(x.device)
-    oh, ow = pos // out_w, pos % out_w
-    hi = oh[..., None] * sh + torch.arange(kh, device=x.device) * dh  # B, P, kh
-    wi = ow[..., None] * sw + torch.arange(kw, device=x.device) * dw  # B, P, kw
-    b = torch.arange(x.shape[0], device=x.device)[:, None, None, None]
-    patches = xp[b, hi[..., :, None], wi[..., None, :]]  # B, P, kh, kw, C
-    patches = patches.permute(0, 1, 4, 2, 3)  # B, P, C, kh, kw (the weight's layout)
-    g = conv.groups
-    return patches.reshape(-1, g, (x.shape[1] // g) * kh * kw)
-
-
-def _conv_targets(y: torch.Tensor, kept: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-    """[B·P, kept] original outputs at the sampled positions."""
-    y = y[:, kept.to(y.device)].flatten(2)  # B, K, HW
-    idx = pos.to(y.device)[:, None, :].expand(-1, y.shape[1], -1)
-    return y.gather(2, idx).permute(0, 2, 1).reshape(-1, y.shape[1])
-
-
-def _linear_targets(y: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
-    return y.reshape(-1, y.shape[-1])[:, kept.to(y.device)]
 
 
 # --- accumulation and solve -----------------------------------------------------------------
@@ -445,7 +254,7 @@ def _select(original: nn.Module, pruned: nn.Module, order: list[str], twice: set
             shapes: Mapping[str, tuple[int, ...]], layers: str | Collection[str],
             keep: Mapping[str, Sequence[int]] | None) -> tuple[list[_Layer], list[tuple[str, str]]]:
     """The layers to refit (in call order) with their kept output channels, and the skipped ones."""
-    orig_layers, new_layers = _linear_layers(original), _linear_layers(pruned)
+    orig_layers, new_layers = linear_layers(original), linear_layers(pruned)
     named = None if isinstance(layers, str) else set(layers)
     todo, skipped = [], []
     for name in order:
@@ -509,7 +318,7 @@ class _Targets:
                     break
                 try:
                     self.original(x)
-                except _Stop:
+                except Stop:
                     pass
         finally:
             for h in handles:
@@ -526,7 +335,7 @@ class _Targets:
                     self.used += size
                     self.cache[l.name].append(t)
             if stop:
-                raise _Stop
+                raise Stop
         return hook
 
     def rows(self, l: _Layer, y: torch.Tensor, b: int) -> torch.Tensor:
@@ -534,13 +343,13 @@ class _Targets:
             raise RuntimeError(f"{l.name}: the original's output is {tuple(y.shape[1:])}, the pruned one's "
                                f"{l.out_hw}: the spatial sizes must agree")
         if isinstance(l.new, nn.Conv2d):
-            return _conv_targets(y, l.kept, self.pos.get(l, b, y.shape[0]))
-        return _linear_targets(y, l.kept)
+            return conv_targets(y, l.kept, self.pos.get(l, b, y.shape[0]))
+        return linear_targets(y, l.kept)
 
     def get(self, l: _Layer, b: int, x: torch.Tensor) -> torch.Tensor:
         if l.name in self.cache:
             return self.cache[l.name][b]
-        return self.rows(l, _capture(self.original, l.orig, x, "output"), b)
+        return self.rows(l, capture(self.original, l.orig, x, "output"), b)
 
     def describe(self) -> str:
         n = sum(c.numel() * c.element_size() for v in self.cache.values() for c in v)
@@ -561,7 +370,7 @@ class _PosTable:
         key = (l.name, b)
         if key not in self.table:
             hw = int(np.prod(l.out_hw[1:]))
-            self.table[key] = _positions(self.gens[l.name], n, hw, self.per_image)
+            self.table[key] = draw_positions(self.gens[l.name], n, hw, self.per_image)
         return self.table[key]
 
 
@@ -574,7 +383,7 @@ def _refit_layer(pruned: nn.Module, l: _Layer, xs: list[torch.Tensor], targets: 
     feats = new.weight[0].numel()
     normal = _Normal(g, feats, new.weight.shape[0] // g, new.bias is not None, xs[0].device, chunk)
     for b, x in enumerate(xs):
-        inp = _capture(pruned, new, x, "input")
+        inp = capture(pruned, new, x, "input")
         if conv:
             rows = conv_patches(inp, new, pos.get(l, b, x.shape[0]), l.out_hw[2])
         else:
@@ -625,10 +434,10 @@ def reconstruct(original: nn.Module, pruned: nn.Module, batches: Iterable, *,
                 "device": str(dev), "dtype": str(next(pruned.parameters()).dtype)}
     try:
         with torch.no_grad(), torch.autocast(device_type=dev.type, enabled=False):
-            xs = list(_iter_images(batches, max_images, dev, next(pruned.parameters()).dtype))
+            xs = list(iter_images(batches, max_images, dev, next(pruned.parameters()).dtype))
             if not xs:
                 raise ValueError("reconstruct: the calibration batches are empty")
-            order, twice, shapes = _call_order(pruned, xs[0][:2])
+            order, twice, shapes = call_order(pruned, xs[0][:2])
             todo, skipped = _select(original, pruned, order, twice, shapes, layers, keep)
             pos = _PosTable(todo, seed, positions)
             targets = _Targets(original, todo, int(cache_mib * 2**20))

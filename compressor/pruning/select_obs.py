@@ -9,17 +9,23 @@ removal raises the consumers' least-squares error least, updating the solution a
 How (``select``):
 
 * **Units, in forward order**, on a working copy of the original in which every unit already
-  decided is *masked*: its removed channels' columns are zero in every consumer, and those
-  consumers carry their refit weights. A masked network computes exactly what the pruned and
-  refit network computes (a removed channel is computed but no longer read), so later units
-  are chosen on the inputs they will really see. ``original`` is never changed.
-* **Consumers** of a unit are every Conv2d/Linear whose input follows the unit, read off the
-  model's ``channel_map()`` (``Slot.inp``): a conv reading the unit's output, the Linear after a
-  flatten (``repeat`` columns per channel), the conv after a concat (the unit's slice), and for
-  a residual unit every conv or Linear that reads the shared channel space. A channel's
-  *group* is its columns in every consumer (k×k columns of a conv, ``repeat`` columns of a
-  Linear, its place in a concat). Depthwise followers are pruned with the unit (surgery does
-  that); the layers that read the depthwise output are the consumers.
+  decided is *masked* (below): its removed channels are zero wherever they are written and
+  their columns zero in every consumer, and those consumers carry their refit weights. A masked
+  network computes exactly what the pruned and refit network computes, so later units are
+  chosen on the inputs they will really see. ``original`` is never changed.
+* **Consumers** of a unit are every Conv2d/Linear that reads its channel space, found in the
+  dependency graph (``compressor.pruning.channel_space``, the same pruning group that surgery
+  cuts): a conv reading the unit's output, the Linear after a flatten (``k×k`` columns per
+  channel), the conv after a concat (the unit's slice), and for a residual unit every conv or
+  Linear that reads the shared space. A channel's *group* is its columns in every consumer.
+  Depthwise followers are part of the unit (pruned with it); the layers that read the depthwise
+  output are the consumers.
+* **Masking.** Once a unit is decided, its removed channels are zeroed at the output of every
+  writer of its space (the producing convs, their BNs, a depthwise follower, the CIFAR ResNets'
+  ``PadShortcut``), besides their consumers' columns: readers that are not Conv/Linear (a
+  zero-pad shortcut carrying a residual channel into the next stage) then see what they will see
+  in the pruned network. Their loss is not part of the unit's cost; the later units are chosen
+  and refit on the inputs it leaves.
 * **Statistics**, as ``compressor.pruning.reconstruct`` gathers them: per consumer, ``XᵀX`` and ``XᵀY``
   over ``positions`` seeded, sampled output positions per image (im2col rows, plus a ones
   column for the bias), ``X`` from the masked working network and ``Y`` the *original*
@@ -57,9 +63,9 @@ Cost: one pass of the original over the calibration set (the consumers' targets 
 sampled positions are cached: ``rows × outputs`` floats per consumer, ~150 MiB for VGG16-BN at
 512 images and 32 positions), one prefix pass of the working network per unit, and per unit
 the normal equations of its consumers at full input width (``2·rows·F²`` flops, ``F`` the
-consumer's input features) plus the inverse and the removal (``O(F³)``). Needs
-``model.channel_map()`` (registered families: VGG, MobileNet v1/v2, SqueezeNet; not yet the CIFAR
-ResNets or torchvision models, which have none).
+consumer's input features) plus the inverse and the removal (``O(F³)``), and one trace of the
+dependency graph. Works for any model the engine prunes (no per-family description is used);
+a grouped (not depthwise) consumer is refused.
 
 Measured (experiments/RESULTS.md, issue 20): VGG16-BN on the CIFAR-10 JPEG copy, 512 images, no
 fine-tune, full test split: obs + reconstruct 86.69% at CHIP-58 and 84.46% at CHIP-79, against
@@ -83,9 +89,10 @@ from tqdm.auto import tqdm
 
 from compressor.pruning.channel_space import ChannelSpace, channel_spaces
 from compressor.pruning.plan import Plan
-from compressor.pruning.reconstruct import (
-    _Stop, _call_order, _conv_targets, _iter_images, _positions, conv_patches, keep_from_plan, layer_seed,
-    reconstruct,
+from compressor.pruning.reconstruct import reconstruct
+from compressor.pruning.reconstruct_kept import keep_from_plan
+from compressor.pruning.reconstruct_rows import (
+    Stop, call_order, conv_patches, conv_targets, draw_positions, iter_images, layer_seed,
 )
 
 log = logging.getLogger(__name__)
@@ -193,14 +200,14 @@ def _capture_all(model: nn.Module, mods: Sequence[nn.Module], names: Sequence[st
         def keep(t: torch.Tensor, name: str = name) -> None:
             box.setdefault(name, t.detach())
             if len(box) == len(names):
-                raise _Stop
+                raise Stop
         if want == "input":
             handles.append(m.register_forward_pre_hook(lambda mod, inp, keep=keep: keep(inp[0])))
         else:
             handles.append(m.register_forward_hook(lambda mod, inp, out, keep=keep: keep(out)))
     try:
         model(x)
-    except _Stop:
+    except Stop:
         pass
     finally:
         for h in handles:
@@ -210,7 +217,7 @@ def _capture_all(model: nn.Module, mods: Sequence[nn.Module], names: Sequence[st
 
 def _target_rows(c: "_Consumer", y: torch.Tensor, pos: torch.Tensor | None) -> torch.Tensor:
     if isinstance(c.layer, nn.Conv2d):
-        return _conv_targets(y, torch.arange(y.shape[1]), pos)
+        return conv_targets(y, torch.arange(y.shape[1]), pos)
     return y.reshape(-1, y.shape[-1])
 
 
@@ -264,7 +271,7 @@ def _original_targets(original: nn.Module, plans: list[tuple[str, list["_Consume
             for c in cons:
                 p = None
                 if isinstance(c.layer, nn.Conv2d):
-                    p = _positions(gens[(unit, c.name)], x.shape[0], int(np.prod(c.out_hw[1:])), positions)
+                    p = draw_positions(gens[(unit, c.name)], x.shape[0], int(np.prod(c.out_hw[1:])), positions)
                 pos[unit][c.name].append(p)
                 tg[unit][c.name].append(_target_rows(c, outs[c.name], p))
     return pos, tg
@@ -396,10 +403,10 @@ def select(original: nn.Module, counts: Mapping[str, int] | Plan, batches: Itera
     done: list[UnitSelection] = []
     try:
         with torch.no_grad(), torch.autocast(device_type=dev.type, enabled=False):
-            xs = list(_iter_images(batches, max_images, dev, dtype))
+            xs = list(iter_images(batches, max_images, dev, dtype))
             if not xs:
                 raise ValueError("obs: the calibration batches are empty")
-            _, _, shapes = _call_order(work, xs[0][:2])
+            _, _, shapes = call_order(work, xs[0][:2])
             todo = [u for u in units if u.name in counts and int(counts[u.name]) < widths[u.name]]
             spaces = channel_spaces(original, xs[0][:1], {u.name: widths[u.name] for u in todo})
             found_all = []
