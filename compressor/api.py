@@ -211,7 +211,8 @@ def prune(model: nn.Module, example_inputs: torch.Tensor | None = None, rates: A
     Scores from ``rank`` are checked against this model's weights (a checksum).
     ``criterion="obs"``: the kept channels are chosen by the error the consumers' least-squares
     refit would suffer on ``calibration`` batches (``select_obs``); recover with
-    ``recover(small, data, original=model, plan=info.plan)``. It needs the model's ``channel_map()``.
+    ``recover(small, data, original=model, plan=info.plan)``. Works on any model the engine prunes (each
+    unit's consumers are read off the dependency graph).
 
     >>> small, info = compressor.prune(model, torch.randn(1, 3, 32, 32), {"target": {"macs": 0.5}})
     >>> print(info.summary())                                            # doctest: +SKIP

@@ -13,6 +13,7 @@ from compressor.pruning.channel_space import channel_spaces, layer_writers
 from compressor.pruning.plan import Plan
 from compressor.pruning.reconstruct import keep_from_plan
 
+from tests import oracles
 from tests.conftest import TINY_VGG, one_thread
 
 
@@ -20,7 +21,7 @@ def _oracle_readers(model: nn.Module, unit: str, width: int) -> dict[str, tuple[
     """From the channel map: each Conv/Linear reading ``unit``, its input positions per unit channel."""
     mods = dict(model.named_modules())
     out = {}
-    for key, slot in model.channel_map().items():
+    for key, slot in oracles.channel_map_of(model).items():
         name = key.rsplit(".", 1)[0]
         if not key.endswith(".weight") or unit not in slot.inp or slot.out == unit:
             continue
@@ -40,7 +41,7 @@ def _oracle_readers(model: nn.Module, unit: str, width: int) -> dict[str, tuple[
 
 def _oracle_writers(model: nn.Module, unit: str) -> set[str]:
     mods = dict(model.named_modules())
-    return {k.rsplit(".", 1)[0] for k, s in model.channel_map().items()
+    return {k.rsplit(".", 1)[0] for k, s in oracles.channel_map_of(model).items()
             if k.endswith(".weight") and s.out == unit and isinstance(mods[k.rsplit(".", 1)[0]], (nn.Conv2d, nn.Linear))}
 
 

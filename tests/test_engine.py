@@ -170,7 +170,7 @@ def test_discovered_units_equal_the_hand_descriptions(name: str) -> None:
     """The family descriptions are oracles: the graph finds the same units, convs, BNs and
     widths, and its rank points (BN output + activation) capture the same maps."""
     m = _tiny(name)
-    hand = {u.name: u for u in m.prunable_units()}
+    hand = {u.name: u for u in oracles.units_of(m)}
     found = {u.name: u for u in graph.discover(m).units}
     assert list(found) == list(hand)
     for n, h in hand.items():

@@ -10,6 +10,7 @@ from compressor.pruning import scores as scores_mod
 from compressor.pruning.capture import record
 from compressor.pruning.criteria.hrank import RankAccumulator, batch_ranks
 from compressor.errors import UserError
+from tests import oracles
 
 
 def low_rank(r: int, h: int = 16, w: int = 12, seed: int = 0) -> torch.Tensor:
@@ -45,7 +46,7 @@ def test_rank_ignores_autocast():
 
 
 def test_one_pass_hooks_removed(tiny_vgg):
-    units = tiny_vgg.prunable_units()
+    units = oracles.units_of(tiny_vgg)
     acc = RankAccumulator()
     calls = {"n": 0}
     orig = tiny_vgg.forward
@@ -68,7 +69,7 @@ def test_hooks_removed_on_failure(tiny_vgg):
             raise RuntimeError("boom")
 
     with pytest.raises(RuntimeError, match="boom"):
-        record(tiny_vgg, [torch.randn(2, 3, 32, 32)], tiny_vgg.prunable_units(), [Boom()], progress=False)
+        record(tiny_vgg, [torch.randn(2, 3, 32, 32)], oracles.units_of(tiny_vgg), [Boom()], progress=False)
     assert all(not m._forward_hooks for m in tiny_vgg.modules())
 
 

@@ -24,7 +24,7 @@ def private_cache(tmp_path, monkeypatch):
 
 
 def widths(m) -> dict[str, int]:
-    return {u.name: u.width for u in m.prunable_units()}
+    return {u.name: u.width for u in oracles.units_of(m)}
 
 
 def out_channels_cost(shape: lat.ConvShape, _s: lat.MeasureSettings) -> float:
@@ -110,7 +110,7 @@ def test_interpolation_is_exact_for_mac_proportional_cost():
 def test_stub_timer_solver_finds_the_known_answer(pol):
     """Cost = output width, so the latency kept is exactly the fraction of channels kept."""
     m = get_model("vgg16_bn")
-    sc = criteria.get("random", seed=0).score(m, m.prunable_units(), None)
+    sc = criteria.get("random", seed=0).score(m, oracles.units_of(m), None)
     spec = RateSpec(rates={u: 0.0 for u in widths(m)}, target={"latency": 0.5}, extra={"policy": pol},
                     latency_options={"batch_size": 64, "threads": 1})
     out = policy.resolve(spec, m, sc, latency_timer=out_channels_cost)
@@ -175,7 +175,7 @@ def test_real_timer_and_verify_on_a_tiny_model():
     assert 1 <= len(info["refine"]) <= 3 and all(h["measured"] > 0 for h in info["refine"])
     assert out.extra["resolved"]["achieved"]["latency"] == info["measured_fraction"]
     assert "of measured latency" in policy.describe(out)
-    sc = criteria.get("random", seed=0).score(m, m.prunable_units(), None)
+    sc = criteria.get("random", seed=0).score(m, oracles.units_of(m), None)
     small = oracles.rebuild(m, make_plan(sc, out, w))
     v = lat.verify_spec(m, small, out, repeats=3, warmup=1)
     assert v is not None and v["measured_fraction"] > 0 and not math.isnan(v["relative_error"])

@@ -51,7 +51,7 @@ def _model(name: str = NAME, seed: int = 0) -> nn.Module:
 
 
 def _groups(model: nn.Module) -> list[PrunableUnit]:
-    return [u for u in model.prunable_units() if u.name in GROUPS]
+    return [u for u in oracles.units_of(model) if u.name in GROUPS]
 
 
 # --------------------------------------------------------------------------- structure
@@ -61,8 +61,8 @@ def _groups(model: nn.Module) -> list[PrunableUnit]:
 def test_units_are_mobilenet_v2s_plus_one_per_residual_group(name: str) -> None:
     plain = get_model(name.replace("_res", ""), cfg=_tiny_cfg(name))
     m = get_model(name, cfg=_tiny_cfg(name))
-    units = m.prunable_units()
-    assert [u for u in units if u.name not in GROUPS] == plain.prunable_units()
+    units = oracles.units_of(m)
+    assert [u for u in units if u.name not in GROUPS] == oracles.units_of(plain)
     assert [u.name for u in _groups(m)] == list(GROUPS)  # network order: after the stage's first hidden unit
     names = [u.name for u in units]
     for g in GROUPS:
@@ -85,13 +85,13 @@ def test_metadata_is_consistent(name: str) -> None:
     m = get_model(name, cfg=_tiny_cfg(name))
     widths = _widths(m)
     modules = dict(m.named_modules())
-    for u in m.prunable_units():
+    for u in oracles.units_of(m):
         assert all(m.cfg[i] == u.width for i in u.cfg_index)
         assert all(isinstance(modules[c], nn.Conv2d) and modules[c].out_channels == u.width for c in u.convs)
         assert all(modules[c].cp_rate == 0.0 for c in u.convs)
         assert all(modules[b].num_features == u.width for b in u.bns)
     state = m.state_dict()
-    slots = m.channel_map()
+    slots = oracles.channel_map_of(m)
     for key, slot in slots.items():
         if slot.out is not None:
             assert state[key].shape[0] == widths[slot.out], key
@@ -129,12 +129,12 @@ def test_pruning_dead_group_channels_keeps_logits(which: str) -> None:
     m = _model()
     x = _x(m)
     plan = _random_plan(m, 1 / 3, seed=2, units=set(GROUPS) if which == "groups" else None)
-    units = {u.name: u for u in m.prunable_units()}
+    units = {u.name: u for u in oracles.units_of(m)}
     dead = {u: [i for i in range(plan.widths[u]) if i not in k] for u, k in plan.keep.items()}
     with torch.no_grad():
         for name, idx in dead.items():
             bns = units[name].bns if name in GROUPS else \
-                [k.rsplit(".", 1)[0] for k, s in m.channel_map().items() if s.out == name and k.endswith(".1.weight")]
+                [k.rsplit(".", 1)[0] for k, s in oracles.channel_map_of(m).items() if s.out == name and k.endswith(".1.weight")]
             for bn in bns:  # hidden units: the expand BN and the depthwise BN
                 m.get_submodule(bn).weight[idx] = 0.0
                 m.get_submodule(bn).bias[idx] = 0.0
@@ -199,7 +199,7 @@ def test_checkpoint_round_trip(tmp_path: Path) -> None:
 
 def test_counts_fall_as_the_group_rate_grows() -> None:
     m = _model()
-    l1 = get_criterion("l1").score(m, m.prunable_units(), None)
+    l1 = get_criterion("l1").score(m, oracles.units_of(m), None)
     counts = []
     for rate in (0.0, 0.3, 0.6):
         plan = make_plan(l1, RateSpec(rates={u: rate if u in GROUPS else 0.0 for u in _widths(m)}), _widths(m))
@@ -214,7 +214,7 @@ def test_counts_fall_as_the_group_rate_grows() -> None:
 
 def test_l1_of_a_group_is_the_sum_of_member_row_norms() -> None:
     m = _model()
-    l1 = get_criterion("l1").score(m, m.prunable_units(), None)
+    l1 = get_criterion("l1").score(m, oracles.units_of(m), None)
     for g in _groups(m):
         rows = [m.get_submodule(c).weight.detach().flatten(1).abs().sum(1) for c in g.convs]
         torch.testing.assert_close(l1[g.name], torch.stack(rows).sum(0), rtol=1e-6, atol=0)
@@ -253,7 +253,7 @@ def test_example_rate_files(path: Path) -> None:
     full = get_model(NAME)
     spec = load_rates(path, list(_widths(full)), model_name=NAME)
     assert set(spec.rates) == set(_widths(full)) and any(spec.rates[g] > 0 for g in GROUPS)
-    plan = make_plan(get_criterion("l1").score(full, full.prunable_units(), None), spec, _widths(full))
+    plan = make_plan(get_criterion("l1").score(full, oracles.units_of(full), None), spec, _widths(full))
     cfg = oracles.pruned_cfg(full, plan)
     assert get_model(NAME, cfg=cfg).cfg == cfg
     assert all(cfg[i] < full.cfg[i] for g in _groups(full) if spec.rates[g.name] > 0 for i in g.cfg_index)

@@ -52,7 +52,7 @@ def _model(name: str, seed: int = 0, num_classes: int = 10) -> nn.Module:
 def _feeds_ignored(model: nn.Module) -> set[str]:
     """Units whose channels an ignored layer (the classifier) reads."""
     names = {m: n for n, m in model.named_modules()}
-    slots = model.channel_map()
+    slots = oracles.channel_map_of(model)
     out: set[str] = set()
     for layer in model.ignored_layers():
         slot = slots.get(f"{names[layer]}.weight")
@@ -80,7 +80,7 @@ def test_forward_shape(name: str) -> None:
 def test_metadata_is_consistent(name: str) -> None:
     """Units, cfg positions, channel_map slots and tensor shapes agree with each other."""
     m = get_model(name, cfg=list(_tiny_cfg(name)))
-    units = m.prunable_units()
+    units = oracles.units_of(m)
     widths = _widths(m)
     assert len(widths) == len(units)
     modules = dict(m.named_modules())
@@ -92,7 +92,7 @@ def test_metadata_is_consistent(name: str) -> None:
         assert all(modules[b].num_features == u.width for b in u.bns)
         assert all(isinstance(modules[p], (nn.ReLU, nn.ReLU6)) for p in u.rank_points)
     state = m.state_dict()
-    for key, slot in m.channel_map().items():
+    for key, slot in oracles.channel_map_of(m).items():
         t = state[key]
         if slot.out is not None:
             assert t.shape[0] == widths[slot.out], key
@@ -127,7 +127,7 @@ def test_mobilenet_v2_residual_outputs_must_be_tied() -> None:
 def test_rate_zero_gives_identical_logits(name: str) -> None:
     m = _model(name)
     x = _x(m)
-    plan = make_plan(get_criterion("l1").score(m, m.prunable_units(), None),
+    plan = make_plan(get_criterion("l1").score(m, oracles.units_of(m), None),
                      RateSpec(rates={u: 0.0 for u in _widths(m)}), _widths(m))
     assert plan.keep == {}
     for method in surgery.METHODS:
@@ -139,9 +139,9 @@ def test_rate_zero_gives_identical_logits(name: str) -> None:
 def _kill(model: nn.Module, dead: dict[str, list[int]]) -> None:
     """Make channels dead: BN γ=β=0 on every BN that follows the unit (producer and depthwise);
     for units without BN (SqueezeNet), zero the producing conv's weight and bias rows."""
-    units = {u.name: u for u in model.prunable_units()}
+    units = {u.name: u for u in oracles.units_of(model)}
     with torch.no_grad():
-        for key, slot in model.channel_map().items():
+        for key, slot in oracles.channel_map_of(model).items():
             if slot.out not in dead:
                 continue
             mod_name, attr = key.rsplit(".", 1)
@@ -176,7 +176,7 @@ def test_torch_pruning_matches_rebuild(name: str) -> None:
     _assert_same_state(a, b)
     assert a.cfg == b.cfg != m.cfg
     assert torch.equal(_logits(a, x), _logits(b, x))
-    for u in m.prunable_units():
+    for u in oracles.units_of(m):
         rate = 1 - len(plan.kept(u.name)) / u.width
         for c in u.convs:
             assert a.get_submodule(c).cp_rate == pytest.approx(rate) == b.get_submodule(c).cp_rate
@@ -224,7 +224,7 @@ def test_classifier_width_unchanged(name: str) -> None:
 @pytest.mark.parametrize("name", CIFAR)
 def test_counts_fall_as_rates_grow(name: str) -> None:
     m = _model(name)
-    l1 = get_criterion("l1").score(m, m.prunable_units(), None)
+    l1 = get_criterion("l1").score(m, oracles.units_of(m), None)
     counts = []
     for rate in (0.0, 0.3, 0.6):
         plan = make_plan(l1, RateSpec(rates={u: rate for u in _widths(m)}), _widths(m))
@@ -244,7 +244,7 @@ def test_hrank_scores_every_unit_at_activations(name: str) -> None:
     ranks = s.for_criterion("hrank")
     assert set(ranks) == set(_widths(m))
     modules = dict(m.named_modules())
-    for u in m.prunable_units():
+    for u in oracles.units_of(m):
         assert ranks[u.name].shape == (u.width,) and torch.isfinite(ranks[u.name]).all()
         assert s.tiebreak[u.name].shape == (u.width,)
         # Rank points are activations (ReLU/ReLU6): never a linear-bottleneck (BN, no activation) output.
@@ -281,8 +281,8 @@ def test_hrank_of_a_dead_channel_is_zero_and_of_a_live_one_is_bounded_by_the_map
 
 def test_mobilenet_v2_never_ranks_linear_bottlenecks() -> None:
     m = get_model("mobilenet_v2", cfg=list(_tiny_cfg("mobilenet_v2")))
-    points = {p for u in m.prunable_units() for p in u.rank_points}
-    convs = {c for u in m.prunable_units() for c in u.convs}
+    points = {p for u in oracles.units_of(m) for p in u.rank_points}
+    convs = {c for u in oracles.units_of(m) for c in u.convs}
     for i in range(1, 18):
         block = m.features[i].conv
         project_bn, project = f"features.{i}.conv.{len(block) - 1}", f"features.{i}.conv.{len(block) - 2}"
@@ -328,6 +328,43 @@ def test_example_rate_files(path: Path) -> None:
     spec = load_rates(path, list(_widths(m)), model_name=arch)
     assert set(spec.rates) == set(_widths(m)) and any(r > 0 for r in spec.rates.values())
     full = get_model(arch)
-    plan = make_plan(get_criterion("l1").score(full, full.prunable_units(), None), spec, _widths(full))
+    plan = make_plan(get_criterion("l1").score(full, oracles.units_of(full), None), spec, _widths(full))
     cfg = oracles.pruned_cfg(full, plan)
     assert get_model(arch, cfg=cfg).cfg == cfg
+
+
+# --------------------------------------------------------------------------- HRank bookkeeping (models.hrank)
+
+@pytest.mark.parametrize("name", ["vgg16_bn", "vgg16_bn_imagenet", "mobilenet_v2_res"] + CIFAR + IMAGENET)
+def test_hrank_bookkeeping_from_names_equals_the_hand_descriptions(name: str) -> None:
+    """The cfg positions, compat rank points and group members the library derives from module names are
+    exactly the oracle's hand-written ones; so are the cfg and cp_rate it writes for a random plan."""
+    from compressor.models import hrank
+
+    m = get_model(name)
+    hand = {u.name: u for u in oracles.units_of(m)}
+    notes = m.unit_annotations()
+    assert notes.keys() == hand.keys()
+    assert {u: n["cfg_index"] for u, n in notes.items()} == {u: h.cfg_index for u, h in hand.items()}
+    assert {u: n.get("compat_rank_points") for u, n in notes.items()} == {u: h.compat_rank_points for u, h in hand.items()}
+    assert hrank.unit_convs(m) == {u: h.convs for u, h in hand.items()}
+    plan = _random_plan(m, 0.4, 1)
+    assert hrank.pruned_cfg(m, {u: len(plan.kept(u)) for u in plan.widths}) == oracles.pruned_cfg(m, plan)
+    ref = get_model(name)
+    hrank.set_cp_rates(m, hrank.rates_of_plan(plan))
+    oracles.set_cp_rates(ref, plan)
+    rates = {n: c.cp_rate for n, c in m.named_modules() if hasattr(c, "cp_rate")}
+    assert rates == {n: c.cp_rate for n, c in ref.named_modules() if hasattr(c, "cp_rate")} and any(rates.values())
+    assert hrank.rates_of_plan(plan.to_json()) == pytest.approx(hrank.rates_of_plan(plan))
+
+
+@pytest.mark.parametrize("name", ["vgg16_bn", "vgg16_bn_imagenet"] + CIFAR)
+def test_cfg_is_read_off_a_pruned_state_dict(name: str) -> None:
+    from compressor.models import hrank
+
+    m = get_model(name)
+    cfg = oracles.pruned_cfg(m, _random_plan(m, 0.4, 0))
+    assert cfg != m.cfg
+    with torch.device("meta"):
+        small = get_model(name, cfg=cfg)
+    assert hrank.cfg_from_state_dict(m, small.state_dict()) == cfg

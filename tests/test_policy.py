@@ -27,7 +27,7 @@ def widths(m) -> dict[str, int]:
 
 
 def random_scores(m, seed: int = 0) -> dict[str, torch.Tensor]:
-    if hasattr(m, "prunable_units"):
+    if oracles.described(m):
         return criteria.get("random", seed=seed).score(m, units_of(m), None)
     g = torch.Generator().manual_seed(seed)
     return {u: torch.rand(w, generator=g) for u, w in widths(m).items()}

@@ -91,9 +91,9 @@ def _tiny_vgg() -> nn.Module:
 def _half_plan(model: nn.Module, seed: int = 0) -> Plan:
     g = torch.Generator().manual_seed(seed)
     keep = {}
-    for u in model.prunable_units():
+    for u in oracles.units_of(model):
         keep[u.name] = tuple(sorted(torch.randperm(u.width, generator=g)[: max(1, u.width // 2)].tolist()))
-    return Plan(keep=keep, widths={u.name: u.width for u in model.prunable_units()})
+    return Plan(keep=keep, widths={u.name: u.width for u in oracles.units_of(model)})
 
 
 def _cifar_batches(n: int = 3, b: int = 8) -> list[torch.Tensor]:

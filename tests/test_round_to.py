@@ -15,11 +15,11 @@ from compressor.pruning.rates import RateSpec, load_rates, resolve_rates, round_
 
 
 def widths(m) -> dict[str, int]:
-    return {u.name: u.width for u in m.prunable_units()}
+    return {u.name: u.width for u in oracles.units_of(m)}
 
 
 def scores(m, seed: int = 0) -> dict[str, torch.Tensor]:
-    return criteria.get("random", seed=seed).score(m, m.prunable_units(), None)
+    return criteria.get("random", seed=seed).score(m, oracles.units_of(m), None)
 
 
 def assert_rounded(counts: dict[str, int], w: dict[str, int], n: int) -> None:
@@ -80,7 +80,7 @@ def test_budgets_meet_the_target_with_rounded_widths(pol, target):
 def test_residual_group_units_are_rounded_and_rebuild(pol):
     m = get_model("mobilenet_v2_res")
     w = widths(m)
-    groups = [u.name for u in m.prunable_units() if len(u.convs) > 1]
+    groups = [u.name for u in oracles.units_of(m) if len(u.convs) > 1]
     assert groups  # the residual stages are single units
     sc = scores(m)
     spec = RateSpec(rates={u: 0.0 for u in w}, target={"macs": 0.5}, extra={"policy": pol}, round_to=8)
@@ -90,7 +90,7 @@ def test_residual_group_units_are_rounded_and_rebuild(pol):
     assert any(counts[g] < w[g] for g in groups)
     small = oracles.rebuild(m, make_plan(sc, out, w, model="mobilenet_v2_res"))
     assert widths(small) == counts  # every conv of a group has the group's rounded width
-    for u in small.prunable_units():
+    for u in oracles.units_of(small):
         for conv in u.convs:
             assert small.get_submodule(conv).out_channels == counts[u.name]
 

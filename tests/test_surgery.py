@@ -17,7 +17,7 @@ from compressor.pruning.rates import RateSpec, resolve_rates
 
 
 def widths(m):
-    return {u.name: u.width for u in m.prunable_units()}
+    return {u.name: u.width for u in oracles.units_of(m)}
 
 
 def random_plan(m, rate: float, seed: int = 0) -> Plan:
@@ -36,7 +36,7 @@ def test_rate_zero_gives_identical_logits(tiny_vgg):
 def test_dead_channels_prune_to_identical_logits(tiny_vgg):
     m = tiny_vgg
     plan_keep, g = {}, torch.Generator().manual_seed(1)
-    for u in m.prunable_units():
+    for u in oracles.units_of(m):
         dead = torch.randperm(u.width, generator=g)[: u.width // 2]
         bn = m.get_submodule(u.bns[0])
         bn.weight.data[dead] = 0.0

@@ -42,14 +42,14 @@ def job(base, out, budgets=(("macs", 0.6), ("macs", 0.3)), **kw):
 
 def random_scores(model):
     g = torch.Generator().manual_seed(0)
-    return Scores(scores={"l1": {u.name: torch.rand(u.width, generator=g) for u in model.prunable_units()}})
+    return Scores(scores={"l1": {u.name: torch.rand(u.width, generator=g) for u in oracles.units_of(model)}})
 
 
 def test_budget_becomes_exact_rates():
     """The policy's figures agree with an independent count of the plan's pruned cfg."""
     model = get_model("vgg16_bn", cfg=list(NARROW))
     sc = random_scores(model)
-    widths = {u.name: u.width for u in model.prunable_units()}
+    widths = {u.name: u.width for u in oracles.units_of(model)}
     base = counting.count(model)
     with one_thread():
         for key, keep, policy in (("macs", 0.6, "local"), ("params", 0.3, "local"), ("macs", 0.4, "global")):

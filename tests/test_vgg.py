@@ -7,6 +7,7 @@ import torch
 
 from compressor.errors import UserError
 from compressor.models import get_model, list_models
+from tests import oracles
 from tests.conftest import TINY_VGG, VGG_BASELINE, needs_vgg_baseline
 
 # HRank's vgg.py: relucfg/convcfg (12 entries: conv 13 is not ranked there).
@@ -41,7 +42,7 @@ def test_index_lists_derived_from_names():
     # our default rank points are the ReLUs; HRank's positions 6, 13, 23, 33 are MaxPools
     assert all(isinstance(feats[i], torch.nn.ReLU) for i in m.relucfg)
     assert [i for i in HRANK_RELUCFG if isinstance(feats[i], torch.nn.MaxPool2d)] == [6, 13, 23, 33]
-    assert len(m.prunable_units()) == 13
+    assert len(oracles.units_of(m)) == 13
 
 
 def test_every_conv_has_cp_rate_and_bias():

@@ -24,7 +24,6 @@ from torch import nn
 
 from compressor.errors import UserError
 from compressor.models._registry import register_model
-from compressor.models._spec import Described, bn_slots, PrunableUnit, Slot
 
 CFG: list[int] = [32, 64, 128, 128, 256, 256, 512, 512, 512, 512, 512, 512, 1024, 1024]
 #: Stride of each depthwise conv (blocks 1..13).
@@ -58,7 +57,7 @@ def _conv_dw(inp: int, oup: int, stride: int) -> nn.Sequential:
     ))
 
 
-class MobileNetV1(Described, nn.Module):
+class MobileNetV1(nn.Module):
     """MobileNet v1; ``stem_stride`` is 1 for CIFAR and 2 for ImageNet."""
     #: quick-baseline training (prune without --checkpoint), measured on digits: ~97% in 6 epochs
 
@@ -83,40 +82,20 @@ class MobileNetV1(Described, nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc(torch.flatten(self.pool(self.features(x)), 1))
 
-    def prunable_units(self) -> list[PrunableUnit]:
-        units = [PrunableUnit(name="features.conv_bn.conv", convs=("features.conv_bn.conv",),
-                              bns=("features.conv_bn.bn",), rank_points=("features.conv_bn.relu",),
-                              cfg_index=(0,), width=self.cfg[0])]
-        for i in range(1, len(self.cfg)):
-            b = f"features.conv_dw{i}"
-            units.append(PrunableUnit(name=f"{b}.pw", convs=(f"{b}.pw",), bns=(f"{b}.pw_bn",),
-                                      rank_points=(f"{b}.pw_relu",), cfg_index=(i,), width=self.cfg[i]))
-        return units
-
-    def channel_map(self) -> dict[str, Slot]:
-        slots: dict[str, Slot] = {}
-
-        def bn(prefix: str, unit: str) -> None:
-            slots.update(bn_slots(prefix, unit))
-
-        prev: str | int = 3
-        for i, u in enumerate(self.prunable_units()):
-            if i > 0:  # the depthwise conv before this pointwise conv follows the previous unit
-                b = f"features.conv_dw{i}"
-                slots[f"{b}.dw.weight"] = Slot(out=prev)
-                bn(f"{b}.dw_bn", prev)
-            slots[f"{u.name}.weight"] = Slot(out=u.name, inp=(prev,))
-            bn(u.bns[0], u.name)
-            prev = u.name
-        slots["fc.weight"] = Slot(inp=(prev,))
-        return slots
-
     def ignored_layers(self) -> list[nn.Module]:
         return [self.fc]
 
+    def _pointwise(self) -> list[str]:
+        """The conv whose width is ``cfg[i]``: the stem, then each block's pointwise conv."""
+        return ["features.conv_bn.conv"] + [f"features.conv_dw{i}.pw" for i in range(1, len(self.cfg))]
+
+    def unit_annotations(self) -> dict[str, dict]:
+        """The cfg position of each unit's width, from the module names."""
+        return {name: {"cfg_index": (i,)} for i, name in enumerate(self._pointwise())}
+
     def cfg_from_state_dict(self, sd: Mapping[str, torch.Tensor]) -> list[int]:
         """The cfg of a (possibly pruned) state_dict in this layout, read off its weight shapes."""
-        return [int(sd[f"{u.convs[0]}.weight"].shape[0]) for u in self.prunable_units()]
+        return [int(sd[f"{name}.weight"].shape[0]) for name in self._pointwise()]
 
 
 def hrankplus_state_dict(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -70,7 +70,6 @@ from torch import nn
 
 from compressor.errors import UserError
 from compressor.models._registry import register_model
-from compressor.models._spec import Described, bn_slots, PrunableUnit, Slot
 
 #: (expansion t, output channels c, blocks n, first stride s) per stage, as in the paper.
 SETTING: tuple[tuple[int, int, int, int], ...] = (
@@ -151,7 +150,7 @@ class InvertedResidual(nn.Module):
         return x + self.conv(x) if self.use_res_connect else self.conv(x)
 
 
-class MobileNetV2(Described, nn.Module):
+class MobileNetV2(nn.Module):
     #: quick-baseline training (prune without --checkpoint)
     def __init__(self, num_classes: int, cfg: list | None, cifar: bool, input_size: int, dropout: float = 0.2,
                  residual_groups: bool = False) -> None:
@@ -200,57 +199,26 @@ class MobileNetV2(Described, nn.Module):
         first = next(f for f in self._blocks if f["stage"] == b["stage"])
         return _project(first)[0]
 
-    def prunable_units(self) -> list[PrunableUnit]:
-        units = [PrunableUnit(name="features.0.0", convs=("features.0.0",), bns=("features.0.1",),
-                              rank_points=("features.0.2",), cfg_index=(0,), width=self.cfg[0])]
-        for b in self._blocks:
-            if b["t"] != 1:
-                p = f"features.{b['index']}.conv.0"
-                units.append(PrunableUnit(name=f"{p}.0", convs=(f"{p}.0",), bns=(f"{p}.1",), rank_points=(f"{p}.2",),
-                                          cfg_index=(b["hid"],), width=self.cfg[b["hid"]]))
-            group = self._group(b)
-            if group is not None and not b["residual"]:  # the stage's first block: one unit for the stage
-                members = [m for m in self._blocks if m["stage"] == b["stage"]]
-                convs, bns = zip(*(_project(m) for m in members))
-                units.append(PrunableUnit(name=group, convs=convs, bns=bns,
-                                          rank_points=tuple(f"features.{m['index']}" for m in members),
-                                          cfg_index=tuple(m["out"] for m in members), width=self.cfg[b["out"]]))
-        n = len(self._blocks) + 1
-        units.append(PrunableUnit(name=f"features.{n}.0", convs=(f"features.{n}.0",), bns=(f"features.{n}.1",),
-                                  rank_points=(f"features.{n}.2",), cfg_index=(LAST_INDEX,),
-                                  width=self.cfg[LAST_INDEX]))
-        return units
-
-    def channel_map(self) -> dict[str, Slot]:
-        slots: dict[str, Slot] = {}
-
-        def conv_bn(prefix: str, unit: str, inp: tuple = ()) -> None:
-            slots[f"{prefix}.0.weight"] = Slot(out=unit, inp=inp)
-            slots.update(bn_slots(f"{prefix}.1", unit))
-
-        conv_bn("features.0", "features.0.0")
-        feed: tuple = ()  # the unit the current block's input follows, if pruned (a residual group)
-        for b in self._blocks:
-            p = f"features.{b['index']}.conv"
-            if b["t"] == 1:  # depthwise + project follow the block input (the stem)
-                unit, dw = "features.0.0", f"{p}.0"
-            else:
-                unit, dw = f"{p}.0.0", f"{p}.1"
-                conv_bn(f"{p}.0", unit, inp=feed)
-            conv_bn(dw, unit)
-            group = self._group(b)
-            proj, proj_bn = _project(b)
-            slots[f"{proj}.weight"] = Slot(out=group, inp=(unit,))
-            if group is not None:
-                slots.update(bn_slots(proj_bn, group))
-            feed = (group,) if group is not None else ()
-        n = len(self._blocks) + 1
-        conv_bn(f"features.{n}", f"features.{n}.0", inp=feed)
-        slots["classifier.1.weight"] = Slot(inp=(f"features.{n}.0",))
-        return slots
-
     def ignored_layers(self) -> list[nn.Module]:
         return [self.classifier[1]]
+
+    def group_members(self) -> dict[str, tuple[str, ...]]:
+        """Each residual group's convs: the project conv of every block in its stage."""
+        return {self._group(b): tuple(_project(m)[0] for m in self._blocks if m["stage"] == b["stage"])
+                for b in self._blocks if self._group(b) is not None and not b["residual"]}
+
+    def unit_annotations(self) -> dict[str, dict]:
+        """The cfg positions of each unit's width, from the module names: the stem's, each expand conv's
+        (``hid``), each residual group's (the ``out`` of every block in the stage) and the last conv's."""
+        notes = {"features.0.0": {"cfg_index": (0,)}}
+        for b in self._blocks:
+            if b["t"] != 1:
+                notes[f"features.{b['index']}.conv.0.0"] = {"cfg_index": (b["hid"],)}
+            group = self._group(b)
+            if group is not None and not b["residual"]:
+                notes[group] = {"cfg_index": tuple(m["out"] for m in self._blocks if m["stage"] == b["stage"])}
+        notes[f"features.{len(self._blocks) + 1}.0"] = {"cfg_index": (LAST_INDEX,)}
+        return notes
 
     def cfg_from_state_dict(self, sd: Mapping[str, torch.Tensor]) -> list[int]:
         """The cfg of a (possibly pruned, also at block outputs) state_dict, read off its weight shapes."""

@@ -29,7 +29,6 @@ from torch import nn
 
 from compressor.errors import UserError
 from compressor.models._registry import register_model
-from compressor.models._spec import Described, PrunableUnit, Slot
 
 FIRES: tuple[tuple[int, int, int], ...] = (
     (16, 64, 64), (16, 64, 64), (32, 128, 128), (32, 128, 128),
@@ -70,7 +69,7 @@ class Fire(nn.Module):
                           self.expand3x3_activation(self.expand3x3(x))], 1)
 
 
-class SqueezeNet(Described, nn.Module):
+class SqueezeNet(nn.Module):
     #: quick-baseline training (prune without --checkpoint): no BN, so a lower lr and a warm-up
     def __init__(self, version: str, num_classes: int, cfg: list | None, cifar: bool, input_size: int,
                  dropout: float = 0.5) -> None:
@@ -113,36 +112,21 @@ class SqueezeNet(Described, nn.Module):
     def _fire_positions(self) -> list[int]:
         return [i for i, m in enumerate(self.features) if isinstance(m, Fire)]
 
-    def prunable_units(self) -> list[PrunableUnit]:
-        units = [PrunableUnit(name="features.0", convs=("features.0",), bns=(), rank_points=("features.1",),
-                              cfg_index=(0,), width=self.cfg[0])]
-        for f, pos in enumerate(self._fire_positions()):
-            for j, conv in enumerate(("squeeze", "expand1x1", "expand3x3")):
-                name = f"features.{pos}.{conv}"
-                units.append(PrunableUnit(name=name, convs=(name,), bns=(), rank_points=(f"{name}_activation",),
-                                          cfg_index=(1 + 3 * f + j,), width=self.cfg[1 + 3 * f + j]))
-        return units
-
-    def channel_map(self) -> dict[str, Slot]:
-        slots = {"features.0.weight": Slot(out="features.0", inp=(3,)), "features.0.bias": Slot(out="features.0")}
-        prev: tuple[str, ...] = ("features.0",)
-        for pos in self._fire_positions():
-            p = f"features.{pos}"
-            slots[f"{p}.squeeze.weight"] = Slot(out=f"{p}.squeeze", inp=prev)
-            slots[f"{p}.squeeze.bias"] = Slot(out=f"{p}.squeeze")
-            for e in ("expand1x1", "expand3x3"):
-                slots[f"{p}.{e}.weight"] = Slot(out=f"{p}.{e}", inp=(f"{p}.squeeze",))
-                slots[f"{p}.{e}.bias"] = Slot(out=f"{p}.{e}")
-            prev = (f"{p}.expand1x1", f"{p}.expand3x3")
-        slots["classifier.1.weight"] = Slot(inp=prev)
-        return slots
-
     def ignored_layers(self) -> list[nn.Module]:
         return [self.classifier[1]]
 
+    def _convs(self) -> list[str]:
+        """The conv whose width is ``cfg[i]``: the stem, then each Fire's squeeze, expand1x1, expand3x3."""
+        return ["features.0"] + [f"features.{pos}.{c}" for pos in self._fire_positions()
+                                 for c in ("squeeze", "expand1x1", "expand3x3")]
+
+    def unit_annotations(self) -> dict[str, dict]:
+        """The cfg position of each unit's width, from the module names."""
+        return {name: {"cfg_index": (i,)} for i, name in enumerate(self._convs())}
+
     def cfg_from_state_dict(self, sd: Mapping[str, torch.Tensor]) -> list[int]:
         """The cfg of a (possibly pruned) state_dict in this layout, read off its weight shapes."""
-        return [int(sd[f"{u.convs[0]}.weight"].shape[0]) for u in self.prunable_units()]
+        return [int(sd[f"{name}.weight"].shape[0]) for name in self._convs()]
 
 
 @register_model("squeezenet1_0")

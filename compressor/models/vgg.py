@@ -15,7 +15,6 @@ from torch import nn
 
 from compressor.errors import UserError
 from compressor.models._registry import register_model
-from compressor.models._spec import Described, bn_slots, PrunableUnit, Slot
 
 CIFAR_CFG: list = [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, 512]
 IMAGENET_CFG: list = [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M"]
@@ -32,7 +31,7 @@ def _check_cfg(cfg: list, reference: list) -> list:
     return cfg
 
 
-class VGGCifar(Described, nn.Module):
+class VGGCifar(nn.Module):
     """HRank's CIFAR VGG16-BN; convs carry ``cp_rate`` (fraction of filters removed)."""
 
     input_size = 32
@@ -74,39 +73,18 @@ class VGGCifar(Described, nn.Module):
         x = self.avgpool(self.features(x))
         return self.classifier(torch.flatten(x, 1))
 
-    def prunable_units(self) -> list[PrunableUnit]:
-        names = [n for n, _ in self.features.named_children()]
-        units = []
-        for pos, (cpos, hpos) in enumerate(zip(self.convcfg, self.hrank_relucfg)):
-            i = int(names[cpos][4:])
-            units.append(
-                PrunableUnit(
-                    name=f"features.conv{i}",
-                    convs=(f"features.conv{i}",),
-                    bns=(f"features.norm{i}",),
-                    rank_points=(f"features.relu{i}",),
-                    cfg_index=(i,),
-                    width=self.cfg[i],
-                    # HRank's relucfg: the seed ranks 12 convs, 4 of them on MaxPool outputs.
-                    compat_rank_points=(f"features.{names[hpos]}",) if pos < 12 else None,
-                )
-            )
-        return units
-
-    def channel_map(self) -> dict[str, Slot]:
-        slots: dict[str, Slot] = {}
-        prev: str | int = 3
-        for u in self.prunable_units():
-            i = u.name.split("conv")[-1]
-            slots[f"features.conv{i}.weight"] = Slot(out=u.name, inp=(prev,))
-            slots[f"features.conv{i}.bias"] = Slot(out=u.name)
-            slots.update(bn_slots(f"features.norm{i}", u.name))
-            prev = u.name
-        slots["classifier.linear1.weight"] = Slot(inp=(prev,))
-        return slots
-
     def ignored_layers(self) -> list[nn.Module]:
         return [self.classifier.linear2]
+
+    def unit_annotations(self) -> dict[str, dict]:
+        """HRank's bookkeeping per unit, from module names: the cfg position of ``features.conv{i}``'s
+        width is ``i``; HRank's original rank point (``--hrank-compat``) is its ``relucfg`` entry, a
+        MaxPool output for 4 of the 12 convs it ranks (conv 13 is not ranked there)."""
+        names = [n for n, _ in self.features.named_children()]
+        convs = [i for i, x in enumerate(self.cfg[:-1]) if x != "M"]
+        return {f"features.conv{i}": {"cfg_index": (i,),
+                                      "compat_rank_points": (f"features.{names[h]}",) if k < 12 else None}
+                for k, (i, h) in enumerate(zip(convs, self.hrank_relucfg))}
 
     def cfg_from_state_dict(self, sd: dict[str, torch.Tensor]) -> list:
         """The cfg of a (possibly pruned) HRank state_dict, read off its weight shapes."""
@@ -114,7 +92,7 @@ class VGGCifar(Described, nn.Module):
         return cfg + [int(sd["classifier.linear1.weight"].shape[0])]
 
 
-class VGGImageNet(Described, nn.Module):
+class VGGImageNet(nn.Module):
     """torchvision's ``vgg16_bn`` layout (keys ``features.N``, ``classifier.N``) for 224×224."""
 
     input_size = 224
@@ -145,33 +123,30 @@ class VGGImageNet(Described, nn.Module):
         x = self.avgpool(self.features(x))
         return self.classifier(torch.flatten(x, 1))
 
-    def prunable_units(self) -> list[PrunableUnit]:
-        units, pos = [], 0
+    def ignored_layers(self) -> list[nn.Module]:
+        return [self.classifier[6]]
+
+    def _conv_positions(self) -> list[tuple[int, int]]:
+        """(cfg position, index in ``features``) of each conv: conv, BN, ReLU per width, one pool per 'M'."""
+        out, pos = [], 0
         for ci, x in enumerate(self.cfg):
             if x == "M":
                 pos += 1
-                continue
-            units.append(PrunableUnit(
-                name=f"features.{pos}", convs=(f"features.{pos}",), bns=(f"features.{pos + 1}",),
-                rank_points=(f"features.{pos + 2}",), cfg_index=(ci,), width=x,
-            ))
-            pos += 3
-        return units
+            else:
+                out.append((ci, pos))
+                pos += 3
+        return out
 
-    def channel_map(self) -> dict[str, Slot]:
-        slots: dict[str, Slot] = {}
-        prev: str | int = 3
-        for u in self.prunable_units():
-            bn = u.bns[0]
-            slots[f"{u.name}.weight"] = Slot(out=u.name, inp=(prev,))
-            slots[f"{u.name}.bias"] = Slot(out=u.name)
-            slots.update(bn_slots(bn, u.name))
-            prev = u.name
-        slots["classifier.0.weight"] = Slot(inp=(prev,), repeat=49)
-        return slots
+    def unit_annotations(self) -> dict[str, dict]:
+        """The cfg position of each conv's width, from its index in ``features``."""
+        return {f"features.{pos}": {"cfg_index": (ci,)} for ci, pos in self._conv_positions()}
 
-    def ignored_layers(self) -> list[nn.Module]:
-        return [self.classifier[6]]
+    def cfg_from_state_dict(self, sd: dict[str, torch.Tensor]) -> list:
+        """The cfg of a (possibly pruned) state_dict in this layout, read off its weight shapes."""
+        cfg = list(self.cfg)
+        for ci, pos in self._conv_positions():
+            cfg[ci] = int(sd[f"features.{pos}.weight"].shape[0])
+        return cfg
 
 
 @register_model("vgg16_bn")

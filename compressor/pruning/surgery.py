@@ -18,19 +18,11 @@ import torch_pruning as tp
 from torch import nn
 
 from compressor.errors import UserError
-from compressor.models._spec import cfg_with_widths, set_cp_rates
+from compressor.models import hrank
 from compressor.pruning.plan import Plan
 from compressor.pruning import graph
 
 METHODS = ("torch_pruning",)
-
-
-def pruned_cfg(model: nn.Module, plan: Plan) -> list:
-    return cfg_with_widths(model, {u: len(plan.kept(u)) for u in plan.widths})
-
-
-def _set_cp_rates(model: nn.Module, plan: Plan) -> None:
-    set_cp_rates(model, {u: 1.0 - len(plan.kept(u)) / w for u, w in plan.widths.items()})
 
 
 def _drop(unit_width: int, keep: tuple[int, ...]) -> list[int]:
@@ -82,9 +74,9 @@ def cut(model: nn.Module, plan: Plan) -> tuple[nn.Module, dict[str, list[int]]]:
                                 f"({names[target]})", field=name)
             masks.setdefault(names[target], []).extend(int(i) for i in item.idxs)
         group.prune()
-    if hasattr(m, "unit_annotations"):  # registered families keep HRank's cfg / cp_rate in step
-        m.cfg = pruned_cfg(model, plan)
-        _set_cp_rates(m, plan)
+    if hrank.annotated(m):  # HRank's families keep their cfg and cp_rate in step
+        m.cfg = hrank.pruned_cfg(model, {u: len(plan.kept(u)) for u in plan.widths})
+        hrank.set_cp_rates(m, hrank.rates_of_plan(plan))
     return m.train(was_training), masks
 
 

@@ -33,7 +33,7 @@ from compressor.storage import io
 from compressor.errors import UserError
 from compressor.models import get_model, list_models
 from compressor.models import external
-from compressor.models._spec import cfg_with_widths, set_cp_rates
+from compressor.models import hrank
 from compressor.pruning import shapes as shapes_mod
 
 CKPT_FORMAT = "compressor.storage.checkpoint"
@@ -258,13 +258,11 @@ def _classes_in(model_name: str, sd: Mapping[str, torch.Tensor]) -> int:
 
 
 def _infer_cfg(model_name: str, num_classes: int, sd: Mapping[str, torch.Tensor], src: str) -> list:
-    """Read widths off the weights: the model's own ``cfg_from_state_dict`` or the units' convs."""
+    """Read an HRank family's cfg widths off the weights (``models.hrank``)."""
     with torch.device("meta"):  # structure only: no weights are allocated
         base = get_model(model_name, num_classes=num_classes)
     try:
-        if hasattr(base, "cfg_from_state_dict"):
-            return base.cfg_from_state_dict(sd)
-        return cfg_with_widths(base, {u.name: sd[f"{u.convs[0]}.weight"].shape[0] for u in base.prunable_units()})
+        return hrank.cfg_from_state_dict(base, sd)
     except KeyError as exc:
         raise UserError(f"has no {exc.args[0]!r}: not a {model_name} state_dict", source=src, field="state_dict") from exc
 
@@ -422,8 +420,7 @@ def _infer_widths(arch: str, ncls: int, sd: Mapping[str, torch.Tensor], src: str
 
 
 def _restore_cp_rates(net: nn.Module, plan: Mapping | None) -> None:
-    units = (plan or {}).get("units", {})
-    set_cp_rates(net, {u: 1.0 - len(v["keep"]) / v["width"] for u, v in units.items()})
+    hrank.set_cp_rates(net, hrank.rates_of_plan(plan or {}))
 
 
 def load_into(path: str | Path, module: nn.Module, *, strict_finite: bool = False) -> tuple[nn.Module, dict[str, Any]]:
