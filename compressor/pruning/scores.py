@@ -63,35 +63,159 @@ class Scores:
 
     @classmethod
     def load(cls, path: str | Path) -> "Scores":
+        """Read a scores file (``weights_only``). What it declares is counted and sized before it is
+        used (checkpoint's bounds on values, depth and tensor storage; ``MAX_CRITERIA`` criteria,
+        ``MAX_UNITS`` units, one finite real score per channel): any failure is one line naming the field."""
+        from compressor.storage.checkpoint import _check_structure, _check_zip_size
+
         src = str(path)
-        if not Path(path).is_file():
+        p = Path(path)
+        if not p.is_file():
             raise UserError("scores file not found", source=src)
+        if p.stat().st_size == 0:
+            raise UserError("scores file is empty", source=src)
+        _check_zip_size(p, src)
         try:
-            doc = torch.load(path, map_location="cpu", weights_only=True)
+            doc = torch.load(p, map_location="cpu", weights_only=True)
         except Exception as exc:  # noqa: BLE001 - any unreadable file is the user's input
             raise UserError(f"not a readable scores file ({type(exc).__name__})", source=src) from exc
         if not isinstance(doc, dict) or doc.get("format") != SCORES_FORMAT:
             raise UserError(f"not a compressor scores file (format must be {SCORES_FORMAT!r})", source=src, field="format")
-        return cls(scores=doc["scores"], tiebreak=doc.get("tiebreak", {}), meta=doc.get("meta", {}))
+        _check_structure(doc, src)
+        version = doc.get("version")
+        if not isinstance(version, int) or isinstance(version, bool) or not 1 <= version <= SCORES_VERSION:
+            raise UserError(f"must be an integer in [1, {SCORES_VERSION}] (a newer compressor's file?), got "
+                            f"{short(version)}", source=src, field="version")
+        if "scores" not in doc:
+            raise UserError("missing: a scores file maps criterion -> unit -> one score per channel", source=src,
+                            field="scores")
+        tiebreak = doc.get("tiebreak", {})
+        meta = doc.get("meta", {})
+        sc = cls(scores=doc["scores"], tiebreak={} if tiebreak is None else tiebreak, meta={} if meta is None else meta)
+        sc.validate(src)
+        return sc
+
+    def validate(self, source: str = "<scores>") -> None:
+        """The shape of a scores document: criteria -> units -> 1-D finite real tensors, a tie-break of
+        the same form and widths, a meta mapping. One line naming the field for the first thing wrong."""
+        if not isinstance(self.scores, dict):
+            raise UserError(f"must be a mapping of criterion -> {{unit: tensor}}, got {type(self.scores).__name__}",
+                            source=source, field="scores")
+        if not self.scores:
+            raise UserError("holds no criteria", source=source, field="scores")
+        if len(self.scores) > MAX_CRITERIA:
+            raise UserError(f"holds {len(self.scores):,} criteria; at most {MAX_CRITERIA} are read", source=source,
+                            field="scores")
+        for crit, per_unit in self.scores.items():
+            if not isinstance(crit, str):
+                raise UserError(f"a criterion name must be a string, got {short(crit)}", source=source, field="scores")
+            _check_unit_table(per_unit, source, f"scores.{crit}")
+        if not isinstance(self.tiebreak, dict):
+            raise UserError(f"must be a mapping of unit -> tensor, got {type(self.tiebreak).__name__}", source=source,
+                            field="tiebreak")
+        if self.tiebreak:
+            _check_unit_table(self.tiebreak, source, "tiebreak")
+            for crit, per_unit in self.scores.items():
+                for unit, t in self.tiebreak.items():
+                    if unit in per_unit and per_unit[unit].numel() != t.numel():
+                        raise UserError(f"has {t.numel()} values, scores.{crit}.{unit} has {per_unit[unit].numel()}",
+                                        source=source, field=f"tiebreak.{unit}")
+        if not isinstance(self.meta, dict):
+            raise UserError(f"must be a mapping, got {type(self.meta).__name__}", source=source, field="meta")
+        for key in ("model", "model_checksum", "rank_points", "imported_from"):
+            value = self.meta.get(key)
+            if value is not None and not (isinstance(value, str) and len(value) <= 4096):
+                raise UserError(f"must be a string, got {short(value)}", source=source, field=f"meta.{key}")
 
     def check_model(self, model: nn.Module, source: str = "<scores>") -> None:
-        """Refuse scores made for another architecture, cfg or checkpoint (weights checksum)."""
+        """Refuse scores made for another architecture, cfg or checkpoint (weights checksum), and
+        scores that leave out one of the model's units or tie-break channels it does not have.
+
+        A missing checksum is refused: nothing then says the scores are for these weights. HRank's
+        ``rank_conv{k}.npy`` files carry none; ``import_hrank`` records the checksum of the
+        checkpoint they are imported for, so a run's scores.pt made from them is checked like any other."""
+        self.validate(source)
+        name = getattr(model, "arch", type(model).__name__)
         arch = self.meta.get("model")
-        if arch and arch != model.arch:
-            raise UserError(f"scores are for model {arch!r}, not {model.arch!r}", source=source, field="meta.model")
-        widths = {u.name: u.width for u in units_of(model)}
+        if arch and arch != name:
+            raise UserError(f"scores are for model {arch!r}, not {name!r}", source=source, field="meta.model")
+        found = units_of(model)
+        widths = {u.name: u.width for u in found}
         for crit, per_unit in self.scores.items():
             for unit, t in per_unit.items():
                 if unit not in widths:
-                    raise UserError(f"unit {unit!r} is not in {model.arch}", source=source, field=f"scores.{crit}")
+                    raise UserError(f"unit {unit!r} is not in {name}", source=source, field=f"scores.{crit}")
                 if t.numel() != widths[unit]:
                     raise UserError(f"{unit} has {t.numel()} scores, the model has {widths[unit]} channels",
                                     source=source, field=f"scores.{crit}.{unit}")
+            left_out = [u.name for u in found if u.name not in per_unit and not self._may_skip(u)]
+            if left_out:
+                raise UserError(f"no scores for unit {left_out[0]!r}" + (f" (and {len(left_out) - 1} more)"
+                                                                       if len(left_out) > 1 else "")
+                                + f" of {name}; re-run `rank` on this checkpoint", source=source,
+                                field=f"scores.{crit}")
+        for unit, t in self.tiebreak.items():
+            if unit not in widths or t.numel() != widths[unit]:
+                why = (f"unit {unit!r} is not in {name}" if unit not in widths
+                       else f"{t.numel()} values, the model has {widths[unit]} channels")
+                raise UserError(why, source=source, field=f"tiebreak.{unit}")
         made_on = self.meta.get("model_checksum")
-        here = model_checksum(model) if made_on else None
-        if made_on and made_on != here:
+        if not made_on:
+            raise UserError("missing: nothing says these scores were computed on this checkpoint's weights; re-run "
+                            "`rank` on it (HRank's rank_conv*.npy files import with --import-hrank)", source=source,
+                            field="meta.model_checksum")
+        here = model_checksum(model)
+        if made_on != here:
             raise UserError(f"scores were computed on other weights (checksum {made_on}, this checkpoint {here}); "
                             "re-run `rank` on this checkpoint", source=source, field="meta.model_checksum")
+
+    def _may_skip(self, unit: Any) -> bool:
+        """Units a complete scores file may leave out: those without an HRank rank point in compat
+        mode, and any unit of an HRank import (its folder may hold rank files for some layers only)."""
+        if self.meta.get("imported_from"):
+            return True
+        return self.meta.get("rank_points") == "hrank_compat" and getattr(unit, "compat_rank_points", None) is None
+
+
+MAX_CRITERIA = 32
+MAX_UNITS = 10_000  # a scores file's units per criterion (a ResNet-152: about 150)
+
+
+def short(value: Any, limit: int = 60) -> str:
+    text = repr(value) if not torch.is_tensor(value) else f"a tensor of shape {tuple(value.shape)}"
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def _check_unit_table(table: Any, source: str, field: str) -> None:
+    """``table``: unit name -> one finite real score per channel (a 1-D tensor of at most ``MAX_WIDTH``)."""
+    from compressor.storage.checkpoint import MAX_WIDTH
+
+    if not isinstance(table, dict):
+        raise UserError(f"must be a mapping of unit -> tensor, got {type(table).__name__}", source=source, field=field)
+    if len(table) > MAX_UNITS:
+        raise UserError(f"holds {len(table):,} units; at most {MAX_UNITS:,} are read", source=source, field=field)
+    for unit, t in table.items():
+        if not isinstance(unit, str):
+            raise UserError(f"a unit name must be a string, got {short(unit)}", source=source, field=field)
+        where = f"{field}.{unit[:120]}"
+        if not torch.is_tensor(t):
+            raise UserError(f"must be a tensor of one score per channel, got {type(t).__name__}", source=source,
+                            field=where)
+        if t.ndim != 1 or not 1 <= t.numel() <= MAX_WIDTH:
+            raise UserError(f"must be one score per channel (1-D, 1 to {MAX_WIDTH:,} values), got shape "
+                            f"{tuple(t.shape)}", source=source, field=where)
+        if t.is_complex() or t.dtype == torch.bool or not (t.is_floating_point() or _is_integer(t)):
+            raise UserError(f"scores must be real numbers, got {str(t.dtype).replace('torch.', '')}", source=source,
+                            field=where)
+        bad = (~torch.isfinite(t)).nonzero()
+        if len(bad):
+            i = int(bad[0, 0])
+            raise UserError(f"score {i} is {float(t[i])} ({len(bad)} not finite); scores must be finite numbers",
+                            source=source, field=where)
+
+
+def _is_integer(t: torch.Tensor) -> bool:
+    return t.dtype in (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
 
 
 def compute(
@@ -186,13 +310,35 @@ def import_hrank(folder: str | Path, model: nn.Module) -> Scores:
         p = folder / f"rank_conv{k}.npy"
         if not p.exists():
             continue
-        try:
-            arr = np.load(p, allow_pickle=False)
-        except (ValueError, OSError) as exc:
-            raise UserError(f"not a numpy rank file ({exc})", source=str(p)) from exc
-        if arr.ndim != 1 or arr.shape[0] != u.width:
-            raise UserError(f"has {arr.size} ranks, {u.name} has {u.width} channels", source=str(p))
-        out[u.name] = torch.from_numpy(arr.astype(np.float64)).float()
+        out[u.name] = _read_rank_file(p, u.name, u.width)
     if not out:
         raise UserError("no rank_conv{k}.npy files found", source=str(folder))
-    return Scores(scores={"hrank": out}, meta={"model": model.arch, "imported_from": str(folder)})
+    # HRank's files record no weights: they are bound to the checkpoint they are imported for.
+    return Scores(scores={"hrank": out}, meta={"model": getattr(model, "arch", type(model).__name__),
+                                               "imported_from": str(folder), "model_checksum": model_checksum(model)})
+
+
+def _read_rank_file(path: Path, unit: str, width: int) -> torch.Tensor:
+    """One ``rank_conv{k}.npy``: its header (shape, dtype) is checked before the values are read;
+    the ranks must be ``width`` finite real numbers."""
+    src = str(path)
+    try:
+        with open(path, "rb") as fh:
+            version = np.lib.format.read_magic(fh)
+            header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                      else np.lib.format.read_array_header_2_0)
+            shape, _, dtype = header(fh)
+    except (ValueError, OSError) as exc:
+        raise UserError(f"not a numpy rank file ({str(exc)[:120]})", source=src) from exc
+    if len(shape) != 1 or shape[0] != width:
+        raise UserError(f"has ranks of shape {shape}, {unit} has {width} channels", source=src)
+    if dtype.kind not in "fiu":
+        raise UserError(f"ranks must be real numbers, got dtype {dtype}", source=src)
+    try:
+        arr = np.load(path, allow_pickle=False)
+    except (ValueError, OSError) as exc:
+        raise UserError(f"not a numpy rank file ({str(exc)[:120]})", source=src) from exc
+    t = torch.from_numpy(np.asarray(arr, dtype=np.float64)).float()
+    if not torch.isfinite(t).all():
+        raise UserError(f"holds {int((~torch.isfinite(t)).sum())} NaN/inf ranks; ranks must be finite", source=src)
+    return t
