@@ -65,8 +65,9 @@ def _plan(model: nn.Module, frac: float, seed: int = 1) -> Plan:
     keep = {}
     units = graph.units(model)
     for u in units:
-        k = max(1, int(u.width * (1 - frac)))
-        keep[u.name] = tuple(sorted(torch.randperm(u.width, generator=g)[:k].tolist()))
+        groups = graph.keep_multiple(model, u.name)  # a grouped conv's unit keeps the same number per group
+        k = max(groups, int(u.width * (1 - frac)) // groups * groups)
+        keep[u.name] = graph.balanced_keep(torch.randperm(u.width, generator=g).tolist(), k, u.width, groups)
     return Plan(keep=keep, widths={u.name: u.width for u in units})
 
 
