@@ -7,7 +7,12 @@ masked-model check runs inside). torch-pruning: ``BasePruner`` with L1 magnitude
 classifier ignored, 20 iterative steps up to ratio 0.9, stopped at the first step at or under 50%.
 
     .venv/bin/python benchmarks/prunability.py [--timm] [--torchvision] [--size 64] [--timeout 180]
-                                               [--tools compressor,tp] [--only NAME ...] > table.md
+                                               [--tools compressor,tp] [--only NAME ...] [--match regnet resnext]
+                                               [--no-grouped] [--jsonl rows.jsonl] > table.md
+
+compressor's row also checks the pruned model's forward and output shape, and says whether the MACs
+kept are within 2% of the target (``within 2%``). ``--no-grouped`` sets ``model.prune_grouped = False``
+(grouped-conv units skipped, as before they were pruned by default) to compare.
 """
 
 from __future__ import annotations
@@ -44,12 +49,23 @@ def _build(source: str, name: str, size: int):
     return m
 
 
-def _run_compressor(source: str, name: str, size: int) -> dict:
+TARGET = 0.5
+
+
+def _run_compressor(source: str, name: str, size: int, grouped: bool = True) -> dict:
+    import torch
+
     import compressor
 
     m = _build(source, name, size)
-    _, info = compressor.prune(m, rates={"target": {"macs": 0.5}})
-    return {"macs": info.kept["macs"]}
+    if not grouped:
+        m.prune_grouped = False
+    small, info = compressor.prune(m, rates={"target": {"macs": TARGET}})  # the masked check runs inside
+    with torch.no_grad():
+        out = small.eval()(torch.randn(1, 3, size, size))
+    if tuple(out.shape) != (1, 10):
+        raise RuntimeError(f"output shape {tuple(out.shape)}")
+    return {"macs": info.kept["macs"], "within_2pct": abs(info.kept["macs"] / TARGET - 1) <= 0.02}
 
 
 def _run_tp(source: str, name: str, size: int) -> dict:
@@ -76,7 +92,7 @@ def _run_tp(source: str, name: str, size: int) -> dict:
     return {"macs": macs / base}
 
 
-def _child(tool: str, source: str, name: str, size: int, timeout: float, q: mp.Queue) -> None:
+def _child(tool: str, source: str, name: str, size: int, timeout: float, q: mp.Queue, grouped: bool = True) -> None:
     import os
 
     import torch
@@ -86,7 +102,7 @@ def _child(tool: str, source: str, name: str, size: int, timeout: float, q: mp.Q
     torch.set_num_threads(1)
     t = time.time()
     try:
-        res = (_run_compressor if tool == "compressor" else _run_tp)(source, name, size)
+        res = _run_compressor(source, name, size, grouped) if tool == "compressor" else _run_tp(source, name, size)
         res.update(status="ok")
     except Exception as exc:  # noqa: BLE001 - every failure is a row
         from compressor.errors import UserError
@@ -97,10 +113,10 @@ def _child(tool: str, source: str, name: str, size: int, timeout: float, q: mp.Q
     q.put(res)
 
 
-def run_one(tool: str, source: str, name: str, size: int, timeout: float) -> dict:
+def run_one(tool: str, source: str, name: str, size: int, timeout: float, grouped: bool = True) -> dict:
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
-    p = ctx.Process(target=_child, args=(tool, source, name, size, timeout, q))
+    p = ctx.Process(target=_child, args=(tool, source, name, size, timeout, q, grouped))
     p.start()
     p.join(timeout)
     if p.is_alive():
@@ -121,6 +137,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--timeout", type=float, default=180)
     ap.add_argument("--tools", default="compressor,tp")
     ap.add_argument("--only", nargs="*")
+    ap.add_argument("--match", nargs="*", help="keep models whose name contains one of these")
+    ap.add_argument("--no-grouped", action="store_true", help="compressor with model.prune_grouped = False")
     ap.add_argument("--jsonl")
     a = ap.parse_args(argv)
     models: list[tuple[str, str]] = []
@@ -132,17 +150,20 @@ def main(argv: list[str] | None = None) -> int:
         models += [("timm", n) for n in TIMM_CNNS]
     if a.only:
         models = [(s, n) for s, n in models if n in a.only]
+    if a.match:
+        models = [(s, n) for s, n in models if any(k in n for k in a.match)]
     tools = a.tools.split(",")
     print("| source | model | " + " | ".join(f"{t} status | {t} MACs kept | {t} s" for t in tools)
           + " | compressor reason |")
     print("|" + "---|" * (3 + 3 * len(tools)))
     out = open(a.jsonl, "a") if a.jsonl else None
     for source, name in models:
-        row = {t: run_one(t, source, name, a.size, a.timeout) for t in tools}
+        row = {t: run_one(t, source, name, a.size, a.timeout, not a.no_grouped) for t in tools}
         cells = []
         for t in tools:
             r = row[t]
-            cells += [r["status"], f"{r['macs']:.3f}" if "macs" in r else "", f"{r['s']:.0f}"]
+            miss = " (not within 2%)" if r.get("within_2pct") is False else ""
+            cells += [r["status"] + miss, f"{r['macs']:.3f}" if "macs" in r else "", f"{r['s']:.0f}"]
         why = row.get("compressor", {}).get("why", "").replace("|", "/").replace("\n", " ")
         print(f"| {source} | {name} | " + " | ".join(cells) + f" | {why} |", flush=True)
         if out:
