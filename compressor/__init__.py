@@ -18,9 +18,10 @@ from compressor.api import (Description, ModelRecord, PruneInfo, RecoveryReport,
 from compressor.api_files import (check_criteria, list_criteria, model_recipe, recovery_curves,  # noqa: E402
                                   report)
 from compressor.deploy.latency import LatencyConfig  # noqa: E402
+from compressor.reporting.report import ReportConfig  # noqa: E402
 from compressor.training.train import TrainConfig  # noqa: E402
 
-__all__ = ["Description", "LatencyConfig", "ModelRecord", "PruneInfo", "RecoveryReport", "TrainConfig", "UnitInfo",
-           "build_model", "check_criteria", "count", "describe", "evaluate", "export", "list_criteria", "list_models",
-           "load", "model_recipe", "prune", "rank", "rates_spec", "recover", "recovery_curves", "report", "save",
-           "sensitivity", "__version__"]
+__all__ = ["Description", "LatencyConfig", "ModelRecord", "PruneInfo", "RecoveryReport", "ReportConfig", "TrainConfig",
+           "UnitInfo", "build_model", "check_criteria", "count", "describe", "evaluate", "export", "list_criteria",
+           "list_models", "load", "model_recipe", "prune", "rank", "rates_spec", "recover", "recovery_curves",
+           "report", "save", "sensitivity", "__version__"]

@@ -365,7 +365,7 @@ def test_a_hostile_resolved_config_is_neither_followed_nor_fatal(tmp_path):
     own settings, in bounded time; after the resume it is replaced by the run's options."""
     import warnings
 
-    from compressor.training import train_run
+    from compressor.jobs import train_run
 
     (tmp_path / "resolved_config.yaml").write_text(BOMB)
     t0 = time.perf_counter()

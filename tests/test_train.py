@@ -168,7 +168,7 @@ def test_recipe_is_overridden_by_flags_and_resolved_config_is_saved(tmp_path, ti
     assert {"last.pt", "best.pt", "summary.json"} <= {p.name for p in out.iterdir()}
     assert "test top-1" in capsys.readouterr().out
     # the resolved file is itself a valid recipe
-    from compressor.training import recipe
+    from compressor.jobs import options as recipe
     from compressor.cli import get_args_parser
 
     again = recipe.resolve(get_args_parser().parse_args(["finetune", "--config", str(out / "resolved_config.yaml")]))
@@ -318,7 +318,7 @@ def test_cli_train_with_teacher(tmp_path, small_data, monkeypatch, capsys):
 
 @pytest.mark.parametrize("path", sorted((ROOT / "experiments" / "recipes").glob("*.yaml")), ids=lambda p: p.name)
 def test_shipped_recipes_resolve(path):
-    from compressor.training import recipe
+    from compressor.jobs import options as recipe
     from compressor.cli import get_args_parser
     from compressor.commands.train import train_config
 

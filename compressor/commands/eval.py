@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 
 from compressor.commands import add_common, new_parser
 from compressor.commands._options import positive_int
@@ -39,62 +38,12 @@ def add_parser(sub) -> argparse.ArgumentParser:
 def evaluate_checkpoint(path: str, args: argparse.Namespace) -> dict:
     """Accuracy of a checkpoint or ONNX file on the test split of its own data (its contract),
     unless ``--data``/``--data-root``/``--mean``/``--std`` say otherwise."""
-    from compressor.storage import checkpoint
-    from compressor.pruning import counting
-    from compressor.deploy import onnx_model
     from compressor.commands import _data
-    from compressor import data
-    from compressor.training.evaluation import evaluate, resolve_device
+    from compressor.jobs.evaluate import EvalJob, run_eval
 
-    if getattr(args, "save", None):
-        from compressor.storage import io
-
-        io.check_writable(Path(args.save).parent)  # before the evaluation, not after it
-    if onnx_model.is_onnx(path):
-        net, ck, device = onnx_model.load(path), {}, resolve_device("cpu")
-    else:
-        device = resolve_device(args.device)
-        net, ck = checkpoint.load(path, model=args.model)
-        if getattr(args, "save", None):  # a NaN/inf model is never written (exit 3), and refused before the evaluation
-            from compressor.training.train import check_finite
-
-            check_finite(net, source=path)
-    bundle = _data.load(args, net, ck=ck, source=path)
-    res = evaluate(net.to(device), data.loader(bundle.test, args.batch_size, device=device), device,
-                   not args.no_progress, "eval")
-    if ck:
-        res.update(counting.count(net.cpu()))
-    else:  # an .onnx file: what its metadata records (precision, params, MACs)
-        res.update({k: v for k, v in net.info().items() if v is not None and k != "quantization"})
-    measured = dict(res)
-    if bundle.notes.get("test_split"):  # the folder the test figure came from (an ImageFolder's test/ or val/)
-        res["test_split"] = f"{bundle.notes['test_split']}/"
-    res.update({"checkpoint": path, "model": ck.get("model", getattr(net, "arch", "onnx")), "data": bundle.name,
-                "data_line": bundle.notes.get("data_line"),
-                "file_bytes": Path(path).stat().st_size, "runtime": "onnxruntime" if not ck else "torch"})
-    if getattr(args, "save", None):
-        res["saved"] = str(_save(net, ck, measured, path, args.save))
-    return res
-
-
-def _save(net, ck: dict, measured: dict, path: str, dest: str) -> Path:
-    """The evaluated model as a compressor checkpoint: its contract, and the test result under ``metrics["test"]``."""
-    from compressor.storage import checkpoint
-    from compressor.data import contract
-    from compressor.errors import UserError
-
-    if not ck:
-        raise UserError("--save needs a checkpoint, not an .onnx file", field="save")
-    c = contract.of(net)
-    prov = checkpoint.provenance(imported_from=path, data=c.dataset if c else None, data_root=c.root if c else None,
-                                 source=(ck.get("provenance") or {}).get("source"))
-    metrics = {**{k: v for k, v in (ck.get("metrics") or {}).items() if k not in ("test", "evaluations")},
-               "test": measured}
-    return checkpoint.save(dest, net.cpu(), rates=ck.get("rates"), plan=ck.get("plan"), metrics=metrics, prov=prov)
-
-
-def ck_like(res: dict) -> bool:
-    return res.get("runtime") == "torch"
+    job = EvalJob(path=path, model=args.model, batch_size=args.batch_size, device=args.device,
+                  save=getattr(args, "save", None), progress=not args.no_progress)
+    return run_eval(job, lambda net, ck: _data.load(args, net, ck=ck, source=path))
 
 
 def _source(args: argparse.Namespace) -> str:
@@ -118,7 +67,7 @@ def run(args: argparse.Namespace) -> int:
     else:
         size = (f"  params {res['params'] / 1e6:.3f}M  MACs {res['macs'] / 1e6:.2f}M" if "params" in res and "macs" in res
                 else "") + (f"  ({res['runtime']}, {res['precision']})" if res.get("precision")
-                            else f"  ({res['runtime']})" if not ck_like(res) else "")
+                            else f"  ({res['runtime']})" if res.get("runtime") != "torch" else "")
         folder = f" [{res['test_split']}]" if res.get("test_split") else ""
         print(f"{res['model']} on {res['data']} test{folder} ({res['n']} images): top-1 {res['top1']:.2f}%  "
               f"top-5 {res['top5']:.2f}%  loss {res['loss']:.4f}{size}  file {res['file_bytes'] / 1e6:.2f} MB")

@@ -25,7 +25,7 @@ accuracy, never used for selection). Overlay several runs: python -m compressor 
 
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    from compressor.training import recipe
+    from compressor.jobs import options as recipe
 
     p = new_parser(sub, "finetune", "fine-tune a (pruned) checkpoint", EXAMPLES)
     p.add_argument("--checkpoint", default=None, help="pruned (or any) checkpoint; required unless --resume")
@@ -38,7 +38,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     from compressor.storage import checkpoint
     from compressor.storage import io
-    from compressor.training import recipe
+    from compressor.jobs import options as recipe
     from compressor.errors import UserError
 
     typed_lr = "lr" in vars(args)
@@ -52,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
     out = io.check_writable(Path(args.out or Path(args.checkpoint).with_name(Path(args.checkpoint).stem + "_ft")))
     net, ck = checkpoint.load(args.checkpoint, model=args.model)
     if not typed_lr and not (args.config and "lr" in recipe.read(args.config)):
-        from compressor.training.recipe import model_recipe
+        from compressor import model_recipe
 
         rec = model_recipe(net.arch)
         args.lr = float(rec["finetune_lr"])

@@ -69,11 +69,10 @@ def add_parser(sub) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    from compressor.storage import checkpoint
+    from compressor import ReportConfig, TrainConfig
     from compressor.errors import UserError
-    from compressor.reporting.report import ReportConfig
     from compressor.jobs.sweep import SweepJob, parse_budgets, run_sweep
-    from compressor.training.train import TrainConfig
+    from compressor.storage import checkpoint
 
     try:
         finetune = TrainConfig(epochs=args.epochs, lr=args.lr if args.lr is not None else 0.01,

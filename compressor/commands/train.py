@@ -15,7 +15,7 @@ if TYPE_CHECKING:
     from torch import nn
 
     from compressor.data import DataBundle
-    from compressor.training.train import TrainConfig
+    from compressor import TrainConfig
 
 EXAMPLES = """\
   python -m compressor train --model vgg16_bn --config experiments/recipes/digits_quick.yaml
@@ -36,14 +36,9 @@ split is only evaluated), metrics.jsonl, resolved_config.yaml, summary.json.
 
 def _recipe_lines() -> str:
     """The per-model ``train:`` defaults in use, for --help."""
-    import yaml
+    from compressor.jobs.options import recipe_table
 
-    from compressor.training.recipe import MODEL_RECIPES
-
-    table = yaml.safe_load(MODEL_RECIPES.read_text())
-    rows = [f"  {name:<14} " + ", ".join(f"{k} {v}" for k, v in (entry.get("train") or {}).items())
-            for name, entry in table.items() if isinstance(entry, dict) and entry.get("train")]
-    return f"\nper-model defaults in use ({MODEL_RECIPES.name}, matched by name prefix):\n" + "\n".join(rows) + "\n"
+    return recipe_table()
 
 
 def add_train_args(p: argparse.ArgumentParser, lr: float) -> None:
@@ -83,7 +78,7 @@ def add_train_args(p: argparse.ArgumentParser, lr: float) -> None:
 
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    from compressor.training import recipe
+    from compressor.jobs import options as recipe
 
     p = new_parser(sub, "train", "train a baseline model", EXAMPLES + _recipe_lines())
     p.add_argument("--model", default=None, help="registered model name (required unless --resume)")
@@ -97,8 +92,8 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 
 def train_config(args: argparse.Namespace) -> TrainConfig:
+    from compressor import TrainConfig
     from compressor.errors import UserError
-    from compressor.training.train import TrainConfig
 
     try:
         return TrainConfig(
@@ -134,8 +129,8 @@ def resolve_args(args: argparse.Namespace) -> tuple[argparse.Namespace, nn.Modul
     Returns the namespace and, when resuming, the model and checkpoint loaded from the last.pt.
     """
     from compressor.storage import checkpoint
-    from compressor.training import recipe
-    from compressor.training import train_run
+    from compressor.jobs import options as recipe
+    from compressor.jobs import train_run
     from compressor.errors import UserError
 
     actions = getattr(args, recipe._ACTIONS)  # noqa: SLF001 - the option table defer_defaults kept
@@ -164,9 +159,10 @@ def resolve_args(args: argparse.Namespace) -> tuple[argparse.Namespace, nn.Modul
 
 def _with_model_recipe(args: argparse.Namespace, arch: str) -> argparse.Namespace:
     """defaults < the model's ``train:`` values (recipes/models.yaml) < --config < flags; says which."""
-    from compressor.training import recipe
+    from compressor import model_recipe
+    from compressor.jobs import options as recipe
 
-    rec = recipe.model_recipe(arch)
+    rec = model_recipe(arch)
     values = dict(rec.get("train") or {})
     resolved = recipe.resolve(args, saved=values, saved_source=rec["source"])
     given = set(vars(args)) | set(recipe.read(args.config) if getattr(args, "config", None) else {})
@@ -180,7 +176,7 @@ def _with_model_recipe(args: argparse.Namespace, arch: str) -> argparse.Namespac
 def run_training(net: nn.Module, bundle: DataBundle, args: argparse.Namespace, out: Path, *,
                  ck: Mapping[str, Any] | None = None, source: str | None = None) -> int:
     """The resolved options as a ``train_run.TrainRun``, run by the library."""
-    from compressor.training import train_run
+    from compressor.jobs import train_run
 
     spec = train_run.TrainRun(
         config=train_config(args), command="finetune" if hasattr(args, "checkpoint") else "train",
@@ -197,7 +193,7 @@ def run(args: argparse.Namespace) -> int:
     from compressor.data import contract
     from compressor.storage import io
     from compressor.errors import UserError
-    from compressor.models import get_model
+    from compressor import build_model
 
     args, net, ck = resolve_args(args)
     if args.resume:
@@ -207,10 +203,10 @@ def run(args: argparse.Namespace) -> int:
         raise UserError("--model is required (as a flag or a recipe key) unless --resume is given", field="model")
     out = io.check_writable(Path(args.out or f"checkpoints/{args.model}_{args.data or 'digits'}"))
     size = {"input_size": args.input_size} if getattr(args, "input_size", None) else {}
-    probe = get_model(args.model, num_classes=args.num_classes if args.num_classes is not None else 10, **size)
+    probe = build_model(args.model, num_classes=args.num_classes if args.num_classes is not None else 10, **size)
     bundle = load_data(args, probe.input_size, probe, probe=True)
     torch.manual_seed(args.seed)  # the initial weights are a function of --seed too
-    net = get_model(args.model, num_classes=args.num_classes if args.num_classes is not None else bundle.num_classes,
+    net = build_model(args.model, num_classes=args.num_classes if args.num_classes is not None else bundle.num_classes,
                     **size)
     contract.attach(net, contract.of(probe))  # the data contract this run sets
     return run_training(net, bundle, args, out)

@@ -60,7 +60,7 @@ def saved_options(resume: str, ck: Mapping[str, Any]) -> dict[str, Any]:
     ``<resume dir>/resolved_config.yaml`` first; the checkpoint's own training config and data
     provenance override it (they are what the saved state was trained with).
     """
-    from compressor.training import recipe
+    from compressor.jobs import options as recipe
     from compressor.errors import UserError
 
     out: dict[str, Any] = {}
@@ -91,7 +91,7 @@ def write_resolved(out: Path, options: Mapping[str, Any], resume: str | None, he
     """``resolved_config.yaml``: the options of the run; a resume with the same options leaves it as it is."""
     from compressor.errors import UserError
     from compressor.storage import io, yaml_io
-    from compressor.training import recipe
+    from compressor.jobs import options as recipe
 
     path = out / RESOLVED
     text = recipe.to_yaml(argparse.Namespace(**{**options, "out": str(out)}), header=header)
