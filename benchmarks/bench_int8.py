@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -61,6 +62,8 @@ def main() -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
+    load_start = os.getloadavg()  # the machine is shared: the load is part of the result
+    print(f"load average at start: {' '.join(f'{v:.2f}' for v in load_start)}", flush=True)
 
     pruned, _ = checkpoint.load(args.pruned)
     base, _ = checkpoint.load(args.baseline, model=args.model)
@@ -100,8 +103,8 @@ def main() -> int:
         for b, t in per.items():
             rows[n][f"b{b}_ms"], rows[n][f"b{b}_iqr_ms"] = t.median_ms, t.iqr_ms
     ref = rows["float32 pruned"]
-    lines = [f"| model | top-1 % | Δ vs fp32 pruned | file MB | × fp32 pruned file | b1 ms (IQR) | b64 ms (IQR) | "
-             f"b64 speedup vs fp32 pruned |", "|---|---|---|---|---|---|---|---|"]
+    lines = ["| model | top-1 % | Δ vs fp32 pruned | file MB | × fp32 pruned file | b1 ms (IQR) | b64 ms (IQR) | "
+             "b64 speedup vs fp32 pruned |", "|---|---|---|---|---|---|---|---|"]
     for n, r in rows.items():
         lines.append(f"| {n} | {r['top1']:.2f} | {r['top1'] - ref['top1']:+.2f} | {r['bytes'] / 1e6:.2f} | "
                      f"{r['bytes'] / ref['bytes']:.2f} | {r['b1_ms']:.2f} ({r['b1_iqr_ms']:.2f}) | "
@@ -113,7 +116,7 @@ def main() -> int:
     doc = {"args": vars(args), "rows": rows, "onnxruntime": onnxruntime.__version__, "torch": torch.__version__,
            "test_images": len(test), "latency": {"repeats": cfg.repeats, "warmup": cfg.warmup,
                                                  "ort_threads": args.threads, "interleaved": True},
-           "seconds": time.time() - t0}
+           "seconds": time.time() - t0, "load_average_start": load_start, "load_average_end": os.getloadavg()}
     (out / "bench_int8.json").write_text(json.dumps(doc, indent=2))
     (out / "bench_int8.md").write_text(table + "\n")
     print(f"done in {time.time() - t0:.0f}s; {out / 'bench_int8.json'}")
