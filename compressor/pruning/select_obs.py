@@ -75,12 +75,13 @@ fine-tune, full test split: obs + reconstruct 86.69% at CHIP-58 and 84.46% at CH
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import math
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -290,6 +291,24 @@ def _ridge(xx: torch.Tensor, n_w: int, ridge: float) -> torch.Tensor:
     return pen
 
 
+#: systems up to this many features are solved on one thread: at these sizes threads only add
+#: synchronisation, and on a loaded machine they cost far more than they save (ResNet-56 at load 12 on 2
+#: cores: 30-47 s of removal and refit per 576-feature unit with two threads; the same algebra takes
+#: under 1 s on one thread of a quiet core)
+ONE_THREAD_FEATURES = 1024
+
+
+@contextlib.contextmanager
+def _threads_for(features: int) -> Iterator[None]:
+    old = torch.get_num_threads()
+    if features <= ONE_THREAD_FEATURES and old > 1:
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
 def _inv_spd(a: torch.Tensor) -> torch.Tensor:
     chol, info = torch.linalg.cholesky_ex(a)
     if int(info) == 0:
@@ -427,42 +446,43 @@ def select(original: nn.Module, counts: Mapping[str, int] | Plan, batches: Itera
                 cons = [_Consumer(c.name, c.layer, c.orig, c.cols, alive[c.name].clone(), c.out_hw) for c in cons0]
                 acc = _accumulate(work, cons, xs, pos[u.name], tg[u.name], chunk_rows)
                 t_acc = time.perf_counter() - tu
-                stats = []
-                for c in cons:
-                    xx, xy, yy, _ = acc[c.name]
-                    n_w = int(c.alive.sum())
-                    pen = _ridge(xx, n_w, ridge)
-                    w0 = _current(c.layer, c.alive)
-                    # local column index of each of the unit's channels' columns (alive ones only)
-                    loc = torch.full((c.alive.numel(),), -1, dtype=torch.long)
-                    loc[c.alive] = torch.arange(n_w)
-                    blk = loc[c.cols]
-                    if bool((blk < 0).any()):
-                        raise RuntimeError(f"obs: {c.name}: unit {u.name}'s columns already removed")
-                    a = xx + torch.diag(pen)
-                    hinv = _inv_spd(a)
-                    w = hinv @ (xy + pen[:, None] * w0)
-                    s = {"hinv": hinv, "w": w, "xx": xx, "xy": xy, "w0": w0, "pen": pen, "blk": blk,
-                         "yy": max(float(yy), 1e-300), "yy_raw": yy,
-                         "live": torch.ones(xx.shape[0], dtype=torch.bool)}
-                    stats.append(s)
-                err_full = sum(_err(s) for s in stats)
-                width, k = widths[u.name], int(counts[u.name])
-                step = max(1, math.ceil(width * chunk))
-                kept, trail = _remove(stats, width, k, step, err_full)
-                kept = sorted(kept)
-                keep[u.name] = tuple(kept)
-                gone = torch.ones(width, dtype=torch.bool)
-                gone[kept] = False
-                err_kept = 0.0
-                for c, s in zip(cons, stats):
-                    w = _solve_fresh(s)
-                    s["w"] = w
-                    err_kept += _err(s)
-                    new_alive = c.alive.clone()
-                    new_alive[c.cols[gone].reshape(-1)] = False
-                    _write(c.layer, new_alive, w)
-                    alive[c.name] = new_alive
+                with _threads_for(max(int(acc[c.name][0].shape[0]) for c in cons)):
+                    stats = []
+                    for c in cons:
+                        xx, xy, yy, _ = acc[c.name]
+                        n_w = int(c.alive.sum())
+                        pen = _ridge(xx, n_w, ridge)
+                        w0 = _current(c.layer, c.alive)
+                        # local column index of each of the unit's channels' columns (alive ones only)
+                        loc = torch.full((c.alive.numel(),), -1, dtype=torch.long)
+                        loc[c.alive] = torch.arange(n_w)
+                        blk = loc[c.cols]
+                        if bool((blk < 0).any()):
+                            raise RuntimeError(f"obs: {c.name}: unit {u.name}'s columns already removed")
+                        a = xx + torch.diag(pen)
+                        hinv = _inv_spd(a)
+                        w = hinv @ (xy + pen[:, None] * w0)
+                        s = {"hinv": hinv, "w": w, "xx": xx, "xy": xy, "w0": w0, "pen": pen, "blk": blk,
+                             "yy": max(float(yy), 1e-300), "yy_raw": yy,
+                             "live": torch.ones(xx.shape[0], dtype=torch.bool)}
+                        stats.append(s)
+                    err_full = sum(_err(s) for s in stats)
+                    width, k = widths[u.name], int(counts[u.name])
+                    step = max(1, math.ceil(width * chunk))
+                    kept, trail = _remove(stats, width, k, step, err_full)
+                    kept = sorted(kept)
+                    keep[u.name] = tuple(kept)
+                    gone = torch.ones(width, dtype=torch.bool)
+                    gone[kept] = False
+                    err_kept = 0.0
+                    for c, s in zip(cons, stats):
+                        w = _solve_fresh(s)
+                        s["w"] = w
+                        err_kept += _err(s)
+                        new_alive = c.alive.clone()
+                        new_alive[c.cols[gone].reshape(-1)] = False
+                        _write(c.layer, new_alive, w)
+                        alive[c.name] = new_alive
                 mask.add(spaces[u.name], gone.nonzero().flatten().tolist())
                 tg[u.name] = {}  # free the unit's targets
                 log.info("obs: %s keeps %d of %d (consumers %s): relative error %.4g -> %.4g; %.1f s "
