@@ -178,3 +178,15 @@ def test_regnet_prunes_by_default_within_2_percent_and_exact() -> None:
         grouped = [n for n, c in small.named_modules() if isinstance(c, nn.Conv2d) and c.groups > 1]
         assert [small.get_submodule(n).groups for n in grouped] == [m.get_submodule(n).groups for n in grouped]
         _assert_exact(m, info.plan)
+
+
+def test_sensitivity_scan_cuts_grouped_units_per_group() -> None:
+    from compressor.pruning.sensitivity_scan import analyze
+
+    m = _net()
+    g = torch.Generator().manual_seed(0)
+    batches = [(torch.randn(4, 3, 12, 12, generator=g), torch.randint(0, 5, (4,), generator=g))]
+    with one_thread():
+        res = analyze(m, _l1(m), batches, rates=(0.3,), units=["a", "b"])
+    kept = {r["unit"]: r["kept"] for r in res.rows}
+    assert kept == {"a": 32, "b": 44}  # 33 of 48 rounded to a multiple of 4; 44 of 64 is one
