@@ -190,3 +190,9 @@ def test_sensitivity_scan_cuts_grouped_units_per_group() -> None:
         res = analyze(m, _l1(m), batches, rates=(0.3,), units=["a", "b"])
     kept = {r["unit"]: r["kept"] for r in res.rows}
     assert kept == {"a": 32, "b": 44}  # 33 of 48 rounded to a multiple of 4; 44 of 64 is one
+
+
+def test_describe_says_grouped_units_are_cut_per_group() -> None:
+    m = _net()
+    out = policy.resolve(RateSpec(rates={}, target={"macs": 0.5}), m)
+    assert "2 unit(s) read by grouped convs cut the same number per group" in policy.describe(out)

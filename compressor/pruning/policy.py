@@ -266,6 +266,8 @@ def describe(spec: RateSpec) -> str:
                  f"{li.get('threads')} thread(s))")
     if r.get("round_to"):
         line += f", widths rounded to multiples of {r['round_to']}"
+    if r.get("groups"):
+        line += f", {len(r['groups'])} unit(s) read by grouped convs cut the same number per group"
     if r.get("target"):
         t = ", ".join(f"{k} {v:.4f}" for k, v in r["target"].items())
         line += f"; target {t}: " + ("met" if r.get("met") else "NOT met") + f" within {r['tolerance']:.0%}"
