@@ -16,6 +16,7 @@ import torch
 from PIL import Image
 
 from compressor import data
+from compressor.data import images
 from compressor.errors import UserError
 
 
@@ -193,15 +194,15 @@ def test_a_decompression_bomb_is_named(tmp_path, monkeypatch, bound):
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", bound)
     _raises(lambda: _load(root, tmp_path), f"{big}: refused as a possible decompression bomb")
     with pytest.raises(UserError, match="decompression bomb"):
-        data._load_rgb(str(big))
+        images._load_rgb(str(big))
 
 
 def test_a_mode_without_a_faithful_rgb_conversion_is_named(tmp_path):
     with pytest.raises(UserError, match=r"x.png: image mode 'LAB' cannot be converted to RGB faithfully"):
-        data._to_rgb(Image.new("LAB", (2, 2)), tmp_path / "x.png")
+        images._to_rgb(Image.new("LAB", (2, 2)), tmp_path / "x.png")
     for mode, values in (("F", [-1.0, 0.5]), ("F", [0.0, 300.0]), ("I", [0, 70000]), ("F", [np.nan, 0.0])):
         with pytest.raises(UserError, match=f"image mode '{mode}' with values"):
-            data._to_uint8(np.array(values, np.float32 if mode == "F" else np.int32), mode, tmp_path / "x.png")
+            images._to_uint8(np.array(values, np.float32 if mode == "F" else np.int32), mode, tmp_path / "x.png")
 
 
 # --------------------------------------------------------------------------- 16-bit and other high-depth modes
@@ -218,16 +219,16 @@ def test_16_bit_png_is_scaled_not_clipped(tmp_path):
     img = b.train_eval.dataset.images[0]  # C,H,W uint8; class a, file 0 is the first
     assert img.shape == (3, 16, 16) and (img[:, 1:] == 128).all()
     assert img[0, 0, :4].tolist() == [0, 0, 255, 0x12]
-    lazy = np.asarray(data._load_rgb(str(f)))  # the lazy path's loader agrees
+    lazy = np.asarray(images._load_rgb(str(f)))  # the lazy path's loader agrees
     assert lazy.shape == (16, 16, 3) and (lazy[1:] == 128).all() and lazy[0, :4, 1].tolist() == [0, 0, 255, 0x12]
 
 
 def test_32_bit_int_and_float_rules():
-    assert data._to_uint8(np.array([0, 128, 255], np.int32), "I", Path("x")).tolist() == [0, 128, 255]
-    assert data._to_uint8(np.array([0, 32768, 65535], np.int32), "I", Path("x")).tolist() == [0, 128, 255]
-    assert data._to_uint8(np.array([0.0, 0.5, 1.0], np.float32), "F", Path("x")).tolist() == [0, 128, 255]
-    assert data._to_uint8(np.array([0.0, 2.0, 254.6], np.float32), "F", Path("x")).tolist() == [0, 2, 255]
-    assert data._to_uint8(np.array([0, 256, 65535], np.uint16), "I;16B", Path("x")).tolist() == [0, 1, 255]
+    assert images._to_uint8(np.array([0, 128, 255], np.int32), "I", Path("x")).tolist() == [0, 128, 255]
+    assert images._to_uint8(np.array([0, 32768, 65535], np.int32), "I", Path("x")).tolist() == [0, 128, 255]
+    assert images._to_uint8(np.array([0.0, 0.5, 1.0], np.float32), "F", Path("x")).tolist() == [0, 128, 255]
+    assert images._to_uint8(np.array([0.0, 2.0, 254.6], np.float32), "F", Path("x")).tolist() == [0, 2, 255]
+    assert images._to_uint8(np.array([0, 256, 65535], np.uint16), "I;16B", Path("x")).tolist() == [0, 1, 255]
 
 
 # --------------------------------------------------------------------------- small sets in memory

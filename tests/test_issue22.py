@@ -48,9 +48,9 @@ def _cache_files(cache: Path) -> list[str]:
 
 
 def test_a_tar_bomb_is_refused_before_unpacking_and_leaves_nothing(tmp_path, files, capsys, monkeypatch):  # noqa: F811
-    from compressor import data
+    from compressor.data import archives
 
-    monkeypatch.setattr(data, "ARCHIVE_FLOOR", 1 << 20)  # the same rule, at a test's scale: 16 MiB of zeros
+    monkeypatch.setattr(archives, "ARCHIVE_FLOOR", 1 << 20)  # the same rule, at a test's scale: 16 MiB of zeros
     bomb = _tarball(tmp_path / "cifar.tar.gz", {"cifar/train/a/x.png": 16 << 20, "cifar/test/a/x.png": 1})
     assert bomb.stat().st_size < 100_000
     code, err, _ = run(capsys, ["eval", "--checkpoint", files["tiny"], "--data", "cifar10", "--data-root", bomb,
