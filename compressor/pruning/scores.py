@@ -148,12 +148,14 @@ class Scores:
                 if t.numel() != widths[unit]:
                     raise UserError(f"{unit} has {t.numel()} scores, the model has {widths[unit]} channels",
                                     source=source, field=f"scores.{crit}.{unit}")
-            left_out = [u.name for u in found if u.name not in per_unit and not self._may_skip(u)]
+            left_out = [u for u in found if u.name not in per_unit and not self._may_skip(u)]
             if left_out:
-                raise UserError(f"no scores for unit {left_out[0]!r}" + (f" (and {len(left_out) - 1} more)"
-                                                                       if len(left_out) > 1 else "")
-                                + f" of {name}; re-run `rank` on this checkpoint", source=source,
-                                field=f"scores.{crit}")
+                kinds = {u.kind for u in left_out} - {"plain"}
+                how = (f"rank with the same unit choice as prune ({', '.join(sorted(kinds))} units: "
+                       "residual=True / --residual)" if kinds else "re-run `rank` on this checkpoint")
+                raise UserError(f"no scores for unit {left_out[0].name!r}" + (f" (and {len(left_out) - 1} more)"
+                                                                            if len(left_out) > 1 else "")
+                                + f" of {name}; {how}", source=source, field=f"scores.{crit}")
         for unit, t in self.tiebreak.items():
             if unit not in widths or t.numel() != widths[unit]:
                 why = (f"unit {unit!r} is not in {name}" if unit not in widths
