@@ -1,6 +1,6 @@
 """The one line a command prints about its data: what it reads, how it is split, how it is normalised.
 
-``train``, ``eval`` and ``prune`` print it (stderr) right after loading, so a user sees the
+``train``, ``eval`` and ``prune`` print it (stdout; prune logs it) right after loading, so a user sees the
 dataset and its root, the split sizes, which folder (or hold-out) is the test split and which
 the selection (validation) split, the input size, and the mean/std with where they came from.
 """

@@ -66,22 +66,12 @@ class Scores:
         """Read a scores file (``weights_only``). What it declares is counted and sized before it is
         used (checkpoint's bounds on values, depth and tensor storage; ``MAX_CRITERIA`` criteria,
         ``MAX_UNITS`` units, one finite real score per channel): any failure is one line naming the field."""
-        from compressor.storage.checkpoint import _check_structure, _check_zip_size
+        from compressor.storage.checkpoint import read_torch_file
 
         src = str(path)
-        p = Path(path)
-        if not p.is_file():
-            raise UserError("scores file not found", source=src)
-        if p.stat().st_size == 0:
-            raise UserError("scores file is empty", source=src)
-        _check_zip_size(p, src)
-        try:
-            doc = torch.load(p, map_location="cpu", weights_only=True)
-        except Exception as exc:  # noqa: BLE001 - any unreadable file is the user's input
-            raise UserError(f"not a readable scores file ({type(exc).__name__})", source=src) from exc
-        if not isinstance(doc, dict) or doc.get("format") != SCORES_FORMAT:
+        doc = read_torch_file(path, "scores file")
+        if doc.get("format") != SCORES_FORMAT:
             raise UserError(f"not a compressor scores file (format must be {SCORES_FORMAT!r})", source=src, field="format")
-        _check_structure(doc, src)
         version = doc.get("version")
         if not isinstance(version, int) or isinstance(version, bool) or not 1 <= version <= SCORES_VERSION:
             raise UserError(f"must be an integer in [1, {SCORES_VERSION}] (a newer compressor's file?), got "

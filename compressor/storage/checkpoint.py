@@ -121,14 +121,15 @@ def save(path: str | Path, model: nn.Module, **kwargs: Any) -> Path:
     return io.save_torch(path, to_dict(model, **kwargs))
 
 
-def read(path: str | Path) -> dict[str, Any]:
-    """Read a file with ``weights_only=True``; any failure is a one-line UserError."""
+def read_torch_file(path: str | Path, what: str = "checkpoint") -> dict[str, Any]:
+    """A torch file read with ``weights_only=True`` after its size checks (not found, empty, a deflate
+    bomb), whose top level is a dict of bounded structure; any failure is a one-line UserError."""
     src = str(path)
     p = Path(path)
     if not p.is_file():
-        raise UserError("checkpoint not found", source=src)
+        raise UserError(f"{what} not found", source=src)
     if p.stat().st_size == 0:
-        raise UserError("checkpoint is empty", source=src)
+        raise UserError(f"{what} is empty", source=src)
     _check_zip_size(p, src)
     try:
         with warnings.catch_warnings():  # torch warns about bare pickles before refusing them
@@ -143,11 +144,16 @@ def read(path: str | Path) -> dict[str, Any]:
         msg = lines[0] if lines else type(exc).__name__
         if "weights only load failed" in text.lower():  # keep what was unsupported, drop torch's "retry unsafely"
             msg = next((ln for ln in lines if ln.lower().startswith("unsupported")), "unsupported content")
-        raise UserError(f"not a readable checkpoint (truncated or another format: {msg[:120]})", source=src) from exc
+        raise UserError(f"not a readable {what} (truncated or another format: {msg[:120]})", source=src) from exc
     if not isinstance(obj, dict):
-        raise UserError(f"not a checkpoint (top level is {type(obj).__name__}, expected a dict)", source=src)
+        raise UserError(f"not a {what} (top level is {type(obj).__name__}, expected a dict)", source=src)
     _check_structure(obj, src)
     return obj
+
+
+def read(path: str | Path) -> dict[str, Any]:
+    """Read a checkpoint with ``weights_only=True``; any failure is a one-line UserError."""
+    return read_torch_file(path, "checkpoint")
 
 
 ZIP_RATIO = 4  # a torch file stores its records uncompressed: declared sizes near the file's own
