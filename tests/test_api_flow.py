@@ -93,11 +93,10 @@ def test_notebook_flow_on_a_users_cnn_with_public_names_only(trained, tmp_path) 
         scores = compressor.rank(net, train[:2], ["hrank", "l1"], example_inputs=example, residual=True,
                                  progress=False)
         _assert_unchanged(net, snap)
-        # a small net whose residual space feeds most layers: one channel of it moves MACs by ~3%
-        small, info = compressor.prune(net, example, {"target": {"macs": 0.5}, "policy": {"name": "global",
-                                       "tolerance": 0.03}}, scores=scores, residual=True)
+        small, info = compressor.prune(net, example, {"target": {"macs": 0.5}, "policy": "global"}, scores=scores,
+                                       residual=True)
         _assert_unchanged(net, snap)
-        assert abs(info.kept["macs"] - 0.5) <= 0.03 * 0.5, info.summary()
+        assert abs(info.kept["macs"] - 0.5) <= 0.01 * 0.5, info.summary()
         assert info.plan.widths["stem.0"] > len(info.plan.kept("stem.0"))  # the residual space is cut too
         assert compressor.count(small) == info.size_after
         assert info.size_after["macs"] == compressor.count(small)["macs"] < compressor.count(net, example)["macs"]

@@ -253,7 +253,9 @@ def _pick(counter: SizeCounter, target: Mapping[str, float], cfg: PolicyConfig,
           candidates: Sequence[dict[str, int]], how: str) -> dict[str, int]:
     """The candidate within tolerance of the target, preferring one that does not exceed it.
 
-    With ``round_to`` > 1 or grouped units, one-unit steps from the candidates are tried too (``_one_step``).
+    When neither candidate is within it (``round_to`` > 1, grouped units, or channels that are each a large
+    share of a small model), one-unit steps from them are tried (``_one_step``), then the finest walk up
+    from the best one under the budget (``_finest_crossing``).
     """
     tol = cfg.tolerance
 
@@ -263,9 +265,9 @@ def _pick(counter: SizeCounter, target: Mapping[str, float], cfg: PolicyConfig,
         return rated[ok[0][2]][0] if ok else None
 
     chosen = best(candidates)
-    if chosen is None and cfg.stepped:
+    if chosen is None:  # coarse steps (round_to, groups, or a small model's channels): one-unit moves first
         chosen = best(_one_step(counter, candidates, target, cfg))
-    if chosen is None and cfg.multiples:
+    if chosen is None:
         under = [c for c in candidates if _ratio(counter.fractions(c), target) <= 1.0]
         if under:
             start = max(under, key=lambda c: _ratio(counter.fractions(c), target))
