@@ -73,14 +73,14 @@ def variants(base: torch.nn.Module, setting: str, round_to: int) -> dict[str, tu
 
 def latency_budget(base: torch.nn.Module, setting: str, target: float, batch: int, threads: int) -> str:
     """Solve ``target: {latency: target}`` for the setting's profile and verify it by timing."""
-    from compressor.deploy import latency as lat
+    from compressor.deploy import latency_table as lt
 
     t0 = time.perf_counter()
     spec = RateSpec(rates=rates_of(base, setting), target={"latency": target},
                     latency_options={"batch_size": batch, "threads": threads, "device": "cpu"})
     spec = policy.resolve(spec, base)
     small = build(base, spec)
-    v = lat.verify_spec(base, small, spec)
+    v = lt.verify_spec(base, small, spec)
     r = spec.extra["resolved"]
     return (f"{base.arch} `{setting}` → {policy.describe(spec)}; MACs ÷{1 / r['achieved']['macs']:.2f}. "
             f"{v['line']}; table built in {r['latency']['build_s']:.0f}s ({r['latency']['cache_misses']} timings, "

@@ -33,7 +33,7 @@ from torch import nn
 
 from compressor.storage import checkpoint
 from compressor.pruning import counting
-from compressor.deploy import latency
+from compressor.deploy import latency_table as lt
 from compressor.pruning import policy
 from compressor.pruning import surgery
 from compressor.pruning import scores as scores_mod
@@ -252,7 +252,7 @@ def prune(model: nn.Module, example_inputs: torch.Tensor | None = None, rates: A
     from compressor.training.train import check_finite
 
     check_finite(small, what="the pruned model")
-    lat = latency.verify_spec(v, small, spec)
+    lat = lt.verify_spec(v, small, spec)
     before, after = counting.count(v), counting.count(small)
     kept = {k: after[k] / before[k] for k in ("macs", "params")}
     return small, PruneInfo(plan=plan, rates=spec, size_before=before, size_after=after, criterion=crit, kept=kept,

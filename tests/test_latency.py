@@ -10,6 +10,7 @@ import torch
 from tests import oracles
 from compressor.pruning import criteria
 from compressor.deploy import latency as lat
+from compressor.deploy import latency_table as lt
 from compressor.pruning import policy
 from compressor.errors import UserError
 from compressor.models import get_model
@@ -27,12 +28,12 @@ def widths(m) -> dict[str, int]:
     return {u.name: u.width for u in oracles.units_of(m)}
 
 
-def out_channels_cost(shape: lat.ConvShape, _s: lat.MeasureSettings) -> float:
+def out_channels_cost(shape: lt.ConvShape, _s: lt.MeasureSettings) -> float:
     """A stub with a known answer: a conv costs its output width in ms (nothing else costs, Linear neither)."""
     return 0.0 if shape.linear else float(shape.c_out)
 
 
-def macs_cost(shape: lat.ConvShape, _s: lat.MeasureSettings) -> float:
+def macs_cost(shape: lt.ConvShape, _s: lt.MeasureSettings) -> float:
     """Cost proportional to MACs (a Linear's too: kernel 1×1, ``hw[0]`` rows)."""
     kh, kw = shape.kernel
     return shape.c_in * shape.c_out // shape.groups * kh * kw * shape.hw[0] * shape.hw[1] / 1e6
@@ -60,7 +61,7 @@ def test_overlap_and_quartiles():
 def test_conv_shapes_see_bn_activation_and_depthwise():
     with torch.device("meta"):
         m = get_model("mobilenet_v1")
-    shapes = lat.conv_shapes(m, m.input_size)
+    shapes = lt.conv_shapes(m, m.input_size)
     first = shapes["features.conv_bn.conv"]
     assert (first.c_in, first.c_out, first.hw, first.bn, first.act) == (3, 32, (32, 32), True, "ReLU")
     assert shapes["features.conv_dw1.dw"].depthwise
@@ -68,38 +69,38 @@ def test_conv_shapes_see_bn_activation_and_depthwise():
 
 def _table(m, settings, timer):
     counter = policy.SizeCounter(m)
-    return lat.LatencyTable(counter.conv_shapes, widths(m), settings, timer=timer)
+    return lt.LatencyTable(counter.conv_shapes, widths(m), settings, timer=timer)
 
 
 def test_cache_is_keyed_by_threads_batch_and_shape():
     m = get_model("vgg16_bn", cfg=list(TINY_VGG))
-    calls: list[lat.ConvShape] = []
+    calls: list[lt.ConvShape] = []
 
     def counting(shape, s):
         calls.append(shape)
         return 1.0
 
-    s1 = lat.MeasureSettings(batch_size=1, threads=1)
+    s1 = lt.MeasureSettings(batch_size=1, threads=1)
     t = _table(m, s1, counting)
     first = len(calls)
     assert first > 0 and t.cache.misses == first and t.cache.path.is_file()
-    assert str(t.cache.path).startswith(str(lat.cache_dir()))
+    assert str(t.cache.path).startswith(str(lt.cache_dir()))
     _table(m, s1, counting)
     assert len(calls) == first  # everything from disk
-    _table(m, lat.MeasureSettings(batch_size=1, threads=2), counting)
+    _table(m, lt.MeasureSettings(batch_size=1, threads=2), counting)
     assert len(calls) == 2 * first  # a changed thread count misses
-    _table(m, lat.MeasureSettings(batch_size=8, threads=1), counting)
+    _table(m, lt.MeasureSettings(batch_size=8, threads=1), counting)
     assert len(calls) == 3 * first  # and so does a changed batch size
     m2 = get_model("vgg16_bn", cfg=[w * 2 if isinstance(w, int) else w for w in TINY_VGG])
     _table(m2, s1, counting)
     assert len(calls) > 3 * first  # other layer shapes: measured
-    key = lat.MeasureSettings(device="cpu", threads=3, batch_size=4).env_key("t")
+    key = lt.MeasureSettings(device="cpu", threads=3, batch_size=4).env_key("t")
     assert "cpu" in key and "3t" in key and "b4" in key and torch.__version__ in key
 
 
 def test_interpolation_is_exact_for_mac_proportional_cost():
     m = get_model("vgg16_bn")
-    t = _table(m, lat.MeasureSettings(), macs_cost)
+    t = _table(m, lt.MeasureSettings(), macs_cost)
     keep = {u: max(1, int(w * f)) for (u, w), f in zip(widths(m).items(), [0.37, 0.81, 0.2, 0.66] * 4)}
     counter = policy.SizeCounter(m)
     truth = sum(macs_cost(s, None) for s in counter.conv_shapes(keep).values())
@@ -122,7 +123,7 @@ def test_stub_timer_solver_finds_the_known_answer(pol):
     assert r["latency"]["device"] == "cpu" and r["latency"]["torch"] == torch.__version__
     # and the prediction is the stub's cost of the model surgery really builds
     small = oracles.rebuild(m, make_plan(sc, out, widths(m)))
-    built = sum(out_channels_cost(s, None) for s in lat.conv_shapes(small, 32).values())
+    built = sum(out_channels_cost(s, None) for s in lt.conv_shapes(small, 32).values())
     assert built / r["latency"]["predicted_full_ms"] == pytest.approx(r["achieved"]["latency"])
     assert "of predicted latency" in policy.describe(out)
 
@@ -177,7 +178,7 @@ def test_real_timer_and_verify_on_a_tiny_model():
     assert "of measured latency" in policy.describe(out)
     sc = criteria.get("random", seed=0).score(m, oracles.units_of(m), None)
     small = oracles.rebuild(m, make_plan(sc, out, w))
-    v = lat.verify_spec(m, small, out, repeats=3, warmup=1)
+    v = lt.verify_spec(m, small, out, repeats=3, warmup=1)
     assert v is not None and v["measured_fraction"] > 0 and not math.isnan(v["relative_error"])
     assert "predicted" in v["line"] and "measured" in v["line"] and "\n" not in v["line"]
-    assert lat.verify_spec(m, small, RateSpec(rates={})) is None
+    assert lt.verify_spec(m, small, RateSpec(rates={})) is None

@@ -10,7 +10,7 @@ import torch
 
 import compressor
 from compressor.pruning import counting
-from compressor.deploy import latency as lat
+from compressor.deploy import latency_table as lt
 from compressor.pruning import policy
 from compressor.errors import UserError
 from compressor.models import get_model
@@ -43,7 +43,7 @@ def build(name: str) -> torch.nn.Module:
     return m
 
 
-def macs_cost(shape: lat.ConvShape, _s: lat.MeasureSettings) -> float:
+def macs_cost(shape: lt.ConvShape, _s: lt.MeasureSettings) -> float:
     kh, kw = shape.kernel
     return shape.c_in * shape.c_out // shape.groups * kh * kw * shape.hw[0] * shape.hw[1] / 1e6
 
@@ -63,7 +63,7 @@ def test_size_model_shapes_are_those_of_the_cut_model(name):
     keep = {u: max(1, int(w * float(torch.rand((), generator=g) * 0.8 + 0.15))) for u, w in sm.widths.items()}
     pred = sm.conv_shapes(keep)
     small = policy.shrunk(m, keep)
-    built = lat.conv_shapes(small)
+    built = lt.conv_shapes(small)
     assert {n: s for n, s in pred.items() if not s.linear} == built
     mods = dict(small.named_modules())
     linears = {n: s for n, s in pred.items() if s.linear}
@@ -76,7 +76,7 @@ def test_latency_conv_shapes_and_size_model_share_one_walk():
     m = build("mobilenet_v2")
     sm = SizeModel(m, discovery(m))
     full = {n: s for n, s in sm.conv_shapes({}).items() if not s.linear}
-    assert full == lat.conv_shapes(m)
+    assert full == lt.conv_shapes(m)
     dw = [s for s in full.values() if s.depthwise]
     assert dw and all(s.bn and s.act == "ReLU6" for s in dw)
 
@@ -94,8 +94,8 @@ def test_stub_latency_budget_on_models_without_a_cfg(name):
     assert r["met"] and abs(r["achieved"]["latency"] / 0.7 - 1) <= 0.02
     counts = out.keep_counts(w)
     small = policy.shrunk(m, counts)
-    truth = sum(macs_cost(s, None) for s in lat.conv_shapes(small).values())
-    full = sum(macs_cost(s, None) for s in lat.conv_shapes(m).values())
+    truth = sum(macs_cost(s, None) for s in lt.conv_shapes(small).values())
+    full = sum(macs_cost(s, None) for s in lt.conv_shapes(m).values())
     lin = sum(macs_cost(s, None) for s in sizer.conv_shapes(counts).values() if s.linear)
     lin_full = sum(macs_cost(s, None) for s in sizer.conv_shapes({}).values() if s.linear)
     assert (truth + lin) / (full + lin_full) == pytest.approx(r["achieved"]["latency"], rel=1e-9)
@@ -135,7 +135,7 @@ def test_latency_budget_through_prune_is_measured_on_the_result(name, target, ca
     assert r["achieved"]["latency"] == li["measured_fraction"]
     assert abs(li["measured_fraction"] / target - 1) <= 0.15
     assert info.kept["macs"] < 1.0
-    got = [lat.verify_spec(m, small, info.rates, repeats=15, warmup=2) for _ in range(3)]
+    got = [lt.verify_spec(m, small, info.rates, repeats=15, warmup=2) for _ in range(3)]
     measured = statistics.median(v["measured_fraction"] for v in got)
     steady = all(v[k]["iqr_ms"] < 0.15 * v[k]["median_ms"] for v in got for k in ("base", "pruned"))
     with capsys.disabled():

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from compressor.deploy import latency as lat
+from compressor.deploy import latency_table as lt
 from compressor.pruning import policy, policy_latency, policy_size, policy_solve
 from compressor.pruning.rates import RateSpec
 from tests.test_grouped import GROUPS, _net
@@ -27,7 +27,7 @@ def test_every_name_is_still_importable_from_policy() -> None:
     assert set(policy.__all__) >= {n for names in PUBLIC.values() for n in names if not n.startswith("_")}
 
 
-def _width_cost(shape: lat.ConvShape, _s: lat.MeasureSettings) -> float:
+def _width_cost(shape: lt.ConvShape, _s: lt.MeasureSettings) -> float:
     """A stub with a known answer: a conv costs its output width in ms."""
     return 0.0 if shape.linear else float(shape.c_out)
 

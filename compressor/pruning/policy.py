@@ -50,11 +50,11 @@ the budget. Units tied into one channel space (residual groups, concat inputs) a
 so one rounding per unit keeps them consistent.
 
 **latency**: the fraction of the model's latency kept, predicted from a measured per-conv table
-(``latency.LatencyTable``: measured once per machine/threads/batch, cached on disk) and solved
+(``latency_table.LatencyTable``: measured once per machine/threads/batch, cached on disk) and solved
 like the size budgets. Each conv's (and Linear's) shape at any keep counts comes from the same
 ``SizeModel`` (``SizeModel.conv_shapes``), so it works for every model the engine prunes. With the
 real timer the candidate is then cut (``surgery.cut``), timed against the model, and the target
-asked of the table corrected (``_refine_latency``). ``latency.verify_spec`` times the pruned model
+asked of the table corrected (``_refine_latency``). ``latency_table.verify_spec`` times the pruned model
 afterwards and prints predicted vs measured.
 **Grouped convs**: a unit whose channels a grouped conv reads or makes (``Discovery.groups``) keeps
 a multiple of lcm(round_to, groups) channels in every path (``PolicyConfig.step``), and the plan keeps

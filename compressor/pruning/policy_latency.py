@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from compressor.deploy import latency as lat
+from compressor.deploy import latency_table as lt
 from compressor.errors import UserError
 from compressor.pruning.graph import balanced_keep
 from compressor.pruning.plan import Plan
@@ -25,8 +26,8 @@ log = logging.getLogger("compressor")
 
 
 def attach_latency(counter: SizeCounter, spec: RateSpec, model: nn.Module | None, device: str = "cpu", *,
-                   timer: lat.Timer | None = None,
-                   shapes: Callable[[Mapping[str, int]], Mapping[str, lat.ConvShape]] | None = None,
+                   timer: lt.Timer | None = None,
+                   shapes: Callable[[Mapping[str, int]], Mapping[str, lt.ConvShape]] | None = None,
                    cache: bool = True, overhead_ms: float | None = None) -> dict[str, Any]:
     """Measure (or read from the cache) the per-conv latency table a latency budget is solved with.
 
@@ -39,14 +40,14 @@ def attach_latency(counter: SizeCounter, spec: RateSpec, model: nn.Module | None
     if dev.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"a latency budget on {dev} needs a GPU, and none is available here", source=spec.source,
                         field="target.device")
-    settings = lat.MeasureSettings(batch_size=int(opts.get("batch_size", 1)),
+    settings = lt.MeasureSettings(batch_size=int(opts.get("batch_size", 1)),
                                    threads=int(opts.get("threads", torch.get_num_threads())), device=dev)
     if shapes is None:
         if not counter.has_shapes:
             raise UserError("a latency budget needs the model's conv shapes at any widths: pass the model (or "
                             "latency_shapes=) to policy.resolve", field="target.latency")
         shapes = counter.conv_shapes
-    table = lat.LatencyTable(shapes, counter.widths, settings, timer=timer, cache=cache)
+    table = lt.LatencyTable(shapes, counter.widths, settings, timer=timer, cache=cache)
     if overhead_ms is not None:
         table.overhead_ms = float(overhead_ms)
         table.full_ms = table.predict(table.widths)
@@ -78,7 +79,7 @@ def shrunk(model: nn.Module, counts: Mapping[str, int]) -> nn.Module:
     return surgery.cut(model, Plan(keep=keep, widths=widths, model=str(getattr(model, "arch", ""))))[0]
 
 
-def measured_fraction(model: nn.Module, counts: Mapping[str, int], settings: lat.MeasureSettings,
+def measured_fraction(model: nn.Module, counts: Mapping[str, int], settings: lt.MeasureSettings,
                       repeats: int = 11, max_repeats: int = 55, rel_se: float = 0.01) -> float:
     """Measured latency of ``model`` cut to ``counts`` ÷ the model's, on any model.
 
@@ -212,8 +213,8 @@ class LatencyHooks:
     candidate model itself (``_refine_latency``), 0 trusts the table alone.
     """
 
-    timer: lat.Timer | None = None
-    shapes: Callable[[Mapping[str, int]], Mapping[str, lat.ConvShape]] | None = None
+    timer: lt.Timer | None = None
+    shapes: Callable[[Mapping[str, int]], Mapping[str, lt.ConvShape]] | None = None
     cache: bool = True
     overhead_ms: float | None = None
     refine: int = 2

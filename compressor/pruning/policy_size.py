@@ -12,7 +12,7 @@ from typing import Any, Callable, Mapping
 
 from torch import nn
 
-from compressor.deploy import latency as lat
+from compressor.deploy import latency_table as lt
 from compressor.errors import UserError
 from compressor.pruning.graph import discovery, units as graph_units
 from compressor.pruning.rates import RateSpec
@@ -67,7 +67,7 @@ class SizeCounter:
         self.widths = dict(widths)
         self._count = custom if custom is not None else sizer.count  # type: ignore[union-attr]
         self._cache: dict[tuple[int, ...], dict[str, int]] = {}
-        self.latency: lat.LatencyTable | None = None
+        self.latency: lt.LatencyTable | None = None
         self.base = self({})
 
     def _key(self, keep: Mapping[str, int]) -> tuple[int, ...]:
@@ -84,7 +84,7 @@ class SizeCounter:
     def has_shapes(self) -> bool:
         return self.sizer is not None or self.model is not None
 
-    def conv_shapes(self, keep: Mapping[str, int]) -> dict[str, lat.ConvShape]:
+    def conv_shapes(self, keep: Mapping[str, int]) -> dict[str, lt.ConvShape]:
         """Every conv's (and Linear's) shape at ``keep``, from the size model: no model is built."""
         if self.sizer is None:
             if self.model is None:

@@ -12,7 +12,7 @@ What is counted is what ``compressor.pruning.counting`` counts on the physically
 every registered and listed torchvision model.
 
 ``layer_calls`` is the one forward walk (every leaf module call, in call order, with its
-input and output shapes) that both the spatial sizes here and ``latency.conv_shapes`` read.
+input and output shapes) that both the spatial sizes here and ``latency_table.conv_shapes`` read.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
-from compressor.deploy.latency import ConvShape
+from compressor.deploy.latency_table import ConvShape
 from compressor.pruning.graph import Discovery, example_input, forward_once
 
 #: activations a latency block times with its conv (the module that runs right after the conv or its BN)
