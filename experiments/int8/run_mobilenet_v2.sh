@@ -37,3 +37,15 @@ $PY -u benchmarks/bench_int8.py --model mobilenet_v2 --baseline checkpoints/mbv2
   2>&1 | tee experiments/int8/bench_mbv2.log
 cp checkpoints/mbv2_bench/bench_int8.json experiments/int8/bench_mbv2.json
 cp checkpoints/mbv2_bench/bench_int8.md experiments/int8/bench_mbv2.md
+
+# Latency only: the same rates with widths rounded to multiples of 8 (no reconstruction; accuracy not compared).
+$PY -u -m compressor prune --model mobilenet_v2 --checkpoint checkpoints/mbv2_jpeg/best.pt \
+  --rates experiments/mobilenet_v2_cifar10/uniform_0.3.yaml --criterion l1 --round-to 8 --seed 0 \
+  --baseline-eval skip --eval-n 200 --no-progress --device cpu --out checkpoints/mbv2_pruned_r8
+mkdir -p checkpoints/mbv2_r8_bench
+$PY -m compressor export --checkpoint checkpoints/mbv2_pruned_r8/pruned.pt --out checkpoints/mbv2_r8_bench/pruned.fp32.onnx --n-real 8
+$PY -m compressor export --checkpoint checkpoints/mbv2_pruned_r8/pruned.pt --int8 --n-test 500 --max-drop 100 \
+  --out checkpoints/mbv2_r8_bench/pruned.int8.minmax.onnx
+cp checkpoints/mbv2_bench/unpruned.fp32.onnx checkpoints/mbv2_r8_bench/
+$PY -u experiments/int8/retime.py checkpoints/mbv2_r8_bench 1 20
+$PY -u experiments/int8/retime.py checkpoints/mbv2_r8_bench 1 30
