@@ -249,7 +249,7 @@ def prune(model: nn.Module, example_inputs: torch.Tensor | None = None, rates: A
             raise UserError(str(exc), field="criterion") from exc
         crit = "obs"
     small = surgery.apply(v, plan, method=method, verify=verify)
-    from compressor.training.train import check_finite
+    from compressor.training.finite import check_finite
 
     check_finite(small, what="the pruned model")
     lat = lt.verify_spec(v, small, spec)
@@ -373,7 +373,7 @@ def recover(pruned: nn.Module, data: Any, *, original: nn.Module | None = None, 
         report.history = _finetune(model, bundle or ds, val_data, epochs, teacher, lr, batch_size, train_config,
                                    seed, dev, out_dir, plan, progress)
         report.steps.append("finetune" + ("+kd" if teacher is not None else ""))
-    from compressor.training.train import check_finite
+    from compressor.training.finite import check_finite
 
     check_finite(model, what="the recovered model")
     return model, report

@@ -27,7 +27,7 @@ from compressor.storage import checkpoint
 from compressor.pruning import criteria
 from compressor.training import distributed
 from compressor.storage import io
-from compressor.training import train
+from compressor.training import finite, train
 from compressor.training import evaluation as evaluate
 from compressor.cli import main
 from compressor.commands import _options as opt
@@ -206,12 +206,12 @@ def test_cli_exploding_training_writes_no_weights(tmp_path, small_data, monkeypa
 
 def test_check_finite_covers_weights_and_bn_statistics():
     m = tiny_model()
-    train.check_finite(m)  # a finite model passes
+    finite.check_finite(m)  # a finite model passes
     m.features.norm3.running_var[0] = float("inf")
     with pytest.raises(NonFiniteWeightsError, match=r"pruned\.pt: weights: .*features\.norm3\.running_var") as ei:
-        train.check_finite(m, source="pruned.pt")
+        finite.check_finite(m, source="pruned.pt")
     assert ei.value.exit_code == 3
-    assert train.nonfinite_tensors(m) == ["features.norm3.running_var"]
+    assert finite.nonfinite_tensors(m) == ["features.norm3.running_var"]
 
 
 # --------------------------------------------------------------------------- 3: DDP fails together

@@ -35,7 +35,7 @@ def _open(job: EvalJob) -> tuple[nn.Module, dict[str, Any], torch.device]:
     """The model (or ONNX session wrapper), the checkpoint's fields ({} for ONNX) and the device."""
     from compressor.deploy import onnx_model
     from compressor.training.evaluation import resolve_device
-    from compressor.training.train import check_finite
+    from compressor.training.finite import check_finite
 
     if onnx_model.is_onnx(job.path):
         return onnx_model.load(job.path), {}, resolve_device("cpu")
