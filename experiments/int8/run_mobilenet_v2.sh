@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Issue 21, MobileNet v2 row: baseline -> l1 + reconstruct (uniform 30%) -> float32/int8 ONNX, one bench run.
 # Run from the repository root. The baseline was trained on a 1,000-per-class subset of the JPEG copy's training
-# split (the box was too loaded for the full 50k; experiments/int8/RESULTS_mobilenet_v2.md); the test split is the
+# split (the box was too loaded for the full 50k; experiments/RESULTS.md, "Calibrated int8 export: MobileNet v2"); the test split is the
 # copy's full 10,000 images.
 set -euo pipefail
 PY=.venv/bin/python
