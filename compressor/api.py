@@ -38,6 +38,7 @@ from compressor.pruning import policy
 from compressor.pruning import surgery
 from compressor.pruning import scores as scores_mod
 from compressor.errors import UserError
+from compressor.models import hrank
 from compressor.pruning.plan import Plan, make_plan
 from compressor.pruning import graph
 from compressor.pruning.size import SizeModel
@@ -139,7 +140,7 @@ def rates_spec(rates: Any, model: nn.Module, *, rounding: str | None = None, rou
 
     Takes a ``rates.yaml`` path, a rates-file-like dict, a ``{layer: rate}`` mapping, a list in
     unit order, a string in HRank's grammar, or a ``RateSpec``. A list in the model's published
-    layout (HRankPlus/CHIP's ResNet lists, via the model's ``hrankplus_rates``) is accepted too.
+    layout (HRankPlus/CHIP's ResNet lists: ``models.hrank.layout_rates``) is accepted too.
     """
     names = [u.name for u in graph.units(model)]
     arch, short = getattr(model, "arch", None), getattr(model, "short_rate_list", None)
@@ -154,7 +155,7 @@ def rates_spec(rates: Any, model: nn.Module, *, rounding: str | None = None, rou
                 for name in (exc.field, exc.field.strip("'")):
                     if name in d.refused or name in d.skipped:
                         graph.check_prunable(model, [name])
-            if exc.field != "rates" or not hasattr(model, "hrankplus_rates"):
+            if exc.field != "rates" or not hrank.has_layout(model):
                 raise  # a bad round_to, rounding or model is reported as itself, not as a layout mismatch
             try:
                 spec = _layout_rates(read_yaml(rates), str(rates), model, names)
@@ -183,14 +184,14 @@ def _message(exc: UserError) -> str:
 
 def _layout_rates(doc: Any, source: str, model: nn.Module, names: list[str]) -> RateSpec | None:
     """A rate list in the model's published layout (HRankPlus/CHIP ResNet lists), if it is one."""
-    if not hasattr(model, "hrankplus_rates"):
+    if not hrank.has_layout(model):
         return None
     raw = doc.get("rates") if isinstance(doc, dict) else None
     if isinstance(raw, str):
         raw = parse_rate_string(raw, source)
     if not isinstance(raw, list):
         return None
-    mapping = model.hrankplus_rates(raw)
+    mapping = hrank.layout_rates(model, raw)
     spec = spec_from_doc({**doc, "rates": {n: float(mapping.get(n, 0.0)) for n in names}}, names, source=source,
                          model_name=getattr(model, "arch", None))
     return spec.replace(extra={**spec.extra, "layout": "hrankplus", "rates_string": str(doc.get("rates"))[:200]})

@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from compressor.errors import UserError
+from compressor.models import hrank
 from compressor.pruning import scores as scores_mod
 from compressor.storage import checkpoint
 from tests.test_bad_input import _private_data_cache, files, run  # noqa: F401 - fixtures
@@ -146,8 +147,8 @@ def test_a_scores_file_of_too_many_units_is_refused_by_its_count(tmp_path, score
 def test_hrank_rank_files_are_bound_to_the_checkpoint_they_are_imported_for(files, tmp_path):  # noqa: F811
     net, _ = checkpoint.load(files["tiny"])
     sc = scores_mod.compute(net, [], ["l1"], n_images=0, seed=0, progress=False)
-    scores_mod.export_hrank(sc, "l1", net, tmp_path / "npy")
-    imported = scores_mod.import_hrank(tmp_path / "npy", net)
+    hrank.export_rank_files(sc, "l1", net, tmp_path / "npy")
+    imported = hrank.import_rank_files(tmp_path / "npy", net)
     assert imported.meta["model_checksum"] == scores_mod.model_checksum(net)
     imported.check_model(net, str(tmp_path / "npy"))  # no checksum in HRank's files: the import path still works
     saved = scores_mod.Scores.load(imported.save(tmp_path / "scores.pt"))  # a run's scores.pt made from them
@@ -164,17 +165,17 @@ def test_a_hostile_hrank_rank_file_names_the_file(files, tmp_path):  # noqa: F81
     folder.mkdir()
     np.save(folder / "rank_conv1.npy", np.array([1.0] * 7 + [np.nan]))
     with pytest.raises(UserError, match="rank_conv1.npy: holds 1 NaN/inf ranks"):
-        scores_mod.import_hrank(folder, net)
+        hrank.import_rank_files(folder, net)
     np.save(folder / "rank_conv1.npy", np.ones(8, dtype=np.complex64))
     with pytest.raises(UserError, match="rank_conv1.npy: ranks must be real numbers"):
-        scores_mod.import_hrank(folder, net)
+        hrank.import_rank_files(folder, net)
     # A header that declares a billion ranks over a few bytes: refused from the header, nothing allocated.
     header = {"descr": "<f8", "fortran_order": False, "shape": (10**9,)}
     with open(folder / "rank_conv1.npy", "wb") as fh:
         np.lib.format.write_array_header_1_0(fh, header)
         fh.write(b"\0" * 64)
     with pytest.raises(UserError, match=r"rank_conv1.npy: has ranks of shape \(1000000000,\)"):
-        scores_mod.import_hrank(folder, net)
+        hrank.import_rank_files(folder, net)
 
 
 # --------------------------------------------------------------------------- ONNX files

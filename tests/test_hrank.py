@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from compressor.models import hrank
 from compressor.pruning import scores as scores_mod
 from compressor.pruning.capture import record
 from compressor.pruning.criteria.hrank import RankAccumulator, batch_ranks
@@ -125,15 +126,15 @@ def test_too_few_images_is_user_error(tiny_vgg):
 
 def test_hrank_npy_export_import(tiny_vgg, tmp_path):
     sc = scores_mod.compute(tiny_vgg, [torch.randn(3, 3, 32, 32)], ["hrank"], n_images=3, seed=0, progress=False)
-    paths = scores_mod.export_hrank(sc, "hrank", tiny_vgg, tmp_path)
+    paths = hrank.export_rank_files(sc, "hrank", tiny_vgg, tmp_path)
     assert [p.name for p in paths][:2] == ["rank_conv1.npy", "rank_conv2.npy"] and len(paths) == 13
     assert np.load(paths[0]).shape == (8,)
-    back = scores_mod.import_hrank(tmp_path, tiny_vgg)
+    back = hrank.import_rank_files(tmp_path, tiny_vgg)
     for u, t in sc.scores["hrank"].items():
         assert torch.allclose(back.scores["hrank"][u], t)
     np.save(tmp_path / "rank_conv1.npy", np.zeros(5))
     with pytest.raises(UserError, match="rank_conv1.npy"):
-        scores_mod.import_hrank(tmp_path, tiny_vgg)
+        hrank.import_rank_files(tmp_path, tiny_vgg)
 
 
 def test_threaded_svd_split_is_bit_identical():

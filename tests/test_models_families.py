@@ -305,7 +305,7 @@ def test_torchvision_weights_load(name: str) -> None:
 
 
 def test_mobilenet_v1_hrankplus_keys() -> None:
-    from compressor.models.mobilenet_v1 import hrankplus_state_dict
+    from compressor.models.hrank import hrankplus_mobilenet_v1_state_dict as hrankplus_state_dict
 
     ours = _model("mobilenet_v1")
     seed = nn.Module()  # HRankPlus's positional layout, sharing our tensors

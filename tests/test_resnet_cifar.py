@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from compressor.models import hrank
 from compressor.storage import checkpoint
 from compressor.pruning import counting
 from compressor.pruning import surgery
@@ -103,7 +104,7 @@ PUBLISHED = [("[0.]+[0.15]*2+[0.4]*27", 0.48e6, 65.94e6), ("[0.]+[0.4]*2+[0.5]*9
 def test_hrankplus_resnet56_lists_reproduce_the_published_sizes(rates: str, params: float, macs: float) -> None:
     with one_thread():
         m = get_model("resnet56").eval()
-        pruned = _prune_with(m, m.hrankplus_rates(parse_rate_string(rates)))
+        pruned = _prune_with(m, hrank.layout_rates(m, parse_rate_string(rates)))
         c = counting.count(pruned)
         with_bn = c["macs"] + counting.count_norm_ops(pruned)
         assert abs(with_bn / macs - 1) < 0.01, with_bn  # 65.94M / 34.78M; conv+linear alone: 65.17M / 34.20M

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from compressor import api, data as data_mod
+from compressor.models import hrank
 from compressor.storage import checkpoint
 from compressor.data import contract as contract_mod, describe
 from compressor.pruning import criteria
@@ -152,7 +153,7 @@ def _load_scores(job: PruneJob, base: nn.Module | None) -> scores_mod.Scores | N
         return None
     if base is None:
         raise UserError("reusing scores needs the --checkpoint they were computed on", field="scores")
-    sc = scores_mod.Scores.load(job.scores) if job.scores else scores_mod.import_hrank(job.import_hrank, base)
+    sc = scores_mod.Scores.load(job.scores) if job.scores else hrank.import_rank_files(job.import_hrank, base)
     sc.check_model(base, job.scores or job.import_hrank)
     sc.for_criterion(job.criterion)
     return sc

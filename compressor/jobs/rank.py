@@ -38,7 +38,7 @@ def run_rank(job: RankJob, load_data: Callable[[nn.Module, dict], data.DataBundl
 
     ``say`` prints on the main process only. Returns ``{"path", "n_images", "world_size", "hrank_files"}``.
     """
-    from compressor.pruning import scores
+    from compressor.models import hrank
     from compressor.training import distributed
 
     io.check_writable(job.out.parent)  # fail before the pass, not after it
@@ -62,7 +62,7 @@ def run_rank(job: RankJob, load_data: Callable[[nn.Module, dict], data.DataBundl
                 f"{ctx.world_size} process(es)) written to {job.out}")
             if job.export_hrank:
                 crit = "hrank" if "hrank" in names else names[0]
-                out["hrank_files"] = scores.export_hrank(sc, crit, model, job.export_hrank)
+                out["hrank_files"] = hrank.export_rank_files(sc, crit, model, job.export_hrank)
                 say(f"HRank rank files: {len(out['hrank_files'])} written to {job.export_hrank}")
 
         distributed.run_on_main(write, ctx)

@@ -1,7 +1,7 @@
 """MobileNet v1 in HRankPlus's seed layout: a ``conv_bn`` stem, 13 ``conv_dw`` blocks, fc.
 
 Module names are readable (``features.conv_bn.conv``, ``features.conv_dw3.pw``); see
-``hrankplus_state_dict`` for HRankPlus's positional keys (``conv1.0``, ``features.2.3``).
+``models.hrank.hrankplus_mobilenet_v1_state_dict`` for HRankPlus's positional keys (``conv1.0``, ``features.2.3``).
 
 ``cfg`` holds 14 widths: the stem conv's, then each pointwise conv's. A depthwise conv has
 no channels of its own: it keeps the indices its producer (the stem or the previous
@@ -96,26 +96,6 @@ class MobileNetV1(nn.Module):
     def cfg_from_state_dict(self, sd: Mapping[str, torch.Tensor]) -> list[int]:
         """The cfg of a (possibly pruned) state_dict in this layout, read off its weight shapes."""
         return [int(sd[f"{name}.weight"].shape[0]) for name in self._pointwise()]
-
-
-def hrankplus_state_dict(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Rename HRankPlus's ``MobileNetV1`` keys (``conv1.0``, ``features.i.j``, ``classifier.0``) to ours."""
-    block = ("dw", "dw_bn", "dw_relu", "pw", "pw_bn", "pw_relu")
-    stem = ("conv", "bn", "relu")
-    out: dict[str, torch.Tensor] = {}
-    for key, t in state.items():
-        k = key[len("module."):] if key.startswith("module.") else key
-        parts = k.split(".")
-        if parts[0] == "conv1":
-            new = f"features.conv_bn.{stem[int(parts[1])]}.{'.'.join(parts[2:])}"
-        elif parts[0] == "features":
-            new = f"features.conv_dw{int(parts[1]) + 1}.{block[int(parts[2])]}.{'.'.join(parts[3:])}"
-        elif parts[0] == "classifier":
-            new = f"fc.{'.'.join(parts[2:])}"
-        else:
-            raise UserError(f"unexpected key {key!r} in an HRankPlus MobileNet v1 state_dict", field="state_dict")
-        out[new] = t
-    return out
 
 
 @register_model("mobilenet_v1")

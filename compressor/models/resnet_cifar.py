@@ -172,24 +172,8 @@ class ResNetCifar(nn.Module):
     def ignored_layers(self) -> list[nn.Module]:
         return [self.linear]
 
-    def hrankplus_rates(self, rates: Sequence[float]) -> dict[str, float]:
-        """HRankPlus/CHIP's 30-entry (ResNet-56) list as rates of this model's units.
-
-        Their order: stem, stage-1 output, stage-2 output, then the 3·n block-inner convs;
-        stage-3 outputs stay whole. The widths are HRankPlus's. Where HRankPlus crops or pads
-        its shortcut so that the stem and stage 1 can differ, the first block's ``PadShortcut``
-        here maps each kept stem channel onto the same stage-1 channel as in the unpruned
-        network (a stem channel that stage 1 dropped feeds only ``layer1.0.conv1``), so every
-        residual add stays channel-aligned and dead channels prune exactly.
-        """
-        n = (self.depth - 2) // 6
-        if len(rates) != 3 + 3 * n:
-            raise UserError(f"an HRankPlus ResNet-{self.depth} rate list has {3 + 3 * n} entries, got {len(rates)}",
-                            field="rates")
-        out = {"conv1": float(rates[0]), "layer1.0.conv2": float(rates[1]), "layer2.0.conv2": float(rates[2])}
-        inner = [f"layer{s}.{i}.conv1" for s in (1, 2, 3) for i in range(n)]
-        out.update({name: float(r) for name, r in zip(inner, rates[3:])})
-        return out
+    #: rate lists in HRankPlus/CHIP's published order are read by ``models.hrank.layout_rates``
+    rate_layout = "hrankplus_resnet"
 
 
 def _builder(depth: int):  # noqa: ANN202 - registry builders share one signature

@@ -3,7 +3,7 @@
 The scores file (``torch.save`` of plain data, loads with ``weights_only=True``) is keyed by
 unit (layer) name and records what produced it: criterion and its settings, number of
 images, seed, input size, rank-point mode and a checksum of the model's weights.
-HRank's per-layer ``rank_conv{k}.npy`` files (k = 1-based convcfg position) import and export.
+HRank's per-layer ``rank_conv{k}.npy`` files are imported and exported by ``compressor.models.hrank``.
 """
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -278,59 +277,3 @@ def compute(
         **dict(extra_meta or {}),
     }
     return Scores(scores=out, tiebreak=mean_act.result() if seen else {}, meta=meta)
-
-
-def export_hrank(scores: Scores, criterion: str, model: nn.Module, folder: str | Path) -> list[Path]:
-    """Write HRank's ``rank_conv{k}.npy`` (k = 1-based unit position)."""
-    paths = []
-    per_unit = scores.for_criterion(criterion)
-    for k, u in enumerate(units_of(model), start=1):
-        if u.name in per_unit:
-            p = Path(folder) / f"rank_conv{k}.npy"
-            io.atomic_write(p, lambda fh, t=per_unit[u.name]: np.save(fh, t.double().numpy()))
-            paths.append(p)
-    return paths
-
-
-def import_hrank(folder: str | Path, model: nn.Module) -> Scores:
-    """Read HRank's ``rank_conv{k}.npy`` files into a Scores (criterion ``hrank``)."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise UserError("HRank rank folder not found", source=str(folder))
-    out: dict[str, torch.Tensor] = {}
-    for k, u in enumerate(units_of(model), start=1):
-        p = folder / f"rank_conv{k}.npy"
-        if not p.exists():
-            continue
-        out[u.name] = _read_rank_file(p, u.name, u.width)
-    if not out:
-        raise UserError("no rank_conv{k}.npy files found", source=str(folder))
-    # HRank's files record no weights: they are bound to the checkpoint they are imported for.
-    return Scores(scores={"hrank": out}, meta={"model": getattr(model, "arch", type(model).__name__),
-                                               "imported_from": str(folder), "model_checksum": model_checksum(model)})
-
-
-def _read_rank_file(path: Path, unit: str, width: int) -> torch.Tensor:
-    """One ``rank_conv{k}.npy``: its header (shape, dtype) is checked before the values are read;
-    the ranks must be ``width`` finite real numbers."""
-    src = str(path)
-    try:
-        with open(path, "rb") as fh:
-            version = np.lib.format.read_magic(fh)
-            header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
-                      else np.lib.format.read_array_header_2_0)
-            shape, _, dtype = header(fh)
-    except (ValueError, OSError) as exc:
-        raise UserError(f"not a numpy rank file ({str(exc)[:120]})", source=src) from exc
-    if len(shape) != 1 or shape[0] != width:
-        raise UserError(f"has ranks of shape {shape}, {unit} has {width} channels", source=src)
-    if dtype.kind not in "fiu":
-        raise UserError(f"ranks must be real numbers, got dtype {dtype}", source=src)
-    try:
-        arr = np.load(path, allow_pickle=False)
-    except (ValueError, OSError) as exc:
-        raise UserError(f"not a numpy rank file ({str(exc)[:120]})", source=src) from exc
-    t = torch.from_numpy(np.asarray(arr, dtype=np.float64)).float()
-    if not torch.isfinite(t).all():
-        raise UserError(f"holds {int((~torch.isfinite(t)).sum())} NaN/inf ranks; ranks must be finite", source=src)
-    return t
