@@ -252,16 +252,17 @@ def test_channel_shuffle_is_refused_in_one_line() -> None:
 
 
 def test_layernorm_over_channels_is_refused_not_pruned_wrongly() -> None:
-    """ConvNeXt's channels are residual and LayerNorm normalises over them: by default nothing
-    is prunable (said so), and forcing the residual groups fails the masked-model check."""
-    import compressor
-
+    """ConvNeXt's stage channels are residual and LayerNorm normalises over them: they are refused with
+    the norm named, even with residual=True (no cut of them is exact); what is pruned is its MLP hidden
+    widths (Linear-rooted units, tests/test_linear_units.py)."""
     with one_thread():
         m = get_model("torchvision:convnext_tiny", num_classes=4, input_size=32).eval()
-        with pytest.raises(UserError, match="no prunable unit.*residual"):
-            compressor.prune(m, rates={"default": 0.3})
-        with pytest.raises(UserError, match="differs from the masked one"):
-            compressor.prune(m, rates={"default": 0.3}, residual=True)
+        d = graph.discover(m, residual=True)
+        assert set(d.refused) == {"features.0.0", "features.2.1", "features.4.1", "features.6.1"}
+        assert all("LayerNorm" in r and "normalizes across these channels" in r for r in d.refused.values())
+        assert len(d.units) == 18 and all(isinstance(m.get_submodule(u.name), nn.Linear) for u in d.units)
+        with pytest.raises(UserError, match="cannot be pruned safely: LayerNorm"):
+            graph.check_prunable(m, ["features.0.0"])
 
 
 def test_surgery_keeps_the_callers_dtype_and_rng() -> None:

@@ -61,6 +61,30 @@ class MeanActivation(Accumulator):
         return act.float().mean(dim=(2, 3)) if act.ndim == 4 else act.float()
 
 
+def channel_maps(out: torch.Tensor, channels_last: bool) -> torch.Tensor:
+    """A rank point's output as per-channel maps ``[N, C, H, W]``, the layout every accumulator reads.
+
+    A conv's output already is. A Linear-rooted unit (``channels_last``) has its channels on the last
+    dim: ``[N, H, W, C]`` in a channels-last block (ConvNeXt's MLP) becomes ``[N, C, H, W]``, tokens
+    ``[N, L, C]`` become ``[N, C, L, 1]``, and a plain MLP head's ``[N, C]`` becomes ``[N, C, 1, 1]``
+    (one 1x1 map per channel: HRank's rank is then 1 where the channel is non-zero, 0 where it is zero).
+    """
+    if not channels_last:
+        return out
+    if out.ndim == 2:
+        return out[:, :, None, None]
+    if out.ndim == 3:
+        return out.movedim(-1, 1)[..., None]
+    return out.movedim(-1, 1)
+
+
+def channels_last_points(model: nn.Module, unit: PrunableUnit) -> tuple[bool, ...]:
+    """Per rank point of ``unit``: whether its output holds the channels on the last dim (its layer is a
+    Linear; a residual unit may mix convs and Linears)."""
+    heads = unit.convs if len(unit.convs) == len(unit.rank_points) else (unit.name,) * len(unit.rank_points)
+    return tuple(isinstance(model.get_submodule(h), nn.Linear) for h in heads)
+
+
 def record(
     model: nn.Module,
     batches: Iterable[torch.Tensor],
@@ -85,8 +109,10 @@ def record(
         use_compat = compat and u.compat_rank_points
         pts = u.compat_rank_points if use_compat else u.rank_points
         acts = ("",) * len(pts) if use_compat or not u.rank_acts else u.rank_acts
-        for p, act in zip(pts, acts):
-            points[p] = (u.name, activation_fn(act))
+        lasts = (False,) * len(pts) if use_compat else channels_last_points(model, u)
+        for p, act, last in zip(pts, acts, lasts):
+            fn = activation_fn(act)
+            points[p] = (u.name, (lambda t, fn=fn: channel_maps(fn(t), True)) if last else fn)
     if compat:
         # HRank never ranks units without a compat point (conv 13 of VGG16).
         points = {p: v for p, v in points.items() if any(u.name == v[0] and u.compat_rank_points for u in units)}

@@ -7,10 +7,20 @@ after a flatten). One group of ``DependencyGraph.get_all_groups`` is one unit.
 
 Rules (each documented in the README, "Any CNN"):
 
-* **Roots** are ``Conv2d`` layers. Linear-rooted groups (an MLP head's hidden width) are
-  not units. Groups that would cut a *protected* layer's outputs (the classifier, or
-  anything the caller names) are skipped; the protected layers stay in the trace, so the
-  classifier's input columns still follow the unit that feeds it.
+* **Roots** are ``Conv2d`` and ``Linear`` layers. A group with no conv writing its channels is
+  *Linear-rooted* (an MLP's hidden width: ConvNeXt's ``pwconv1 -> GELU -> pwconv2`` in its
+  channels-last block, an MLP head, an SE block made of Linears); it is a unit like a conv's, ranked
+  on the Linear's output with its activation (channels on the last dim: ``capture.channel_maps``
+  turns ``[N, H, W, C]`` / ``[N, C]`` into ``[N, C, H, W]`` / ``[N, C, 1, 1]`` maps) and cut with
+  ``tp.prune_linear_out_channels``. Registered families (``unit_annotations``) keep their conv units
+  only. Groups that would cut a *protected* layer's outputs (the classifier, or anything the
+  caller names) are skipped; the protected layers stay in the trace, so the classifier's input
+  columns still follow the unit that feeds it. A Linear that writes a conv's channels (added to
+  them, as in ConvNeXt's blocks) is a producer of that unit: with the add it is residual.
+* **Norms across channels.** A unit whose channels a ``LayerNorm`` (over channels, e.g. ConvNeXt's
+  stage widths) or a ``GroupNorm`` with fewer groups than channels normalizes is refused: the
+  norm's mean and variance include every channel, so no cut leaves the kept channels' values as
+  they were, and the masked-model check would fail.
 * **Kinds.** ``plain``: one producing conv (plus depthwise followers, SE gates);
   ``residual``: two or more producing convs tied by an add (one shared index set, scores
   summed over the members); ``linear``: a plain unit whose BN output feeds no activation
@@ -463,6 +473,14 @@ def _norm_after(node: Any) -> Any | None:
     return None
 
 
+def _mixes_channels(mod: nn.Module) -> bool:
+    """A norm whose statistics span several of the channels it carries (LayerNorm over channels, GroupNorm
+    with fewer groups than channels): cutting channels changes the kept ones' outputs."""
+    if isinstance(mod, nn.GroupNorm):
+        return mod.num_groups < mod.num_channels
+    return isinstance(mod, nn.LayerNorm)
+
+
 def _is_depthwise(conv: nn.Conv2d) -> bool:
     return conv.groups > 1 and conv.groups == conv.in_channels == conv.out_channels
 
@@ -490,8 +508,9 @@ def _grouped_refusal(model: nn.Module, grouped: Sequence[str], out_mods: Mapping
     return ""
 
 
-def _is_depthwise_follower(conv: nn.Conv2d, in_group: bool) -> bool:
-    return in_group and conv.groups > 1 and conv.groups == conv.in_channels == conv.out_channels
+def _is_depthwise_follower(conv: nn.Module, in_group: bool) -> bool:
+    return (in_group and isinstance(conv, nn.Conv2d) and conv.groups > 1
+            and conv.groups == conv.in_channels == conv.out_channels)
 
 
 def discover(model: nn.Module, example: torch.Tensor | None = None, *,
@@ -514,7 +533,8 @@ def discover(model: nn.Module, example: torch.Tensor | None = None, *,
     skipped: dict[str, str] = {}
     groups: dict[str, int] = {}
     with within(model, "grouping (get_all_groups)"):
-        found = list(dg.get_all_groups(ignored_layers=list(protected), root_module_types=[nn.Conv2d]))
+        found = list(dg.get_all_groups(ignored_layers=list(protected), root_module_types=[nn.Conv2d, nn.Linear]))
+    hand_described = hasattr(model, "unit_annotations")  # registered families keep their conv units only
     for group in found:
         items = [(it.dep.target, it.dep.handler, len(it.idxs)) for it in group]
         out_mods, in_mods = {}, {}
@@ -528,10 +548,13 @@ def discover(model: nn.Module, example: torch.Tensor | None = None, *,
             (out_mods if dg.is_out_channel_pruning_fn(handler) else in_mods)[names[mod]] = n
         convs = sorted((n for n in out_mods if isinstance(model.get_submodule(n), nn.Conv2d)),
                        key=lambda n: order.get(n, 1 << 30))
-        if not convs:
-            continue
+        if not convs:  # a Linear-rooted group (an MLP's hidden width, channels last or [N, C])
+            convs = sorted((n for n in out_mods if isinstance(model.get_submodule(n), nn.Linear)),
+                           key=lambda n: order.get(n, 1 << 30))
+            if not convs or hand_described:
+                continue
         root = convs[0]
-        width = model.get_submodule(root).out_channels
+        width = out_width(model.get_submodule(root))
         if width < 2:  # nothing left to cut (e.g. a depthwise conv pruned to 1 channel traces as a plain conv)
             continue
         # Per-channel layers (BN) may follow the unit on a slice (a concat before them); a conv or
@@ -543,6 +566,12 @@ def discover(model: nn.Module, example: torch.Tensor | None = None, *,
             for n in convs[1:]:
                 refused.setdefault(n, refused[root])
             continue
+        mixing = [n for n in out_mods if _mixes_channels(model.get_submodule(n))]
+        if mixing:  # no cut of these channels is exact: refused here rather than by the masked check
+            mod = model.get_submodule(mixing[0])
+            refused[root] = (f"{type(mod).__name__} {mixing[0]} normalizes across these channels (its mean and "
+                             "variance include every one), so removing some changes the values of the rest")
+            continue
         grouped = [n for n in (*out_mods, *in_mods) if isinstance(model.get_submodule(n), nn.Conv2d)
                    and 1 < model.get_submodule(n).groups and not _is_depthwise(model.get_submodule(n))]
         g_unit = 1
@@ -552,7 +581,11 @@ def discover(model: nn.Module, example: torch.Tensor | None = None, *,
                 refused[root] = why
                 continue
             g_unit = model.get_submodule(grouped[0]).groups
-        producers = [n for n in convs if not _is_depthwise_follower(model.get_submodule(n), n in in_mods)]
+        # every conv or Linear writing these channels (a Linear's output added to a conv's, as in ConvNeXt's
+        # blocks, makes a residual group), the root first
+        layers = sorted((n for n in out_mods if isinstance(model.get_submodule(n), (nn.Conv2d, nn.Linear))),
+                        key=lambda n: (n != root, order.get(n, 1 << 30)))
+        producers = [n for n in layers if not _is_depthwise_follower(model.get_submodule(n), n in in_mods)]
         kind = "residual" if (adds and len(producers) > 1) else "plain"
         heads = producers if kind == "residual" else producers[:1]
         points, acts, bns = [], [], []

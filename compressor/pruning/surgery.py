@@ -62,7 +62,9 @@ def cut(model: nn.Module, plan: Plan) -> tuple[nn.Module, dict[str, list[int]]]:
         drop = _drop(units[name].width, keep)
         if not drop:
             continue
-        group = dg.get_pruning_group(m.get_submodule(name), tp.prune_conv_out_channels, idxs=drop)
+        root = m.get_submodule(name)  # a Conv2d, or a Linear (an MLP's hidden width)
+        fn = tp.prune_linear_out_channels if isinstance(root, nn.Linear) else tp.prune_conv_out_channels
+        group = dg.get_pruning_group(root, fn, idxs=drop)
         if not dg.check_pruning_group(group):
             raise UserError(f"torch-pruning refused the group of {name} (it would empty a layer)", field=name)
         for item in group:

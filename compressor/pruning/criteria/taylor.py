@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from compressor.pruning.capture import Accumulator
+from compressor.pruning.capture import Accumulator, channel_maps, channels_last_points
 from compressor.pruning.criteria.base import AccumulatorCriterion, register_criterion
 from compressor.errors import UserError
 from compressor.models._spec import PrunableUnit
@@ -41,18 +41,19 @@ def taylor_pass(model: nn.Module, loader_with_labels: Iterable, units: Sequence[
     ``result()``, exactly like the capture pass's accumulators.
     """
     points = {p: u.name for u in units for p in u.rank_points}
+    last = {p: f for u in units for p, f in zip(u.rank_points, channels_last_points(model, u))}  # a Linear's point
     acc = TaylorAccumulator()
-    captured: list[tuple[str, torch.Tensor]] = []
+    captured: list[tuple[str, bool, torch.Tensor]] = []
 
-    def make_hook(unit: str):
+    def make_hook(unit: str, channels_last: bool):
         def hook(_m: nn.Module, _inp, out: torch.Tensor) -> None:
-            captured.append((unit, out))
+            captured.append((unit, channels_last, out))
         return hook
 
     modules = dict(model.named_modules())
     was_training = model.training
     model.eval()
-    handles = [modules[p].register_forward_hook(make_hook(u)) for p, u in points.items()]
+    handles = [modules[p].register_forward_hook(make_hook(u, last[p])) for p, u in points.items()]
     bar = tqdm(total=n_images, desc="taylor pass", unit="img", disable=not progress, leave=False)
     try:
         with torch.enable_grad(), torch.autocast(device_type=torch.device(device).type, enabled=False):
@@ -66,9 +67,9 @@ def taylor_pass(model: nn.Module, loader_with_labels: Iterable, units: Sequence[
                 captured.clear()
                 x = x.float().requires_grad_(True)  # a graph exists even if the weights are frozen
                 loss = F.cross_entropy(model(x).float(), y, reduction="sum")
-                grads = torch.autograd.grad(loss, [t for _, t in captured])
-                for (unit, a), g in zip(captured, grads):
-                    s = a.detach().float() * g.float()
+                grads = torch.autograd.grad(loss, [t for _, _, t in captured])
+                for (unit, channels_last, a), g in zip(captured, grads):
+                    s = channel_maps(a.detach().float() * g.float(), channels_last)  # [N, C, H, W]
                     s = s.mean(dim=(2, 3)) if s.ndim == 4 else s
                     s = s.abs().sum(0).double()
                     acc.sums[unit] = acc.sums[unit] + s if unit in acc.sums else s
