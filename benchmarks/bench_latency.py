@@ -26,6 +26,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from compressor.pruning import graph
 from compressor.pruning import counting
 from compressor.pruning import policy
 from compressor.pruning import surgery
@@ -44,14 +45,14 @@ SETTINGS: dict[str, str] = {
 
 
 def rates_of(model: torch.nn.Module, setting: str) -> dict[str, float]:
-    units = [u.name for u in model.prunable_units()]
+    units = [u.name for u in graph.units(model)]
     if setting.startswith("uniform "):
         return {u: float(setting.split()[1]) for u in units}
     return resolve_rates(setting, units, short_list=getattr(model, "short_rate_list", None))
 
 
 def build(model: torch.nn.Module, spec: RateSpec, seed: int = 0) -> torch.nn.Module:
-    widths = {u.name: u.width for u in model.prunable_units()}
+    widths = {u.name: u.width for u in graph.units(model)}
     g = torch.Generator().manual_seed(seed)
     scores = {u: torch.rand(w, generator=g) for u, w in widths.items()}
     plan = make_plan(scores, spec, widths, model=model.arch)

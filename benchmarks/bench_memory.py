@@ -59,10 +59,12 @@ def _floats_per_image(model, x) -> int:
     """Activation floats one image produces at the rank points: what a per-image store would keep."""
     import torch
 
+    from compressor.pruning import graph
+
     sizes: list[int] = []
     mods = dict(model.named_modules())
     hooks = [mods[p].register_forward_hook(lambda _m, _i, o: sizes.append(o[0].numel()))
-             for u in model.prunable_units() for p in u.rank_points]
+             for u in graph.units(model) for p in u.rank_points]
     try:
         with torch.no_grad():
             model(x[None])

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from compressor.pruning import graph
 from compressor import data
 from compressor.storage import checkpoint
 from compressor.pruning.capture import limit_images
@@ -71,7 +72,7 @@ def main() -> None:
     model.eval()
     calib = data.calibration_subset(bundle.train_eval, args.n_images, args.seed)
     batches = [x for x in limit_images(data.loader(calib, args.batch_size), args.n_images)]
-    units = model.prunable_units()
+    units = graph.units(model)
 
     with torch.no_grad():  # warm-up
         model(batches[0])

@@ -42,6 +42,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
+from compressor.pruning import graph
 from compressor import data# noqa: E402
 from compressor.storage import checkpoint
 from compressor.storage import io
@@ -84,7 +85,7 @@ class Runner:
         self.base.eval()
         self.test = data.loader(self.bundle.test, 500)
         self.val = data.loader(self.bundle.val, 500)
-        self.widths = {u.name: u.width for u in self.base.prunable_units()}
+        self.widths = {u.name: u.width for u in graph.units(self.base)}
         self.counter = policy.SizeCounter(self.base)
         self._calib: dict[int, tuple] = {}
         self._scores: dict[tuple[str, int], dict] = {}

@@ -15,6 +15,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
+from compressor.pruning import graph
 from compressor import data# noqa: E402
 from compressor.storage import checkpoint
 from compressor.pruning import criteria
@@ -32,8 +33,8 @@ def main() -> None:
     base.eval()
     test = data.loader(data.calibration_subset(bundle.test, 2000, 0), 250)
     recal = data.loader(data.calibration_subset(bundle.train_eval, 512, 1), 128)
-    widths = {u.name: u.width for u in base.prunable_units()}
-    scores = criteria.get("l1").score(base, base.prunable_units(), None)
+    widths = {u.name: u.width for u in graph.units(base)}
+    scores = criteria.get("l1").score(base, graph.units(base), None)
     specs = {
         "HRankPlus [0.21]*7+[0.75]*5": RateSpec(rates=resolve_rates("[0.21]*7+[0.75]*5", list(widths), short_list=12)),
         "sensitivity-suggested (macs=0.42)": load_rates(ROOT / "experiments/criteria/sensitivity_vgg16_l1/"

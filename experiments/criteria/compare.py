@@ -36,6 +36,7 @@ from torch.utils.data import Subset
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
+from compressor.pruning import graph
 from compressor import data# noqa: E402
 from compressor.storage import checkpoint
 from compressor.storage import io
@@ -115,7 +116,7 @@ def main() -> int:
     test = data.loader(data.calibration_subset(bundle.test, args.n_test, args.seed), 250)
     calib = data.loader(data.calibration_subset(bundle.train_eval, args.n_calib, args.seed), 64)
     recal = data.loader(data.calibration_subset(bundle.train_eval, 512, args.seed + 1), 128)
-    units = base.prunable_units()
+    units = graph.units(base)
     widths = {u.name: u.width for u in units}
     spec = RateSpec(rates=resolve_rates(RATES, list(widths), short_list=12), rounding="keep_floor")
 

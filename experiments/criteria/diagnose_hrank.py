@@ -18,6 +18,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
+from compressor.pruning import graph
 from compressor import data# noqa: E402
 from compressor.storage import checkpoint
 from compressor.storage import io
@@ -39,7 +40,7 @@ def main() -> int:
     test = data.loader(data.calibration_subset(bundle.test, 2000, seed), 250)
     calib = data.loader(data.calibration_subset(bundle.train_eval, 128, seed), 64)
     recal = data.loader(data.calibration_subset(bundle.train_eval, 512, seed + 1), 128)
-    units = base.prunable_units()
+    units = graph.units(base)
     widths = {u.name: u.width for u in units}
     names = list(widths)
     spec = RateSpec(rates=resolve_rates(RATES, names, short_list=12))

@@ -34,6 +34,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
+from compressor.pruning import graph
 from compressor import data# noqa: E402
 from compressor.storage import checkpoint
 from compressor.storage import io
@@ -70,7 +71,7 @@ class Runner:
         self.test = data.loader(self.bundle.test, 500)
         self.calib_ds = data.calibration_subset(self.bundle.train_eval, args.n_calib, args.seed)
         self.calib = data.loader(self.calib_ds, 128)
-        self.widths = {u.name: u.width for u in self.base.prunable_units()}
+        self.widths = {u.name: u.width for u in graph.units(self.base)}
         self.scores: dict[str, dict] = {}
         self.path = Path(args.out)
         self.doc = json.loads(self.path.read_text()) if self.path.exists() else {"rows": []}
