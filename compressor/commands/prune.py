@@ -54,7 +54,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", help="trained model to prune; without it a quick baseline is trained first")
     p.add_argument("--criterion", default="hrank",
                    help="filter criterion (default hrank); obs chooses the channels the --reconstruct refit can best "
-                        "do without (VGG, MobileNet, SqueezeNet)")
+                        "do without (any model: consumers from the dependency graph)")
     p.add_argument("--scores", help="reuse a scores file from `rank` instead of ranking again")
     p.add_argument("--import-hrank", metavar="DIR", help="use HRank's rank_conv{k}.npy files from DIR")
     p.add_argument("--n-images", type=positive_int, default=768, help="calibration images for ranking (default 768)")
