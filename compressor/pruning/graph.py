@@ -513,110 +513,161 @@ def _is_depthwise_follower(conv: nn.Module, in_group: bool) -> bool:
             and conv.groups == conv.in_channels == conv.out_channels)
 
 
+@dataclass
+class _Found:
+    """What discovery collects, unit by unit (``Discovery`` is made from it at the end)."""
+
+    units: list[tuple[int, PrunableUnit]] = field(default_factory=list)
+    kinds: dict[str, str] = field(default_factory=dict)
+    members: dict[str, tuple[Member, ...]] = field(default_factory=dict)
+    refused: dict[str, str] = field(default_factory=dict)
+    skipped: dict[str, str] = field(default_factory=dict)
+    groups: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass
+class _Walk:
+    """The model's traced graph and what every group is read against."""
+
+    model: nn.Module
+    dg: Any
+    names: dict[nn.Module, str]
+    order: dict[str, int]
+    act_norms: Any
+
+    def layer(self, name: str) -> nn.Module:
+        return self.model.get_submodule(name)
+
+    def first(self, names: Any) -> list[str]:
+        return sorted(names, key=lambda n: self.order.get(n, 1 << 30))
+
+
+def _group_layers(w: _Walk, group: Any) -> tuple[dict[str, int], dict[str, int], bool]:
+    """The named layers whose outputs (``out``) and inputs (``in``) follow the group's channels, with their
+    index counts, and whether an add/sub joins the channel space (a residual)."""
+    out_mods: dict[str, int] = {}
+    in_mods: dict[str, int] = {}
+    adds = False
+    for it in group:
+        node, handler, n = it.dep.target, it.dep.handler, len(it.idxs)
+        mod = node.module
+        if isinstance(mod, tp.ops._ElementWiseOp) and type(node.grad_fn).__name__.startswith(("Add", "Sub")):
+            adds = True
+        if mod not in w.names:
+            continue
+        (out_mods if w.dg.is_out_channel_pruning_fn(handler) else in_mods)[w.names[mod]] = n
+    return out_mods, in_mods, adds
+
+
+def _refusal(w: _Walk, group: Any, out_mods: dict[str, int], in_mods: dict[str, int],
+             width: int) -> tuple[str | None, bool]:
+    """Why the group's channels cannot be cut exactly (None: they can), and whether the reason holds for
+    every conv writing them (members that disagree on the channel count). Per-channel layers (BN) may
+    follow the unit on a slice (a concat before them); a conv or Linear whose outputs are cut must be
+    exactly the unit's width."""
+    layer_widths = {out_width(w.layer(n)) for n in out_mods if isinstance(w.layer(n), (nn.Conv2d, nn.Linear))}
+    if layer_widths != {width} or any(n != width for n in out_mods.values()):
+        return _culprit(group), True
+    mixing = [n for n in out_mods if _mixes_channels(w.layer(n))]
+    if mixing:  # no cut of these channels is exact: refused here rather than by the masked check
+        return (f"{type(w.layer(mixing[0])).__name__} {mixing[0]} normalizes across these channels (its mean and "
+                "variance include every one), so removing some changes the values of the rest"), False
+    grouped = _grouped_layers(w, out_mods, in_mods)
+    return (_grouped_refusal(w.model, grouped, out_mods, in_mods, width) if grouped else None), False
+
+
+def _grouped_layers(w: _Walk, out_mods: dict[str, int], in_mods: dict[str, int]) -> list[str]:
+    """Grouped (not depthwise) convs among the group's layers: they keep the same count in every group."""
+    return [n for n in (*out_mods, *in_mods) if isinstance(w.layer(n), nn.Conv2d)
+            and 1 < w.layer(n).groups and not _is_depthwise(w.layer(n))]
+
+
+def _unit(w: _Walk, root: str, width: int, out_mods: dict[str, int], in_mods: dict[str, int],
+          adds: bool) -> PrunableUnit:
+    """The unit rooted at ``root``: every conv or Linear writing its channels (a Linear's output added to a
+    conv's, as in ConvNeXt's blocks, makes a residual group), root first; where it is ranked (the norm after
+    each head, with the activation after it) and its kind (plain, residual, or linear without activation)."""
+    layers = sorted((n for n in out_mods if isinstance(w.layer(n), (nn.Conv2d, nn.Linear))),
+                    key=lambda n: (n != root, w.order.get(n, 1 << 30)))
+    producers = [n for n in layers if not _is_depthwise_follower(w.layer(n), n in in_mods)]
+    kind = "residual" if (adds and len(producers) > 1) else "plain"
+    heads = producers if kind == "residual" else producers[:1]
+    points, acts, bns = [], [], []
+    for conv in heads:
+        node = w.dg.module2node[w.layer(conv)]
+        point = conv
+        norm = _norm_after(node)
+        if norm is not None and norm.module in w.names:
+            point, node = w.names[norm.module], norm
+            bns.append(point)
+        points.append(point)
+        acts.append(_activation_of(node) if kind == "plain" else "")
+    if kind == "plain" and not acts[0] and points[0] not in w.act_norms:
+        kind = "linear"  # (a norm with its activation inside is ranked on its own output: plain)
+    return PrunableUnit(name=root, convs=tuple(heads), bns=tuple(bns), rank_points=tuple(points), cfg_index=(),
+                        width=width, rank_acts=tuple(acts), kind=kind)
+
+
+def _root_of(w: _Walk, out_mods: dict[str, int], hand_described: bool) -> list[str]:
+    """The convs writing the group's channels in forward order; without any, the Linears (an MLP's hidden
+    width, channels last or [N, C]), except in HRank's families, which keep their conv units only."""
+    convs = w.first(n for n in out_mods if isinstance(w.layer(n), nn.Conv2d))
+    if convs:
+        return convs
+    linears = w.first(n for n in out_mods if isinstance(w.layer(n), nn.Linear))
+    return [] if hand_described else linears
+
+
 def discover(model: nn.Module, example: torch.Tensor | None = None, *,
              ignored: Sequence[nn.Module | str] = (), residual: bool | None = None,
              linear: bool = False, grouped: bool | None = None) -> Discovery:
-    """Find every prunable unit of ``model`` (the model is not changed)."""
+    """Find every prunable unit of ``model`` (the model is not changed): one torch-pruning group per
+    channel space, read as its layers, checked for an exact cut, and made a unit (or refused, or
+    skipped when its kind is off)."""
     example = example if example is not None else example_input(model)
     if residual is None:
         residual = bool(getattr(model, "prune_residual", False))
     grouped_ok = bool(getattr(model, "prune_grouped", GROUPED_BY_DEFAULT)) if grouped is None else grouped
     protected = protected_layers(model, example, ignored)
-    order = {n: i for i, n in enumerate(call_order(model, example))}
-    names = {m: n for n, m in model.named_modules()}
-    dg = build_graph(model, example)
-    act_norms = norms_with_activation(model, example)
-    units: list[tuple[int, PrunableUnit]] = []
-    kinds: dict[str, str] = {}
-    members: dict[str, tuple[Member, ...]] = {}
-    refused: dict[str, str] = {}
-    skipped: dict[str, str] = {}
-    groups: dict[str, int] = {}
+    w = _Walk(model=model, dg=build_graph(model, example), names={m: n for n, m in model.named_modules()},
+              order={n: i for i, n in enumerate(call_order(model, example))},
+              act_norms=norms_with_activation(model, example))
     with within(model, "grouping (get_all_groups)"):
-        found = list(dg.get_all_groups(ignored_layers=list(protected), root_module_types=[nn.Conv2d, nn.Linear]))
-    hand_described = hasattr(model, "unit_annotations")  # registered families keep their conv units only
+        found = list(w.dg.get_all_groups(ignored_layers=list(protected), root_module_types=[nn.Conv2d, nn.Linear]))
+    hand_described = hasattr(model, "unit_annotations")
+    f = _Found()
     for group in found:
-        items = [(it.dep.target, it.dep.handler, len(it.idxs)) for it in group]
-        out_mods, in_mods = {}, {}
-        adds = False
-        for node, handler, n in items:
-            mod = node.module
-            if isinstance(mod, tp.ops._ElementWiseOp) and type(node.grad_fn).__name__.startswith(("Add", "Sub")):
-                adds = True
-            if mod not in names:
-                continue
-            (out_mods if dg.is_out_channel_pruning_fn(handler) else in_mods)[names[mod]] = n
-        convs = sorted((n for n in out_mods if isinstance(model.get_submodule(n), nn.Conv2d)),
-                       key=lambda n: order.get(n, 1 << 30))
-        if not convs:  # a Linear-rooted group (an MLP's hidden width, channels last or [N, C])
-            convs = sorted((n for n in out_mods if isinstance(model.get_submodule(n), nn.Linear)),
-                           key=lambda n: order.get(n, 1 << 30))
-            if not convs or hand_described:
-                continue
+        out_mods, in_mods, adds = _group_layers(w, group)
+        convs = _root_of(w, out_mods, hand_described)
+        if not convs:
+            continue
         root = convs[0]
-        width = out_width(model.get_submodule(root))
+        width = out_width(w.layer(root))
         if width < 2:  # nothing left to cut (e.g. a depthwise conv pruned to 1 channel traces as a plain conv)
             continue
-        # Per-channel layers (BN) may follow the unit on a slice (a concat before them); a conv or
-        # Linear whose outputs are cut must be exactly the unit's width.
-        layer_widths = {out_width(model.get_submodule(n)) for n in out_mods
-                        if isinstance(model.get_submodule(n), (nn.Conv2d, nn.Linear))}
-        if layer_widths != {width} or any(n != width for n in out_mods.values()):
-            refused[root] = _culprit(group)
-            for n in convs[1:]:
-                refused.setdefault(n, refused[root])
+        why, every_conv = _refusal(w, group, out_mods, in_mods, width)
+        if why:
+            f.refused[root] = why
+            for n in convs[1:] if every_conv else ():
+                f.refused.setdefault(n, why)
             continue
-        mixing = [n for n in out_mods if _mixes_channels(model.get_submodule(n))]
-        if mixing:  # no cut of these channels is exact: refused here rather than by the masked check
-            mod = model.get_submodule(mixing[0])
-            refused[root] = (f"{type(mod).__name__} {mixing[0]} normalizes across these channels (its mean and "
-                             "variance include every one), so removing some changes the values of the rest")
-            continue
-        grouped = [n for n in (*out_mods, *in_mods) if isinstance(model.get_submodule(n), nn.Conv2d)
-                   and 1 < model.get_submodule(n).groups and not _is_depthwise(model.get_submodule(n))]
-        g_unit = 1
-        if grouped:  # the same number of channels cut in every group: ``groups`` is kept
-            why = _grouped_refusal(model, grouped, out_mods, in_mods, width)
-            if why:
-                refused[root] = why
-                continue
-            g_unit = model.get_submodule(grouped[0]).groups
-        # every conv or Linear writing these channels (a Linear's output added to a conv's, as in ConvNeXt's
-        # blocks, makes a residual group), the root first
-        layers = sorted((n for n in out_mods if isinstance(model.get_submodule(n), (nn.Conv2d, nn.Linear))),
-                        key=lambda n: (n != root, order.get(n, 1 << 30)))
-        producers = [n for n in layers if not _is_depthwise_follower(model.get_submodule(n), n in in_mods)]
-        kind = "residual" if (adds and len(producers) > 1) else "plain"
-        heads = producers if kind == "residual" else producers[:1]
-        points, acts, bns = [], [], []
-        for conv in heads:
-            node = dg.module2node[model.get_submodule(conv)]
-            point = conv
-            norm = _norm_after(node)
-            if norm is not None and norm.module in names:
-                point, node = names[norm.module], norm
-                bns.append(point)
-            points.append(point)
-            acts.append(_activation_of(node) if kind == "plain" else "")
-        if kind == "plain" and not acts[0] and points[0] not in act_norms:
-            kind = "linear"  # (a norm with its activation inside is ranked on its own output: plain)
-        unit = PrunableUnit(name=root, convs=tuple(heads), bns=tuple(bns), rank_points=tuple(points), cfg_index=(),
-                            width=width, rank_acts=tuple(acts), kind=kind)
-        kinds[root] = kind
+        grouped = _grouped_layers(w, out_mods, in_mods)
+        g_unit = w.layer(grouped[0]).groups if grouped else 1
+        unit = _unit(w, root, width, out_mods, in_mods, adds)
+        f.kinds[root] = unit.kind
         if g_unit > 1:
-            groups[root] = g_unit
-        members[root] = tuple(Member(n, "out", c) for n, c in out_mods.items()) + tuple(
+            f.groups[root] = g_unit
+        f.members[root] = tuple(Member(n, "out", c) for n, c in out_mods.items()) + tuple(
             Member(n, "in", c) for n, c in in_mods.items())
-        if (kind == "residual" and not residual) or (kind == "linear" and not linear):
-            skipped[root] = kind
-            continue
-        if g_unit > 1 and not grouped_ok:
-            skipped[root] = "grouped"
-            continue
-        units.append((order.get(root, 1 << 30), unit))
-    units.sort(key=lambda t: t[0])
-    return Discovery(units=tuple(u for _, u in units), kinds=kinds, members=members, refused=refused, skipped=skipped,
-                     groups=groups)
+        if (unit.kind == "residual" and not residual) or (unit.kind == "linear" and not linear):
+            f.skipped[root] = unit.kind
+        elif g_unit > 1 and not grouped_ok:
+            f.skipped[root] = "grouped"
+        else:
+            f.units.append((w.order.get(root, 1 << 30), unit))
+    f.units.sort(key=lambda t: t[0])
+    return Discovery(units=tuple(u for _, u in f.units), kinds=f.kinds, members=f.members, refused=f.refused,
+                     skipped=f.skipped, groups=f.groups)
 
 
 def out_width(mod: nn.Module) -> int | None:
