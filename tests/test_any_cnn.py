@@ -18,7 +18,7 @@ from compressor.pruning.plan import Plan
 from compressor.pruning import graph
 from tests import oracles
 from tests.conftest import one_thread, randomize_bn
-from tests.test_engine import assert_same_function
+from tests.oracles import assert_same_function
 
 
 def _x(model: nn.Module, n: int = 2) -> torch.Tensor:

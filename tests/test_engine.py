@@ -6,7 +6,6 @@ torchvision classifiers the issue lists, at 32 px so that the suite stays fast.
 
 from __future__ import annotations
 
-import copy
 
 import pytest
 import torch
@@ -25,6 +24,7 @@ from compressor.pruning import graph
 from compressor.pruning.size import SizeModel
 from compressor.pruning.rates import RateSpec
 from tests import oracles
+from tests.oracles import assert_same_function
 from tests.conftest import one_thread, randomize_bn
 
 TORCHVISION = ["resnet18", "resnet50", "mobilenet_v3_large", "efficientnet_b0", "regnet_y_400mf", "densenet121"]
@@ -96,24 +96,6 @@ def test_rate_zero_and_dead_channels_give_identical_logits(key: str) -> None:
         pruned = surgery.apply(dead, plan)
         assert_same_function(pruned, dead, x)
         assert counting.count_params(pruned) < counting.count_params(m)
-
-
-def assert_same_function(pruned: nn.Module, dead: nn.Module, x: torch.Tensor) -> None:
-    """The pruned network computes the dead one's function: compared in float64.
-
-    The two differ only by sums of exact zeros, so any difference is rounding in a different
-    summation order. In float32 that rounding is ~1e-7 of the *intermediate* magnitudes, which in
-    a random-init ResNet-110 grow to ~1e5 (its logits reach 1.2e5), and which kernels a CPU
-    picks changes the last bits: a fixed rtol of 1e-5 failed on one CPU and passed on another.
-    In float64 the unit roundoff is 1.1e-16; even a 10^5 growth over ~300 layers leaves the
-    error below 1e-9 of the logits' scale, so a tolerance of 1e-9 · max|logit| still catches a
-    single wrongly transplanted weight (an O(1) relative change of some logit) by many orders.
-    """
-    a = copy.deepcopy(pruned).double()
-    b = copy.deepcopy(dead).double()
-    la, lb = _logits(a, x.double()), _logits(b, x.double())
-    scale = float(lb.abs().max())
-    torch.testing.assert_close(la, lb, atol=1e-9 * max(scale, 1.0), rtol=0)
 
 
 @pytest.mark.parametrize("key", sorted(MODELS))

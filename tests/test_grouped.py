@@ -17,12 +17,11 @@ import torch
 from torch import nn
 
 import compressor
-from compressor.pruning import graph, policy, surgery
-from compressor.pruning.plan import Plan, make_plan
+from compressor.pruning import graph, policy
+from compressor.pruning.plan import make_plan
 from compressor.pruning.rates import RateSpec
 from tests import oracles
 from tests.conftest import one_thread, randomize_bn
-from tests.test_engine import assert_same_function
 
 GROUPS = 4
 
@@ -52,15 +51,6 @@ def _net() -> _GroupedChain:
     return randomize_bn(_GroupedChain()).eval()
 
 
-def _x(model: nn.Module) -> torch.Tensor:
-    return graph.example_input(model, 2, generator=torch.Generator().manual_seed(7))
-
-
-def _logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    with torch.no_grad():
-        return model.eval()(x)
-
-
 def _l1(model: nn.Module) -> dict[str, torch.Tensor]:
     return {u.name: model.get_submodule(u.convs[0]).weight.detach().abs().sum((1, 2, 3)) for u in graph.units(model)}
 
@@ -68,19 +58,6 @@ def _l1(model: nn.Module) -> dict[str, torch.Tensor]:
 def _per_group(keep: tuple[int, ...], width: int, groups: int) -> list[int]:
     size = width // groups
     return [sum(1 for i in keep if i // size == k) for k in range(groups)]
-
-
-def _assert_exact(model: nn.Module, plan: Plan) -> nn.Module:
-    """Rate 0 gives identical logits; dropping dead channels gives the dead model's function exactly."""
-    x = _x(model)
-    units = [u for u in graph.units(model) if u.name in plan.keep]
-    whole = Plan(keep={u.name: tuple(range(u.width)) for u in units}, widths={u.name: u.width for u in units})
-    assert torch.equal(_logits(surgery.apply(model, whole, verify=False), x), _logits(model, x))
-    dead = oracles.dead_copy(model, plan, units)
-    pruned, masks = surgery.cut(dead, plan)
-    surgery.verify_masked(dead, pruned, masks)
-    assert_same_function(pruned, dead, x)
-    return pruned
 
 
 # ---------------------------------------------------------------- constructed model
@@ -136,7 +113,7 @@ def test_budget_within_2_percent_and_exact_on_the_constructed_model(extra: dict)
     assert small.b.groups == GROUPS and small.b.in_channels == counts["a"] and small.b.out_channels == counts["b"]
     assert counts["a"] < 48 and counts["b"] < 64  # the grouped widths are cut, not only the plain ones
     with one_thread():
-        _assert_exact(m, info.plan)
+        oracles.assert_exact(m, info.plan)
 
 
 def test_rates_file_without_target_rounds_grouped_counts_only() -> None:
@@ -148,7 +125,7 @@ def test_rates_file_without_target_rounds_grouped_counts_only() -> None:
     plan = make_plan(_l1(m), out, policy.unit_widths(m))
     assert _per_group(plan.kept("a"), 48, GROUPS) == [8] * 4
     with one_thread():
-        _assert_exact(m, plan)
+        oracles.assert_exact(m, plan)
 
 
 def test_shrunk_copy_for_latency_keeps_groups() -> None:
@@ -177,7 +154,7 @@ def test_regnet_prunes_by_default_within_2_percent_and_exact() -> None:
             assert set(_per_group(info.plan.kept(u), info.plan.widths[u], groups[u])) == {k // groups[u]}
         grouped = [n for n, c in small.named_modules() if isinstance(c, nn.Conv2d) and c.groups > 1]
         assert [small.get_submodule(n).groups for n in grouped] == [m.get_submodule(n).groups for n in grouped]
-        _assert_exact(m, info.plan)
+        oracles.assert_exact(m, info.plan)
 
 
 def test_sensitivity_scan_cuts_grouped_units_per_group() -> None:

@@ -17,12 +17,11 @@ import torch.nn.functional as F
 from torch import nn
 
 import compressor
-from compressor.pruning import capture, graph, surgery
+from compressor.pruning import capture, graph
 from compressor.pruning.criteria.hrank import RankAccumulator
 from compressor.pruning.plan import Plan
 from tests import oracles
 from tests.conftest import one_thread, randomize_bn
-from tests.test_engine import assert_same_function
 
 
 class _ChannelsLastBlock(nn.Module):
@@ -89,28 +88,6 @@ def _tiny_convnext() -> nn.Module:
             blk.bias.data = torch.randn_like(blk.bias) * 0.1
     m.input_size = 16
     return m.eval()
-
-
-def _x(model: nn.Module) -> torch.Tensor:
-    return graph.example_input(model, 2, generator=torch.Generator().manual_seed(7))
-
-
-def _logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    with torch.no_grad():
-        return model.eval()(x)
-
-
-def _assert_exact(model: nn.Module, plan: Plan) -> nn.Module:
-    """Rate 0 gives identical logits; dropping dead channels gives the dead model's function exactly."""
-    x = _x(model)
-    units = [u for u in graph.units(model) if u.name in plan.keep]
-    whole = Plan(keep={u.name: tuple(range(u.width)) for u in units}, widths={u.name: u.width for u in units})
-    assert torch.equal(_logits(surgery.apply(model, whole, verify=False), x), _logits(model, x))
-    dead = oracles.dead_copy(model, plan, units)
-    pruned, masks = surgery.cut(dead, plan)
-    surgery.verify_masked(dead, pruned, masks)
-    assert_same_function(pruned, dead, x)
-    return pruned
 
 
 def _half_plan(model: nn.Module, names: list[str]) -> Plan:
@@ -180,7 +157,7 @@ def test_registered_families_keep_their_conv_units_only() -> None:
 
 def test_capture_hands_channels_last_outputs_as_channel_maps() -> None:
     m = _made(_ChannelsLastBlock)
-    x = _x(m)
+    x = oracles.example(m)
     u = graph.discovery(m).unit("fc1")
     mean = capture.MeanActivation()
     capture.record(m, [x], [u], [mean], progress=False)
@@ -210,7 +187,7 @@ def test_hrank_on_an_mlp_head_counts_non_zero_channels() -> None:
 def test_rate_zero_and_dead_channels_are_exact(cls: type, names: list[str]) -> None:
     m = _made(cls)
     with one_thread():
-        pruned = _assert_exact(m, _half_plan(m, names))
+        pruned = oracles.assert_exact(m, _half_plan(m, names))
     if cls is _ChannelsLastBlock:  # the hidden width is halved; LayerNorm and the stem width are kept
         assert (pruned.fc1.out_features, pruned.fc2.in_features, pruned.norm.normalized_shape) == (32, 32, (16,))
 
@@ -219,9 +196,9 @@ def test_rate_zero_and_dead_channels_are_exact(cls: type, names: list[str]) -> N
 def test_budget_within_2_percent_and_exact(cls: type) -> None:
     m = _made(cls)
     with one_thread():
-        small, info = compressor.prune(m, _x(m)[:1], {"target": {"macs": 0.5}})  # masked check inside
+        small, info = compressor.prune(m, oracles.example(m)[:1], {"target": {"macs": 0.5}})  # masked check inside
         assert abs(info.kept["macs"] / 0.5 - 1) <= 0.02
-        _assert_exact(m, info.plan)
+        oracles.assert_exact(m, info.plan)
 
 
 def test_torchvision_convnext_prunes_its_mlp_widths_within_2_percent_and_exact() -> None:
@@ -238,7 +215,7 @@ def test_torchvision_convnext_prunes_its_mlp_widths_within_2_percent_and_exact()
             k = len(info.plan.kept(u.name))
             assert small.get_submodule(u.name).out_features == k < u.width
             assert small.get_submodule(u.name.replace("block.3", "block.5")).in_features == k
-        _assert_exact(m, info.plan)
+        oracles.assert_exact(m, info.plan)
 
 
 def test_taylor_on_a_channels_last_unit_averages_over_its_positions() -> None:
