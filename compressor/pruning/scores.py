@@ -266,7 +266,6 @@ def compute(
                                    f"{u.name} ({u.width} channels)")
     meta = {
         "model": getattr(model, "arch", type(model).__name__),
-        "cfg": list(model.cfg) if getattr(model, "cfg", None) is not None else None,
         "criteria": {c.name: c.settings() for c in crits},
         "n_images": seen,
         "seed": seed,

@@ -231,8 +231,11 @@ def compare_to_baseline(row: dict[str, Any], base: Mapping[str, Any], *, accurac
         row["top1_delta"] = row["top1"] - base["top1"]
 
 
-def _label(p: Path, taken: set[str]) -> str:
-    name = f"{p.parent.name}/{p.stem}" if p.parent.name else p.stem
+def row_label(p: Path, taken: set[str], *, suffix: bool = False) -> str:
+    """A row's name: ``folder/stem`` (``folder/file.ext`` with ``suffix``, so an ``.onnx`` file and its
+    ``.pt`` source differ), or the whole path when that name is taken already."""
+    leaf = p.name if suffix else p.stem
+    name = f"{p.parent.name}/{leaf}" if p.parent.name else leaf
     if name in taken:
         name = str(p)
     taken.add(name)
@@ -275,7 +278,7 @@ def _load(entries: Sequence[Entry], allow: Sequence[str] = ()) -> list[_Loaded]:
         ref = _reference_in(e.path)
         net, ck = checkpoint.load(e.path, model=ref if ref in allow else None)
         role = "pruned" if ck.get("plan") else "baseline"
-        out.append(_Loaded(e, _label(e.path, taken), net, ck, role, rb.identity(ck), rb.pre_prune_widths(ck)))
+        out.append(_Loaded(e, row_label(e.path, taken), net, ck, role, rb.identity(ck), rb.pre_prune_widths(ck)))
     return out
 
 

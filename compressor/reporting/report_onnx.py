@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from compressor.deploy import onnx_model
+from compressor.reporting.report import row_label
 
 
 def is_onnx_entry(entry: Any) -> bool:
@@ -43,14 +44,6 @@ def _weights(path: Path) -> tuple[int, int]:
     return params, nbytes
 
 
-def _label(path: Path, taken: set[str]) -> str:
-    name = f"{path.parent.name}/{path.name}" if path.parent.name else path.name
-    if name in taken:
-        name = str(path)
-    taken.add(name)
-    return name
-
-
 def add_rows(entries: Sequence[Any], loaded: Sequence[Any], rows: dict[str, dict[str, Any]], bl: Any, cfg: Any,
              bundles: dict[tuple, Any]) -> list[str]:
     """Evaluate and describe each ONNX entry into ``rows``; register it with its source's baseline in ``bl``.
@@ -63,7 +56,7 @@ def add_rows(entries: Sequence[Any], loaded: Sequence[Any], rows: dict[str, dict
     for e in entries:
         net = onnx_model.load(e.path, threads=threads)
         info = net.info()
-        name = _label(e.path, taken)
+        name = row_label(e.path, taken, suffix=True)
         params, nbytes = _weights(e.path)
         row: dict[str, Any] = {
             "name": name, "path": str(e.path), "model": net.arch, "role": f"onnx {info['precision']}",
