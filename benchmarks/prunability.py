@@ -32,6 +32,14 @@ TIMM_CNNS = [
 ]
 
 
+# torchvision models that do not run at the common size: the smallest each accepts
+MIN_SIZE = {"inception_v3": 75, "maxvit_t": 224}
+
+
+def size_for(source: str, name: str, size: int) -> int:
+    return max(size, MIN_SIZE.get(name, 0)) if source == "torchvision" else size
+
+
 def _build(source: str, name: str, size: int):
     import torch
 
@@ -43,7 +51,8 @@ def _build(source: str, name: str, size: int):
     else:
         import torchvision
 
-        m = torchvision.models.get_model(name, weights=None, num_classes=10)
+        kw = {"image_size": size} if name.startswith("vit_") else {}  # a ViT is built for one input size
+        m = torchvision.models.get_model(name, weights=None, num_classes=10, **kw)
     m.eval()
     m.input_size = size
     return m
@@ -158,7 +167,8 @@ def main(argv: list[str] | None = None) -> int:
     print("|" + "---|" * (3 + 3 * len(tools)))
     out = open(a.jsonl, "a") if a.jsonl else None
     for source, name in models:
-        row = {t: run_one(t, source, name, a.size, a.timeout, not a.no_grouped) for t in tools}
+        size = size_for(source, name, a.size)
+        row = {t: run_one(t, source, name, size, a.timeout, not a.no_grouped) for t in tools}
         cells = []
         for t in tools:
             r = row[t]
@@ -167,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
         why = row.get("compressor", {}).get("why", "").replace("|", "/").replace("\n", " ")
         print(f"| {source} | {name} | " + " | ".join(cells) + f" | {why} |", flush=True)
         if out:
-            out.write(json.dumps({"source": source, "model": name, **row}) + "\n")
+            out.write(json.dumps({"source": source, "model": name, "size": size, **row}) + "\n")
             out.flush()
     return 0
 

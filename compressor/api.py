@@ -65,6 +65,7 @@ class PruneInfo:
     kept: dict[str, float] = field(default_factory=dict)  # fraction of MACs / params kept
     latency_check: dict[str, Any] | None = None
     selection: Any = None  # criterion "obs": the per-unit removal record (select_obs.ObsReport)
+    notes: list[str] = field(default_factory=list)  # what the caller should know (residual groups added, lopsided cuts)
 
     def summary(self) -> str:
         b, a = self.size_before, self.size_after
@@ -73,7 +74,7 @@ class PruneInfo:
                 f"{a['params'] / 1e6:.3f}M ({100 * a['params'] / b['params']:.1f}% kept)")
         if self.latency_check:
             line += f"; {self.latency_check['line']}"
-        return line
+        return "\n".join([line, *self.notes])
 
 
 def _device_of(model: nn.Module) -> torch.device:
@@ -221,24 +222,20 @@ def prune(model: nn.Module, example_inputs: torch.Tensor | None = None, rates: A
     if rates is None:
         raise UserError("prune needs rates (a rates.yaml, a dict, a list or a target)", field="rates")
     dev = _check_device(device) or _device_of(model)
-    v = view(model, record_of(model, example_inputs, ignored_layers, residual))
-    units = graph.units(v)
-    if not units:
-        d = graph.discovery(v)
-        why = "; ".join(f"{k}: {r}" for k, r in list({**d.refused, **d.skipped}.items())[:3])
-        raise UserError(f"the model has no prunable unit{' (' + why + ')' if why else ''}", field="model")
-    widths = {u.name: u.width for u in units}
-    spec = rates_spec(rates, v, rounding=rounding, round_to=round_to)
-    policy.policy_config(spec)
-    policy.precheck(spec, str(dev))
     obs = criterion == "obs"
     if obs and calibration is None:
         raise UserError("criterion 'obs' chooses channels by the reconstruction's error: pass calibration= "
                         "(batches of training images, the ones recover() refits on)", field="criterion")
     # obs: l1 scores only turn the policy or budget into keep counts
-    per_unit, tiebreak, crit = _scores_for(v, scores, "l1" if obs and scores is None else criterion, seed)
-    sizer = SizeModel(v, graph.discovery(v))
-    spec = policy.resolve(spec, v, per_unit, tiebreak=tiebreak, counter=sizer.count, widths=widths, device=str(dev))
+    crit_in = "l1" if obs and scores is None else criterion
+    notes: list[str] = []
+    if residual is None and auto_residual(model, rates, example_inputs=example_inputs, ignored_layers=ignored_layers):
+        residual = True
+        notes.append("residual groups pruned too: the budget is out of reach without them (residual=False, or "
+                     "--no-residual, refuses instead)")
+    v, spec, per_unit, tiebreak, crit = _solve(model, example_inputs, ignored_layers, residual, rates, rounding,
+                                               round_to, scores, crit_in, seed, dev)
+    widths = {u.name: u.width for u in graph.units(v)}
     plan = make_plan(per_unit, spec, widths, tiebreak=tiebreak, model=getattr(v, "arch", ""))
     selection = None
     if obs:
@@ -256,8 +253,64 @@ def prune(model: nn.Module, example_inputs: torch.Tensor | None = None, rates: A
     lat = lt.verify_spec(v, small, spec)
     before, after = counting.count(v), counting.count(small)
     kept = {k: after[k] / before[k] for k in ("macs", "params")}
+    notes += _lopsided(v, plan) if spec.target else []
     return small, PruneInfo(plan=plan, rates=spec, size_before=before, size_after=after, criterion=crit, kept=kept,
-                            latency_check=lat, selection=selection)
+                            latency_check=lat, selection=selection, notes=notes)
+
+
+def auto_residual(model: nn.Module, rates: Any, *, example_inputs: torch.Tensor | None = None,
+                  ignored_layers: Sequence[nn.Module | str] | None = None) -> bool:
+    """Whether ``prune`` with ``residual=None`` prunes residual groups too: only when they are off by the
+    model's default and a MACs/params budget in ``rates`` is out of reach without them but within reach with them
+    (every unit at ``min_keep``). Rates without a budget never turn them on."""
+    if rates is None:
+        return False
+    v = view(model, record_of(model, example_inputs, ignored_layers, None))
+    if not graph.units(v) and "residual" not in graph.discovery(v).skipped.values():
+        return False
+    spec = rates_spec(rates, v)
+    target = {k: x for k, x in (spec.target or {}).items() if k in ("macs", "params")}
+    if not target:
+        return False
+    min_keep = policy.policy_config(spec).min_keep
+    return not graph.within_reach(v, target, min_keep) and bool(graph.residual_hint(v, target, min_keep))
+
+
+def _solve(model: nn.Module, example_inputs: torch.Tensor | None, ignored_layers: Any, residual: bool | None,
+           rates: Any, rounding: str | None, round_to: int | None, scores: Any, criterion: str | None, seed: int,
+           dev: torch.device) -> tuple[nn.Module, RateSpec, dict[str, torch.Tensor], Any, str]:
+    """The model's view with ``residual``, its rates resolved against the policy and budget, and the scores."""
+    v = view(model, record_of(model, example_inputs, ignored_layers, residual))
+    units = graph.units(v)
+    if not units:
+        d = graph.discovery(v)
+        why = "; ".join(f"{k}: {r}" for k, r in list({**d.refused, **d.skipped}.items())[:3])
+        raise UserError(f"the model has no prunable unit{' (' + why + ')' if why else ''}", field="model")
+    widths = {u.name: u.width for u in units}
+    spec = rates_spec(rates, v, rounding=rounding, round_to=round_to)
+    policy.policy_config(spec)
+    policy.precheck(spec, str(dev))
+    per_unit, tiebreak, crit = _scores_for(v, scores, criterion, seed)
+    sizer = SizeModel(v, graph.discovery(v))
+    spec = policy.resolve(spec, v, per_unit, tiebreak=tiebreak, counter=sizer.count, widths=widths, device=str(dev))
+    return v, spec, per_unit, tiebreak, crit
+
+
+def _lopsided(model: nn.Module, plan: Plan) -> list[str]:
+    """A note when the budget was met by cutting residual or stem widths (the model's first conv) to under 3/4 of the
+    median kept fraction of the other units (1.0 when there are none)."""
+    units = graph.units(model)
+    frac = {u.name: len(plan.kept(u.name)) / u.width if u.name in plan.keep else 1.0 for u in units}
+    first = next((n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)), None)  # the stem reads the input
+    special = {u.name for u in units if u.kind == "residual" or first in u.convs}
+    rest = sorted(f for n, f in frac.items() if n not in special) or [1.0]
+    median = rest[len(rest) // 2]
+    low = [(n, frac[n]) for n in frac if n in special and frac[n] < 0.75 * median]
+    if not low:
+        return []
+    shown = ", ".join(f"{n} {len(plan.kept(n))}/{plan.widths[n]}" for n, _ in low[:6])
+    return [f"the budget was met by cutting residual/stem widths far below the rest: {shown}"
+            f"{' …' if len(low) > 6 else ''} (the other units keep {median:.0%} at the median)"]
 
 
 def _scores_for(model: nn.Module, scores: Any, criterion: str | None,

@@ -122,9 +122,11 @@ _VIEWS: "weakref.WeakKeyDictionary[nn.Module, tuple[ModelRecord, tuple, nn.Modul
 
 
 def _top_level(model: nn.Module) -> tuple:
-    """What a shallow view copies: the model's own submodules, parameters and buffers (by identity)."""
-    return tuple((name, k, id(v)) for name in ("_modules", "_parameters", "_buffers")
-                 for k, v in model.__dict__.get(name, {}).items())
+    """What a shallow view copies: the model's own submodules, parameters and buffers (by identity), and the
+    engine's attributes set on it (``prune_residual`` set after a view was made gives a new view)."""
+    own = tuple((name, k, id(v)) for name in ("_modules", "_parameters", "_buffers")
+                for k, v in model.__dict__.get(name, {}).items())
+    return own + tuple(repr(model.__dict__.get(a)) for a in _ATTRS.values())  # and the engine's attributes on it
 
 
 def view(model: nn.Module, record: ModelRecord) -> nn.Module:

@@ -229,13 +229,13 @@ def test_torchvision_grouped_models_are_exact(name: str) -> None:
 class _ResNet(nn.Module):
     """Most MACs sit in the residual width (stem and the blocks' last convs): only ``a`` is plain."""
 
-    def __init__(self) -> None:
+    def __init__(self, num_classes: int = 5) -> None:
         super().__init__()
         self.stem, self.bs = nn.Conv2d(3, 64, 3, padding=1, bias=False), nn.BatchNorm2d(64)
         self.c, self.bc = nn.Conv2d(64, 64, 3, padding=1, bias=False), nn.BatchNorm2d(64)
         self.a, self.ba = nn.Conv2d(64, 8, 1, bias=False), nn.BatchNorm2d(8)
         self.b, self.bb = nn.Conv2d(8, 64, 1, bias=False), nn.BatchNorm2d(64)
-        self.fc = nn.Linear(64, 5)
+        self.fc = nn.Linear(64, num_classes)
         self.input_size = 16
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -245,20 +245,171 @@ class _ResNet(nn.Module):
         return self.fc(x.mean((2, 3)))
 
 
-def test_out_of_reach_budget_names_residual_when_it_would_reach() -> None:
+def test_budget_out_of_reach_without_residual_groups_prunes_them_and_says_so() -> None:
+    """``residual=None`` (the default): a MACs budget that only residual groups can reach prunes them too, with a
+    note; ``residual=False`` refuses with the hint; a budget within reach without them leaves them alone."""
+    import compressor
+    from compressor import api
+
+    torch.manual_seed(0)
+    m = randomize_bn(_ResNet()).eval()
+    with one_thread():
+        assert graph.discovery(m).skipped == {"stem": "residual"} and [u.name for u in graph.units(m)] == ["a"]
+        with pytest.raises(UserError, match=r"out of reach.*--residual, or residual=True in the API\) it is within "
+                                            r"reach") as e:
+            compressor.prune(m, rates={"target": {"macs": 0.5}}, residual=False)
+        assert "\n" not in str(e.value)
+        assert api.auto_residual(m, {"target": {"macs": 0.5}}) and not api.auto_residual(m, {"target": {"macs": 0.98}})
+        assert not api.auto_residual(m, {"rates": {"a": 0.5}})  # explicit rates never turn them on
+        small, info = compressor.prune(m, rates={"target": {"macs": 0.5}})
+        assert abs(info.kept["macs"] - 0.5) <= 0.01 and len(info.plan.kept("stem")) < 64
+        assert info.notes[0].startswith("residual groups pruned too") and info.notes[0] in info.summary()
+        wide, winfo = compressor.prune(m, rates={"target": {"macs": 0.5}}, residual=True)
+        assert winfo.plan.keep == info.plan.keep and not any("residual groups" in n for n in winfo.notes)
+        x = _x(m)
+        assert _logits(small, x).shape == (2, 5) and torch.equal(_logits(small, x), _logits(wide, x))
+        _, near = compressor.prune(m, rates={"target": {"macs": 0.98}})
+        assert set(near.plan.keep) == {"a"} and not near.notes
+        with pytest.raises(UserError, match="out of reach") as e:  # not even with residual groups: no hint
+            compressor.prune(m, rates={"target": {"macs": 0.001}})
+        assert "--residual" not in str(e.value)
+
+
+def res_net(num_classes: int = 10) -> nn.Module:
+    """``_ResNet`` as a user's ``module:builder`` for the CLI."""
+    return _ResNet(num_classes)
+
+
+def test_cli_prunes_residual_groups_for_an_out_of_reach_budget_and_says_so(tmp_path, capsys, caplog) -> None:
+    """The CLI ranks and prunes with the residual groups when the budget needs them (hrank scores them too), and
+    ``--no-residual`` refuses in one line, leaving no run folder."""
+    import json
+
+    from compressor.cli import main
+    from compressor.storage import checkpoint
+
+    from compressor.models import get_model
+
+    torch.manual_seed(0)
+    net = randomize_bn(get_model("tests.test_any_cnn:res_net", num_classes=10, input_size=16)).eval()
+    base = checkpoint.save(tmp_path / "base.pt", net)
+    (tmp_path / "r.yaml").write_text("target: {macs: 0.5}\n")
+    argv = ["prune", "--model", "tests.test_any_cnn:res_net", "--checkpoint", str(base), "--rates",
+            str(tmp_path / "r.yaml"), "--criterion", "hrank", "--n-images", "16", "--data", "digits", "--eval-n", "32",
+            "--batch-size", "32", "--device", "cpu", "--no-progress"]
+    with one_thread():
+        assert main([*argv, "--out", str(tmp_path / "auto")]) == 0
+        assert "residual groups pruned too: the budget is out of reach without them" in caplog.text
+        assert "| stem | 64 → " in capsys.readouterr().out  # the printed table lists the residual width
+        units = json.loads((tmp_path / "auto" / "plan.json").read_text())["units"]
+        assert len(units["stem"]["keep"]) < 64
+        size = json.loads((tmp_path / "auto" / "summary.json").read_text())
+        assert size["size_after"]["macs"] / size["size_before"]["macs"] == pytest.approx(0.5, abs=0.01)
+        assert main([*argv, "--no-residual", "--out", str(tmp_path / "off")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "out of reach" in err and "--residual" in err and "\n" not in err
+    assert not (tmp_path / "off").exists()
+
+
+def test_lopsided_budget_is_named_in_the_summary() -> None:
+    """When the budget is met by cutting the residual width far below the rest, the summary says so."""
     import compressor
 
     torch.manual_seed(0)
     m = randomize_bn(_ResNet()).eval()
     with one_thread():
-        with pytest.raises(UserError, match=r"out of reach.*--residual, or residual=True in the API\) it is within "
-                                            r"reach") as e:
-            compressor.prune(m, rates={"target": {"macs": 0.5}})
-        assert "\n" not in str(e.value)
-        small, _ = compressor.prune(m, rates={"target": {"macs": 0.5}}, residual=True)
-        with pytest.raises(UserError, match="out of reach") as e:  # not even with residual groups: no hint
-            compressor.prune(m, rates={"target": {"macs": 0.001}})
-        assert "--residual" not in str(e.value)
+        scores = {"stem": torch.linspace(0.01, 0.02, 64), "a": torch.linspace(10, 11, 8)}  # the stem ranks lowest
+        _, info = compressor.prune(m, rates={"target": {"macs": 0.5}, "policy": {"name": "global", "tolerance": 0.03}},
+                                   residual=True,
+                                   scores=scores)
+        assert info.notes == ["the budget was met by cutting residual/stem widths far below the rest: stem 44/64 (the "
+                              "other units keep 100% at the median)"] and info.notes[0] in info.summary()
+        _, even = compressor.prune(m, rates={"target": {"macs": 0.5}}, residual=True)  # stem 45/64, a 5/8
+        assert not even.notes
+        _, given = compressor.prune(m, rates={"rates": {"stem": 0.8}}, residual=True)  # rates, not a budget
+        assert not given.notes
+
+
+# ---------------------------------------------------------------- 3b. channel splits and shuffles
+
+
+class _SplitNet(nn.Module):
+    """Res2Net's pattern: a conv's output split into chunks of a size fixed in the code, each chunk its own conv."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem, self.bs = nn.Conv2d(3, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16)
+        self.c1, self.b1 = nn.Conv2d(16, 8, 1, bias=False), nn.BatchNorm2d(8)
+        self.p, self.q = nn.Conv2d(4, 6, 3, padding=1), nn.Conv2d(4, 6, 3, padding=1)
+        self.fc = nn.Linear(12, 5)
+        self.input_size = 12
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.bs(self.stem(x)))
+        a, b = torch.split(torch.relu(self.b1(self.c1(x))), 4, dim=1)
+        y = torch.cat([torch.relu(self.p(a)), torch.relu(self.q(b))], 1)
+        return self.fc(y.mean((2, 3)))
+
+
+def test_a_width_split_by_fixed_sizes_is_refused_and_the_rest_prunes_exactly() -> None:
+    torch.manual_seed(0)
+    m = randomize_bn(_SplitNet()).eval()
+    d = graph.discover(m)
+    assert "Split on channels" in d.refused["c1"] and "fixed in the model's code" in d.refused["c1"]
+    assert {u.name for u in d.units} == {"stem", "p", "q"}
+    check_exact(m)
+
+
+def _shuffle(x: torch.Tensor, groups: int) -> torch.Tensor:
+    n, c, h, w = x.shape
+    return x.view(n, groups, c // groups, h, w).transpose(1, 2).contiguous().view(n, c, h, w)
+
+
+class _ShuffleNet(nn.Module):
+    """ShuffleNet v2's unit: half the channels pass, the other half go through 1x1 -> dw 3x3 -> 1x1, then a
+    channel shuffle; the widths inside the branch never meet the shuffle."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem, self.bs = nn.Conv2d(3, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16)
+        self.a, self.ba = nn.Conv2d(8, 12, 1, bias=False), nn.BatchNorm2d(12)
+        self.dw, self.bdw = nn.Conv2d(12, 12, 3, padding=1, groups=12, bias=False), nn.BatchNorm2d(12)
+        self.b, self.bb = nn.Conv2d(12, 8, 1, bias=False), nn.BatchNorm2d(8)
+        self.head, self.bh = nn.Conv2d(16, 20, 1, bias=False), nn.BatchNorm2d(20)
+        self.fc = nn.Linear(20, 5)
+        self.input_size = 12
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.bs(self.stem(x)))
+        x1, x2 = x.chunk(2, dim=1)
+        y = torch.relu(self.bb(self.b(self.bdw(self.dw(torch.relu(self.ba(self.a(x2))))))))
+        x = _shuffle(torch.cat([x1, y], 1), 2)
+        return self.fc(torch.relu(self.bh(self.head(x))).mean((2, 3)))
+
+
+def test_channel_shuffle_is_refused_where_it_maps_channels_and_the_branch_widths_prune_exactly() -> None:
+    torch.manual_seed(0)
+    m = randomize_bn(_ShuffleNet()).eval()
+    d = graph.discover(m)
+    assert {u.name for u in d.units} == {"a", "head"}
+    assert set(d.refused) == {"stem", "b"}  # the chunked stem and the branch output that is shuffled
+    check_exact(m)
+
+
+def test_torchvision_shufflenet_v2_prunes_exactly_to_half_its_macs() -> None:
+    import compressor
+    from compressor.models import get_model
+
+    with one_thread():
+        torch.manual_seed(0)
+        m = randomize_bn(get_model("torchvision:shufflenet_v2_x0_5", num_classes=10, input_size=32)).eval()
+        d = graph.discovery(m)
+        inner = {u.name for u in d.units}
+        assert {f"stage2.{i}.branch2.0" for i in range(4)} <= inner and "conv1.0" in inner
+        assert all(n.endswith("branch2.5") or n.endswith("branch1.2") or "branch" in n for n in d.refused)
+        check_exact(m)
+        small, info = compressor.prune(m, rates={"target": {"macs": 0.5}})
+        assert abs(info.kept["macs"] - 0.5) <= 0.01
 
 
 # ---------------------------------------------------------------- 5. a timm model source

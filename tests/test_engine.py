@@ -226,11 +226,17 @@ def test_channel_pad_is_refused_with_the_op_named() -> None:
         graph.check_prunable(m, ["c0"])
 
 
-def test_channel_shuffle_is_refused_in_one_line() -> None:
+def test_widths_through_a_channel_shuffle_are_refused_in_one_line_each() -> None:
+    """ShuffleNet v2: every width that reaches the shuffle (chunk, concat, view/transpose) is refused with its
+    reason; the widths inside each branch are units (tests/test_any_cnn.py proves them exact)."""
     m = torchvision.models.shufflenet_v2_x0_5(num_classes=4).eval()
     m.input_size = 32
-    with pytest.raises(UserError, match="dependency graph cannot handle this model.*channel shuffle"):
-        graph.discover(m)
+    d = graph.discover(m)
+    assert "stage2.0.branch1.2" in d.refused and "stage2.0.branch2.5" in d.refused and "conv1.0" in {u.name for u in d.units}
+    for why in d.refused.values():
+        assert "\n" not in why and any(k in why for k in ("Transpose", "Split", "cannot map these channels"))
+    with pytest.raises(UserError, match="cannot be pruned safely"):
+        graph.check_prunable(m, ["stage2.0.branch2.5"])
 
 
 def test_layernorm_over_channels_is_refused_not_pruned_wrongly() -> None:

@@ -34,6 +34,7 @@ from compressor.training.evaluation import evaluate, resolve_device
 from compressor.models import external, get_model
 from compressor.pruning.graph import units as units_of
 from compressor.pruning.rates import RateSpec
+from compressor.record import record_of, view
 from compressor.training.train import TrainConfig, fit
 
 log = logging.getLogger("compressor")
@@ -220,13 +221,13 @@ def _measure_baseline(job: PruneJob, base: nn.Module, ck: Mapping[str, Any], key
 
 
 def _rank(job: PruneJob, base: nn.Module, bundle: Any, device: torch.device,
-          pre: scores_mod.Scores | None) -> scores_mod.Scores:
+          pre: scores_mod.Scores | None, residual: bool | None = None) -> scores_mod.Scores:
     if pre is not None:
         return pre
     calib = data_mod.calibration_subset(bundle.train_eval, job.n_images, job.seed)
     return api.rank(base, data_mod.loader(calib, job.calib_batch, device=device), [job.criterion],
                     n_images=job.n_images, seed=job.seed, compat=job.hrank_compat, device=device,
-                    rtol=job.rank_rtol, atol=job.rank_atol, progress=job.progress,
+                    rtol=job.rank_rtol, atol=job.rank_atol, progress=job.progress, residual=residual,
                     extra_meta={"data": job.data, "augmentation": "none"})
 
 
@@ -333,18 +334,25 @@ def _prune_into(job: PruneJob, out: Path, device: torch.device, base: nn.Module 
     acc_before = _measure_baseline(job, base, ck, key, test_loader, device, baseline_trained)
 
     # 3. Scores, 4. plan and surgery.
-    units = units_of(base)
+    residual = job.residual
+    if residual is None and api.auto_residual(base, spec):  # ranked and pruned with them, as api.prune would
+        residual = True
+        log.warning("residual groups pruned too: the budget is out of reach without them (--no-residual refuses "
+                    "instead)")
+    units = units_of(view(base, record_of(base, residual=residual)))
     calib = None
     if job.criterion == "obs":  # the images the reconstruction refits on choose the channels
         sc = None
         calib = data_mod.loader(data_mod.calibration_subset(
             bundle.train_eval, min(job.reconstruct_images, len(bundle.train_eval)), job.seed + 2), 64, device=device)
     else:
-        sc = _rank(job, base, bundle, device, pre_scores)
+        sc = _rank(job, base, bundle, device, pre_scores, residual)
     pruned, info = api.prune(base, rates=spec, scores=sc, criterion=job.criterion, method=job.surgery,
-                             seed=job.seed, device=device, calibration=calib)
+                             seed=job.seed, device=device, calibration=calib, residual=residual)
     spec, plan = info.rates, info.plan
     log.info(policy.describe(spec))
+    for note in info.notes:
+        log.warning(note)
     pruned = contract_mod.attach(pruned, contract)
     acc_pruned_raw = evaluate(pruned, test_loader, device, job.progress, "eval pruned")
     metrics: dict[str, Any] = {"baseline_test": acc_before, "pruned_test_no_finetune": acc_pruned_raw,
@@ -398,7 +406,7 @@ def _write_outputs(job: PruneJob, out: Path, base: nn.Module, pruned: nn.Module,
     paths["plan"] = plan.save(out / "plan.json")
     paths["checkpoint"] = checkpoint.save(out / "pruned.pt", pruned.cpu(), rates=spec.to_dict(), plan=plan.to_json(),
                                           metrics=metrics, prov=prov)
-    table = counting.size_table(base.cpu(), pruned, metrics["size_before"], metrics["size_after"])
+    table = counting.size_table(base.cpu(), pruned, metrics["size_before"], metrics["size_after"], units=units)
     paths["size_table"] = io.write_text(out / "size_table.md", table + "\n")
     names = [u.name for u in units]
     paths["widths_plot"] = plots.widths(names, [u.width for u in units], [len(plan.kept(n)) for n in names],

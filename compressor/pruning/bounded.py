@@ -93,3 +93,46 @@ def within(model: object, step: str, seconds: float | None = None) -> Iterator[N
 def bounded_call(model: object, step: str, fn: Callable, *args, **kwargs):  # type: ignore[no-untyped-def]
     with within(model, step):
         return fn(*args, **kwargs)
+
+
+# A reshape torch-pruning cannot map (a channel shuffle's ``view(b, g, c // g, h, w)`` divides by zero in its
+# flatten rule) is marked on the node instead of failing the whole trace; discovery refuses the groups that run
+# through a marked node, so the rest of the model (e.g. the widths inside each ShuffleNet branch) stays prunable.
+UNMAPPED = "_compressor_unmapped_reshape"
+
+
+def _beside_transpose(node: object) -> bool:
+    """Whether a reshape node reads from or feeds a transpose/permute (through a ``.contiguous()`` copy)."""
+    for way in ("inputs", "outputs"):
+        for n in getattr(node, way, ()):
+            kind = type(getattr(n, "grad_fn", None)).__name__
+            if kind.startswith("Clone"):
+                kind = " ".join(type(getattr(m, "grad_fn", None)).__name__ for m in getattr(n, way, ()))
+            if "Transpose" in kind or "Permute" in kind:
+                return True
+    return False
+
+
+def _total_reshape_mapping() -> None:
+    from torch_pruning.dependency import index_mapping as _im
+
+    fn = _im.update_reshape_index_mapping
+    if getattr(fn, "_compressor_total", False):
+        return
+
+    @functools.wraps(fn)
+    def total(graph, node):  # type: ignore[no-untyped-def]
+        if _beside_transpose(node):  # a shuffle or permute of channels: no flatten rule applies, nothing to map
+            setattr(node, UNMAPPED, True)
+            return None
+        try:
+            return fn(graph, node)
+        except ArithmeticError:
+            setattr(node, UNMAPPED, True)
+            return None
+
+    total._compressor_total = True  # type: ignore[attr-defined]
+    _im.update_reshape_index_mapping = total
+
+
+_total_reshape_mapping()

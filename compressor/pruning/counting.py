@@ -13,6 +13,8 @@ HRank's counter, 314.57M with thop, which also count bias/BN/pooling).
 
 from __future__ import annotations
 
+from typing import Any, Sequence
+
 import torch
 from torch import nn
 
@@ -67,14 +69,24 @@ def fmt_m(n: float) -> str:
     return f"{n / 1e6:.2f}M"
 
 
+def _width_of(model: nn.Module, name: str) -> int | None:
+    """Output channels of the layer ``name`` (a unit's root) in ``model``, None when it has none."""
+    try:
+        layer = model.get_submodule(name)
+    except AttributeError:
+        return None
+    return getattr(layer, "out_channels", None) or getattr(layer, "out_features", None)
+
+
 def size_table(before: nn.Module, after: nn.Module, counts_before: dict[str, int] | None = None,
-               counts_after: dict[str, int] | None = None) -> str:
-    """Per-unit channels before → after, then totals with reduction % (pass counts already made)."""
-    ub = {u.name: u.width for u in units_of(before)}
-    ua = {u.name: u.width for u in units_of(after)}
+               counts_after: dict[str, int] | None = None, units: Sequence[Any] | None = None) -> str:
+    """Per-unit channels before → after, then totals with reduction % (pass counts already made). ``units``: the
+    units the run pruned (default: ``before``'s by its defaults; a run that pruned residual groups passes them)."""
+    ub = {u.name: u.width for u in (units if units is not None else units_of(before))}
+    ua = {n: _width_of(after, n) for n in ub}
     rows = ["| layer | channels | kept |", "|---|---|---|"]
     for name, w in ub.items():
-        a = ua.get(name, w)
+        a = ua.get(name) or w
         rows.append(f"| {name} | {w} → {a} | {100.0 * a / w:.1f}% |")
     cb, ca = counts_before or count(before), counts_after or count(after)
     rows.append("")

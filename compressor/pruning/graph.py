@@ -68,7 +68,7 @@ from torch import nn
 
 from compressor.errors import UserError
 from compressor.models._spec import PrunableUnit
-from compressor.pruning.bounded import GraphTimeout, within
+from compressor.pruning.bounded import UNMAPPED, GraphTimeout, within
 
 #: grad_fn name -> activation name understood by ``activation_fn``
 _ACTIVATIONS = {
@@ -572,8 +572,33 @@ def _refusal(w: _Walk, group: Any, out_mods: dict[str, int], in_mods: dict[str, 
     if mixing:  # no cut of these channels is exact: refused here rather than by the masked check
         return (f"{type(w.layer(mixing[0])).__name__} {mixing[0]} normalizes across these channels (its mean and "
                 "variance include every one), so removing some changes the values of the rest"), False
+    split = _split_in(group)
+    if split:  # the model's code splits by sizes fixed in Python: a cut would change the chunks it expects
+        return split, True
     grouped = _grouped_layers(w, out_mods, in_mods)
     return (_grouped_refusal(w.model, grouped, out_mods, in_mods, width) if grouped else None), False
+
+
+def _split_in(group: Any) -> str | None:
+    """Why a group that runs through a channel split or slice (``torch.split``, ``chunk``, ``x[:, :k]``) is not cut,
+    or None. The chunk sizes are fixed in the model's code (``torch.split(x, 26)``), not read off the tensor, so
+    keeping fewer channels would hand each chunk the wrong ones."""
+    for item in group:
+        node = item.dep.target
+        if getattr(node, UNMAPPED, False):
+            return (f"op view/reshape beside a transpose of channels (a channel shuffle or a channels-last layout) "
+                    f"between {_real_module(node, 'in')} and {_real_module(node, 'out')}: the cut channels would not "
+                    "map one to one through it")
+        if isinstance(node.module, (tp.ops._SplitOp, tp.ops._SliceOp, tp.ops._UnbindOp)) and _on_channels(node):
+            gf = type(getattr(node, "grad_fn", None)).__name__.replace("Backward0", "").replace("Backward1", "")
+            return (f"op {gf} on channels between {_real_module(node, 'in')} and {_real_module(node, 'out')}: "
+                    "the chunk sizes are fixed in the model's code, so a cut would misalign them")
+    return None
+
+
+def _on_channels(node: Any) -> bool:
+    """Whether a split/slice node works on dim 1 (a spatial slice such as ``x[:, :, ::2, ::2]`` does not)."""
+    return int(getattr(getattr(node, "grad_fn", None), "_saved_dim", 1)) == 1
 
 
 def _grouped_layers(w: _Walk, out_mods: dict[str, int], in_mods: dict[str, int]) -> list[str]:
@@ -618,6 +643,32 @@ def _root_of(w: _Walk, out_mods: dict[str, int], hand_described: bool) -> list[s
     return [] if hand_described else linears
 
 
+def _groups(w: _Walk, protected: list[nn.Module], refused: dict[str, str]) -> list[Any]:
+    """torch-pruning's groups, one per channel space rooted at a Conv2d or Linear (its ``get_all_groups``, with
+    one difference: a root whose grouping fails, e.g. on an index map through a channel shuffle, is refused in
+    ``refused`` instead of failing the whole model)."""
+    dg, seen, found = w.dg, set(), []
+    ignored = protected + list(dg.IGNORED_LAYERS_IN_TRACING)
+    for m in list(dg.module2node):
+        if m in ignored or m in seen or not isinstance(m, (nn.Conv2d, nn.Linear)):
+            continue
+        pruner = dg.get_pruner_of_module(m)
+        if pruner is None or pruner.get_out_channels(m) is None:
+            continue
+        try:
+            group = dg.get_pruning_group(m, pruner.prune_out_channels, list(range(pruner.get_out_channels(m))))
+        except (IndexError, ValueError, ArithmeticError, KeyError) as exc:
+            if m in w.names:
+                refused[w.names[m]] = (f"torch-pruning cannot map these channels through the graph "
+                                       f"({type(exc).__name__}; a channel shuffle or reshape on the way)")
+            continue
+        outs = [dep.target.module for dep, _ in group if dg.is_out_channel_pruning_fn(dep.handler)]
+        seen.update(outs)
+        if not any(o in ignored for o in outs):
+            found.append(group)
+    return found
+
+
 def discover(model: nn.Module, example: torch.Tensor | None = None, *,
              ignored: Sequence[nn.Module | str] = (), residual: bool | None = None,
              linear: bool = False, grouped: bool | None = None) -> Discovery:
@@ -632,10 +683,10 @@ def discover(model: nn.Module, example: torch.Tensor | None = None, *,
     w = _Walk(model=model, dg=build_graph(model, example), names={m: n for n, m in model.named_modules()},
               order={n: i for i, n in enumerate(call_order(model, example))},
               act_norms=norms_with_activation(model, example))
-    with within(model, "grouping (get_all_groups)"):
-        found = list(w.dg.get_all_groups(ignored_layers=list(protected), root_module_types=[nn.Conv2d, nn.Linear]))
-    hand_described = hasattr(model, "unit_annotations")
     f = _Found()
+    with within(model, "grouping (get_all_groups)"):
+        found = _groups(w, list(protected), f.refused)
+    hand_described = hasattr(model, "unit_annotations")
     for group in found:
         out_mods, in_mods, adds = _group_layers(w, group)
         convs = _root_of(w, out_mods, hand_described)
@@ -739,28 +790,43 @@ def check_prunable(model: nn.Module, names: Sequence[str]) -> None:
                             f"({how.get(d.skipped[n], d.skipped[n])} enables it)", field=n)
 
 
+def _lowest(model: nn.Module, found: Discovery, min_keep: float) -> tuple[dict[str, int], dict[str, int]]:
+    """MACs/params of ``model`` at full width and with every unit of ``found`` at ``min_keep``."""
+    import math
+
+    from compressor.pruning.size import SizeModel
+
+    sizer = SizeModel(model, found)
+    low = sizer.count({u.name: max(1, math.ceil(min_keep * u.width - 1e-9)) for u in found.units})
+    return sizer.count({}), low
+
+
+def _meets(base: Mapping[str, int], low: Mapping[str, int], target: Mapping[str, float]) -> bool:
+    keys = [k for k in target if k in ("macs", "params")]
+    return all(base[k] and low[k] / base[k] <= float(target[k]) for k in keys)
+
+
+def within_reach(model: nn.Module, target: Mapping[str, float], min_keep: float) -> bool:
+    """Whether the MACs/params budget ``target`` is reachable with the model's units at ``min_keep``."""
+    found = discovery(model)
+    if not found.units:
+        return False
+    return _meets(*_lowest(model, found, min_keep), target)
+
+
 def residual_hint(model: nn.Module | None, target: Mapping[str, float], min_keep: float) -> str:
     """For an out-of-reach budget: '' or a clause saying residual groups would reach it.
 
     Said only when it is true: the model has residual groups that are off, and with them pruned to
     ``min_keep`` as well every MACs/params target in ``target`` is met.
     """
-    import math
-
-    from compressor.pruning.size import SizeModel
-
-    keys = [k for k in target if k in ("macs", "params")]
-    if model is None or not keys:
+    if model is None or not [k for k in target if k in ("macs", "params")]:
         return ""
     try:
         if "residual" not in discovery(model).skipped.values():
             return ""
-        wide = discover(model, residual=True)
-        sizer = SizeModel(model, wide)
-        base = sizer.count({})
-        low = sizer.count({u.name: max(1, math.ceil(min_keep * u.width - 1e-9)) for u in wide.units})
+        met = _meets(*_lowest(model, discover(model, residual=True), min_keep), target)
     except UserError:
         return ""
-    if all(base[k] and low[k] / base[k] <= float(target[k]) for k in keys):
-        return "; with residual groups pruned too (--residual, or residual=True in the API) it is within reach"
-    return ""
+    return ("; with residual groups pruned too (--residual, or residual=True in the API) it is within reach"
+            if met else "")
