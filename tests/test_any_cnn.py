@@ -143,6 +143,19 @@ def test_grouping_that_does_not_finish_is_refused_in_one_line(monkeypatch) -> No
     assert graph.discover(m).units  # no deadline left behind: the wrappers pass through again
 
 
+def test_one_width_whose_grouping_does_not_finish_is_refused_and_the_rest_is_grouped(monkeypatch) -> None:
+    """A per-root bound inside the whole grouping's: a width torch-pruning loops on (rexnet_100) is refused alone."""
+    torch.manual_seed(0)
+    m = _NormActNet().eval()
+    real = graph.root_s
+    monkeypatch.setattr(graph, "root_s", lambda: 1e-9)
+    d = graph.discover(m)
+    assert not d.units and set(d.refused) == {"c0", "c1", "c2", "c3"}
+    assert all("grouping of these channels did not finish within 1e-09 s" in r for r in d.refused.values())
+    monkeypatch.setattr(graph, "root_s", real)
+    assert {u.name for u in graph.discover(m).units} == {"c0", "c1", "c3"}  # the bound is per call, nothing left
+
+
 # ---------------------------------------------------------------- 2. grouped convs
 
 

@@ -90,6 +90,25 @@ def within(model: object, step: str, seconds: float | None = None) -> Iterator[N
         _LOCAL.deadline = outer
 
 
+@contextlib.contextmanager
+def for_one(seconds: float) -> Iterator[None]:
+    """A shorter deadline inside the current one (one root's grouping). ``GraphTimeout`` raised past it is the
+    caller's to catch (``check()`` then tells whether the outer deadline has passed too); the outer one is
+    restored either way."""
+    outer = getattr(_LOCAL, "deadline", None)
+    end = time.monotonic() + seconds
+    _LOCAL.deadline = end if outer is None else min(outer, end)
+    try:
+        yield
+    finally:
+        _LOCAL.deadline = outer
+
+
+def check() -> None:
+    """Raise ``GraphTimeout`` if the current deadline has passed."""
+    _check()
+
+
 def bounded_call(model: object, step: str, fn: Callable, *args, **kwargs):  # type: ignore[no-untyped-def]
     with within(model, step):
         return fn(*args, **kwargs)

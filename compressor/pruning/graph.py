@@ -68,6 +68,7 @@ from torch import nn
 
 from compressor.errors import UserError
 from compressor.models._spec import PrunableUnit
+from compressor.pruning import bounded
 from compressor.pruning.bounded import UNMAPPED, GraphTimeout, within
 
 #: grad_fn name -> activation name understood by ``activation_fn``
@@ -586,9 +587,9 @@ def _split_in(group: Any) -> str | None:
     for item in group:
         node = item.dep.target
         if getattr(node, UNMAPPED, False):
-            return (f"op view/reshape beside a transpose of channels (a channel shuffle or a channels-last layout) "
-                    f"between {_real_module(node, 'in')} and {_real_module(node, 'out')}: the cut channels would not "
-                    "map one to one through it")
+            what = "view/reshape beside a transpose of channels (a channel shuffle or a channels-last layout)"
+            return (f"op {what} between {_real_module(node, 'in')} and {_real_module(node, 'out')}: the cut channels "
+                    "would not map one to one through it")
         if isinstance(node.module, (tp.ops._SplitOp, tp.ops._SliceOp, tp.ops._UnbindOp)) and _on_channels(node):
             gf = type(getattr(node, "grad_fn", None)).__name__.replace("Backward0", "").replace("Backward1", "")
             return (f"op {gf} on channels between {_real_module(node, 'in')} and {_real_module(node, 'out')}: "
@@ -643,6 +644,12 @@ def _root_of(w: _Walk, out_mods: dict[str, int], hand_described: bool) -> list[s
     return [] if hand_described else linears
 
 
+def root_s() -> float:
+    """One root's grouping bound: a tenth of the whole grouping's (at least 2 s); past it that width is refused
+    and the others are still grouped."""
+    return max(2.0, bounded.limit_s() / 10)
+
+
 def _groups(w: _Walk, protected: list[nn.Module], refused: dict[str, str]) -> list[Any]:
     """torch-pruning's groups, one per channel space rooted at a Conv2d or Linear (its ``get_all_groups``, with
     one difference: a root whose grouping fails, e.g. on an index map through a channel shuffle, is refused in
@@ -656,11 +663,18 @@ def _groups(w: _Walk, protected: list[nn.Module], refused: dict[str, str]) -> li
         if pruner is None or pruner.get_out_channels(m) is None:
             continue
         try:
-            group = dg.get_pruning_group(m, pruner.prune_out_channels, list(range(pruner.get_out_channels(m))))
-        except (IndexError, ValueError, ArithmeticError, KeyError) as exc:
+            with bounded.for_one(root_s()):
+                group = dg.get_pruning_group(m, pruner.prune_out_channels, list(range(pruner.get_out_channels(m))))
+        except (IndexError, ValueError, ArithmeticError, KeyError, TypeError) as exc:
             if m in w.names:
                 refused[w.names[m]] = (f"torch-pruning cannot map these channels through the graph "
                                        f"({type(exc).__name__}; a channel shuffle or reshape on the way)")
+            continue
+        except GraphTimeout:
+            bounded.check()  # the whole grouping's deadline: the model is refused
+            if m in w.names:
+                refused[w.names[m]] = (f"torch-pruning's grouping of these channels did not finish within {root_s():g} s "
+                                       "(a channel space it loops on); refused, the rest of the model is grouped")
             continue
         outs = [dep.target.module for dep, _ in group if dg.is_out_channel_pruning_fn(dep.handler)]
         seen.update(outs)
