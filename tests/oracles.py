@@ -108,12 +108,14 @@ def dead_copy(model: nn.Module, plan: Plan, units: list) -> nn.Module:
     found = graph.discovery(dead)
     for u in units:
         drop = [i for i in range(u.width) if i not in set(plan.keep[u.name])]
-        norms = [mb.name for mb in found.members[u.name] if mb.role == "out"
+        norms = [mb for mb in found.members[u.name] if mb.role == "out"
                  and isinstance(dead.get_submodule(mb.name), nn.modules.batchnorm._BatchNorm)]
-        for name in norms:
-            bn = dead.get_submodule(name)
-            bn.weight.data[drop] = 0
-            bn.bias.data[drop] = 0
+        for mb in norms:
+            bn = dead.get_submodule(mb.name)
+            # a norm over a concat of the unit's channels and their depthwise copies (GhostNet) drops each copy
+            idx = [i + j * u.width for j in range(max(1, mb.n // u.width)) for i in drop]
+            bn.weight.data[idx] = 0
+            bn.bias.data[idx] = 0
         if not norms:
             for conv in u.convs:
                 c = dead.get_submodule(conv)

@@ -373,6 +373,58 @@ def test_a_width_split_by_fixed_sizes_is_refused_and_the_rest_prunes_exactly() -
     check_exact(m)
 
 
+class _GhostNet(nn.Module):
+    """GhostNet's module: a 1x1 conv and its depthwise copy concatenated, then a depthwise conv over the concat."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem, self.bs = nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8)
+        self.p, self.bp = nn.Conv2d(8, 12, 1, bias=False), nn.BatchNorm2d(12)
+        self.cheap, self.bc = nn.Conv2d(12, 12, 3, padding=1, groups=12, bias=False), nn.BatchNorm2d(12)
+        self.dw, self.bdw = nn.Conv2d(24, 24, 3, stride=2, padding=1, groups=24, bias=False), nn.BatchNorm2d(24)
+        self.head = nn.Conv2d(24, 16, 1)
+        self.fc = nn.Linear(16, 5)
+        self.input_size = 12
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.bs(self.stem(x)))
+        a = torch.relu(self.bp(self.p(x)))
+        y = torch.cat([a, torch.relu(self.bc(self.cheap(a)))], 1)
+        return self.fc(torch.relu(self.head(self.bdw(self.dw(y)))).mean((2, 3)))
+
+
+def test_a_width_with_its_depthwise_copy_concatenated_prunes_both_copies_exactly() -> None:
+    """The depthwise conv over ``cat([a, dw(a)])`` loses two channels per cut channel of ``a``; sizes follow."""
+    from compressor.pruning.size import SizeModel
+
+    torch.manual_seed(0)
+    m = randomize_bn(_GhostNet()).eval()
+    d = graph.discover(m)
+    assert {u.name for u in d.units} >= {"stem", "p", "head"} and "p" not in d.refused
+    assert {(x.name, x.n) for x in d.members["p"] if x.role == "out"} >= {("p", 12), ("cheap", 12), ("dw", 24)}
+    check_exact(m)
+    keep = {"p": 5}
+    small = surgery.apply(m, Plan(keep={"p": tuple(range(0, 12, 2))[:5]}, widths={"p": 12}))
+    assert small.dw.out_channels == 10 and small.cheap.out_channels == 5
+    from compressor.pruning import counting
+
+    assert SizeModel(m, d).count(keep) == counting.count(small)
+
+
+def test_timm_ghostnet_prunes_exactly_to_half_its_macs() -> None:
+    timm = pytest.importorskip("timm")
+    import compressor
+
+    with one_thread():
+        torch.manual_seed(0)
+        m = randomize_bn(timm.create_model("ghostnet_050", num_classes=10)).eval()
+        m.input_size = 32
+        assert any(u.name.endswith("ghost1.primary_conv.0") for u in graph.units(m))
+        check_exact(m)
+        _, info = compressor.prune(m, rates={"target": {"macs": 0.5}})
+        assert abs(info.kept["macs"] - 0.5) <= 0.01
+
+
 def _shuffle(x: torch.Tensor, groups: int) -> torch.Tensor:
     n, c, h, w = x.shape
     return x.view(n, groups, c // groups, h, w).transpose(1, 2).contiguous().view(n, c, h, w)

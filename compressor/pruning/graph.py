@@ -566,8 +566,10 @@ def _refusal(w: _Walk, group: Any, out_mods: dict[str, int], in_mods: dict[str, 
     every conv writing them (members that disagree on the channel count). Per-channel layers (BN) may
     follow the unit on a slice (a concat before them); a conv or Linear whose outputs are cut must be
     exactly the unit's width."""
-    layer_widths = {out_width(w.layer(n)) for n in out_mods if isinstance(w.layer(n), (nn.Conv2d, nn.Linear))}
-    if layer_widths != {width} or any(n != width for n in out_mods.values()):
+    copies = {n for n, c in out_mods.items() if c != width and _whole_copies(w.layer(n), c, width)}
+    layer_widths = {out_width(w.layer(n)) for n in out_mods
+                    if isinstance(w.layer(n), (nn.Conv2d, nn.Linear)) and n not in copies}
+    if layer_widths != {width} or any(c != width for n, c in out_mods.items() if n not in copies):
         return _culprit(group), True
     mixing = [n for n in out_mods if _mixes_channels(w.layer(n))]
     if mixing:  # no cut of these channels is exact: refused here rather than by the masked check
@@ -578,6 +580,15 @@ def _refusal(w: _Walk, group: Any, out_mods: dict[str, int], in_mods: dict[str, 
         return split, True
     grouped = _grouped_layers(w, out_mods, in_mods)
     return (_grouped_refusal(w.model, grouped, out_mods, in_mods, width) if grouped else None), False
+
+
+def _whole_copies(layer: nn.Module, n: int, width: int) -> bool:
+    """A depthwise conv or per-channel norm cut on all its ``n`` channels, a whole multiple of the unit's width:
+    it runs over a concat of the unit's channels and their depthwise copies (GhostNet's ``cat([x, dw(x)])``), so
+    each cut channel removes one channel from every copy."""
+    per_channel = isinstance(layer, nn.modules.batchnorm._BatchNorm) or (
+        isinstance(layer, nn.Conv2d) and _is_depthwise(layer))
+    return per_channel and out_width(layer) == n and n % width == 0 and n > width
 
 
 def _split_in(group: Any) -> str | None:
