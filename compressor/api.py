@@ -236,7 +236,11 @@ def prune(model: nn.Module, example_inputs: torch.Tensor | None = None, rates: A
     v, spec, per_unit, tiebreak, crit = _solve(model, example_inputs, ignored_layers, residual, rates, rounding,
                                                round_to, scores, crit_in, seed, dev)
     widths = {u.name: u.width for u in graph.units(v)}
-    plan = make_plan(per_unit, spec, widths, tiebreak=tiebreak, model=getattr(v, "arch", ""))
+    if policy.policy_config(spec).name == "obs":
+        calibration = list(calibration or [])  # read twice: the error curves, then the selection
+        spec, plan = _obs_allocation(v, spec, calibration, widths, obs, seed)
+    else:
+        plan = make_plan(per_unit, spec, widths, tiebreak=tiebreak, model=getattr(v, "arch", ""))
     selection = None
     if obs:
         from compressor.pruning.select_obs import select
@@ -291,9 +295,42 @@ def _solve(model: nn.Module, example_inputs: torch.Tensor | None, ignored_layers
     policy.policy_config(spec)
     policy.precheck(spec, str(dev))
     per_unit, tiebreak, crit = _scores_for(v, scores, criterion, seed)
+    if policy.policy_config(spec).name == "obs":  # allocated from the selection's error curves (prune)
+        return v, spec, per_unit, tiebreak, crit
     sizer = SizeModel(v, graph.discovery(v))
     spec = policy.resolve(spec, v, per_unit, tiebreak=tiebreak, counter=sizer.count, widths=widths, device=str(dev))
     return v, spec, per_unit, tiebreak, crit
+
+
+def _obs_allocation(v: nn.Module, spec: RateSpec, calibration: list, widths: Mapping[str, int], obs: bool,
+                    seed: int) -> tuple[RateSpec, Plan]:
+    """``policy: obs``: keep counts from the selection's error curves (``policy_obs``), as a resolved spec and a
+    plan of those counts (``select`` then chooses which channels)."""
+    from compressor.pruning import policy_obs
+
+    cfg = policy.policy_config(spec)
+    if not obs:
+        raise UserError("policy obs needs criterion obs (it allocates by the error the obs selection computes)",
+                        source=spec.source, field="policy")
+    if cfg.round_to > 1:
+        raise UserError("policy obs moves widths by the selection's steps; round_to is not supported with it",
+                        source=spec.source, field="round_to")
+    d = graph.discovery(v)
+    units = [u for u in graph.units(v) if u.name not in d.groups]
+    sizer = SizeModel(v, d)
+    curve = policy_obs.curves(v, calibration, units, cfg.min_keep, seed=seed)
+    counts = policy_obs.allocate(curve, widths, sizer.count, dict(spec.target or {}))
+    base, size = sizer.count({}), sizer.count(counts)
+    target = dict(spec.target or {})
+    achieved = {k: size[k] / base[k] for k in ("macs", "params")}
+    resolved = {"policy": "obs", "min_keep": cfg.min_keep, "max_keep": cfg.max_keep, "target": target,
+                "tolerance": cfg.tolerance, "achieved": achieved, "size": size, "base_size": base,
+                "channels_kept": sum(counts.get(u, w) for u, w in widths.items()) / sum(widths.values()),
+                "met": all(achieved[k] <= target[k] + cfg.tolerance for k in target if k in achieved)}
+    rates = {u: 1.0 - counts.get(u, w) / w for u, w in widths.items()}
+    plan = Plan(keep={u: tuple(range(k)) for u, k in counts.items()}, widths=dict(widths),
+                model=str(getattr(v, "arch", "")))
+    return spec.replace(rates=rates, extra={**spec.extra, "resolved": resolved}), plan
 
 
 def _lopsided(model: nn.Module, plan: Plan) -> list[str]:

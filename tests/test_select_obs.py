@@ -279,9 +279,20 @@ def test_obs_through_the_api_and_the_prune_command(tmp_path, capsys):
         assert main(["prune", "--checkpoint", str(ck), "--rates", str(r), "--criterion", "obs", "--reconstruct",
                      "--reconstruct-images", "64", "--eval-n", "40", "--out", str(tmp_path / "run"),
                      "--no-progress"]) == 0
+        r.write_text("policy: obs\ntarget: {macs: 0.5}\n")  # allocation by the same error, from the CLI
+        assert main(["prune", "--checkpoint", str(ck), "--rates", str(r), "--criterion", "obs", "--reconstruct",
+                     "--reconstruct-images", "64", "--eval-n", "40", "--out", str(tmp_path / "alloc"),
+                     "--no-progress"]) == 0
+        r.write_text("policy: obs\ntarget: {macs: 0.5}\n")
+        assert main(["prune", "--checkpoint", str(ck), "--rates", str(r), "--criterion", "l1",
+                     "--out", str(tmp_path / "no"), "--no-progress"]) == 2
+    assert "policy obs needs criterion obs" in capsys.readouterr().err and not (tmp_path / "no").exists()
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["recovery"] == "reconstruct" and summary["selection"]
     assert not (tmp_path / "run" / "scores.pt").exists()
+    alloc = json.loads((tmp_path / "alloc" / "summary.json").read_text())
+    assert alloc["policy"]["policy"] == "obs" and alloc["policy"]["met"]
+    assert alloc["size_after"]["macs"] / alloc["size_before"]["macs"] == pytest.approx(0.5, abs=0.01)
 
 
 def _dead_channel(bn: nn.BatchNorm2d, ch: int) -> None:
@@ -378,3 +389,65 @@ def test_obs_on_a_user_module_through_the_api() -> None:
             ref, out = net(batches[0][0]), small(batches[0][0])
     assert torch.allclose(out, ref, atol=1e-5 * float(ref.abs().max()), rtol=0)
     assert all(torch.equal(v, before[k]) for k, v in net.state_dict().items())
+
+
+# ---------------------------------------------------------------- allocation by the same error (policy obs)
+
+
+def test_obs_allocation_greedy_takes_the_cheapest_error_per_cost_first() -> None:
+    """Known answer on constructed curves: the step with the least error per cost goes first, the crossing step
+    is taken only as far as the budget needs, and an unreachable budget is one clear error."""
+    from compressor.errors import UserError
+    from compressor.pruning.policy_obs import allocate
+
+    widths = {"x": 4, "y": 4}
+    count = lambda keep: {"macs": 10 * keep.get("x", 4) + 30 * keep.get("y", 4),  # noqa: E731
+                          "params": keep.get("x", 4) + keep.get("y", 4)}
+    curve = {"x": [(4, 0.0), (3, 0.1), (2, 0.2), (1, 0.3)], "y": [(4, 0.0), (3, 0.01), (2, 0.9), (1, 2.0)]}
+    # y's first step costs 0.01 for 30/160 of the MACs; then x (0.1 per 10/160) beats y's second (0.89 per 30/160)
+    assert allocate(curve, widths, count, {"macs": 0.75}) == {"x": 3, "y": 3}
+    assert allocate(curve, widths, count, {"macs": 0.85}) == {"y": 3}
+    assert allocate(curve, widths, count, {"macs": 0.65}) == {"x": 1, "y": 3}  # x's steps all before y's second
+    assert allocate(curve, widths, count, {"macs": 0.6}) == {"x": 1, "y": 2}
+    with pytest.raises(UserError, match="out of reach for policy obs"):
+        allocate(curve, widths, count, {"macs": 0.1})
+    with pytest.raises(UserError, match="needs a MACs or params target"):
+        allocate(curve, widths, count, {"latency": 0.5})
+
+
+def test_policy_obs_spends_the_budget_on_dead_channels_and_recovers_the_logits() -> None:
+    """Unit ``a`` has four dead channels, ``b`` none: a budget that four channels of ``a`` can pay is taken from
+    ``a``'s dead channels only, and the refit network computes the original's logits."""
+    import compressor
+    from compressor.errors import UserError
+
+    class Chain3(Chain):
+        """Chain with a 3×3 conv ``c`` (kept whole) between ``b`` and the classifier: ``b``'s consumer is a conv."""
+
+        def __init__(self) -> None:
+            super().__init__(8)
+            self.c = nn.Conv2d(6, 5, 3, padding=1)
+            self.fc = nn.Linear(5, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            x = torch.relu(self.bn_a(self.a(x)))
+            x = torch.relu(self.bn_b(self.b(x)))
+            return self.fc(torch.relu(self.c(x)).mean((2, 3)))
+
+    net = _randomized(Chain3())
+    for ch in (1, 3, 4, 6):
+        _dead_channel(net.bn_a, ch)
+    g = torch.Generator().manual_seed(1)
+    batches = [(torch.randn(16, 3, 8, 8, generator=g), torch.randint(0, 4, (16,), generator=g)) for _ in range(2)]
+    x = torch.randn(1, 3, 8, 8)
+    rates = {"target": {"macs": 0.75}, "policy": "obs"}
+    with one_thread():
+        with pytest.raises(UserError, match="policy obs needs criterion obs"):
+            compressor.prune(net, x, rates, ignored_layers=["c"])
+        small, info = compressor.prune(net, x, rates, criterion="obs", calibration=batches, ignored_layers=["c"])
+        assert set(info.plan.keep) == {"a"} and _removed(info.plan, "a", 8) < {1, 3, 4, 6} and small.a.out_channels == 5
+        assert info.kept["macs"] <= 0.75 and info.rates.extra["resolved"]["policy"] == "obs"
+        small, _ = compressor.recover(small, batches, original=net, plan=info.plan, progress=False)
+        with torch.no_grad():
+            ref, out = net(batches[0][0]), small(batches[0][0])
+    assert torch.allclose(out, ref, atol=1e-5 * float(ref.abs().max()), rtol=0)

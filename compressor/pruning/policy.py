@@ -138,6 +138,10 @@ def resolve(spec: RateSpec, model: nn.Module | None, scores: Mapping[str, torch.
     """
     hooks = LatencyHooks.of(latency, latency_keywords)
     cfg = policy_config(spec)
+    if cfg.name == "obs":
+        raise UserError("policy obs allocates by the reconstruction's error: it needs criterion obs and calibration "
+                        "images (--criterion obs; compressor.prune(..., criterion='obs', calibration=batches))",
+                        source=spec.source, field="policy")
     if counter is None and model is None:
         raise ValueError("resolve needs a model or a counter")
     size = SizeCounter(model, counter=counter, widths=widths)

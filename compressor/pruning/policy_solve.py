@@ -22,7 +22,7 @@ from compressor.pruning.plan import rank_order
 from compressor.pruning.policy_size import SizeCounter
 from compressor.pruning.rates import RateSpec, as_float, n_keep, round_keep, short
 
-POLICIES = ("local", "global")
+POLICIES = ("local", "global", "obs")  # obs: allocation by the refit error (policy_obs, criterion obs)
 NORMALIZERS = ("mean", "max", "l2", "rank", "none")
 
 

@@ -389,12 +389,14 @@ def _solve_fresh(s: dict) -> torch.Tensor:
 
 def select(original: nn.Module, counts: Mapping[str, int] | Plan, batches: Iterable, *, positions: int = 32,
            ridge: float = 1e-3, chunk: float = 1 / 32, seed: int = 0, max_images: int | None = None,
-           units: Sequence[Any] | None = None, chunk_rows: int = 8192, progress: bool = True
-           ) -> tuple[Plan, ObsReport]:
+           units: Sequence[Any] | None = None, chunk_rows: int = 8192, progress: bool = True,
+           independent: bool = False) -> tuple[Plan, ObsReport]:
     """Keep ``counts[unit]`` channels of each unit, chosen by the consumers' refit error (see the module doc).
 
     ``counts``: ``{unit: channels to keep}`` (units not named keep all) or a ``Plan`` whose kept
     counts are used. ``batches``: calibration images (tensors or ``(x, y, ...)``), iterated once.
+    ``independent``: every unit on the unpruned network (nothing masked or refit between units): each
+    unit's ``removal_costs`` is then its own error curve, as the ``obs`` allocation policy reads it.
     Returns the plan (for ``surgery.apply`` / ``compressor.recover(plan=...)``) and a report.
     """
     from compressor.pruning import graph
@@ -474,8 +476,8 @@ def select(original: nn.Module, counts: Mapping[str, int] | Plan, batches: Itera
                     keep[u.name] = tuple(kept)
                     gone = torch.ones(width, dtype=torch.bool)
                     gone[kept] = False
-                    err_kept = 0.0
-                    for c, s in zip(cons, stats):
+                    err_kept = trail[-1] if (independent and trail) else 0.0
+                    for c, s in zip(cons, stats) if not independent else ():
                         w = _solve_fresh(s)
                         s["w"] = w
                         err_kept += _err(s)
@@ -483,7 +485,8 @@ def select(original: nn.Module, counts: Mapping[str, int] | Plan, batches: Itera
                         new_alive[c.cols[gone].reshape(-1)] = False
                         _write(c.layer, new_alive, w)
                         alive[c.name] = new_alive
-                mask.add(spaces[u.name], gone.nonzero().flatten().tolist())
+                if not independent:
+                    mask.add(spaces[u.name], gone.nonzero().flatten().tolist())
                 tg[u.name] = {}  # free the unit's targets
                 log.info("obs: %s keeps %d of %d (consumers %s): relative error %.4g -> %.4g; %.1f s "
                          "(statistics %.1f s)", u.name, k, width, ",".join(c.name for c in cons), err_full, err_kept,
@@ -495,7 +498,8 @@ def select(original: nn.Module, counts: Mapping[str, int] | Plan, batches: Itera
         mask.close()
         original.train(was)
     plan = Plan(keep=keep, widths=widths, model=str(getattr(original, "arch", "")))
-    settings = {"positions": positions, "ridge": ridge, "chunk": chunk, "seed": seed, "max_images": max_images}
+    settings = {"positions": positions, "ridge": ridge, "chunk": chunk, "seed": seed, "max_images": max_images,
+                "independent": independent}
     return plan, ObsReport(units=tuple(done), settings=settings, n_images=sum(x.shape[0] for x in xs),
                            seconds=time.perf_counter() - t0)
 
