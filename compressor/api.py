@@ -214,7 +214,11 @@ def prune(model: nn.Module, example_inputs: torch.Tensor | None = None, rates: A
     ``criterion="obs"``: the kept channels are chosen by the error the consumers' least-squares
     refit would suffer on ``calibration`` batches (``select_obs``); recover with
     ``recover(small, data, original=model, plan=info.plan)``. Works on any model the engine prunes (each
-    unit's consumers are read off the dependency graph).
+    unit's consumers are read off the dependency graph). With ``"policy": "obs"`` and a MACs/params target the
+    keep counts are allocated by the same error too (``policy_obs``).
+    ``residual``: None (the default) follows the model, except that a MACs/params budget out of reach without
+    residual groups and within reach with them prunes them too (``auto_residual``; ``info.notes`` says so);
+    False never prunes them.
 
     >>> small, info = compressor.prune(model, torch.randn(1, 3, 32, 32), {"target": {"macs": 0.5}})
     >>> print(info.summary())                                            # doctest: +SKIP
@@ -229,12 +233,18 @@ def prune(model: nn.Module, example_inputs: torch.Tensor | None = None, rates: A
     # obs: l1 scores only turn the policy or budget into keep counts
     crit_in = "l1" if obs and scores is None else criterion
     notes: list[str] = []
-    if residual is None and auto_residual(model, rates, example_inputs=example_inputs, ignored_layers=ignored_layers):
+    if residual is None and auto_residual(model, rates, example_inputs=example_inputs, ignored_layers=ignored_layers,
+                                          scores=scores):
         residual = True
-        notes.append("residual groups pruned too: the budget is out of reach without them (residual=False, or "
-                     "--no-residual, refuses instead)")
-    v, spec, per_unit, tiebreak, crit = _solve(model, example_inputs, ignored_layers, residual, rates, rounding,
-                                               round_to, scores, crit_in, seed, dev)
+        notes.append(AUTO_RESIDUAL)
+    try:
+        v, spec, per_unit, tiebreak, crit = _solve(model, example_inputs, ignored_layers, residual, rates, rounding,
+                                                   round_to, scores, crit_in, seed, dev)
+    except UserError as exc:
+        if not notes:
+            raise
+        raise UserError(f"{_message(exc)} (residual groups were added because the budget is out of reach without "
+                        "them)", source=exc.source, field=exc.field) from exc
     widths = {u.name: u.width for u in graph.units(v)}
     if policy.policy_config(spec).name == "obs":
         calibration = list(calibration or [])  # read twice: the error curves, then the selection
@@ -262,22 +272,34 @@ def prune(model: nn.Module, example_inputs: torch.Tensor | None = None, rates: A
                             latency_check=lat, selection=selection, notes=notes)
 
 
+AUTO_RESIDUAL = ("residual groups pruned too: the budget is out of reach without them (residual=False, or "
+                 "--no-residual, refuses instead)")
+
+
 def auto_residual(model: nn.Module, rates: Any, *, example_inputs: torch.Tensor | None = None,
-                  ignored_layers: Sequence[nn.Module | str] | None = None) -> bool:
+                  ignored_layers: Sequence[nn.Module | str] | None = None, scores: Any = None) -> bool:
     """Whether ``prune`` with ``residual=None`` prunes residual groups too: only when they are off by the
-    model's default and a MACs/params budget in ``rates`` is out of reach without them but within reach with them
-    (every unit at ``min_keep``). Rates without a budget never turn them on."""
+    model's default and a MACs/params budget in ``rates`` is out of reach without them (every unit at ``min_keep``,
+    within the policy's tolerance) but within reach with them. Rates without a budget never turn them on, nor do
+    ``scores`` that do not cover the residual units (the budget's error then names ``--residual``)."""
     if rates is None:
         return False
     v = view(model, record_of(model, example_inputs, ignored_layers, None))
-    if not graph.units(v) and "residual" not in graph.discovery(v).skipped.values():
+    if "residual" not in graph.discovery(v).skipped.values():
         return False
     spec = rates_spec(rates, v)
     target = {k: x for k, x in (spec.target or {}).items() if k in ("macs", "params")}
     if not target:
         return False
-    min_keep = policy.policy_config(spec).min_keep
-    return not graph.within_reach(v, target, min_keep) and bool(graph.residual_hint(v, target, min_keep))
+    cfg = policy.policy_config(spec)
+    loose = {k: x * (1 + cfg.tolerance) for k, x in target.items()}  # what the solvers accept
+    if graph.within_reach(v, loose, cfg.min_keep) or not graph.residual_hint(v, target, cfg.min_keep):
+        return False
+    if scores is not None:
+        have = set(scores.scores[next(iter(scores.scores))]) if isinstance(scores, scores_mod.Scores) else set(scores)
+        if not set(graph.discovery(v).skipped) <= have:
+            return False
+    return True
 
 
 def _solve(model: nn.Module, example_inputs: torch.Tensor | None, ignored_layers: Any, residual: bool | None,
@@ -315,6 +337,12 @@ def _obs_allocation(v: nn.Module, spec: RateSpec, calibration: list, widths: Map
     if cfg.round_to > 1:
         raise UserError("policy obs moves widths by the selection's steps; round_to is not supported with it",
                         source=spec.source, field="round_to")
+    if not {"macs", "params"} & set(spec.target or {}) or set(spec.target or {}) - {"macs", "params"}:
+        raise UserError("policy obs needs a MACs and/or params target (e.g. target: {macs: 0.5}), nothing else",
+                        source=spec.source, field="target")
+    if any(r > 0 for r in spec.rates.values()) or cfg.max_keep < 1.0:
+        raise UserError("policy obs allocates every unit itself: per-layer rates and max_keep are not used with it",
+                        source=spec.source, field="policy")
     d = graph.discovery(v)
     units = [u for u in graph.units(v) if u.name not in d.groups]
     sizer = SizeModel(v, d)
@@ -326,7 +354,7 @@ def _obs_allocation(v: nn.Module, spec: RateSpec, calibration: list, widths: Map
     resolved = {"policy": "obs", "min_keep": cfg.min_keep, "max_keep": cfg.max_keep, "target": target,
                 "tolerance": cfg.tolerance, "achieved": achieved, "size": size, "base_size": base,
                 "channels_kept": sum(counts.get(u, w) for u, w in widths.items()) / sum(widths.values()),
-                "met": all(achieved[k] <= target[k] + cfg.tolerance for k in target if k in achieved)}
+                "met": all(achieved[k] <= target[k] * (1 + cfg.tolerance) for k in target)}
     rates = {u: 1.0 - counts.get(u, w) / w for u, w in widths.items()}
     plan = Plan(keep={u: tuple(range(k)) for u, k in counts.items()}, widths=dict(widths),
                 model=str(getattr(v, "arch", "")))
@@ -338,7 +366,8 @@ def _lopsided(model: nn.Module, plan: Plan) -> list[str]:
     median kept fraction of the other units (1.0 when there are none)."""
     units = graph.units(model)
     frac = {u.name: len(plan.kept(u.name)) / u.width if u.name in plan.keep else 1.0 for u in units}
-    first = next((n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)), None)  # the stem reads the input
+    convs = {n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)}
+    first = next((n for n in graph.call_order(model, graph.example_input(model)) if n in convs), None)  # the stem
     special = {u.name for u in units if u.kind == "residual" or first in u.convs}
     rest = sorted(f for n, f in frac.items() if n not in special) or [1.0]
     median = rest[len(rest) // 2]

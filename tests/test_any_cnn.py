@@ -317,6 +317,7 @@ def test_cli_prunes_residual_groups_for_an_out_of_reach_budget_and_says_so(tmp_p
         units = json.loads((tmp_path / "auto" / "plan.json").read_text())["units"]
         assert len(units["stem"]["keep"]) < 64
         size = json.loads((tmp_path / "auto" / "summary.json").read_text())
+        assert size["residual"].startswith("auto")
         assert size["size_after"]["macs"] / size["size_before"]["macs"] == pytest.approx(0.5, abs=0.01)
         assert main([*argv, "--no-residual", "--out", str(tmp_path / "off")]) == 2
     err = capsys.readouterr().err.strip()
@@ -349,8 +350,9 @@ def test_lopsided_budget_is_named_in_the_summary() -> None:
 class _SplitNet(nn.Module):
     """Res2Net's pattern: a conv's output split into chunks of a size fixed in the code, each chunk its own conv."""
 
-    def __init__(self) -> None:
+    def __init__(self, dim: int = 1) -> None:
         super().__init__()
+        self.dim = dim
         self.stem, self.bs = nn.Conv2d(3, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16)
         self.c1, self.b1 = nn.Conv2d(16, 8, 1, bias=False), nn.BatchNorm2d(8)
         self.p, self.q = nn.Conv2d(4, 6, 3, padding=1), nn.Conv2d(4, 6, 3, padding=1)
@@ -359,14 +361,15 @@ class _SplitNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = torch.relu(self.bs(self.stem(x)))
-        a, b = torch.split(torch.relu(self.b1(self.c1(x))), 4, dim=1)
+        a, b = torch.split(torch.relu(self.b1(self.c1(x))), 4, dim=self.dim)
         y = torch.cat([torch.relu(self.p(a)), torch.relu(self.q(b))], 1)
         return self.fc(y.mean((2, 3)))
 
 
-def test_a_width_split_by_fixed_sizes_is_refused_and_the_rest_prunes_exactly() -> None:
+@pytest.mark.parametrize("dim", [1, -3])
+def test_a_width_split_by_fixed_sizes_is_refused_and_the_rest_prunes_exactly(dim: int) -> None:
     torch.manual_seed(0)
-    m = randomize_bn(_SplitNet()).eval()
+    m = randomize_bn(_SplitNet(dim)).eval()
     d = graph.discover(m)
     assert "Split on channels" in d.refused["c1"] and "fixed in the model's code" in d.refused["c1"]
     assert {u.name for u in d.units} == {"stem", "p", "q"}

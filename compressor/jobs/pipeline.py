@@ -335,10 +335,9 @@ def _prune_into(job: PruneJob, out: Path, device: torch.device, base: nn.Module 
 
     # 3. Scores, 4. plan and surgery.
     residual = job.residual
-    if residual is None and api.auto_residual(base, spec):  # ranked and pruned with them, as api.prune would
+    if residual is None and api.auto_residual(base, spec, scores=pre_scores):  # ranked and pruned with them too
         residual = True
-        log.warning("residual groups pruned too: the budget is out of reach without them (--no-residual refuses "
-                    "instead)")
+        log.warning(api.AUTO_RESIDUAL)
     units = units_of(view(base, record_of(base, residual=residual)))
     calib = None
     if job.criterion == "obs":  # the images the reconstruction refits on choose the channels
@@ -360,6 +359,10 @@ def _prune_into(job: PruneJob, out: Path, device: torch.device, base: nn.Module 
                                "eval": {"split": key["split"], "n": key["n"]}}
     if info.selection is not None:
         metrics["selection"] = info.selection.to_dict()
+    if residual and job.residual is None:
+        metrics["residual"] = "auto: the budget is out of reach without residual groups"
+    if info.notes:
+        metrics["notes"] = list(info.notes)
     if info.latency_check is not None:
         log.info(info.latency_check["line"])
         metrics["latency_check"] = info.latency_check

@@ -609,8 +609,20 @@ def _split_in(group: Any) -> str | None:
 
 
 def _on_channels(node: Any) -> bool:
-    """Whether a split/slice node works on dim 1 (a spatial slice such as ``x[:, :, ::2, ::2]`` does not)."""
-    return int(getattr(getattr(node, "grad_fn", None), "_saved_dim", 1)) == 1
+    """Whether a split/slice node works on the channels: dim 1, or the last dim of an ``[N, C]``/``[N, L, C]``
+    tensor (a spatial slice such as ``x[:, :, ::2, ::2]`` does not). A negative dim the tensor's rank does not
+    resolve counts as channels (refused, not guessed)."""
+    gf = getattr(node, "grad_fn", None)
+    dim = int(getattr(gf, "_saved_dim", 1))
+    if dim >= 1 << 63:  # autograd keeps a negative dim as an unsigned int64
+        dim -= 1 << 64
+    sizes = getattr(gf, "_saved_self_sym_sizes", None) or getattr(gf, "_saved_self_sizes", None)
+    ndim = len(sizes) if sizes is not None else None
+    if dim < 0:
+        if ndim is None:
+            return True
+        dim += ndim
+    return dim == 1 or (ndim in (2, 3) and dim == ndim - 1)
 
 
 def _grouped_layers(w: _Walk, out_mods: dict[str, int], in_mods: dict[str, int]) -> list[str]:
@@ -679,7 +691,8 @@ def _groups(w: _Walk, protected: list[nn.Module], refused: dict[str, str]) -> li
         except (IndexError, ValueError, ArithmeticError, KeyError, TypeError) as exc:
             if m in w.names:
                 refused[w.names[m]] = (f"torch-pruning cannot map these channels through the graph "
-                                       f"({type(exc).__name__}; a channel shuffle or reshape on the way)")
+                                       f"({type(exc).__name__}: {str(exc)[:80]}; e.g. a channel shuffle or reshape "
+                                       "on the way)")
             continue
         except GraphTimeout:
             bounded.check()  # the whole grouping's deadline: the model is refused
