@@ -33,7 +33,7 @@ TIMM_CNNS = [
 
 
 # torchvision models that do not run at the common size: the smallest each accepts
-MIN_SIZE = {"inception_v3": 75, "maxvit_t": 224}
+MIN_SIZE = {"inception_v3": 75, "maxvit_t": 224, "vit_h_14": 70}  # vit_h_14: 14-px patches
 
 
 def size_for(source: str, name: str, size: int) -> int:
