@@ -314,10 +314,10 @@ def _solve(model: nn.Module, example_inputs: torch.Tensor | None, ignored_layers
         raise UserError(f"the model has no prunable unit{' (' + why + ')' if why else ''}", field="model")
     widths = {u.name: u.width for u in units}
     spec = rates_spec(rates, v, rounding=rounding, round_to=round_to)
-    policy.policy_config(spec)
+    cfg = policy.policy_config(spec)
     policy.precheck(spec, str(dev))
     per_unit, tiebreak, crit = _scores_for(v, scores, criterion, seed)
-    if policy.policy_config(spec).name == "obs":  # allocated from the selection's error curves (prune)
+    if cfg.name == "obs":  # allocated from the selection's error curves (prune)
         return v, spec, per_unit, tiebreak, crit
     sizer = SizeModel(v, graph.discovery(v))
     spec = policy.resolve(spec, v, per_unit, tiebreak=tiebreak, counter=sizer.count, widths=widths, device=str(dev))

@@ -106,6 +106,7 @@ def test_a_copied_channel_goes_first_and_costs_nothing(scale: float) -> None:
     assert u.error_full < 1e-5 and u.error_kept < 1e-6
     # the working copy's refit really reproduces b's output without the channel
     assert u.removal_costs[-1] < 1e-4
+    assert u.removal_kept == (7,)  # one step, its kept count recorded with its cost
 
 
 def test_a_channel_bn_relu_kills_is_removed_first_despite_the_largest_weights() -> None:
@@ -442,6 +443,13 @@ def test_policy_obs_spends_the_budget_on_dead_channels_and_recovers_the_logits()
     x = torch.randn(1, 3, 8, 8)
     rates = {"target": {"macs": 0.75}, "policy": "obs"}
     with one_thread():
+        from compressor.pruning import graph, policy_obs
+
+        net.input_size = 8
+        curve = policy_obs.curves(net, [b for b, _ in batches], graph.units(net), 0.1)
+        assert [k for k, _ in curve["a"]] == list(range(8, 0, -1))  # width 8: one channel a step, down to 1
+        assert curve["a"][4][1] < 1e-3 < curve["a"][5][1]  # the four dead channels cost (almost) nothing
+        del net.input_size
         with pytest.raises(UserError, match="policy obs needs criterion obs"):
             compressor.prune(net, x, rates, ignored_layers=["c"])
         small, info = compressor.prune(net, x, rates, criterion="obs", calibration=batches, ignored_layers=["c"])

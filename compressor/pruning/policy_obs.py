@@ -39,9 +39,7 @@ def curves(model: nn.Module, batches: Iterable, units: Sequence[Any], min_keep: 
     _, rep = select(model, floor, batches, seed=seed, chunk=chunk, units=units, progress=progress, independent=True)
     out: dict[str, list[tuple[int, float]]] = {}
     for us in rep.units:
-        step = max(1, math.ceil(us.width * chunk))
-        kept = [max(us.kept, us.width - step * (i + 1)) for i in range(len(us.removal_costs))]
-        out[us.unit] = [(us.width, us.error_full), *zip(kept, us.removal_costs)]
+        out[us.unit] = [(us.width, us.error_full), *zip(us.removal_kept, us.removal_costs)]
     return out
 
 

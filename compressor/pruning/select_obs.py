@@ -111,6 +111,7 @@ class UnitSelection:
     error_kept: float        # ... with the kept channels only (after the fresh refit)
     removal_costs: tuple[float, ...]  # summed relative (ridge-penalized) error after each removal step
     seconds: float
+    removal_kept: tuple[int, ...] = ()  # channels still in after each removal step (same length)
 
 
 @dataclass(frozen=True)
@@ -328,7 +329,8 @@ def _write(layer: nn.Module, alive: torch.Tensor, w: torch.Tensor) -> None:
 
 
 def _remove(stats: list[dict], width: int, keep: int, chunk: int, start: float = 0.0) -> tuple[list[int], list[float]]:
-    """OBS removal of ``width - keep`` channels over the consumers in ``stats``; returns kept, costs.
+    """OBS removal of ``width - keep`` channels over the consumers in ``stats``; returns kept, and the cost after
+    each step (the step removes ``chunk`` channels, the last one what is left above ``keep``).
 
     ``H⁻¹`` and ``W`` keep their size: after the downdate the removed rows and columns are
     exactly zero, so nothing is copied per step; the live columns are cut out at the end."""
@@ -385,6 +387,24 @@ def _solve_fresh(s: dict) -> torch.Tensor:
     if int(info) == 0:
         return torch.cholesky_solve(b, chol)
     return torch.linalg.lstsq(a, b).solution
+
+
+def _stats_of(c: "_Consumer", acc: tuple, ridge: float, unit: str) -> dict:
+    """One consumer's normal equations at its live columns, the refit solution ``W`` and ``H⁻¹``, and where
+    the unit's channels sit among its columns (``blk``), as ``_remove`` reads them."""
+    xx, xy, yy, _ = acc
+    n_w = int(c.alive.sum())
+    pen = _ridge(xx, n_w, ridge)
+    w0 = _current(c.layer, c.alive)
+    loc = torch.full((c.alive.numel(),), -1, dtype=torch.long)  # local column index of each live column
+    loc[c.alive] = torch.arange(n_w)
+    blk = loc[c.cols]
+    if bool((blk < 0).any()):
+        raise RuntimeError(f"obs: {c.name}: unit {unit}'s columns already removed")
+    hinv = _inv_spd(xx + torch.diag(pen))
+    w = hinv @ (xy + pen[:, None] * w0)
+    return {"hinv": hinv, "w": w, "xx": xx, "xy": xy, "w0": w0, "pen": pen, "blk": blk,
+            "yy": max(float(yy), 1e-300), "yy_raw": yy, "live": torch.ones(xx.shape[0], dtype=torch.bool)}
 
 
 def select(original: nn.Module, counts: Mapping[str, int] | Plan, batches: Iterable, *, positions: int = 32,
@@ -449,25 +469,7 @@ def select(original: nn.Module, counts: Mapping[str, int] | Plan, batches: Itera
                 acc = _accumulate(work, cons, xs, pos[u.name], tg[u.name], chunk_rows)
                 t_acc = time.perf_counter() - tu
                 with _threads_for(max(int(acc[c.name][0].shape[0]) for c in cons)):
-                    stats = []
-                    for c in cons:
-                        xx, xy, yy, _ = acc[c.name]
-                        n_w = int(c.alive.sum())
-                        pen = _ridge(xx, n_w, ridge)
-                        w0 = _current(c.layer, c.alive)
-                        # local column index of each of the unit's channels' columns (alive ones only)
-                        loc = torch.full((c.alive.numel(),), -1, dtype=torch.long)
-                        loc[c.alive] = torch.arange(n_w)
-                        blk = loc[c.cols]
-                        if bool((blk < 0).any()):
-                            raise RuntimeError(f"obs: {c.name}: unit {u.name}'s columns already removed")
-                        a = xx + torch.diag(pen)
-                        hinv = _inv_spd(a)
-                        w = hinv @ (xy + pen[:, None] * w0)
-                        s = {"hinv": hinv, "w": w, "xx": xx, "xy": xy, "w0": w0, "pen": pen, "blk": blk,
-                             "yy": max(float(yy), 1e-300), "yy_raw": yy,
-                             "live": torch.ones(xx.shape[0], dtype=torch.bool)}
-                        stats.append(s)
+                    stats = [_stats_of(c, acc[c.name], ridge, u.name) for c in cons]
                     err_full = sum(_err(s) for s in stats)
                     width, k = widths[u.name], int(counts[u.name])
                     step = max(1, math.ceil(width * chunk))
@@ -493,6 +495,7 @@ def select(original: nn.Module, counts: Mapping[str, int] | Plan, batches: Itera
                          time.perf_counter() - tu, t_acc)
                 done.append(UnitSelection(unit=u.name, width=width, kept=k, consumers=tuple(c.name for c in cons),
                                           error_full=err_full, error_kept=err_kept, removal_costs=tuple(trail),
+                                          removal_kept=tuple(max(k, width - step * (i + 1)) for i in range(len(trail))),
                                           seconds=time.perf_counter() - tu))
     finally:
         mask.close()
