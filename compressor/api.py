@@ -403,6 +403,7 @@ class RecoveryReport:
 
     steps: list[str] = field(default_factory=list)
     reconstruct: Any = None          # compressor.pruning.reconstruct.ReconstructReport
+    blocks: Any = None               # compressor.pruning.refit_blocks.BlockRefitReport
     bn_images: int = 0
     history: list[dict[str, Any]] = field(default_factory=list)  # fine-tune epoch rows
 
@@ -435,7 +436,7 @@ def _has_bn(model: nn.Module) -> bool:
 
 
 def recover(pruned: nn.Module, data: Any, *, original: nn.Module | None = None, reconstruct: bool | None = None,
-            bn: bool | None = None, epochs: int = 0, teacher: nn.Module | None = None, val_data: Any = None,
+            bn: bool | None = None, block_steps: int = 0, epochs: int = 0, teacher: nn.Module | None = None, val_data: Any = None,
             plan: Plan | None = None, images: int = 512, lr: float = 0.01, batch_size: int = 128,
             train_config: Any = None, seed: int = 0, device: torch.device | str | None = None,
             out_dir: str | Path | None = None, in_place: bool = False,
@@ -445,6 +446,9 @@ def recover(pruned: nn.Module, data: Any, *, original: nn.Module | None = None, 
     - ``reconstruct`` (default: on when ``original`` is given): every layer that reads pruned
       channels is refit by least squares so its output on ``images`` calibration images matches
       ``original``'s (``plan`` names the kept channels; without it they are read off the weights).
+    - ``block_steps`` > 0 (needs ``original``): then each block (a residual block, found from the
+      pruned shapes) is refit by that many Adam steps so its output matches ``original``'s on the
+      same calibration images, 1/8 of them held out to choose the weights (``refit_blocks``).
     - ``bn`` (default: on when there is no reconstruction and the model has BatchNorm): the BN
       running statistics are re-estimated on ``images`` images, no labels, no gradient.
     - ``epochs`` > 0: fine-tune on ``data`` (SGD, cosine, ``lr``, or a full ``train_config``),
@@ -467,9 +471,12 @@ def recover(pruned: nn.Module, data: Any, *, original: nn.Module | None = None, 
         raise UserError(f"must be an integer >= 0, got {epochs!r}", field="epochs")
     if isinstance(images, bool) or not isinstance(images, int) or images < 1:
         raise UserError(f"must be a positive integer, got {images!r}", field="images")
+    if isinstance(block_steps, bool) or not isinstance(block_steps, int) or block_steps < 0:
+        raise UserError(f"must be an integer >= 0, got {block_steps!r}", field="block_steps")
     do_rec = (original is not None) if reconstruct is None else bool(reconstruct)
-    if do_rec and original is None:
-        raise UserError("reconstruction needs the unpruned model: pass original=", field="original")
+    if (do_rec or block_steps) and original is None:
+        what = "reconstruction" if do_rec else "the block refit"
+        raise UserError(f"{what} needs the unpruned model: pass original=", field="original")
     dev = _check_device(device) or _device_of(pruned)
     model = pruned if in_place else copy.deepcopy(pruned)
     model.to(dev)
@@ -484,6 +491,10 @@ def recover(pruned: nn.Module, data: Any, *, original: nn.Module | None = None, 
         report.reconstruct = refit(original.to(dev), model, data_mod.loader(calib, 64, device=dev), keep=keep,
                                    seed=seed, device=dev, bn="keep", progress=progress)
         report.steps.append("reconstruct")
+    if block_steps:
+        report.blocks = _refit_blocks(original.to(dev), model, data_mod.loader(calib, 64, device=dev), plan,
+                                      block_steps, seed, dev, progress)
+        report.steps.append("blocks")
     do_bn = (not do_rec and _has_bn(model)) if bn is None else (bool(bn) and _has_bn(model))
     if do_bn:
         recal = data_mod.calibration_subset(ds, min(images, len(ds)), seed + 1)
@@ -497,6 +508,15 @@ def recover(pruned: nn.Module, data: Any, *, original: nn.Module | None = None, 
 
     check_finite(model, what="the recovered model")
     return model, report
+
+
+def _refit_blocks(original: nn.Module, model: nn.Module, loader: Any, plan: Plan | None, steps: int, seed: int,
+                  dev: torch.device, progress: bool) -> Any:
+    from compressor.pruning.reconstruct_kept import keep_from_plan
+    from compressor.pruning.refit_blocks import refit_blocks
+
+    keep = keep_from_plan(original, plan, _first_images(loader)[:1]) if plan is not None else None
+    return refit_blocks(original, model, loader, steps=steps, seed=seed, keep=keep, device=dev, progress=progress)
 
 
 def _finetune(model: nn.Module, ds: Any, val_data: Any, epochs: int, teacher: nn.Module | None, lr: float,

@@ -319,6 +319,9 @@ def test_cli_prunes_residual_groups_for_an_out_of_reach_budget_and_says_so(tmp_p
         size = json.loads((tmp_path / "auto" / "summary.json").read_text())
         assert size["residual"].startswith("auto")
         assert size["size_after"]["macs"] / size["size_before"]["macs"] == pytest.approx(0.5, abs=0.01)
+        # the run's scores.pt (residual units included) is reused as it is: the same plan
+        assert main([*argv, "--scores", str(tmp_path / "auto" / "scores.pt"), "--out", str(tmp_path / "again")]) == 0
+        assert json.loads((tmp_path / "again" / "plan.json").read_text())["units"] == units
         assert main([*argv, "--no-residual", "--out", str(tmp_path / "off")]) == 2
     err = capsys.readouterr().err.strip()
     assert "out of reach" in err and "--residual" in err and "\n" not in err

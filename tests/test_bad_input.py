@@ -142,7 +142,7 @@ RATE_CASES = [
     ('rates: "[0.5]*-1"\n', "rates", "malformed rate string"),
     ("rates: \"__import__('os').system('touch {marker}')\"\n", "rates", "malformed rate string"),
     ("rates: !!python/object/apply:os.system ['touch {marker}']\n", None, "not valid YAML"),
-    ("rates: true\n", "rates", "must be a string, list or mapping"),
+    ("rates: true\n", "rates", "must be a number, string, list or mapping"),
     ("default: 2\n", "default", "rate must be in [0, 1)"),
     ("rounding: nearest\ndefault: 0.5\n", "rounding", "unknown rounding 'nearest'"),
     ("model: mobilenet_v2\ndefault: 0.5\n", "model", "is for model 'mobilenet_v2', not 'vgg16_bn'"),

@@ -31,6 +31,14 @@ def test_list_string_and_mapping_forms():
     assert short["u11"] == 0.2 and short["u12"] == 0.0
     m = resolve_rates({"u3": 0.5}, UNITS, default=0.25)
     assert m["u3"] == 0.5 and m["u0"] == 0.25
+    assert resolve_rates(0.25, UNITS) == {u: 0.25 for u in UNITS} == resolve_rates(0.25, UNITS, default=0.5)
+    assert resolve_rates(0, UNITS) == {u: 0.0 for u in UNITS}
+
+
+@pytest.mark.parametrize("value", [1.0, -0.5, float("nan"), float("inf"), True])
+def test_one_number_for_every_unit_is_checked(value):
+    with pytest.raises(UserError, match="r.yaml: rates"):
+        resolve_rates(value, UNITS, source="r.yaml")
 
 
 def test_wrong_length_names_count():

@@ -48,3 +48,29 @@ def test_prune_reconstruct_and_self_distillation(name: str, tmp_path, capsys) ->
     assert "reconstructed" in capsys.readouterr().out
     back, meta = checkpoint.load(out / "pruned.pt")
     assert meta["provenance"]["recovery"] == want
+
+
+def test_prune_block_refit_on_a_residual_net(tmp_path, capsys) -> None:
+    """`--block-refit` after `--reconstruct` on resnet20 with its residual widths pruned: the blocks are the
+    residual blocks (their kept channels from the plan), each refit keeps weights no worse on held-out images."""
+    ck = _tiny_ckpt("resnet20", tmp_path)
+    rates = tmp_path / "r.yaml"
+    rates.write_text("default: 0.5\n")
+    out = tmp_path / "out"
+    with one_thread():
+        code = main(["prune", "--model", "resnet20", "--checkpoint", str(ck), "--rates", str(rates),
+                     "--criterion", "l1", "--reconstruct", "--reconstruct-images", "64", "--block-refit", "10",
+                     "--out", str(out), "--no-progress"])
+    assert code == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["recovery"] == "reconstruct+blocks"
+    blocks = summary["block_refit"]["blocks"]
+    assert [b["name"] for b in blocks] == [f"layer{s}.{i}" for s in (1, 2, 3) for i in range(3)]
+    assert all(b["error_after"] <= b["error_before"] and b["held_images"] == 8 for b in blocks)
+    assert summary["block_refit"]["settings"]["keep_given"] is True
+    assert "block refit" in capsys.readouterr().out
+    assert checkpoint.load(out / "pruned.pt")[1]["provenance"]["recovery"] == "reconstruct+blocks"
+    with one_thread():
+        assert main(["prune", "--model", "resnet20", "--checkpoint", str(ck), "--rates", str(rates),
+                     "--block-refit", "-1", "--out", str(tmp_path / "bad"), "--no-progress"]) == 2
+    assert not (tmp_path / "bad").exists()

@@ -43,6 +43,9 @@ def add_parser(sub) -> argparse.ArgumentParser:
                         "(calibration images, original BN statistics kept)")
     p.add_argument("--reconstruct-images", type=positive_int, default=512,
                    help="calibration images for --reconstruct (default 512)")
+    p.add_argument("--block-refit", type=nonneg_int, default=0, metavar="STEPS",
+                   help="then refit each block (e.g. a residual block) by STEPS Adam steps against the unpruned "
+                        "block's outputs on the --reconstruct-images calibration images (default 0: off)")
     p.add_argument("--teacher", default=None,
                    help="distil the fine-tune from a teacher: 'self' (the unpruned model) or a checkpoint")
     p.add_argument("--round-to", type=positive_int, default=None, help="round every kept width to a multiple of N")
@@ -127,6 +130,7 @@ def run(args: argparse.Namespace) -> int:
         bn_recalibrate=not args.no_bn_recalibrate, baseline_epochs=args.baseline_epochs,
         finetune=finetune, weights=args.weights, pretrained=args.pretrained, input_size=args.input_size,
         residual=args.residual, reconstruct=args.reconstruct, reconstruct_images=args.reconstruct_images,
+        block_steps=args.block_refit,
         teacher=args.teacher, round_to=args.round_to, eval_split=args.eval_split, eval_n=args.eval_n,
         baseline_eval=args.baseline_eval, mean=tuple(args.mean) if args.mean else None,
         std=tuple(args.std) if args.std else None,
@@ -143,6 +147,8 @@ def run(args: argparse.Namespace) -> int:
             f"pruned {m['pruned_test_no_finetune']['top1']:.2f}%")
     if "pruned_test_reconstructed" in m:
         line += f", reconstructed {m['pruned_test_reconstructed']['top1']:.2f}%"
+    if "pruned_test_block_refit" in m:
+        line += f", block refit {m['pruned_test_block_refit']['top1']:.2f}%"
     if "pruned_test_bn_recalibrated" in m:
         line += f", pruned+BN re-estimated {m['pruned_test_bn_recalibrated']['top1']:.2f}%"
     if "finetuned_test" in m:

@@ -69,6 +69,7 @@ class PruneJob:
     residual: bool | None = None      # prune residual groups (None: the model's default)
     reconstruct: bool = False         # least-squares refit of the layers consuming pruned channels
     reconstruct_images: int = 512
+    block_steps: int = 0              # > 0: Adam steps per block against the unpruned block outputs (refit_blocks)
     teacher: str | None = None        # "self" (the unpruned model) or a checkpoint, for fine-tuning KD
     round_to: int | None = None
     eval_split: str = "test"          # where before/after accuracies are measured: test (report) or val
@@ -155,7 +156,11 @@ def _load_scores(job: PruneJob, base: nn.Module | None) -> scores_mod.Scores | N
     if base is None:
         raise UserError("reusing scores needs the --checkpoint they were computed on", field="scores")
     sc = scores_mod.Scores.load(job.scores) if job.scores else hrank.import_rank_files(job.import_hrank, base)
-    sc.check_model(base, job.scores or job.import_hrank)
+    residual = job.residual
+    if residual is None:  # scores from a run that pruned residual groups (--residual, or auto) check against them
+        plain = {u.name for u in units_of(base)}
+        residual = True if any(u not in plain for per in sc.scores.values() for u in per) else None
+    sc.check_model(view(base, record_of(base, residual=residual)), job.scores or job.import_hrank)
     sc.for_criterion(job.criterion)
     return sc
 
@@ -245,7 +250,13 @@ def _recover(job: PruneJob, base: nn.Module, pruned: nn.Module, plan: Any, bundl
         metrics["reconstruct"] = rep.reconstruct.to_dict()
         metrics["pruned_test_reconstructed"] = evaluate(pruned, test_loader, device, job.progress, "eval reconstructed")
         recovery += rep.steps
-    if job.bn_recalibrate and not job.reconstruct:
+    if job.block_steps:
+        _, rep = api.recover(pruned, bundle, original=base, reconstruct=False, bn=False, block_steps=job.block_steps,
+                             images=job.reconstruct_images, **common)
+        metrics["block_refit"] = rep.blocks.to_dict()
+        metrics["pruned_test_block_refit"] = evaluate(pruned, test_loader, device, job.progress, "eval block refit")
+        recovery += rep.steps
+    if job.bn_recalibrate and not job.reconstruct and not job.block_steps:
         _, rep = api.recover(pruned, bundle, reconstruct=False, bn=True, images=512, **common)
         if rep.steps:
             metrics["bn_recalibrated_images"] = rep.bn_images
@@ -380,7 +391,8 @@ def _prune_into(job: PruneJob, out: Path, device: torch.device, base: nn.Module 
 
 def _final_accuracy(metrics: Mapping[str, Any]) -> Any:
     """The pruned model's accuracy after the last recovery step it had."""
-    for k in ("finetuned_test", "pruned_test_bn_recalibrated", "pruned_test_reconstructed", "pruned_test_no_finetune"):
+    for k in ("finetuned_test", "pruned_test_bn_recalibrated", "pruned_test_block_refit", "pruned_test_reconstructed",
+              "pruned_test_no_finetune"):
         if metrics.get(k) is not None:
             return metrics[k]
     return None

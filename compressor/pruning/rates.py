@@ -274,7 +274,7 @@ def resolve_rates(
     short_list: int | None = None,
     source: str = "<inline>",
 ) -> dict[str, float]:
-    """Turn a string, list or mapping of rates into ``{unit: rate}`` for every unit."""
+    """Turn a number (every unit), string, list or mapping of rates into ``{unit: rate}`` for every unit."""
     names = list(unit_names)
     if isinstance(raw, str):
         raw = parse_rate_string(raw, source, max_len=max(len(names), short_list or 0))
@@ -300,7 +300,10 @@ def resolve_rates(
     if raw is None:
         d = _check_rate(default, source, "default")
         return {n: d for n in names}
-    raise UserError(f"must be a string, list or mapping, got {type(raw).__name__}", source=source, field="rates")
+    if isinstance(raw, (int, float)) and not isinstance(raw, bool):  # one rate for every unit
+        d = _check_rate(raw, source, "rates")
+        return {n: d for n in names}
+    raise UserError(f"must be a number, string, list or mapping, got {type(raw).__name__}", source=source, field="rates")
 
 
 def read_yaml(path: str | Path, *, max_bytes: int = MAX_FILE_BYTES) -> Any:
