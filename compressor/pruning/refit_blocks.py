@@ -177,9 +177,16 @@ def find_blocks(original: nn.Module, pruned: nn.Module, x: torch.Tensor,
 
     ``keep`` (``{layer: kept_out_indices}``, e.g. ``plan.keep``) lets a block whose output width was
     pruned (a residual stage's) be compared on the channels it kept."""
-    with torch.no_grad():
-        order_p, calls_p, shapes_p = _trace(pruned, x)
-        _, calls_o, shapes_o = _trace(original, x)
+    modes = (original.training, pruned.training)
+    original.eval()
+    pruned.eval()  # the trace must not move BN statistics
+    try:
+        with torch.no_grad():
+            order_p, calls_p, shapes_p = _trace(pruned, x)
+            _, calls_o, shapes_o = _trace(original, x)
+    finally:
+        original.train(modes[0])
+        pruned.train(modes[1])
     mods = dict(pruned.named_modules())
     changed = [n for n in _changed(original, pruned) if n in calls_p]
     chosen: dict[str, tuple[list[str], torch.Tensor | None]] = {}
@@ -340,7 +347,7 @@ def _refit_one(name: str, changed: list[str], block: nn.Module, inputs: _Inputs,
                     accepted=best_step > 0, seconds=time.perf_counter() - t0)
 
 
-def refit_blocks(original: nn.Module, pruned: nn.Module, batches: Iterable, *, steps: int = 200, lr: float = 1e-4,
+def refit_blocks(original: nn.Module, pruned: nn.Module, batches: Iterable, *, steps: int = 200, lr: float = 1e-3,
                  batch_size: int = 32, holdout: float = 0.125, checks: int = 10, seed: int = 0,
                  keep: Mapping[str, Sequence[int]] | None = None, max_images: int | None = None,
                  device: torch.device | str | None = None, progress: bool = True) -> BlockRefitReport:

@@ -407,6 +407,57 @@ def _stats_of(c: "_Consumer", acc: tuple, ridge: float, unit: str) -> dict:
             "yy": max(float(yy), 1e-300), "yy_raw": yy, "live": torch.ones(xx.shape[0], dtype=torch.bool)}
 
 
+def _check_counts(counts: Mapping[str, int] | Plan, widths: Mapping[str, int]) -> dict[str, int]:
+    if isinstance(counts, Plan):
+        counts = {u: len(counts.kept(u)) for u in counts.keep}
+    for u, k in counts.items():
+        if u not in widths:
+            raise ValueError(f"obs: {u!r} is not a prunable unit of this model")
+        if not 1 <= int(k) <= widths[u]:
+            raise ValueError(f"obs: {u}: keep count {k} outside [1, {widths[u]}]")
+    return dict(counts)
+
+
+def _consumers_of(todo: Sequence[Any], spaces: Mapping[str, Any], wl: Mapping[str, nn.Module],
+                  ol: Mapping[str, nn.Module], alive: Mapping[str, torch.Tensor],
+                  shapes: Mapping[str, tuple[int, ...]]) -> list[tuple[str, list[_Consumer]]]:
+    """Per unit, every Conv2d/Linear reading its channel space, with the columns each channel owns."""
+    found_all = []
+    for u in todo:
+        found = _consumer_columns(spaces[u.name], wl)
+        if not found:
+            raise ValueError(f"obs: no Conv2d/Linear reads unit {u.name} (only "
+                             f"{', '.join(spaces[u.name].other_readers) or 'nothing'})")
+        found_all.append((u.name, [_Consumer(n, wl[n], ol[n], cols, alive[n], shapes.get(n, ())) for n, cols in found]))
+    return found_all
+
+
+def _select_unit(name: str, width: int, k: int, cons: list[_Consumer], acc: Mapping[str, Any], ridge: float,
+                 chunk: float, independent: bool, alive: dict[str, torch.Tensor]) -> tuple[list[int], float, float,
+                                                                                            list[float], int]:
+    """One unit: remove channels down to ``k`` by the consumers' error; unless ``independent``, refit and
+    write the consumers with the removed columns masked. Returns (kept, error before, after, trail, step)."""
+    with _threads_for(max(int(acc[c.name][0].shape[0]) for c in cons)):
+        stats = [_stats_of(c, acc[c.name], ridge, name) for c in cons]
+        err_full = sum(_err(s) for s in stats)
+        step = max(1, math.ceil(width * chunk))
+        kept, trail = _remove(stats, width, k, step, err_full)
+        kept = sorted(kept)
+        if independent:
+            return kept, err_full, (trail[-1] if trail else 0.0), trail, step
+        gone = torch.ones(width, dtype=torch.bool)
+        gone[kept] = False
+        err_kept = 0.0
+        for c, s in zip(cons, stats):
+            s["w"] = _solve_fresh(s)
+            err_kept += _err(s)
+            new_alive = c.alive.clone()
+            new_alive[c.cols[gone].reshape(-1)] = False
+            _write(c.layer, new_alive, s["w"])
+            alive[c.name] = new_alive
+    return kept, err_full, err_kept, trail, step
+
+
 def select(original: nn.Module, counts: Mapping[str, int] | Plan, batches: Iterable, *, positions: int = 32,
            ridge: float = 1e-3, chunk: float = 1 / 32, seed: int = 0, max_images: int | None = None,
            units: Sequence[Any] | None = None, chunk_rows: int = 8192, progress: bool = True,
@@ -424,13 +475,7 @@ def select(original: nn.Module, counts: Mapping[str, int] | Plan, batches: Itera
     t0 = time.perf_counter()
     units = list(units) if units is not None else graph.units(original)
     widths = {u.name: int(u.width) for u in units}
-    if isinstance(counts, Plan):
-        counts = {u: len(counts.kept(u)) for u in counts.keep}
-    for u, k in counts.items():
-        if u not in widths:
-            raise ValueError(f"obs: {u!r} is not a prunable unit of this model")
-        if not 1 <= int(k) <= widths[u]:
-            raise ValueError(f"obs: {u}: keep count {k} outside [1, {widths[u]}]")
+    counts = _check_counts(counts, widths)
     dev = next(original.parameters()).device
     dtype = next(original.parameters()).dtype
     was = original.training
@@ -450,14 +495,7 @@ def select(original: nn.Module, counts: Mapping[str, int] | Plan, batches: Itera
             _, _, shapes = call_order(work, xs[0][:2])
             todo = [u for u in units if u.name in counts and int(counts[u.name]) < widths[u.name]]
             spaces = channel_spaces(original, xs[0][:1], {u.name: widths[u.name] for u in todo})
-            found_all = []
-            for u in todo:
-                found = _consumer_columns(spaces[u.name], wl)
-                if not found:
-                    raise ValueError(f"obs: no Conv2d/Linear reads unit {u.name} (only "
-                                     f"{', '.join(spaces[u.name].other_readers) or 'nothing'})")
-                found_all.append((u.name, [_Consumer(n, wl[n], ol[n], cols, alive[n], shapes.get(n, ()))
-                                           for n, cols in found]))
+            found_all = _consumers_of(todo, spaces, wl, ol, alive, shapes)
             t_targets = time.perf_counter()
             pos, tg = _original_targets(original, found_all, xs, seed, positions)
             log.info("obs: targets of %d consumers from one pass of the original in %.1f s",
@@ -468,27 +506,12 @@ def select(original: nn.Module, counts: Mapping[str, int] | Plan, batches: Itera
                 cons = [_Consumer(c.name, c.layer, c.orig, c.cols, alive[c.name].clone(), c.out_hw) for c in cons0]
                 acc = _accumulate(work, cons, xs, pos[u.name], tg[u.name], chunk_rows)
                 t_acc = time.perf_counter() - tu
-                with _threads_for(max(int(acc[c.name][0].shape[0]) for c in cons)):
-                    stats = [_stats_of(c, acc[c.name], ridge, u.name) for c in cons]
-                    err_full = sum(_err(s) for s in stats)
-                    width, k = widths[u.name], int(counts[u.name])
-                    step = max(1, math.ceil(width * chunk))
-                    kept, trail = _remove(stats, width, k, step, err_full)
-                    kept = sorted(kept)
-                    keep[u.name] = tuple(kept)
-                    gone = torch.ones(width, dtype=torch.bool)
-                    gone[kept] = False
-                    err_kept = trail[-1] if (independent and trail) else 0.0
-                    for c, s in zip(cons, stats) if not independent else ():
-                        w = _solve_fresh(s)
-                        s["w"] = w
-                        err_kept += _err(s)
-                        new_alive = c.alive.clone()
-                        new_alive[c.cols[gone].reshape(-1)] = False
-                        _write(c.layer, new_alive, w)
-                        alive[c.name] = new_alive
+                width, k = widths[u.name], int(counts[u.name])
+                kept, err_full, err_kept, trail, step = _select_unit(u.name, width, k, cons, acc, ridge, chunk,
+                                                                     independent, alive)
+                keep[u.name] = tuple(kept)
                 if not independent:
-                    mask.add(spaces[u.name], gone.nonzero().flatten().tolist())
+                    mask.add(spaces[u.name], sorted(set(range(width)) - set(kept)))
                 tg[u.name] = {}  # free the unit's targets
                 log.info("obs: %s keeps %d of %d (consumers %s): relative error %.4g -> %.4g; %.1f s "
                          "(statistics %.1f s)", u.name, k, width, ",".join(c.name for c in cons), err_full, err_kept,
