@@ -157,3 +157,18 @@ def test_rates_file_keeps_its_own_rounding(baseline, tmp_path):
                             finetune=TrainConfig(epochs=0), report=None))
     net, _ = checkpoint.load(next((tmp_path / "sw").glob("*/pruned.pt")))
     assert net.cfg[0] == 8 - 2 and net.cfg[3] == 8 - 2  # drop_floor removes floor(8*0.3)=2; keep_floor keeps 5
+
+
+def test_points_take_the_block_refit_and_report_its_accuracy(baseline, tmp_path):
+    rates = tmp_path / "half.yaml"
+    rates.write_text('rates: 0.5\n')
+    out = tmp_path / "sw"
+    with one_thread():
+        res = sweep.run_sweep(job(baseline, out, budgets=(), rates=(str(rates),), criterion="l1", report=None,
+                                  reconstruct=True, block_steps=5, finetune=TrainConfig(epochs=0)))
+    (pt,) = res["state"]["points"]
+    summary = json.loads((out / "half" / "summary.json").read_text())
+    assert pt["recovery"] == summary["recovery"] == "reconstruct+blocks"
+    assert pt["test_top1"] == summary["pruned_test_block_refit"]["top1"]
+    # the conv stack (its last width cut: compared on the kept channels) and the classifier reading it
+    assert [b["name"] for b in summary["block_refit"]["blocks"]] == ["features", "classifier"]

@@ -49,6 +49,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--no-bn-recalibrate", action="store_true", help="skip BN statistics re-estimation after surgery")
     p.add_argument("--reconstruct", action="store_true",
                    help="refit the layers that read pruned channels by least squares after surgery")
+    p.add_argument("--block-refit", type=nonneg_int, default=0, metavar="STEPS",
+                   help="then refit each block by STEPS Adam steps against the unpruned block (default 0: off)")
     p.add_argument("--teacher", default=None, help="distil each fine-tune: 'self' (the baseline) or a checkpoint")
     p.add_argument("--no-report", action="store_true", help="prune only; run `report` on the folder later")
     p.add_argument("--no-plots", action="store_true")
@@ -92,7 +94,7 @@ def run(args: argparse.Namespace) -> int:
                    bn_recalibrate=not args.no_bn_recalibrate,
                    finetune=finetune, model_lr=args.lr is None,
                    device=args.device, report_out=args.report_out, report=rcfg, progress=not args.no_progress,
-                   teacher=args.teacher, reconstruct=args.reconstruct, int8=args.int8, int8_max_drop=args.max_drop,
+                   teacher=args.teacher, reconstruct=args.reconstruct, block_steps=args.block_refit, int8=args.int8, int8_max_drop=args.max_drop,
                    int8_calib_n=args.calib_n, int8_calib_method=args.calib_method, **extra)
     res = run_sweep(job)
     for pt in res["state"]["points"]:

@@ -383,13 +383,13 @@ def _prune_into(job: PruneJob, out: Path, device: torch.device, base: nn.Module 
     size_before, size_after = counting.count(base), counting.count(pruned)
     metrics["size_before"], metrics["size_after"] = size_before, size_after
     metrics["finetune_history"] = history
-    metrics["evaluations"] = [{**key, "result": _final_accuracy(metrics)}]
+    metrics["evaluations"] = [{**key, "result": final_accuracy(metrics)}]
 
     # 6. Outputs (atomic writes).
     return _write_outputs(job, out, base, pruned, plan, spec, sc, metrics, baseline_trained, acc_before, units)
 
 
-def _final_accuracy(metrics: Mapping[str, Any]) -> Any:
+def final_accuracy(metrics: Mapping[str, Any]) -> Any:
     """The pruned model's accuracy after the last recovery step it had."""
     for k in ("finetuned_test", "pruned_test_bn_recalibrated", "pruned_test_block_refit", "pruned_test_reconstructed",
               "pruned_test_no_finetune"):

@@ -90,6 +90,7 @@ class SweepJob:
     model: str | None = None  # for a plain state_dict (HRank, torchvision files)
     teacher: str | None = None  # "self": distil each fine-tune from the unpruned model
     reconstruct: bool = False  # least-squares refit after surgery (compressor.pruning.reconstruct)
+    block_steps: int = 0  # > 0: then the block refit (compressor.pruning.refit_blocks)
     int8: bool = False  # also a calibrated int8 export per point (module docstring)
     int8_max_drop: float = 1.0  # top-1 points the int8 file may lose against float32; more: refused
     int8_calib_n: int = 256  # calibration images
@@ -306,7 +307,7 @@ def _sweep_into(job: SweepJob, out: Path, run: Any,
                 data_root=job.data_root, num_classes=base.num_classes, criterion=job.criterion,
                 scores=str(out / "scores.pt"), seed=job.seed, rounding=job.rounding, surgery=job.surgery,
                 bn_recalibrate=job.bn_recalibrate, finetune=job.finetune, weights=None, teacher=job.teacher,
-                reconstruct=job.reconstruct, device=job.device, out=str(folder), claim=False, progress=job.progress))
+                reconstruct=job.reconstruct, block_steps=job.block_steps, device=job.device, out=str(folder), claim=False, progress=job.progress))
         if run is not None:
             run.record(folder, keep=True)
         m = res["metrics"]
@@ -314,8 +315,7 @@ def _sweep_into(job: SweepJob, out: Path, run: Any,
                   achieved={**pt.get("achieved", {}),
                             **{k: m["size_after"][k] / m["size_before"][k] for k in ("macs", "params")}},
                   recovery=m.get("recovery"),
-                  test_top1=(m.get("finetuned_test") or m.get("pruned_test_bn_recalibrated")
-                             or m.get("pruned_test_reconstructed") or m["pruned_test_no_finetune"])["top1"])
+                  test_top1=pipeline.final_accuracy(m)["top1"])
         io.write_json(state_path, state)
         if job.int8:
             _int8_point(job, folder, pt)

@@ -3,6 +3,7 @@
 # step 1 -> checkpoints/resnet56_jpeg/baseline_ft/best.pt), CHIP-48 keep counts (chip_48.yaml) or the same MACs
 # allocated by policy obs (obs_alloc_48.yaml); obs or l1 selection, reconstruction on N calibration images
 # (default 128), no fine-tune; then one distilled epoch (teacher: the baseline) from the best of them.
+# BLOCKS=400 adds obs + reconstruct + --block-refit 400 (refit_blocks; run_block_refit.py compares settings).
 # Full 10k test split, seed 0.  Usage: N=128 bash experiments/resnet56_cifar10/run_chip48_jpeg.sh
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -22,6 +23,9 @@ run() {  # name, rates, extra args
 run l1_recon_$N $D/chip_48.yaml --criterion l1
 run obs_recon_$N $D/chip_48.yaml --criterion obs
 run obs_alloc_recon_$N $D/obs_alloc_48.yaml --criterion obs
+if [ "${BLOCKS:-0}" != 0 ]; then  # then the block refit: BLOCKS Adam steps per residual block
+  run obs_recon_blocks${BLOCKS}_$N $D/chip_48.yaml --criterion obs --block-refit "$BLOCKS"
+fi
 if [ "${FT:-1}" = 1 ]; then
   for name in l1_recon_$N obs_recon_$N; do
     echo "== $name + 1 distilled epoch: start $(date -u +%T), load $(cut -d' ' -f1-3 /proc/loadavg)"
