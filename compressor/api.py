@@ -140,7 +140,7 @@ def rates_spec(rates: Any, model: nn.Module, *, rounding: str | None = None, rou
     """``rates`` as a ``RateSpec`` for ``model``'s units.
 
     Takes a ``rates.yaml`` path, a rates-file-like dict, a ``{layer: rate}`` mapping, a list in
-    unit order, a string in HRank's grammar, or a ``RateSpec``. A list in the model's published
+    unit order, a string in HRank's grammar, one number for every unit, or a ``RateSpec``. A list in the model's published
     layout (HRankPlus/CHIP's ResNet lists: ``models.hrank.layout_rates``) is accepted too.
     """
     names = [u.name for u in graph.units(model)]
@@ -449,7 +449,7 @@ def recover(pruned: nn.Module, data: Any, *, original: nn.Module | None = None, 
     - ``block_steps`` > 0 (needs ``original``): then each block (a residual block, found from the
       pruned shapes) is refit by that many Adam steps so its output matches ``original``'s on the
       same calibration images, 1/8 of them held out to choose the weights (``refit_blocks``).
-    - ``bn`` (default: on when there is no reconstruction and the model has BatchNorm): the BN
+    - ``bn`` (default: on when there is neither reconstruction nor block refit and the model has BatchNorm): the BN
       running statistics are re-estimated on ``images`` images, no labels, no gradient.
     - ``epochs`` > 0: fine-tune on ``data`` (SGD, cosine, ``lr``, or a full ``train_config``),
       distilled from ``teacher`` if given; ``val_data`` selects nothing, it only draws the curve
@@ -495,7 +495,7 @@ def recover(pruned: nn.Module, data: Any, *, original: nn.Module | None = None, 
         report.blocks = _refit_blocks(original.to(dev), model, data_mod.loader(calib, 64, device=dev), plan,
                                       block_steps, seed, dev, progress)
         report.steps.append("blocks")
-    do_bn = (not do_rec and _has_bn(model)) if bn is None else (bool(bn) and _has_bn(model))
+    do_bn = (not do_rec and not block_steps and _has_bn(model)) if bn is None else (bool(bn) and _has_bn(model))
     if do_bn:
         recal = data_mod.calibration_subset(ds, min(images, len(ds)), seed + 1)
         report.bn_images = recalibrate_bn(model, data_mod.loader(recal, 128, device=dev), dev, max_images=images)

@@ -254,6 +254,9 @@ def _recover(job: PruneJob, base: nn.Module, pruned: nn.Module, plan: Any, bundl
         _, rep = api.recover(pruned, bundle, original=base, reconstruct=False, bn=False, block_steps=job.block_steps,
                              images=job.reconstruct_images, **common)
         metrics["block_refit"] = rep.blocks.to_dict()
+        if rep.blocks.skipped and not job.reconstruct:
+            log.warning("block refit: %d changed modules lie in no block and are not refit without --reconstruct "
+                        "(%s)", len(rep.blocks.skipped), ", ".join(n for n, _ in rep.blocks.skipped[:5]))
         metrics["pruned_test_block_refit"] = evaluate(pruned, test_loader, device, job.progress, "eval block refit")
         recovery += rep.steps
     if job.bn_recalibrate and not job.reconstruct and not job.block_steps:

@@ -140,8 +140,8 @@ def _points(job: SweepJob) -> list[dict[str, Any]]:
 def _settings(job: SweepJob) -> dict[str, Any]:
     return {"data": job.data, "criterion": job.criterion, "n_images": job.n_images, "seed": job.seed,
             "rounding": job.rounding, "policy": job.policy, "tolerance": job.tolerance,
-            "bn_recalibrate": job.bn_recalibrate, "surgery": job.surgery,
-            "finetune": config_dict(job.finetune)}
+            "bn_recalibrate": job.bn_recalibrate, "surgery": job.surgery, "reconstruct": job.reconstruct,
+            "block_steps": job.block_steps, "finetune": config_dict(job.finetune)}
 
 
 def _load_state(path: Path, job: SweepJob, checksum: str) -> dict[str, Any] | None:

@@ -301,6 +301,7 @@ def resolve_rates(
         d = _check_rate(default, source, "default")
         return {n: d for n in names}
     if isinstance(raw, (int, float)) and not isinstance(raw, bool):  # one rate for every unit
+        _check_rate(default, source, "default")
         d = _check_rate(raw, source, "rates")
         return {n: d for n in names}
     raise UserError(f"must be a number, string, list or mapping, got {type(raw).__name__}", source=source, field="rates")

@@ -23,7 +23,9 @@ How (``refit_blocks``):
 * **Order and data.** Blocks are refit in call order. A block's inputs come from the *pruned*
   network with the earlier blocks already refit (a prefix pass stops once they are captured); its
   targets are the *original* block's outputs on the same images. Both are held in memory for the
-  block's steps (calibration sizes: ResNet-56 at 128 CIFAR images, at most 8 MiB per block).
+  block's steps, with about two more copies of the targets while they are gathered (ResNet-56 at
+  512 CIFAR images: at most 32 MiB per block input; an ImageNet stage at 512 images: gigabytes, so
+  use fewer images there).
 * **Steps.** Adam on the block's floating-point parameters, minibatches drawn by a local seeded
   generator, loss ``‖out − target‖² / ‖target‖²`` (relative squared error). The block runs in eval
   mode: BN uses its running statistics, which stay as they are; dropout is off.
@@ -31,8 +33,10 @@ How (``refit_blocks``):
   on them is measured before and every ``steps // checks`` steps; the weights with the lowest
   held-out error are kept, so a block whose refit does not generalize is left as it was
   (``accepted=False``). With ``holdout=0`` the images stepped on choose instead.
-* **Skipped** (with the reason in the report): a module called more than once, or whose input
-  tensors do not carry the batch on their first dimension.
+* **Skipped** (with the reason in the report): a block that shares parameters with a module
+  outside it (tied weights: refitting one user would move the other), or whose inputs do not carry
+  the batch on the first dimension of each tensor (tensors inside lists or dicts included). A
+  container called more than once per forward is never a block; the next enclosing one is tried.
 
 ``original`` is never changed; ``pruned`` is changed in place (its parameters only).
 """
@@ -219,6 +223,15 @@ def find_blocks(original: nn.Module, pruned: nn.Module, x: torch.Tensor,
         skipped += [(n, "inside no block (no enclosing module is called once with an output shaped like the "
                         "original's, or its kept channels are unknown: pass keep=)") for n in loose]
     outer = [b for b in chosen if not any(o != b and _inside(b, o) for o in chosen)]
+    owners: dict[int, set[str]] = {}
+    for n, m in pruned.named_modules(remove_duplicate=False):
+        for p in m.parameters(recurse=False):
+            owners.setdefault(id(p), set()).add(n)
+    for b in list(outer):
+        shared = sorted({o for p in mods[b].parameters() for o in owners[id(p)] if not _inside(o, b)})
+        if shared:
+            outer.remove(b)
+            skipped.append((b, f"shares parameters with {shared[0]}, outside the block: not refit"))
     rank = {n: i for i, n in enumerate(order_p)}
     blocks = [Block(b, sorted(n for c, (ns, _) in chosen.items() if _inside(c, b) for n in ns), chosen[b][1])
               for b in outer]
@@ -256,6 +269,13 @@ def _capture(model: nn.Module, block: nn.Module, xs: list[torch.Tensor], want: s
     return got
 
 
+def _has_tensor(v: Any) -> bool:
+    if isinstance(v, torch.Tensor):
+        return True
+    items = v.values() if isinstance(v, dict) else v if isinstance(v, (list, tuple)) else ()
+    return any(_has_tensor(x) for x in items)
+
+
 def _detach(v: Any) -> Any:
     return v.detach() if isinstance(v, torch.Tensor) else v
 
@@ -274,6 +294,8 @@ class _Inputs:
 
     @staticmethod
     def _join(first: Any, parts: list[Any], sizes: list[int], what: str) -> Any:
+        if isinstance(first, (list, tuple, dict)) and _has_tensor(first):
+            raise ValueError(f"its {what} holds tensors inside a {type(first).__name__}")
         if not isinstance(first, torch.Tensor):
             return first
         if first.dim() == 0 or any(p.shape[0] != s for p, s in zip(parts, sizes)):
@@ -318,7 +340,8 @@ def _refit_one(name: str, changed: list[str], block: nn.Module, inputs: _Inputs,
     best_step = 0
     every = max(1, steps // max(1, checks))
     opt = torch.optim.Adam(params, lr=lr)
-    scale = target[fit].double().pow(2).mean().item() or 1.0
+    scale = sum(float(target[j].double().pow(2).sum()) for j in fit.split(batch)) / max(1, fit.numel())
+    scale = scale / max(1, target[0].numel()) or 1.0
     try:
         for p in params:
             p.requires_grad_(True)
@@ -335,11 +358,11 @@ def _refit_one(name: str, changed: list[str], block: nn.Module, inputs: _Inputs,
                 if err < best:
                     best, best_step = err, step
                     best_state = copy.deepcopy(block.state_dict())
-    finally:
+    finally:  # the best weights seen (the starting ones unless a check found better), even after an error
+        block.load_state_dict(best_state)
         for p, f in zip(params, flags):
             p.requires_grad_(f)
             p.grad = None
-    block.load_state_dict(best_state)
     return BlockFit(name=name, changed=tuple(changed), params=sum(p.numel() for p in params),
                     fit_images=int(fit.numel()), held_images=n_held, steps=steps, error_before=before,
                     error_after=best, fit_error_before=fit_before,
@@ -371,7 +394,8 @@ def refit_blocks(original: nn.Module, pruned: nn.Module, batches: Iterable, *, s
     original.eval()
     pruned.eval()
     settings = {"steps": steps, "lr": lr, "batch_size": batch_size, "holdout": holdout, "checks": checks,
-                "seed": seed, "keep_given": keep is not None, "max_images": max_images, "device": str(dev), "dtype": str(dtype)}
+                "seed": seed, "keep_given": keep is not None, "max_images": max_images, "device": str(dev),
+                "dtype": str(dtype)}
     fits: list[BlockFit] = []
     skipped: list[tuple[str, str]] = []
     try:
@@ -390,7 +414,9 @@ def refit_blocks(original: nn.Module, pruned: nn.Module, batches: Iterable, *, s
                     except ValueError as exc:
                         skipped.append((name, str(exc)))
                         continue
-                    target = torch.cat(_capture(original, _module(original, name), xs, "output"))
+                    parts = _capture(original, _module(original, name), xs, "output")
+                    target = torch.cat(parts)
+                    del parts
                     if blk.kept is not None:
                         target = target.index_select(1, blk.kept.to(target.device))
                 fits.append(_refit_one(name, blk.changed, block, inputs, target, steps, lr, batch_size, holdout,
