@@ -1,6 +1,6 @@
-"""`prune --reconstruct` and `--teacher self` through the CLI, on every registered CIFAR family and on the
-engine's models, with tiny widths: the recovery path is recorded and reconstruction lowers every refit layer's
-calibration error."""
+"""`prune --reconstruct --block-refit` and `--teacher self` through the CLI, on every registered CIFAR family and
+on the engine's models, with tiny widths: the recovery path is recorded, reconstruction lowers every refit layer's
+calibration error, and every family has blocks to refit."""
 
 from __future__ import annotations
 
@@ -34,13 +34,15 @@ def test_prune_reconstruct_and_self_distillation(name: str, tmp_path, capsys) ->
     out = tmp_path / "out"
     with one_thread():
         code = main(["prune", "--model", name, "--checkpoint", str(ck), "--rates", str(rates), "--criterion", "l1",
-                     "--reconstruct", "--reconstruct-images", "64", "--finetune-epochs", str(epochs),
+                     "--reconstruct", "--reconstruct-images", "64", "--block-refit", "3",
+                     "--finetune-epochs", str(epochs),
                      "--teacher", "self", "--batch-size", "64",
                      "--out", str(out), "--no-progress"])
     assert code == 0
     summary = json.loads((out / "summary.json").read_text())
-    want = "reconstruct+finetune+kd" if epochs else "reconstruct"
+    want = "reconstruct+blocks+finetune+kd" if epochs else "reconstruct+blocks"
     assert summary["recovery"] == want
+    assert summary["block_refit"]["blocks"], summary["block_refit"]["skipped"]  # every family has blocks
     if epochs:
         assert summary["distillation"]["teacher"] == "self"
     layers = summary["reconstruct"]["layers"]
