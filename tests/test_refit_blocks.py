@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import compressor
+from compressor.pruning.reconstruct_kept import keep_from_plan
 from compressor.pruning.refit_blocks import find_blocks, refit_blocks
 
 from tests.conftest import one_thread, randomize_bn
@@ -63,20 +64,30 @@ def _net(seed: int = 0) -> ResNet:
     return randomize_bn(ResNet()).eval()
 
 
-def test_residual_blocks_are_found_and_a_chain_becomes_one_block():
+def test_residual_blocks_are_found_and_a_flat_chain_is_cut_in_segments():
     net = _net()
     small = _pruned(net, {"b0.conv1": 0.5, "b1.conv1": 0.25})
     blocks, skipped = find_blocks(net, small, _images(1)[0][:2])
     assert [b.name for b in blocks] == ["b0", "b1"] and skipped == []
     assert blocks[0].changed == ["b0.bn1", "b0.conv1", "b0.conv2"] and blocks[0].kept is None
-    # a plain chain: conv a's output width changes all the way to the logits, so the block is the model;
-    # conv b alone (its output shape unchanged) would qualify, but it lies inside the model's block
+    # a flat chain (the model is one Sequential of layers): it is refit in segments, each conv with the layers
+    # after it; without the kept channels, conv 0's segment is merged into the next, whose output is comparable
     chain = randomize_bn(nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
                                        nn.Conv2d(8, 6, 3, padding=1), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
                                        nn.Linear(6, 4))).eval()
-    cut = _pruned(chain, {"0": 0.5})
-    blocks, _ = find_blocks(chain, cut, _images(1)[0][:2])
-    assert [b.name for b in blocks] == [""] and blocks[0].changed == ["0", "1", "3"]
+    small, info = compressor.prune(chain, torch.randn(1, 3, 8, 8), {"0": 0.5}, criterion="l1")
+    blocks, _ = find_blocks(chain, small, _images(1)[0][:2])
+    assert [(b.name, b.parts, b.changed, b.kept) for b in blocks] == [
+        ("0…5", ("0", "1", "2", "3", "4", "5"), ["0", "1", "3"], None)]
+    keep = keep_from_plan(chain, info.plan, torch.zeros(1, 3, 8, 8))
+    blocks, _ = find_blocks(chain, small, _images(1)[0][:2], keep)
+    assert [(b.parts, b.changed) for b in blocks] == [(("0", "1", "2"), ["0", "1"]), (("3", "4", "5"), ["3"])]
+    assert blocks[0].kept.tolist() == list(info.plan.kept("0"))
+    rep = refit_blocks(chain, small, _images(), steps=30, lr=1e-2, keep=keep, progress=False)
+    assert [b.name for b in rep.blocks] == ["0…2", "3…5"] and rep.blocks[0].changed == ("0", "1")
+    # conv 0's kept channels are exact copies: nothing to fit there; conv 3 lost inputs and is refit
+    assert rep.blocks[0].error_before < 1e-10 and not rep.blocks[0].accepted
+    assert rep.blocks[1].accepted and rep.blocks[1].error_after < rep.blocks[1].error_before
 
 
 def test_a_module_called_twice_is_not_a_block():

@@ -170,5 +170,7 @@ def test_points_take_the_block_refit_and_report_its_accuracy(baseline, tmp_path)
     summary = json.loads((out / "half" / "summary.json").read_text())
     assert pt["recovery"] == summary["recovery"] == "reconstruct+blocks"
     assert pt["test_top1"] == summary["pruned_test_block_refit"]["top1"]
-    # the conv stack (its last width cut: compared on the kept channels) and the classifier reading it
-    assert [b["name"] for b in summary["block_refit"]["blocks"]] == ["features", "classifier"]
+    # VGG's flat Sequentials are refit in segments: each conv (Linear) with its norm, ReLU and pooling
+    names = [b["name"] for b in summary["block_refit"]["blocks"]]
+    assert names[:2] == ["features.conv0…relu0", "features.conv1…pool2"] and len(names) == 14
+    assert names[-1] == "classifier.linear1…relu1"

@@ -20,6 +20,11 @@ How (``refit_blocks``):
   conv, the classifier) are left to the layer-wise refit and listed in ``skipped``; only when no
   block is found at all does the whole model become the one block (the step is then a short
   distillation of the logits on the calibration images).
+* **Flat stacks in segments.** A block that is an ``nn.Sequential`` with two or more Conv/Linear
+  children of its own (VGG's ``features`` and ``classifier``: layers, no blocks) is refit in
+  segments instead: each Conv/Linear child with the children after it up to the next one (its
+  norm, activation and pooling), compared after them on the kept channels. A segment whose output
+  cannot be compared is merged into the next; if the last cannot be closed the block is refit whole.
 * **Order and data.** Blocks are refit in call order. A block's inputs come from the *pruned*
   network with the earlier blocks already refit (a prefix pass stops once they are captured); its
   targets are the *original* block's outputs on the same images. Both are held in memory for the
@@ -148,6 +153,7 @@ class Block:
     name: str                      # "" is the whole model
     changed: list[str]             # the modules inside whose parameters changed shape
     kept: torch.Tensor | None      # the original output channels it kept (None: all of them)
+    parts: tuple[str, ...] = ()    # a segment of a flat Sequential: its children, in order (else the module itself)
 
 
 def _ancestors(name: str) -> list[str]:
@@ -233,9 +239,60 @@ def find_blocks(original: nn.Module, pruned: nn.Module, x: torch.Tensor,
             outer.remove(b)
             skipped.append((b, f"shares parameters with {shared[0]}, outside the block: not refit"))
     rank = {n: i for i, n in enumerate(order_p)}
-    blocks = [Block(b, sorted(n for c, (ns, _) in chosen.items() if _inside(c, b) for n in ns), chosen[b][1])
-              for b in outer]
-    return sorted(blocks, key=lambda blk: rank[blk.name]), skipped
+    blocks: list[Block] = []
+    for b in outer:
+        changed_in = sorted(n for c, (ns, _) in chosen.items() if _inside(c, b) for n in ns)
+        trace = (order_p, calls_p, calls_o, shapes_p, shapes_o)
+        blocks += _segments(b, mods, changed_in, trace, keep) or [Block(b, changed_in, chosen[b][1])]
+    return sorted(blocks, key=lambda blk: rank[blk.parts[0] if blk.parts else blk.name]), skipped
+
+
+def _segments(b: str, mods: dict[str, nn.Module], changed: list[str], trace: tuple,
+              keep: Mapping[str, Sequence[int]] | None) -> list[Block] | None:
+    """A flat ``nn.Sequential`` block (two or more Conv/Linear children of its own, as VGG's ``features``) in
+    segments: each Conv/Linear child with the children after it up to the next one (its norm, activation,
+    pooling), merged forward until the segment's output can be compared. None: not such a block, or a
+    segment could not be closed (the block is then refit whole)."""
+    order, calls_p, calls_o, shapes_p, shapes_o = trace
+    seq = mods[b]
+    if not isinstance(seq, nn.Sequential):
+        return None
+    kids = [f"{b}.{n}" if b else n for n, _ in seq.named_children()]
+    if sum(isinstance(mods[k], (nn.Conv2d, nn.Linear)) for k in kids) < 2:
+        return None
+    if any(calls_p.get(k) != 1 or calls_o.get(k) != 1 for k in kids):
+        return None
+    linear = lambda k: isinstance(mods[k], (nn.Conv2d, nn.Linear))  # noqa: E731
+    runs: list[list[str]] = []
+    for k in kids:
+        if not runs or (linear(k) and any(linear(r) for r in runs[-1])):
+            runs.append([k])
+        else:
+            runs[-1].append(k)
+    out: list[Block] = []
+    pending: list[str] = []
+    for run in runs:
+        pending += run
+        last = pending[-1]
+        sp, so = shapes_p.get(last), shapes_o.get(last)
+        if sp is None or so is None or len(sp) != len(so) or sp[0] != so[0] or sp[2:] != so[2:]:
+            continue
+        kept = None
+        if sp[1] != so[1]:
+            kept = _kept_out_of(pending, order, mods, (so[1], sp[1]), keep)
+            if kept is None:
+                continue
+        inside = [c for c in changed if any(_inside(c, k) for k in pending)]
+        if inside:
+            out.append(Block(f"{pending[0]}…{last.rsplit('.', 1)[-1]}", inside, kept, tuple(pending)))
+        pending = []
+    return out if not pending and out else None
+
+
+def _kept_out_of(parts: list[str], order: list[str], mods: dict[str, nn.Module], width: tuple[int, int],
+                 keep: Mapping[str, Sequence[int]] | None) -> torch.Tensor | None:
+    last = [n for n in order if any(_inside(n, k) for k in parts) and isinstance(mods[n], (nn.Conv2d, nn.Linear))]
+    return _kept_out(last[-1], order, mods, width, keep) if last else None
 
 
 # --- capturing a block's inputs and targets ---------------------------------------------------
@@ -407,14 +464,16 @@ def refit_blocks(original: nn.Module, pruned: nn.Module, batches: Iterable, *, s
             blocks, skipped = find_blocks(original, pruned, xs[0][:2], keep)
             sizes = [x.shape[0] for x in xs]
             for i, blk in enumerate(tqdm(blocks, desc="block refit", unit="block", leave=False, disable=not progress)):
-                name, block = blk.name, _module(pruned, blk.name)
+                name, first, last = blk.name, blk.parts[0] if blk.parts else blk.name, blk.parts[-1] if blk.parts \
+                    else blk.name
+                block = nn.Sequential(*[_module(pruned, p) for p in blk.parts]) if blk.parts else _module(pruned, name)
                 with torch.no_grad():
                     try:
-                        inputs = _Inputs(_capture(pruned, block, xs, "input"), sizes)
+                        inputs = _Inputs(_capture(pruned, _module(pruned, first), xs, "input"), sizes)
                     except ValueError as exc:
                         skipped.append((name, str(exc)))
                         continue
-                    parts = _capture(original, _module(original, name), xs, "output")
+                    parts = _capture(original, _module(original, last), xs, "output")
                     target = torch.cat(parts)
                     del parts
                     if blk.kept is not None:
