@@ -459,3 +459,48 @@ def test_policy_obs_spends_the_budget_on_dead_channels_and_recovers_the_logits()
         with torch.no_grad():
             ref, out = net(batches[0][0]), small(batches[0][0])
     assert torch.allclose(out, ref, atol=1e-5 * float(ref.abs().max()), rtol=0)
+
+
+class MLPHead(nn.Module):
+    """conv trunk, then a hidden Linear ``fc1`` (a Linear-rooted unit, like MobileNetV3's classifier.0)
+    → Hardswish → ``fc2``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c, self.bn = nn.Conv2d(3, 6, 3, padding=1), nn.BatchNorm2d(6)
+        self.fc1, self.fc2 = nn.Linear(6, 8), nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.bn(self.c(x))).mean((2, 3))
+        return self.fc2(nn.functional.hardswish(self.fc1(x)))
+
+
+def test_a_linear_rooted_unit_drops_its_copied_neuron_and_refits_exactly() -> None:
+    """A hidden Linear's neuron 5 is a copy of neuron 1: obs (consumer fc2, found in the graph) removes one
+    of the pair at (nearly) no cost, and recover's refit brings the logits back to the original's."""
+    import compressor
+
+    net = _randomized(MLPHead())
+    g = torch.Generator().manual_seed(2)
+    batches = [(torch.randn(16, 3, 8, 8, generator=g), torch.randint(0, 4, (16,), generator=g)) for _ in range(2)]
+    with torch.no_grad():  # spread the pooled features and centre fc1 on them: every neuron varies, none is dead
+        feats = torch.cat([torch.relu(net.bn(net.c(x))).mean((2, 3)) for x, _ in batches])
+        net.fc1.weight.mul_(50)
+        net.fc1.bias.copy_(-net.fc1.weight @ feats.mean(0))
+        net.fc1.weight[5], net.fc1.bias[5] = net.fc1.weight[1], net.fc1.bias[1]
+        assert float(nn.functional.hardswish(net.fc1(feats)).std(0).min()) > 0.15
+    with one_thread():
+        small, info = compressor.prune(net, torch.randn(1, 3, 8, 8), {"fc1": 0.125}, criterion="obs",
+                                       calibration=batches)
+        u = info.selection.units[0]
+        assert u.unit == "fc1" and u.consumers == ("fc2",)
+        assert len(_removed(info.plan, "fc1", 8) & {1, 5}) == 1 and small.fc1.out_features == 7
+        assert u.error_kept < 1e-5  # zero but for the ridge
+        with torch.no_grad():
+            ref, cut = net(batches[0][0]), small(batches[0][0])
+        small, _ = compressor.recover(small, batches, original=net, plan=info.plan, progress=False)
+        with torch.no_grad():
+            out = small(batches[0][0])
+    # the refit folds the copy's weights into its twin's column (up to its ridge toward the current weights)
+    err_cut, err_fit = float((cut - ref).abs().max()), float((out - ref).abs().max())
+    assert err_fit < 0.1 * err_cut and err_fit < 2e-3 * float(ref.abs().max())

@@ -14,7 +14,7 @@ reconstruction-aware selection need two things about it, for any model:
   after a concat. A residual space lists every reader of the shared space.
 
 Both are read off one pruning group per unit (``DependencyGraph.get_pruning_group`` on the
-unit's root conv, all channels), whose items carry, per index, the root channel it follows
+unit's root Conv2d or Linear, all channels), whose items carry, per index, the root channel it follows
 (``root_idxs``). Nothing here is model-specific: no ``channel_map()``, no module names.
 Readers that are neither Conv2d nor Linear (a ``PadShortcut`` carrying the channel into the next
 stage, a pooling op) are listed in ``ChannelSpace.other_readers``.
@@ -67,15 +67,19 @@ def _per_channel(name: str, idxs: list[int], roots: list[int], width: int) -> tu
 
 
 def channel_spaces(model: nn.Module, example: torch.Tensor, widths: Mapping[str, int]) -> dict[str, ChannelSpace]:
-    """``{unit: ChannelSpace}`` for the units named in ``widths`` (unit name = its root conv)."""
+    """``{unit: ChannelSpace}`` for the units named in ``widths`` (unit name = its root Conv2d or Linear)."""
     dg = graph.build_graph(model, example)
     names = {m: n for n, m in model.named_modules()}
     out: dict[str, ChannelSpace] = {}
     for unit, width in widths.items():
         root = model.get_submodule(unit)
-        if not isinstance(root, nn.Conv2d) or root.out_channels != int(width):
-            raise ValueError(f"unit {unit!r} is not a Conv2d with {width} output channels")
-        group = dg.get_pruning_group(root, tp.prune_conv_out_channels, idxs=list(range(int(width))))
+        if isinstance(root, nn.Conv2d) and root.out_channels == int(width):
+            cut = tp.prune_conv_out_channels
+        elif isinstance(root, nn.Linear) and root.out_features == int(width):  # a Linear-rooted unit
+            cut = tp.prune_linear_out_channels
+        else:
+            raise ValueError(f"unit {unit!r} is not a Conv2d or Linear with {width} output channels")
+        group = dg.get_pruning_group(root, cut, idxs=list(range(int(width))))
         writes: dict[str, tuple[list[int], list[int]]] = {}
         reads: dict[str, tuple[list[int], list[int]]] = {}
         for item in group:

@@ -183,8 +183,12 @@ class _Mask:
                 self.zero[w.name] = torch.cat([self.zero[w.name], new])
 
     def _hook(self, name: str):  # noqa: ANN202 - a forward hook
+        # a Linear (or LayerNorm) writes its channels on the last dim (an MLP head, a channels-last block);
+        # a conv and its norm on dim 1
+        dim = -1 if isinstance(self.work.get_submodule(name), (nn.Linear, nn.LayerNorm)) else 1
+
         def hook(mod: nn.Module, inp: Any, out: torch.Tensor) -> torch.Tensor:
-            return out.index_fill(1, self.zero[name].to(out.device), 0)
+            return out.index_fill(dim, self.zero[name].to(out.device), 0)
         return hook
 
     def close(self) -> None:
