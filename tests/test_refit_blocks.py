@@ -165,6 +165,16 @@ def test_bad_settings_are_refused(kw):
         refit_blocks(net, copy.deepcopy(net), _images(1), progress=False, **kw)
 
 
+def test_models_elsewhere_than_the_device_are_refused_by_name():
+    """The refits run where the models are and do not move them: a device= they are not on is one clear error."""
+    from compressor.pruning.reconstruct import reconstruct
+
+    net = _net()
+    for refit in (refit_blocks, reconstruct):
+        with pytest.raises(ValueError, match="original is on cpu, not on device meta"):
+            refit(net, copy.deepcopy(net), _images(1), device="meta", progress=False)
+
+
 def test_pruned_residual_widths_are_compared_on_the_kept_channels():
     from compressor.pruning.reconstruct_kept import keep_from_plan
 

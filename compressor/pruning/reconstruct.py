@@ -80,8 +80,8 @@ from tqdm.auto import tqdm
 
 from compressor.pruning.reconstruct_kept import infer_kept, keep_from_plan
 from compressor.pruning.reconstruct_rows import (
-    Stop, call_order, capture, conv_patches, conv_targets, draw_positions, iter_images, layer_seed, linear_layers,
-    linear_targets,
+    Stop, call_order, capture, check_device, conv_patches, conv_targets, draw_positions, iter_images, layer_seed,
+    linear_layers, linear_targets,
 )
 
 __all__ = ["LayerFit", "ReconstructReport", "reconstruct", "infer_kept", "keep_from_plan", "conv_patches",
@@ -415,7 +415,7 @@ def reconstruct(original: nn.Module, pruned: nn.Module, batches: Iterable, *,
     """Refit ``pruned``'s layers in place so their outputs match ``original``'s on ``batches``.
 
     See the module docstring for the method. ``device`` defaults to ``pruned``'s; both models
-    must live there. Returns what was done, per layer, with the settings.
+    must live there (a ValueError otherwise). Returns what was done, per layer, with the settings.
     """
     if isinstance(layers, str) and layers not in LAYER_MODES:
         raise ValueError(f"layers must be one of {LAYER_MODES} or a collection of names, got {layers!r}")
@@ -425,6 +425,7 @@ def reconstruct(original: nn.Module, pruned: nn.Module, batches: Iterable, *,
         raise ValueError("ridge >= 0, positions >= 1 and row_chunk >= 1 are required")
     t_start = time.perf_counter()
     dev = torch.device(device) if device is not None else next(pruned.parameters()).device
+    check_device(dev, original=original, pruned=pruned)
     modes = (original.training, pruned.training)
     original.eval()
     pruned.eval()

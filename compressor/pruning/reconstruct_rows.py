@@ -46,6 +46,15 @@ def iter_images(batches: Iterable, max_images: int | None, device: torch.device,
             break
 
 
+def check_device(device: torch.device, **models: nn.Module) -> None:
+    """Every named model's parameters must be on ``device`` (the refits run where the models are; they
+    do not move them): a ValueError naming the model otherwise."""
+    for name, model in models.items():
+        p = next(model.parameters(), None)
+        if p is not None and p.device != device and not (p.device.type == device.type and device.index is None):
+            raise ValueError(f"{name} is on {p.device}, not on device {device}: move the models there first")
+
+
 def layer_seed(seed: int, index: int) -> int:
     """Seed of the position draws for the ``index``-th refit layer: independent streams per layer."""
     return int(np.random.SeedSequence([seed, index]).generate_state(1, np.uint32)[0])

@@ -57,7 +57,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from compressor.pruning.reconstruct_rows import Stop, iter_images, layer_seed
+from compressor.pruning.reconstruct_rows import Stop, check_device, iter_images, layer_seed
 
 __all__ = ["BlockFit", "BlockRefitReport", "find_blocks", "refit_blocks"]
 
@@ -438,6 +438,7 @@ def refit_blocks(original: nn.Module, pruned: nn.Module, batches: Iterable, *, s
     weights, measured ``checks`` times. ``keep`` (``{layer: kept_out_indices}``, e.g. ``plan.keep``)
     lets blocks whose output width was pruned be refit on the channels they kept; without it only
     blocks with unchanged output shapes qualify (on a net with pruned residual widths, the model).
+    ``device`` defaults to ``pruned``'s; both models must live there (a ValueError otherwise).
     """
     for what, v in (("steps", steps), ("batch_size", batch_size), ("checks", checks)):
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
@@ -446,6 +447,7 @@ def refit_blocks(original: nn.Module, pruned: nn.Module, batches: Iterable, *, s
         raise ValueError(f"lr must be > 0 and holdout in [0, 1), got lr={lr!r}, holdout={holdout!r}")
     t_start = time.perf_counter()
     dev = torch.device(device) if device is not None else next(pruned.parameters()).device
+    check_device(dev, original=original, pruned=pruned)
     dtype = next(pruned.parameters()).dtype
     modes = (original.training, pruned.training)
     original.eval()
