@@ -504,3 +504,52 @@ def test_a_linear_rooted_unit_drops_its_copied_neuron_and_refits_exactly() -> No
     # the refit folds the copy's weights into its twin's column (up to its ridge toward the current weights)
     err_cut, err_fit = float((cut - ref).abs().max()), float((out - ref).abs().max())
     assert err_fit < 0.1 * err_cut and err_fit < 2e-3 * float(ref.abs().max())
+
+
+class ChannelsLastBlock(nn.Module):
+    """ConvNeXt's layout: depthwise conv, then channels-last LayerNorm → ``pw1`` → GELU → ``pw2``, added back."""
+
+    def __init__(self, c: int = 8) -> None:
+        super().__init__()
+        self.dw = nn.Conv2d(c, c, 3, padding=1, groups=c)
+        self.ln, self.pw1, self.pw2 = nn.LayerNorm(c), nn.Linear(c, 4 * c), nn.Linear(4 * c, c)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.ln(self.dw(x).permute(0, 2, 3, 1))
+        return x + self.pw2(nn.functional.gelu(self.pw1(y))).permute(0, 3, 1, 2)
+
+
+class TwoBlocks(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem, self.b1, self.b2, self.fc = nn.Conv2d(3, 8, 3, padding=1), ChannelsLastBlock(), ChannelsLastBlock(), \
+            nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.b2(self.b1(self.stem(x))).mean((2, 3)))
+
+
+def test_channels_last_linear_units_in_sequence_drop_their_dead_neurons_exactly() -> None:
+    """Two ConvNeXt-style hidden widths, selected one after the other: the first unit's removed neurons are
+    masked on the last dim while the second is chosen. Each has one dead neuron (GELU of -1e4): those are the
+    ones removed, at no cost, and prune + recover give the original's logits."""
+    import compressor
+
+    torch.manual_seed(0)
+    net = TwoBlocks().eval()
+    with torch.no_grad():
+        net.b1.pw1.bias[20] = -1e4  # past the 8 rows of H: a mask on the wrong dim cannot hide
+        net.b2.pw1.bias[7] = -1e4
+    g = torch.Generator().manual_seed(0)
+    batches = [(torch.randn(16, 3, 8, 8, generator=g), torch.randint(0, 4, (16,), generator=g)) for _ in range(2)]
+    with one_thread():
+        small, info = compressor.prune(net, torch.randn(1, 3, 8, 8), {"b1.pw1": 1 / 32, "b2.pw1": 1 / 32},
+                                       criterion="obs", calibration=batches)
+        assert [(u.unit, u.consumers) for u in info.selection.units] == [("b1.pw1", ("b1.pw2",)),
+                                                                         ("b2.pw1", ("b2.pw2",))]
+        assert _removed(info.plan, "b1.pw1", 32) == {20} and _removed(info.plan, "b2.pw1", 32) == {7}
+        assert small.b1.pw1.out_features == 31 and small.b2.pw2.in_features == 31
+        small, _ = compressor.recover(small, batches, original=net, plan=info.plan, progress=False)
+        with torch.no_grad():
+            ref, out = net(batches[0][0]), small(batches[0][0])
+    assert torch.allclose(out, ref, atol=1e-5 * float(ref.abs().max()), rtol=0)
