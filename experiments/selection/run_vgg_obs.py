@@ -5,7 +5,8 @@
 Keep counts: CHIP rates ``[0.21]*7+[0.75]*5`` / ``[0.45]*7+[0.78]*5``, keep_floor (as
 experiments/recovery/run_vgg.py); both criteria keep the same counts per unit. Calibration:
 512 unaugmented training images (``calibration_subset``, seed 0), the same images for the
-selection and the refit. Top-1 on the full 10,000-image test split. Rows are appended to
+selection and the refit. Top-1 on the full 10,000-image test split, and on the 5,000 held-out training
+images (val: where settings such as --positions are compared). Rows are appended to
 results_vgg_obs.json after each configuration.
 """
 from __future__ import annotations
@@ -58,7 +59,7 @@ def main() -> int:
     bundle = data.load("cifar10", args.data_root, input_size=32, seed=0)
     base, _ = checkpoint.load(args.checkpoint, model="vgg16_bn")
     base.eval()
-    test = data.loader(bundle.test, 500)
+    test, val = data.loader(bundle.test, 500), data.loader(bundle.val, 500)
     calib_ds = data.calibration_subset(bundle.train_eval, args.n_calib, args.seed)
     xs = [b[0] for b in data.loader(calib_ds, 128)]
     widths = {u.name: u.width for u in base.prunable_units()}
@@ -72,7 +73,8 @@ def main() -> int:
         spec = RateSpec(rates=resolve_rates(RATES[rate], list(widths), short_list=12), rounding="keep_floor")
         l1_plan = make_plan(l1.scores["l1"], spec, widths, tiebreak=l1.tiebreak, model="vgg16_bn")
         for crit in args.criteria.split(","):
-            row = {"rate": rate, "criterion": crit, "n_calib": args.n_calib, "seed": args.seed,
+            row = {"rate": rate, "criterion": crit, "n_calib": args.n_calib, "positions": args.positions,
+                   "seed": args.seed,
                    "loadavg_start": os.getloadavg()}
             t0 = time.perf_counter()
             if crit == "obs":
@@ -93,6 +95,7 @@ def main() -> int:
             row.update(count(pruned))
             row["recon_error_after"] = {f.name: f.error_after for f in rec.layers}
             row["top1"] = evaluate(pruned, test)["top1"]
+            row["val_top1"] = evaluate(pruned, val)["top1"]  # settings are compared here, never on test
             row["loadavg_end"] = os.getloadavg()
             row["plan"] = {u: list(plan.kept(u)) for u in plan.keep}
             doc["rows"].append(row)
