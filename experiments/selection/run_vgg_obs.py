@@ -30,6 +30,7 @@ from compressor.storage import io
 from compressor.pruning import scores as scores_mod
 from compressor.pruning import surgery
 from compressor.pruning.counting import count  # noqa: E402
+from compressor.pruning.graph import units as units_of  # noqa: E402
 from compressor.training.evaluation import evaluate  # noqa: E402
 from compressor.pruning.plan import make_plan  # noqa: E402
 from compressor.pruning.rates import RateSpec, resolve_rates  # noqa: E402
@@ -62,7 +63,7 @@ def main() -> int:
     test, val = data.loader(bundle.test, 500), data.loader(bundle.val, 500)
     calib_ds = data.calibration_subset(bundle.train_eval, args.n_calib, args.seed)
     xs = [b[0] for b in data.loader(calib_ds, 128)]
-    widths = {u.name: u.width for u in base.prunable_units()}
+    widths = {u.name: u.width for u in units_of(base)}
     l1 = scores_mod.compute(base, [], ["l1"], n_images=0, seed=args.seed, progress=False)
     path = Path(args.out)
     doc = json.loads(path.read_text()) if path.exists() else {"rows": []}
