@@ -438,7 +438,7 @@ def _has_bn(model: nn.Module) -> bool:
 def recover(pruned: nn.Module, data: Any, *, original: nn.Module | None = None, reconstruct: bool | None = None,
             bn: bool | None = None, block_steps: int = 0, epochs: int = 0, teacher: nn.Module | None = None, val_data: Any = None,
             plan: Plan | None = None, images: int = 512, lr: float = 0.01, batch_size: int = 128,
-            train_config: Any = None, seed: int = 0, device: torch.device | str | None = None,
+            warmup_epochs: float | None = None, train_config: Any = None, seed: int = 0, device: torch.device | str | None = None,
             out_dir: str | Path | None = None, in_place: bool = False,
             progress: bool = True) -> tuple[nn.Module, RecoveryReport]:
     """Recover a pruned model's accuracy: reconstruction, BN re-estimation, fine-tuning.
@@ -451,8 +451,9 @@ def recover(pruned: nn.Module, data: Any, *, original: nn.Module | None = None, 
       same calibration images, 1/8 of them held out to choose the weights (``refit_blocks``).
     - ``bn`` (default: on when there is neither reconstruction nor block refit and the model has BatchNorm): the BN
       running statistics are re-estimated on ``images`` images, no labels, no gradient.
-    - ``epochs`` > 0: fine-tune on ``data`` (SGD, cosine, ``lr``, or a full ``train_config``),
-      distilled from ``teacher`` if given; ``val_data`` selects nothing, it only draws the curve
+    - ``epochs`` > 0: fine-tune on ``data`` (SGD, cosine, ``lr`` after a linear warm-up of
+      ``warmup_epochs``: None takes the model's, ``recipes/models.yaml``, 0.1 by default; or a full
+      ``train_config``), distilled from ``teacher`` if given; ``val_data`` selects nothing, it only draws the curve
       (``out_dir`` gets last.pt, best.pt, metrics.jsonl and recovery_curve.png).
 
     ``data``: a Dataset, a DataLoader or an iterable of ``(images, labels)`` batches from the
@@ -501,8 +502,8 @@ def recover(pruned: nn.Module, data: Any, *, original: nn.Module | None = None, 
         report.bn_images = recalibrate_bn(model, data_mod.loader(recal, 128, device=dev), dev, max_images=images)
         report.steps.append("bn")
     if epochs > 0:
-        report.history = _finetune(model, bundle or ds, val_data, epochs, teacher, lr, batch_size, train_config,
-                                   seed, dev, out_dir, plan, progress)
+        report.history = _finetune(model, bundle or ds, val_data, epochs, teacher, (lr, warmup_epochs), batch_size,
+                                   train_config, seed, dev, out_dir, plan, progress)
         report.steps.append("finetune" + ("+kd" if teacher is not None else ""))
     from compressor.training.finite import check_finite
 
@@ -519,19 +520,23 @@ def _refit_blocks(original: nn.Module, model: nn.Module, loader: Any, plan: Plan
     return refit_blocks(original, model, loader, steps=steps, seed=seed, keep=keep, device=dev, progress=progress)
 
 
-def _finetune(model: nn.Module, ds: Any, val_data: Any, epochs: int, teacher: nn.Module | None, lr: float,
-              batch_size: int, train_config: Any, seed: int, dev: torch.device, out_dir: Any, plan: Plan | None,
-              progress: bool) -> list[dict[str, Any]]:
+def _finetune(model: nn.Module, ds: Any, val_data: Any, epochs: int, teacher: nn.Module | None,
+              lr_warmup: tuple[float, float | None], batch_size: int, train_config: Any, seed: int, dev: torch.device,
+              out_dir: Any, plan: Plan | None, progress: bool) -> list[dict[str, Any]]:
     from dataclasses import replace
 
     from compressor.data import DataBundle
     from compressor.training.train import TrainConfig, fit
 
     if train_config is None:
+        from compressor.training.recipe import finetune_warmup
+
+        lr, warmup = lr_warmup
+        warmup = finetune_warmup(str(getattr(model, "arch", "") or "")) if warmup is None else warmup
         try:
-            cfg = TrainConfig(epochs=epochs, lr=lr, batch_size=batch_size, seed=seed)
+            cfg = TrainConfig(epochs=epochs, lr=lr, batch_size=batch_size, seed=seed, warmup_epochs=warmup)
         except ValueError as exc:
-            raise UserError(str(exc), field="epochs/lr/batch_size") from exc
+            raise UserError(str(exc), field="epochs/lr/batch_size/warmup_epochs") from exc
     else:
         cfg = replace(train_config, epochs=epochs)
     if isinstance(ds, DataBundle):

@@ -136,6 +136,21 @@ def test_recover_bn_and_finetune_leave_the_input_alone(trained) -> None:
         assert compressor.evaluate(bn_only, test)["n"] == len(test[0][1]) * (len(test) - 1) + len(test[-1][1])
 
 
+def test_recover_warms_the_fine_tune_up_unless_told_not_to(trained) -> None:
+    """The first step's lr is lr / warm-up steps (models.yaml: a tenth of an epoch), or lr with warmup_epochs=0."""
+    net, train, _ = trained
+    with one_thread():
+        small, _ = compressor.prune(net, torch.randn(1, 3, 32, 32), {"block.0.0": 0.5}, criterion="l1")
+        kw = dict(reconstruct=False, bn=False, epochs=1, lr=0.01, batch_size=16, progress=False)
+        _, rep = compressor.recover(small, train[:4], **kw)
+        _, rep0 = compressor.recover(small, train[:4], warmup_epochs=0, **kw)
+    warm = int(0.1 * sum(len(y) for _, y in train[:4]) // 16)
+    assert warm >= 2
+    assert rep.history[0]["lr"] == pytest.approx(0.01 / warm) and rep0.history[0]["lr"] == pytest.approx(0.01)
+    with pytest.raises(UserError, match="warmup"):
+        compressor.recover(small, train[:1], reconstruct=False, bn=False, epochs=1, warmup_epochs=-1, progress=False)
+
+
 def test_public_errors_are_one_line_user_errors(trained, tmp_path) -> None:
     net, train, _ = trained
     example = torch.randn(1, 3, 32, 32)

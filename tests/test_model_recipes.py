@@ -31,3 +31,31 @@ def test_finetune_without_lr_takes_the_models(tmp_path, capsys) -> None:
     assert main(["finetune", "--checkpoint", str(ck), "--epochs", "0", "--out", str(tmp_path / "ft"),
                  "--no-progress"]) == 0
     assert "fine-tune lr 0.002 (models.yaml:squeezenet" in capsys.readouterr().out
+
+
+def test_finetune_warms_up_unless_a_flag_or_the_recipe_says_otherwise(tmp_path, capsys) -> None:
+    import yaml
+
+    from compressor.storage import checkpoint
+    from compressor.cli import main
+
+    m = get_model("squeezenet1_1", cfg=[max(4, c // 8) for c in get_model("squeezenet1_1").cfg])
+    ck = checkpoint.save(tmp_path / "s.pt", m)
+
+    def run(name: str, *extra: str) -> tuple[float, str]:
+        capsys.readouterr()
+        assert main(["finetune", "--checkpoint", str(ck), "--epochs", "0", "--out",
+                     str(tmp_path / name), "--no-progress", *extra]) == 0
+        resolved = yaml.safe_load((tmp_path / name / "resolved_config.yaml").read_text())
+        return resolved["warmup_epochs"], capsys.readouterr().out
+
+    warm, out = run("default")
+    assert warm == 0.1 and "fine-tune warm-up 0.1 epochs (models.yaml:squeezenet" in out
+    warm, out = run("typed", "--warmup-epochs", "0")
+    assert warm == 0 and "warm-up" not in out
+    (tmp_path / "r.yaml").write_text("lr: 0.003\nwarmup_epochs: 2\n")
+    warm, out = run("recipe", "--config", str(tmp_path / "r.yaml"))
+    assert warm == 2 and "warm-up" not in out and "fine-tune lr" not in out
+    (tmp_path / "lr_only.yaml").write_text("lr: 0.003\n")  # what the recipe leaves out, the model fills
+    warm, out = run("lr_only", "--config", str(tmp_path / "lr_only.yaml"))
+    assert warm == 0.1 and "fine-tune lr" not in out

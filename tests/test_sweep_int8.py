@@ -99,6 +99,8 @@ def test_drop_over_limit_marks_the_point_refused_and_the_sweep_goes_on(baseline,
     assert text.count("REFUSED") >= 2  # both points' CLI lines (and their report rows)
     state = json.loads((out / "sweep.json").read_text())
     assert [p["status"] for p in state["points"]] == ["done", "done"] and calls == [16, 16]
+    ft = state["settings"]["finetune"]  # the CLI's fine-tune takes the model's lr and warm-up (models.yaml)
+    assert (ft["lr"], ft["warmup_epochs"]) == (0.01, 0.1)
     for p in state["points"]:
         q = p["int8"]
         assert q["status"] == "refused" and q["drop"] > LIMIT and "nothing written" in q["reason"]

@@ -41,7 +41,7 @@ def run(args: argparse.Namespace) -> int:
     from compressor.jobs import options as recipe
     from compressor.errors import UserError
 
-    typed_lr = "lr" in vars(args)
+    typed = {k for k in ("lr", "warmup_epochs") if k in vars(args)}
     args, net, ck = resolve_args(args)  # --resume: the run's own options under the flags typed
     if args.resume:
         out = io.check_writable(Path(args.out or Path(args.resume).parent))
@@ -51,11 +51,16 @@ def run(args: argparse.Namespace) -> int:
                         field="checkpoint")
     out = io.check_writable(Path(args.out or Path(args.checkpoint).with_name(Path(args.checkpoint).stem + "_ft")))
     net, ck = checkpoint.load(args.checkpoint, model=args.model)
-    if not typed_lr and not (args.config and "lr" in recipe.read(args.config)):
+    given = typed | (set(recipe.read(args.config)) if args.config else set())
+    if not {"lr", "warmup_epochs"} <= given:  # the model's fine-tune defaults fill what neither gave
         from compressor import model_recipe
 
         rec = model_recipe(net.arch)
-        args.lr = float(rec["finetune_lr"])
-        print(f"fine-tune lr {args.lr:g} ({rec['source']}; --lr overrides)")
+        if "lr" not in given:
+            args.lr = float(rec["finetune_lr"])
+            print(f"fine-tune lr {args.lr:g} ({rec['source']}; --lr overrides)")
+        if "warmup_epochs" not in given:
+            args.warmup_epochs = float(rec["finetune_warmup_epochs"])
+            print(f"fine-tune warm-up {args.warmup_epochs:g} epochs ({rec['source']}; --warmup-epochs overrides)")
     return run_training(net, load_data(args, net.input_size, net, ck, str(args.checkpoint)), args, out, ck=ck,
                         source=str(args.checkpoint))

@@ -116,9 +116,10 @@ def run(args: argparse.Namespace) -> int:
     if args.baseline_epochs is not None and args.baseline_epochs < 0:
         raise UserError(f"must be >= 0, got {args.baseline_epochs}", field="baseline-epochs")
     try:
-        lr = args.lr if args.lr is not None else float(model_recipe(args.model)["finetune_lr"])
+        rec = model_recipe(args.model)
+        lr = args.lr if args.lr is not None else float(rec["finetune_lr"])
         finetune = TrainConfig(epochs=args.finetune_epochs, lr=lr, batch_size=args.batch_size, seed=args.seed,
-                               eval_every=args.eval_every)
+                               eval_every=args.eval_every, warmup_epochs=float(rec["finetune_warmup_epochs"]))
     except ValueError as exc:
         raise UserError(str(exc), field="finetune-epochs/lr/batch-size") from exc
     job = PruneJob(

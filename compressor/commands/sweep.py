@@ -92,7 +92,7 @@ def run(args: argparse.Namespace) -> int:
                    data=args.data, data_root=args.data_root, criterion=args.criterion, n_images=args.n_images,
                    seed=args.seed, rounding=args.rounding, policy=args.policy, tolerance=args.tolerance,
                    bn_recalibrate=not args.no_bn_recalibrate,
-                   finetune=finetune, model_lr=args.lr is None,
+                   finetune=finetune, model_lr=args.lr is None, model_warmup=True,
                    device=args.device, report_out=args.report_out, report=rcfg, progress=not args.no_progress,
                    teacher=args.teacher, reconstruct=args.reconstruct, block_steps=args.block_refit, int8=args.int8, int8_max_drop=args.max_drop,
                    int8_calib_n=args.calib_n, int8_calib_method=args.calib_method, **extra)

@@ -56,6 +56,7 @@ from compressor.pruning import scores as scores_mod
 from compressor.errors import UserError
 from compressor.training.evaluation import resolve_device
 from compressor.models import finetune_lr
+from compressor.training.recipe import finetune_warmup
 from compressor.pruning.rates import RateSpec, load_rates
 from compressor.training.train import TrainConfig, config_dict
 
@@ -83,6 +84,7 @@ class SweepJob:
     surgery: str = "torch_pruning"
     finetune: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=1, lr=0.01))
     model_lr: bool = False  # replace finetune.lr by the model's own (models.finetune_lr)
+    model_warmup: bool = False  # replace finetune.warmup_epochs by the model's own (recipe.finetune_warmup)
     device: str = "auto"
     report_out: str | None = None  # default <out>/report
     report: report.ReportConfig | None = field(default_factory=report.ReportConfig)
@@ -258,8 +260,10 @@ def _sweep_into(job: SweepJob, out: Path, run: Any,
                 on_point: Callable[[dict[str, Any]], None] | None) -> dict[str, Any]:
     device = resolve_device(job.device)
     base, ck = checkpoint.load(job.checkpoint, model=job.model)
-    if job.model_lr:
-        job = replace(job, finetune=replace(job.finetune, lr=finetune_lr(base.arch)), model_lr=False)
+    own = {**({"lr": finetune_lr(base.arch)} if job.model_lr else {}),
+           **({"warmup_epochs": finetune_warmup(base.arch)} if job.model_warmup else {})}
+    if own:
+        job = replace(job, finetune=replace(job.finetune, **own), model_lr=False, model_warmup=False)
     name, root = contract_mod.resolve_source(contract_mod.of(base), job.data, job.data_root, ck.get("provenance"))
     job = replace(job, data=name, data_root=root)  # the checkpoint's data unless --data says otherwise
     if ck.get("plan"):

@@ -24,6 +24,11 @@ def model_recipe(arch: str) -> dict[str, Any]:
     return out
 
 
+def finetune_warmup(arch: str) -> float:
+    """Epochs of linear lr warm-up a fine-tune after pruning starts with (``finetune_warmup_epochs``)."""
+    return float(model_recipe(arch)["finetune_warmup_epochs"])
+
+
 def model_table() -> dict[str, Any]:
     """The whole packaged table (``defaults`` and one entry per model-name prefix)."""
     from compressor.storage import yaml_io
