@@ -502,7 +502,7 @@ def recover(pruned: nn.Module, data: Any, *, original: nn.Module | None = None, 
         report.bn_images = recalibrate_bn(model, data_mod.loader(recal, 128, device=dev), dev, max_images=images)
         report.steps.append("bn")
     if epochs > 0:
-        report.history = _finetune(model, bundle or ds, val_data, epochs, teacher, (lr, warmup_epochs), batch_size,
+        report.history = _finetune(model, bundle or ds, val_data, epochs, teacher, lr, warmup_epochs, batch_size,
                                    train_config, seed, dev, out_dir, plan, progress)
         report.steps.append("finetune" + ("+kd" if teacher is not None else ""))
     from compressor.training.finite import check_finite
@@ -520,9 +520,9 @@ def _refit_blocks(original: nn.Module, model: nn.Module, loader: Any, plan: Plan
     return refit_blocks(original, model, loader, steps=steps, seed=seed, keep=keep, device=dev, progress=progress)
 
 
-def _finetune(model: nn.Module, ds: Any, val_data: Any, epochs: int, teacher: nn.Module | None,
-              lr_warmup: tuple[float, float | None], batch_size: int, train_config: Any, seed: int, dev: torch.device,
-              out_dir: Any, plan: Plan | None, progress: bool) -> list[dict[str, Any]]:
+def _finetune(model: nn.Module, ds: Any, val_data: Any, epochs: int, teacher: nn.Module | None, lr: float,
+              warmup: float | None, batch_size: int, train_config: Any, seed: int, dev: torch.device, out_dir: Any,
+              plan: Plan | None, progress: bool) -> list[dict[str, Any]]:
     from dataclasses import replace
 
     from compressor.data import DataBundle
@@ -531,7 +531,6 @@ def _finetune(model: nn.Module, ds: Any, val_data: Any, epochs: int, teacher: nn
     if train_config is None:
         from compressor.training.recipe import finetune_warmup
 
-        lr, warmup = lr_warmup
         warmup = finetune_warmup(str(getattr(model, "arch", "") or "")) if warmup is None else warmup
         try:
             cfg = TrainConfig(epochs=epochs, lr=lr, batch_size=batch_size, seed=seed, warmup_epochs=warmup)
