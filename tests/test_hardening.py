@@ -89,6 +89,8 @@ BAD_FLAGS = [
     (["export", "--checkpoint", "{ck}", "--atol", "nan"], "--atol"),
     (["export", "--checkpoint", "{ck}", "--seed", "-1"], "--seed"),
     (["sweep", "--checkpoint", "{ck}", "--macs", "0.5", "--lr", "nan"], "--lr"),
+    (["sweep", "--checkpoint", "{ck}", "--macs", "0.5", "--warmup-epochs", "-1"], "--warmup-epochs"),
+    (["prune", "--checkpoint", "{ck}", "--macs", "0.5", "--warmup-epochs", "inf"], "--warmup-epochs"),
     (["sweep", "--checkpoint", "{ck}", "--macs", "0.5", "--tolerance", "0"], "--tolerance"),
     (["sensitivity", "--model", "vgg16_bn", "--checkpoint", "{ck}", "--tolerance", "nan"], "--tolerance"),
     (["report", "{ck}", "--repeats", "0"], "--repeats"),

@@ -59,3 +59,31 @@ def test_finetune_warms_up_unless_a_flag_or_the_recipe_says_otherwise(tmp_path, 
     (tmp_path / "lr_only.yaml").write_text("lr: 0.003\n")  # what the recipe leaves out, the model fills
     warm, out = run("lr_only", "--config", str(tmp_path / "lr_only.yaml"))
     assert warm == 0.1 and "fine-tune lr" not in out
+
+
+def test_prune_and_sweep_fine_tunes_take_the_models_warm_up_unless_typed(tmp_path, monkeypatch) -> None:
+    """The CLI's jobs carry the warm-up: the model's (models.yaml) by default, the typed flag otherwise."""
+    from compressor.cli import main
+    from compressor.jobs import pipeline, sweep
+    from compressor.storage import checkpoint
+
+    jobs: list = []
+
+    def stop(job, *a, **k):
+        jobs.append(job)
+        raise SystemExit(0)
+
+    monkeypatch.setattr(pipeline, "run_prune", stop)
+    monkeypatch.setattr(sweep, "run_sweep", stop)
+    ck = checkpoint.save(tmp_path / "s.pt", get_model("squeezenet1_1", cfg=[max(4, c // 8) for c in
+                                                                            get_model("squeezenet1_1").cfg]))
+    for extra in ([], ["--warmup-epochs", "0"], ["--warmup-epochs", "2"]):
+        for cmd in (["prune", "--checkpoint", str(ck), "--macs", "0.5", "--finetune-epochs", "1"],
+                    ["sweep", "--checkpoint", str(ck), "--macs", "0.5"]):
+            try:
+                main(cmd + extra + ["--out", str(tmp_path / "o")])
+            except SystemExit:
+                pass
+    prune_jobs, sweep_jobs = jobs[0::2], jobs[1::2]
+    assert [j.finetune.warmup_epochs for j in prune_jobs] == [0.1, 0, 2]
+    assert [(j.model_warmup, j.finetune.warmup_epochs) for j in sweep_jobs] == [(True, 0.0), (False, 0), (False, 2)]

@@ -76,6 +76,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
                    help="fine-tune: validation accuracy every this fraction of an epoch (the recovery curve)")
     p.add_argument("--lr", type=positive_float, default=None,
                    help="fine-tuning learning rate (default: the model's, 0.01; SqueezeNet 0.002)")
+    p.add_argument("--warmup-epochs", type=nonneg_float, default=None,
+                   help="fine-tuning: linear lr warm-up, in epochs (default: the model's, 0.1)")
     p.add_argument("--batch-size", type=positive_int, default=128)
     p.add_argument("--num-classes", type=int, default=None)
     p.add_argument("--eval-split", choices=("test", "val"), default="test",
@@ -119,9 +121,11 @@ def run(args: argparse.Namespace) -> int:
         rec = model_recipe(args.model)
         lr = args.lr if args.lr is not None else float(rec["finetune_lr"])
         finetune = TrainConfig(epochs=args.finetune_epochs, lr=lr, batch_size=args.batch_size, seed=args.seed,
-                               eval_every=args.eval_every, warmup_epochs=float(rec["finetune_warmup_epochs"]))
+                               eval_every=args.eval_every,
+                               warmup_epochs=args.warmup_epochs if args.warmup_epochs is not None
+                               else float(rec["finetune_warmup_epochs"]))
     except ValueError as exc:
-        raise UserError(str(exc), field="finetune-epochs/lr/batch-size") from exc
+        raise UserError(str(exc), field="finetune-epochs/lr/batch-size/warmup-epochs") from exc
     job = PruneJob(
         model=args.model, rates=rates, checkpoint=args.checkpoint, data=args.data, data_root=args.data_root,
         download=args.download,

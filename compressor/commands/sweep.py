@@ -45,6 +45,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=nonneg_int, default=1, help="fine-tuning epochs per point (default 1)")
     p.add_argument("--lr", type=positive_float, default=None,
                    help="fine-tuning learning rate (default: the model's, 0.01; SqueezeNet 0.002)")
+    p.add_argument("--warmup-epochs", type=nonneg_float, default=None,
+                   help="fine-tuning: linear lr warm-up, in epochs (default: the model's, 0.1)")
     p.add_argument("--batch-size", type=positive_int, default=128)
     p.add_argument("--no-bn-recalibrate", action="store_true", help="skip BN statistics re-estimation after surgery")
     p.add_argument("--reconstruct", action="store_true",
@@ -78,7 +80,8 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         finetune = TrainConfig(epochs=args.epochs, lr=args.lr if args.lr is not None else 0.01,
-                               batch_size=args.batch_size, seed=args.seed)
+                               batch_size=args.batch_size, seed=args.seed,
+                               warmup_epochs=args.warmup_epochs if args.warmup_epochs is not None else 0.0)
     except ValueError as exc:
         raise UserError(str(exc)) from exc  # the message names the field
     budgets = parse_budgets(args.macs, "macs") + parse_budgets(args.params, "params")
@@ -92,7 +95,7 @@ def run(args: argparse.Namespace) -> int:
                    data=args.data, data_root=args.data_root, criterion=args.criterion, n_images=args.n_images,
                    seed=args.seed, rounding=args.rounding, policy=args.policy, tolerance=args.tolerance,
                    bn_recalibrate=not args.no_bn_recalibrate,
-                   finetune=finetune, model_lr=args.lr is None, model_warmup=True,
+                   finetune=finetune, model_lr=args.lr is None, model_warmup=args.warmup_epochs is None,
                    device=args.device, report_out=args.report_out, report=rcfg, progress=not args.no_progress,
                    teacher=args.teacher, reconstruct=args.reconstruct, block_steps=args.block_refit, int8=args.int8, int8_max_drop=args.max_drop,
                    int8_calib_n=args.calib_n, int8_calib_method=args.calib_method, **extra)

@@ -18,7 +18,7 @@ for c in hrank l1 random; do
       --scores $OUT/scores.pt --criterion $c --reconstruct --out $OUT/${c}_recon --no-progress
 done
 $PY -m compressor prune --model resnet56 --weights $W $D --rates experiments/resnet56_cifar10/chip_48.yaml \
-    --scores $OUT/scores.pt --criterion l1 --reconstruct --finetune-epochs 1 --lr 0.01 --teacher self \
+    --scores $OUT/scores.pt --criterion l1 --reconstruct --finetune-epochs 1 --lr 0.01 --warmup-epochs 0 --teacher self \
     --out $OUT/l1_recon_ft1 --no-progress
 $PY - <<'PY'
 import json, pathlib

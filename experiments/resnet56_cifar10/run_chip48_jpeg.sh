@@ -32,7 +32,7 @@ fi
 if [ "${FT:-1}" = 1 ]; then
   for name in ${T}l1_recon_$N ${T}obs_recon_$N; do
     echo "== $name + 1 distilled epoch: start $(date -u +%T), load $(cut -d' ' -f1-3 /proc/loadavg)"
-    $PY -m compressor finetune --checkpoint $OUT/$name/pruned.pt --teacher $B --epochs 1 --lr 0.01 \
+    $PY -m compressor finetune --checkpoint $OUT/$name/pruned.pt --teacher $B --epochs 1 --lr 0.01 --warmup-epochs 0 \
         --eval-every 0.25 --seed 0 --out $OUT/${name}_ft1 --no-progress --overwrite
     echo "== $name + 1 distilled epoch: done $(date -u +%T)"
   done

@@ -18,5 +18,5 @@ run() {  # name, extra args
 }
 run obs_recon --criterion obs
 run l1_recon --criterion l1
-run obs_recon_ft1 --criterion obs --finetune-epochs 1 --lr 0.01 --teacher self --eval-every 0.25
-run l1_recon_ft1 --criterion l1 --finetune-epochs 1 --lr 0.01 --teacher self --eval-every 0.25
+run obs_recon_ft1 --criterion obs --finetune-epochs 1 --lr 0.01 --warmup-epochs 0 --teacher self --eval-every 0.25
+run l1_recon_ft1 --criterion l1 --finetune-epochs 1 --lr 0.01 --warmup-epochs 0 --teacher self --eval-every 0.25

@@ -12,13 +12,13 @@ W=../shared/data/pretrained/resnet56-4bfd9763.th
 OUT=checkpoints/resnet56_jpeg
 R=experiments/resnet56_cifar10/chip_48.yaml
 $PY -m compressor finetune --checkpoint $W --model resnet56 --data cifar10 --data-root ../shared/data/cifar10-jpeg.tar.gz \
-    --epochs 2 --lr 0.01 --batch-size 128 --eval-every 0.25 --seed 0 --out $OUT/baseline_ft --no-progress --overwrite
+    --epochs 2 --lr 0.01 --warmup-epochs 0 --batch-size 128 --eval-every 0.25 --seed 0 --out $OUT/baseline_ft --no-progress --overwrite
 B=$OUT/baseline_ft/best.pt
 for c in l1 random hrank; do
   $PY -m compressor prune --checkpoint $B --rates $R --criterion $c --reconstruct --seed 0 \
       --out $OUT/${c}_recon --no-progress --overwrite
 done
-$PY -m compressor prune --checkpoint $B --rates $R --criterion l1 --reconstruct --finetune-epochs 1 --lr 0.01 \
+$PY -m compressor prune --checkpoint $B --rates $R --criterion l1 --reconstruct --finetune-epochs 1 --lr 0.01 --warmup-epochs 0 \
     --teacher self --eval-every 0.25 --seed 0 --out $OUT/l1_recon_ft1 --no-progress --overwrite
 $PY - <<'PY'
 import json, pathlib

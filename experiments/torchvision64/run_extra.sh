@@ -2,10 +2,7 @@
 # Issue 20, after run_prune.sh: random selection at the same counts, and obs + reconstruct + a 200-step block refit
 # (refit_blocks, lr 1e-3, on the 512 reconstruction images), for both models; no fine-tune.
 set -euo pipefail
-PY=${PY:-.venv/bin/python}
-LOG=experiments/torchvision64
-OUT=checkpoints/tv64
-stamp() { echo "== $1: $(date -u +%T), load $(cut -d' ' -f1-3 /proc/loadavg)"; }
+. experiments/torchvision64/common.sh
 for model in mobilenet_v3_small resnet18; do
   for run in random obs-blocks200; do
     crit=${run%%-*}
