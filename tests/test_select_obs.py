@@ -302,8 +302,8 @@ def _dead_channel(bn: nn.BatchNorm2d, ch: int) -> None:
         bn.bias[ch] = -1e4
 
 
-def _resnet20_with_a_copy_and_a_dead_channel() -> nn.Module:
-    """resnet20 whose stage-1 residual space has channel 4 = channel 1 and channel 6 = 0 everywhere.
+def _resnet20_with_a_copy_and_a_dead_channel(scale: float = 1.0) -> nn.Module:
+    """resnet20 whose stage-1 residual space has channel 4 = scale × channel 1 and channel 6 = 0 everywhere.
 
     The space is written by the stem (through ``layer1.0``'s channel-map shortcut) and by every
     ``layer1.i.conv2``/``bn2``: the copy and the dead channel are made in all of them."""
@@ -313,22 +313,34 @@ def _resnet20_with_a_copy_and_a_dead_channel() -> nn.Module:
     m = randomize_bn(get_model("resnet20")).eval()
     writers = [("conv1", "bn1")] + [(f"layer1.{i}.conv2", f"layer1.{i}.bn2") for i in range(3)]
     for conv, bn in writers:
-        _copy_channel(m.get_submodule(conv), m.get_submodule(bn), 1, 4)
+        _copy_channel(m.get_submodule(conv), m.get_submodule(bn), 1, 4, scale)
         _dead_channel(m.get_submodule(bn), 6)
     return m
 
 
-def test_resnet20_residual_space_copy_and_dead_channel_go_first() -> None:
+def test_resnet20_stream_channels_cost_what_the_shortcut_loses() -> None:
     """CIFAR ResNet (no channel_map): the stage-1 space's consumers are every conv reading it, found in
-    the graph; the dead channel and one of the copied pair go first and the refit loses nothing."""
-    m = _resnet20_with_a_copy_and_a_dead_channel()
+    the graph, plus layer2.0's zero-pad shortcut, which has no weights to refit. The dead channel costs
+    nothing. Channel 4 (0.1 × channel 1) costs the convs nothing, since their refit folds it into
+    channel 1's column, but the shortcut loses it: after removing both, the error is exactly channel 4's
+    share of the shortcut's input energy."""
+    m = _resnet20_with_a_copy_and_a_dead_channel(scale=0.1)
+    xs = _batches(size=16)
+    seen: list[torch.Tensor] = []
+    hook = m.layer2[0].shortcut.register_forward_pre_hook(lambda mod, inp: seen.append(inp[0].double()))
+    with torch.no_grad():
+        for x in xs:
+            m(x)
+    hook.remove()
+    energy = sum(t.pow(2).sum(dim=(0, 2, 3)) for t in seen)
+    share = float(energy[4] / energy.sum())
     with one_thread():
-        plan, rep = select(m, {"layer1.0.conv2": 14}, _batches(size=16), ridge=1e-9, progress=False)
-    gone = _removed(plan, "layer1.0.conv2", 16)
-    assert 6 in gone and len(gone & {1, 4}) == 1 and len(gone) == 2
+        plan, rep = select(m, {"layer1.0.conv2": 14}, xs, ridge=1e-9, progress=False)
+    assert _removed(plan, "layer1.0.conv2", 16) == {4, 6}
     u = rep.units[0]
     assert set(u.consumers) == {"layer1.1.conv1", "layer1.2.conv1", "layer2.0.conv1"}
-    assert u.error_kept < 1e-6
+    assert u.unrefit_readers == ("layer2.0.shortcut",)
+    assert 1e-4 < share and u.error_kept == pytest.approx(share, rel=1e-3)
 
 
 def test_resnet20_dead_residual_channel_prunes_and_refits_exactly() -> None:

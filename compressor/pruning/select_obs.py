@@ -24,8 +24,14 @@ How (``select``):
   writer of its space (the producing convs, their BNs, a depthwise follower, the CIFAR ResNets'
   ``PadShortcut``), besides their consumers' columns: readers that are not Conv/Linear (a
   zero-pad shortcut carrying a residual channel into the next stage) then see what they will see
-  in the pruned network. Their loss is not part of the unit's cost; the later units are chosen
-  and refit on the inputs it leaves.
+  in the pruned network; the later units are chosen and refit on the inputs it leaves.
+* **Readers that cannot be refit.** Such a reader (``ChannelSpace.other_readers``: a module in the
+  unit's pruning group that is not a Conv2d/Linear, e.g. ``PadShortcut``) has no weights to make up
+  for a removed channel: channel ``j``'s removal loses its share ``Σx_j² / Σx²`` of the reader's input
+  energy. That share is added to ``j``'s cost as one more consumer's relative error, unchanged by
+  the other removals. Without it a residual stream's channels look cheaper than they are: a copy of
+  another stream channel costs its conv readers nothing, yet the shortcut carries it into the next
+  stage, where nothing restores it.
 * **Statistics**, as ``compressor.pruning.reconstruct`` gathers them: per consumer, ``XᵀX`` and ``XᵀY``
   over ``positions`` seeded, sampled output positions per image (im2col rows, plus a ones
   column for the bias), ``X`` from the masked working network and ``Y`` the *original*
@@ -112,6 +118,7 @@ class UnitSelection:
     removal_costs: tuple[float, ...]  # summed relative (ridge-penalized) error after each removal step
     seconds: float
     removal_kept: tuple[int, ...] = ()  # channels still in after each removal step (same length)
+    unrefit_readers: tuple[str, ...] = ()  # readers with no weights (priced by the energy they lose)
 
 
 @dataclass(frozen=True)
@@ -228,13 +235,20 @@ def _target_rows(c: "_Consumer", y: torch.Tensor, pos: torch.Tensor | None) -> t
 
 
 def _accumulate(work: nn.Module, cons: list[_Consumer], xs: Sequence[torch.Tensor],
-                pos: Mapping[str, list], targets: Mapping[str, list], chunk_rows: int
-                ) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]]:
-    """Per consumer: ``XᵀX``, ``XᵀY`` (alive columns + a ones column if biased), ``ΣY²``, rows."""
+                pos: Mapping[str, list], targets: Mapping[str, list], chunk_rows: int,
+                carriers: Mapping[str, nn.Module] | None = None
+                ) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]], dict[str, torch.Tensor]]:
+    """Per consumer: ``XᵀX``, ``XᵀY`` (alive columns + a ones column if biased), ``ΣY²``, rows; and per
+    ``carriers`` module (a reader with no weights), the energy ``Σx²`` of each channel of its input."""
     acc: dict[str, list] = {}
-    names = [c.name for c in cons]
+    carriers = dict(carriers or {})
+    energy: dict[str, torch.Tensor] = {}
+    names = [c.name for c in cons] + list(carriers)
     for b, x in enumerate(xs):
-        grab = _capture_all(work, [c.layer for c in cons], names, x, "input")
+        grab = _capture_all(work, [c.layer for c in cons] + list(carriers.values()), names, x, "input")
+        for n in carriers:
+            e = grab[n].double().pow(2).transpose(0, 1).reshape(grab[n].shape[1], -1).sum(1).cpu()
+            energy[n] = energy[n] + e if n in energy else e
         for c in cons:
             inp, tgt = grab[c.name], targets[c.name][b]
             if isinstance(c.layer, nn.Conv2d):
@@ -255,7 +269,20 @@ def _accumulate(work: nn.Module, cons: list[_Consumer], xs: Sequence[torch.Tenso
                 a[1] += (r.T @ t).double().cpu()
                 a[2] += t.double().pow(2).sum().cpu()
             a[3] += rows.shape[0]
-    return {k: (v[0], v[1], v[2], v[3]) for k, v in acc.items()}
+    return {k: (v[0], v[1], v[2], v[3]) for k, v in acc.items()}, energy
+
+
+def _carried_cost(energy: Mapping[str, torch.Tensor], width: int, unit: str) -> torch.Tensor:
+    """Per unit channel, the relative error its removal costs the readers that cannot be refit: its share
+    ``Σx_j² / Σx²`` of each such reader's input energy, summed over them (zeros when there are none).
+    A reader whose input does not hold the unit's channels one to one is left out, with a warning."""
+    cost = torch.zeros(width, dtype=torch.float64)
+    for n, e in energy.items():
+        if e.numel() != width:
+            log.warning("obs: %s reads %d channels, unit %s has %d: its loss is not priced", n, e.numel(), unit, width)
+            continue
+        cost += e / max(float(e.sum()), 1e-300)
+    return cost
 
 
 def _original_targets(original: nn.Module, plans: list[tuple[str, list["_Consumer"]]], xs: Sequence[torch.Tensor],
@@ -332,9 +359,11 @@ def _write(layer: nn.Module, alive: torch.Tensor, w: torch.Tensor) -> None:
         layer.bias.copy_(w[n_w].to(layer.bias))
 
 
-def _remove(stats: list[dict], width: int, keep: int, chunk: int, start: float = 0.0) -> tuple[list[int], list[float]]:
+def _remove(stats: list[dict], width: int, keep: int, chunk: int, start: float = 0.0,
+            fixed: torch.Tensor | None = None) -> tuple[list[int], list[float]]:
     """OBS removal of ``width - keep`` channels over the consumers in ``stats``; returns kept, and the cost after
-    each step (the step removes ``chunk`` channels, the last one what is left above ``keep``).
+    each step (the step removes ``chunk`` channels, the last one what is left above ``keep``). ``fixed``: a
+    per-channel cost that no refit changes (``_carried_cost``), added to each channel's.
 
     ``H⁻¹`` and ``W`` keep their size: after the downdate the removed rows and columns are
     exactly zero, so nothing is copied per step; the live columns are cut out at the end."""
@@ -343,7 +372,7 @@ def _remove(stats: list[dict], width: int, keep: int, chunk: int, start: float =
     total = start
     while len(alive) > keep:
         live = torch.tensor(alive)
-        cost = torch.zeros(len(alive), dtype=torch.float64)
+        cost = fixed[live].clone() if fixed is not None else torch.zeros(len(alive), dtype=torch.float64)
         for s in stats:
             idx = s["blk"][live]  # [n_alive, span] local column indices
             hb = s["hinv"][idx[:, :, None], idx[:, None, :]]  # n, span, span
@@ -353,6 +382,8 @@ def _remove(stats: list[dict], width: int, keep: int, chunk: int, start: float =
         c = min(chunk, len(alive) - keep)
         pick = torch.argsort(cost, stable=True)[:c]
         chans = live[pick]
+        if fixed is not None:
+            total += float(fixed[chans].sum())
         for s in stats:
             cols = s["blk"][chans].reshape(-1)
             hinv, w = s["hinv"], s["w"]
@@ -437,21 +468,22 @@ def _consumers_of(todo: Sequence[Any], spaces: Mapping[str, Any], wl: Mapping[st
 
 
 def _select_unit(name: str, width: int, k: int, cons: list[_Consumer], acc: Mapping[str, Any], ridge: float,
-                 chunk: float, independent: bool, alive: dict[str, torch.Tensor]) -> tuple[list[int], float, float,
-                                                                                            list[float], int]:
-    """One unit: remove channels down to ``k`` by the consumers' error; unless ``independent``, refit and
-    write the consumers with the removed columns masked. Returns (kept, error before, after, trail, step)."""
+                 chunk: float, independent: bool, alive: dict[str, torch.Tensor],
+                 fixed: torch.Tensor | None = None) -> tuple[list[int], float, float, list[float], int]:
+    """One unit: remove channels down to ``k`` by the consumers' error (plus ``fixed``, what readers that
+    cannot be refit lose); unless ``independent``, refit and write the consumers with the removed columns
+    masked. Returns (kept, error before, after, trail, step)."""
     with _threads_for(max(int(acc[c.name][0].shape[0]) for c in cons)):
         stats = [_stats_of(c, acc[c.name], ridge, name) for c in cons]
         err_full = sum(_err(s) for s in stats)
         step = max(1, math.ceil(width * chunk))
-        kept, trail = _remove(stats, width, k, step, err_full)
+        kept, trail = _remove(stats, width, k, step, err_full, fixed)
         kept = sorted(kept)
         if independent:
             return kept, err_full, (trail[-1] if trail else 0.0), trail, step
         gone = torch.ones(width, dtype=torch.bool)
         gone[kept] = False
-        err_kept = 0.0
+        err_kept = float(fixed[gone].sum()) if fixed is not None else 0.0
         for c, s in zip(cons, stats):
             s["w"] = _solve_fresh(s)
             err_kept += _err(s)
@@ -488,6 +520,7 @@ def select(original: nn.Module, counts: Mapping[str, int] | Plan, batches: Itera
     mask = _Mask(work)
     lin = lambda m: {n: x for n, x in m.named_modules() if isinstance(x, (nn.Conv2d, nn.Linear))}  # noqa: E731
     wl, ol = lin(work), lin(original)
+    mods = dict(work.named_modules())
     alive = {n: torch.ones(m.weight[0].numel(), dtype=torch.bool) for n, m in wl.items()}
     keep: dict[str, tuple[int, ...]] = {}
     done: list[UnitSelection] = []
@@ -508,19 +541,23 @@ def select(original: nn.Module, counts: Mapping[str, int] | Plan, batches: Itera
                                      found_all):
                 tu = time.perf_counter()
                 cons = [_Consumer(c.name, c.layer, c.orig, c.cols, alive[c.name].clone(), c.out_hw) for c in cons0]
-                acc = _accumulate(work, cons, xs, pos[u.name], tg[u.name], chunk_rows)
+                carriers = {n: mods[n] for n in spaces[u.name].other_readers if n in mods}
+                acc, energy = _accumulate(work, cons, xs, pos[u.name], tg[u.name], chunk_rows, carriers)
                 t_acc = time.perf_counter() - tu
                 width, k = widths[u.name], int(counts[u.name])
+                fixed = _carried_cost(energy, width, u.name) if energy else None
                 kept, err_full, err_kept, trail, step = _select_unit(u.name, width, k, cons, acc, ridge, chunk,
-                                                                     independent, alive)
+                                                                     independent, alive, fixed)
                 keep[u.name] = tuple(kept)
                 if not independent:
                     mask.add(spaces[u.name], sorted(set(range(width)) - set(kept)))
                 tg[u.name] = {}  # free the unit's targets
-                log.info("obs: %s keeps %d of %d (consumers %s): relative error %.4g -> %.4g; %.1f s "
-                         "(statistics %.1f s)", u.name, k, width, ",".join(c.name for c in cons), err_full, err_kept,
+                log.info("obs: %s keeps %d of %d (consumers %s%s): relative error %.4g -> %.4g; %.1f s "
+                         "(statistics %.1f s)", u.name, k, width, ",".join(c.name for c in cons),
+                         "".join(f", {n} not refit" for n in carriers), err_full, err_kept,
                          time.perf_counter() - tu, t_acc)
                 done.append(UnitSelection(unit=u.name, width=width, kept=k, consumers=tuple(c.name for c in cons),
+                                          unrefit_readers=tuple(carriers),
                                           error_full=err_full, error_kept=err_kept, removal_costs=tuple(trail),
                                           removal_kept=tuple(max(k, width - step * (i + 1)) for i in range(len(trail))),
                                           seconds=time.perf_counter() - tu))
