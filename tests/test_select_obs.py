@@ -320,10 +320,11 @@ def _resnet20_with_a_copy_and_a_dead_channel(scale: float = 1.0) -> nn.Module:
 
 def test_resnet20_stream_channels_cost_what_the_shortcut_loses() -> None:
     """CIFAR ResNet (no channel_map): the stage-1 space's consumers are every conv reading it, found in
-    the graph, plus layer2.0's zero-pad shortcut, which has no weights to refit. The dead channel costs
-    nothing. Channel 4 (0.1 × channel 1) costs the convs nothing, since their refit folds it into
-    channel 1's column, but the shortcut loses it: after removing both, the error is exactly channel 4's
-    share of the shortcut's input energy."""
+    the graph, plus layer2.0's zero-pad shortcut, which has no weights to refit. On the curves policy obs
+    reads (independent), the dead channel costs nothing. Channel 4 (0.1 × channel 1) costs the convs
+    nothing, since their refit folds it into channel 1's column, but the shortcut loses it: after removing
+    both, the error is exactly channel 4's share of the shortcut's input energy. The selection at given
+    counts does not price the shortcut: there channel 4's removal is free."""
     m = _resnet20_with_a_copy_and_a_dead_channel(scale=0.1)
     xs = _batches(size=16)
     seen: list[torch.Tensor] = []
@@ -335,12 +336,14 @@ def test_resnet20_stream_channels_cost_what_the_shortcut_loses() -> None:
     energy = sum(t.pow(2).sum(dim=(0, 2, 3)) for t in seen)
     share = float(energy[4] / energy.sum())
     with one_thread():
-        plan, rep = select(m, {"layer1.0.conv2": 14}, xs, ridge=1e-9, progress=False)
-    assert _removed(plan, "layer1.0.conv2", 16) == {4, 6}
-    u = rep.units[0]
-    assert set(u.consumers) == {"layer1.1.conv1", "layer1.2.conv1", "layer2.0.conv1"}
-    assert u.unrefit_readers == ("layer2.0.shortcut",)
+        plan, rep = select(m, {"layer1.0.conv2": 14}, xs, ridge=1e-9, progress=False, independent=True)
+        plan2, rep2 = select(m, {"layer1.0.conv2": 14}, xs, ridge=1e-9, progress=False)
+    assert _removed(plan, "layer1.0.conv2", 16) == {4, 6} == _removed(plan2, "layer1.0.conv2", 16)
+    u, u2 = rep.units[0], rep2.units[0]
+    assert set(u.consumers) == {"layer1.1.conv1", "layer1.2.conv1", "layer2.0.conv1"} == set(u2.consumers)
+    assert u.unrefit_readers == ("layer2.0.shortcut",) and u2.unrefit_readers == ()
     assert 1e-4 < share and u.error_kept == pytest.approx(share, rel=1e-3)
+    assert u.removal_costs[-1] == pytest.approx(share, rel=1e-3) and u2.error_kept < 1e-6
 
 
 def test_resnet20_dead_residual_channel_prunes_and_refits_exactly() -> None:

@@ -7,8 +7,9 @@ selection computes:
 1. **Curves.** Each unit, on the *unpruned* network, is taken down to ``min_keep`` by the selection's
    optimal-brain-surgeon removal (``select_obs.select(..., independent=True)``): after every removal step
    (``chunk`` of its width) the summed relative error of its consumers' refit is recorded, with what its
-   readers that cannot be refit lose (a zero-pad shortcut: the removed channels' energy share). One
-   statistics pass per unit, as the selection itself makes.
+   readers that cannot be refit lose (a zero-pad shortcut: the removed channels' energy share; the
+   selection at given counts leaves that out, see ``select_obs``). One statistics pass per unit, as
+   the selection itself makes.
 2. **Greedy.** Starting from full width, repeatedly take the one next step, over all units, whose error
    increase per fraction of the budgeted cost saved (MACs and/or params, counted by the size model on
    the whole network, so a cut's effect on its consumers is included) is smallest, until the budget is
