@@ -249,7 +249,7 @@ def _accumulate(work: nn.Module, cons: list[_Consumer], xs: Sequence[torch.Tenso
     names = [c.name for c in cons] + list(carriers)
     for b, x in enumerate(xs):
         grab = _capture_all(work, [c.layer for c in cons] + list(carriers.values()), names, x, "input")
-        for n in carriers:
+        for n in (n for n in carriers if n in grab):  # a reader the forward never reaches loses nothing
             e = grab[n].double().pow(2).transpose(0, 1).reshape(grab[n].shape[1], -1).sum(1).cpu()
             energy[n] = energy[n] + e if n in energy else e
         for c in cons:
@@ -486,7 +486,7 @@ def _select_unit(name: str, width: int, k: int, cons: list[_Consumer], acc: Mapp
             return kept, err_full, (trail[-1] if trail else 0.0), trail, step
         gone = torch.ones(width, dtype=torch.bool)
         gone[kept] = False
-        err_kept = float(fixed[gone].sum()) if fixed is not None else 0.0
+        err_kept = 0.0  # fixed costs price the curves (independent) only
         for c, s in zip(cons, stats):
             s["w"] = _solve_fresh(s)
             err_kept += _err(s)
