@@ -144,7 +144,8 @@ def test_recover_warms_the_fine_tune_up_unless_told_not_to(trained) -> None:
         kw = dict(reconstruct=False, bn=False, epochs=1, lr=0.01, batch_size=16, progress=False)
         _, rep = compressor.recover(small, train[:4], **kw)
         _, rep0 = compressor.recover(small, train[:4], warmup_epochs=0, **kw)
-    warm = int(0.1 * sum(len(y) for _, y in train[:4]) // 16)
+    steps = sum(len(y) for _, y in train[:4]) // 16  # one epoch at batch 16
+    warm = int(0.1 * steps)
     assert warm >= 2
     assert rep.history[0]["lr"] == pytest.approx(0.01 / warm) and rep0.history[0]["lr"] == pytest.approx(0.01)
     with pytest.raises(UserError, match="warmup"):

@@ -34,7 +34,7 @@ How (``select``):
   conv readers nothing, yet the shortcut carries it into the next stage. The selection at given
   counts leaves it out, because the next stage's sequential refit restores part of that loss.
   Measured on ResNet-56 on the validation split (experiments/RESULTS.md), pricing the selection
-  too was level at CHIP-48's counts and 0.9 points worse at CHIP-74's.
+  too was level at CHIP-48's counts, 0.9 points worse at CHIP-74's and 0.1 better at policy obs's.
 * **Statistics**, as ``compressor.pruning.reconstruct`` gathers them: per consumer, ``XᵀX`` and ``XᵀY``
   over ``positions`` seeded, sampled output positions per image (im2col rows, plus a ones
   column for the bias), ``X`` from the masked working network and ``Y`` the *original*
